@@ -1,0 +1,107 @@
+//! The broker is a doorbell, not the truth: it carries CloudEvents between the engine and the
+//! workers. One [`Broker`] trait, implemented in memory (always) and for NATS JetStream, Kafka and
+//! RabbitMQ (features). [`testing::suite`] is the one conformance suite all of them pass.
+//!
+//! Semantics every implementation keeps:
+//! - `publish` returns only once the broker confirmed every message (at-least-once).
+//! - `Broadcast` subscriptions each get every message published after they subscribed.
+//! - `Competing { group }` subscriptions share the messages of a topic: each message goes to one
+//!   member; a message not acked is redelivered (after `nack`'s delay, after the ack deadline, or
+//!   when its holder's subscription is dropped) to some member of the group.
+//! - Messages with the same key are delivered in publish order to a competing group with one
+//!   member (per-key order), redeliveries aside.
+
+use std::time::Duration;
+
+use async_trait::async_trait;
+use capstan_proto::CloudEvent;
+
+/// A message: a CloudEvent on a topic, with a partition / ordering key (the run id).
+#[derive(Debug, Clone, PartialEq)]
+pub struct Message {
+    pub topic: String,
+    pub key: String,
+    pub event: CloudEvent,
+}
+
+/// How a subscription shares a topic.
+#[derive(Debug, Clone, PartialEq, Eq, Hash)]
+pub enum SubscriptionMode {
+    /// Every broadcast subscriber gets every message.
+    Broadcast,
+    /// Members of the same group compete: each message goes to one of them.
+    Competing { group: String },
+}
+
+/// What went wrong; each variant tells the caller what to do.
+#[derive(Debug, thiserror::Error)]
+pub enum Error {
+    /// The message is larger than the broker accepts: do not retry.
+    #[error("message of {size} bytes exceeds the limit of {limit} bytes")]
+    TooLarge { size: usize, limit: usize },
+    /// The broker is unreachable or refused: retry later.
+    #[error("broker unavailable: {0}")]
+    Unavailable(String),
+    /// The broker (or subscription) was closed.
+    #[error("broker closed")]
+    Closed,
+    /// Bad input (topic name, configuration); retrying will not help.
+    #[error("invalid: {0}")]
+    Invalid(String),
+}
+
+/// Result alias of this crate.
+pub type Result<T, E = Error> = std::result::Result<T, E>;
+
+/// Publishing and subscribing.
+#[async_trait]
+pub trait Broker: Send + Sync + 'static {
+    /// Publishes messages and waits until the broker confirmed all of them.
+    async fn publish(&self, messages: Vec<Message>) -> Result<()>;
+    /// Subscribes to a topic. The subscription exists once this returns.
+    async fn subscribe(&self, topic: &str, mode: SubscriptionMode) -> Result<Box<dyn Subscription>>;
+}
+
+/// A stream of deliveries.
+#[async_trait]
+pub trait Subscription: Send {
+    /// The next delivery; `Err(Error::Closed)` when the broker shut down.
+    async fn next(&mut self) -> Result<Delivery>;
+}
+
+/// Acknowledges or rejects one delivery.
+#[async_trait]
+pub trait Acker: Send + Sync {
+    async fn ack(&self) -> Result<()>;
+    /// Gives the message back for redelivery after `delay`.
+    async fn nack(&self, delay: Duration) -> Result<()>;
+}
+
+/// One delivered message and the means to settle it.
+pub struct Delivery {
+    pub message: Message,
+    /// How many times this message was delivered before (0 on first delivery).
+    pub redeliveries: u32,
+    pub acker: Box<dyn Acker>,
+}
+
+impl std::fmt::Debug for Delivery {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("Delivery")
+            .field("message", &self.message)
+            .field("redeliveries", &self.redeliveries)
+            .finish_non_exhaustive()
+    }
+}
+
+impl Delivery {
+    /// Acknowledges the delivery: it will not come again.
+    pub async fn ack(&self) -> Result<()> {
+        self.acker.ack().await
+    }
+
+    /// Rejects the delivery: it comes again after `delay`.
+    pub async fn nack(&self, delay: Duration) -> Result<()> {
+        self.acker.nack(delay).await
+    }
+}

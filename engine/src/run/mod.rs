@@ -1,0 +1,21 @@
+//! The run state machine: one execution of a sequence in a stage.
+//!
+//! `RunState::decide(&state, &input, &ctx) -> Decision` turns an input (a command, a worker's
+//! message, a fired timer) into new events and effects; `RunState::evolve(&mut state, &event)`
+//! applies one event. `decide` never changes the state: the runtime appends the events, then folds
+//! them in with `evolve`, so a state is always exactly the fold of its stored events.
+//!
+//! CONTRACT (the runtime depends on it; see also docs/protocol.md):
+//! - `decide` is pure and deterministic: the same state, input and `Ctx` give the same decision.
+//! - An input that does not apply to the run at all (unknown task, a command on a run that never
+//!   started, a second `Start`) is an `Err(Error)`: nothing is recorded, the caller reports it.
+//! - A report with a stale fencing token is answered `Ok`: an `Event::InputRejected` is recorded
+//!   and a `Rejection` is sent to the worker. Losing or late bids and claims get a `Rejection`
+//!   effect and no event (they change nothing).
+//! - Every timer the state machine relies on is requested with `Effect::SetTimer`, and cancelled
+//!   with `Effect::CancelTimer` once moot. A fired timer that is moot yields an empty decision.
+//! - Heartbeats record no event: they only push the heartbeat timer (`SetTimer` with a later time).
+
+mod types;
+
+pub use types::*;

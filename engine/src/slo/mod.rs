@@ -1,0 +1,1 @@
+//! Keptn `slo.yaml` quality gates: parsing and scoring.

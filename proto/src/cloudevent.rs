@@ -1,0 +1,272 @@
+//! The CloudEvents 1.0 envelope in JSON structured mode. Protocol bindings (binary mode over
+//! NATS, Kafka, AMQP, HTTP) live in the brokers and the binary and map onto this type.
+
+use std::collections::BTreeMap;
+
+use serde::{Deserialize, Deserializer, Serialize, Serializer};
+use serde_json::{Map, Value};
+
+/// The only CloudEvents version Capstan speaks.
+pub const SPEC_VERSION: &str = "1.0";
+
+/// Attribute names of the spec itself; anything else at the top level is an extension.
+const CONTEXT_ATTRIBUTES: &[&str] = &[
+    "specversion",
+    "id",
+    "source",
+    "type",
+    "subject",
+    "time",
+    "datacontenttype",
+    "dataschema",
+    "data",
+    "data_base64",
+];
+
+/// A CloudEvent. `data` holds JSON; binary data is kept base64-encoded in `data_base64`.
+#[derive(Debug, Clone, PartialEq)]
+pub struct CloudEvent {
+    pub id: String,
+    pub source: String,
+    pub ty: String,
+    pub subject: Option<String>,
+    /// RFC 3339 timestamp, as sent.
+    pub time: Option<String>,
+    pub datacontenttype: Option<String>,
+    pub dataschema: Option<String>,
+    pub data: Option<Value>,
+    pub data_base64: Option<String>,
+    /// Extension attributes; values are carried as strings, as binary-mode bindings do.
+    pub extensions: BTreeMap<String, String>,
+}
+
+/// Why a CloudEvent could not be decoded.
+#[derive(Debug, thiserror::Error, PartialEq)]
+pub enum DecodeError {
+    #[error("not valid JSON: {0}")]
+    Json(String),
+    #[error("a CloudEvent must be a JSON object")]
+    NotAnObject,
+    #[error("required attribute `{0}` is missing or empty")]
+    Missing(&'static str),
+    #[error("attribute `{0}` must be a string")]
+    NotAString(String),
+    #[error("specversion `{0}` is not supported (expected 1.0)")]
+    SpecVersion(String),
+    #[error("extension attribute name `{0}` is invalid (lower-case letters and digits, at most 20)")]
+    ExtensionName(String),
+    #[error("extension `{0}` must be a string, number or boolean")]
+    ExtensionValue(String),
+}
+
+impl CloudEvent {
+    /// A new event with JSON data and the given required attributes.
+    pub fn new(id: impl Into<String>, source: impl Into<String>, ty: impl Into<String>) -> Self {
+        CloudEvent {
+            id: id.into(),
+            source: source.into(),
+            ty: ty.into(),
+            subject: None,
+            time: None,
+            datacontenttype: None,
+            dataschema: None,
+            data: None,
+            data_base64: None,
+            extensions: BTreeMap::new(),
+        }
+    }
+
+    /// Sets JSON data (and `datacontenttype: application/json`).
+    pub fn with_data(mut self, data: Value) -> Self {
+        self.datacontenttype = Some("application/json".into());
+        self.data = Some(data);
+        self
+    }
+
+    /// Sets an extension attribute.
+    pub fn with_ext(mut self, name: &str, value: impl ToString) -> Self {
+        self.extensions.insert(name.to_string(), value.to_string());
+        self
+    }
+
+    /// An extension attribute's value.
+    pub fn ext(&self, name: &str) -> Option<&str> {
+        self.extensions.get(name).map(String::as_str)
+    }
+
+    /// Decodes a structured-mode JSON CloudEvent, checking the required attributes.
+    pub fn from_json(bytes: &[u8]) -> Result<Self, DecodeError> {
+        let value: Value =
+            serde_json::from_slice(bytes).map_err(|e| DecodeError::Json(e.to_string()))?;
+        Self::from_value(value)
+    }
+
+    /// Encodes as a structured-mode JSON CloudEvent.
+    pub fn to_json(&self) -> Vec<u8> {
+        serde_json::to_vec(&self.to_value()).expect("a JSON value always serializes")
+    }
+
+    /// Decodes from a JSON value (structured mode).
+    pub fn from_value(value: Value) -> Result<Self, DecodeError> {
+        let Value::Object(mut map) = value else {
+            return Err(DecodeError::NotAnObject);
+        };
+        let specversion = take_string(&mut map, "specversion")?;
+        match specversion.as_deref() {
+            None | Some("") => return Err(DecodeError::Missing("specversion")),
+            Some(SPEC_VERSION) => {}
+            Some(other) => return Err(DecodeError::SpecVersion(other.to_string())),
+        }
+        let id = required(&mut map, "id")?;
+        let source = required(&mut map, "source")?;
+        let ty = required(&mut map, "type")?;
+        let subject = take_string(&mut map, "subject")?;
+        let time = take_string(&mut map, "time")?;
+        let datacontenttype = take_string(&mut map, "datacontenttype")?;
+        let dataschema = take_string(&mut map, "dataschema")?;
+        let data_base64 = take_string(&mut map, "data_base64")?;
+        let data = map.remove("data");
+        let mut extensions = BTreeMap::new();
+        for (name, value) in map {
+            if !valid_extension_name(&name) {
+                return Err(DecodeError::ExtensionName(name));
+            }
+            let text = match value {
+                Value::String(s) => s,
+                Value::Number(n) => n.to_string(),
+                Value::Bool(b) => b.to_string(),
+                Value::Null => continue,
+                _ => return Err(DecodeError::ExtensionValue(name)),
+            };
+            extensions.insert(name, text);
+        }
+        Ok(CloudEvent {
+            id,
+            source,
+            ty,
+            subject,
+            time,
+            datacontenttype,
+            dataschema,
+            data,
+            data_base64,
+            extensions,
+        })
+    }
+
+    /// The structured-mode JSON object.
+    pub fn to_value(&self) -> Value {
+        let mut map = Map::new();
+        map.insert("specversion".into(), SPEC_VERSION.into());
+        map.insert("id".into(), self.id.clone().into());
+        map.insert("source".into(), self.source.clone().into());
+        map.insert("type".into(), self.ty.clone().into());
+        let optional = [
+            ("subject", &self.subject),
+            ("time", &self.time),
+            ("datacontenttype", &self.datacontenttype),
+            ("dataschema", &self.dataschema),
+            ("data_base64", &self.data_base64),
+        ];
+        for (name, value) in optional {
+            if let Some(v) = value {
+                map.insert(name.into(), v.clone().into());
+            }
+        }
+        if let Some(data) = &self.data {
+            map.insert("data".into(), data.clone());
+        }
+        for (name, value) in &self.extensions {
+            map.insert(name.clone(), value.clone().into());
+        }
+        Value::Object(map)
+    }
+
+    /// Decodes `data` into a payload struct.
+    pub fn payload<T: serde::de::DeserializeOwned>(&self) -> Result<T, serde_json::Error> {
+        T::deserialize(self.data.as_ref().unwrap_or(&Value::Null))
+    }
+}
+
+/// CloudEvents extension names: lower-case ASCII letters and digits, at most 20 characters.
+pub fn valid_extension_name(name: &str) -> bool {
+    !name.is_empty()
+        && name.len() <= 20
+        && !CONTEXT_ATTRIBUTES.contains(&name)
+        && name.bytes().all(|b| b.is_ascii_lowercase() || b.is_ascii_digit())
+}
+
+fn take_string(map: &mut Map<String, Value>, name: &str) -> Result<Option<String>, DecodeError> {
+    match map.remove(name) {
+        None | Some(Value::Null) => Ok(None),
+        Some(Value::String(s)) => Ok(Some(s)),
+        Some(_) => Err(DecodeError::NotAString(name.to_string())),
+    }
+}
+
+fn required(map: &mut Map<String, Value>, name: &'static str) -> Result<String, DecodeError> {
+    match take_string(map, name)? {
+        Some(s) if !s.is_empty() => Ok(s),
+        _ => Err(DecodeError::Missing(name)),
+    }
+}
+
+impl Serialize for CloudEvent {
+    fn serialize<S: Serializer>(&self, serializer: S) -> Result<S::Ok, S::Error> {
+        self.to_value().serialize(serializer)
+    }
+}
+
+impl<'de> Deserialize<'de> for CloudEvent {
+    fn deserialize<D: Deserializer<'de>>(deserializer: D) -> Result<Self, D::Error> {
+        let value = Value::deserialize(deserializer)?;
+        CloudEvent::from_value(value).map_err(serde::de::Error::custom)
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use serde_json::json;
+
+    #[test]
+    fn round_trips_with_extensions() {
+        let ev = CloudEvent::new("1", "/capstan", "t")
+            .with_data(json!({"a": 1}))
+            .with_ext("capstanrun", "r1");
+        let back = CloudEvent::from_json(&ev.to_json()).unwrap();
+        assert_eq!(back, ev);
+    }
+
+    #[test]
+    fn rejects_bad_envelopes() {
+        let cases = [
+            (json!({"id": "1", "source": "s", "type": "t"}), DecodeError::Missing("specversion")),
+            (
+                json!({"specversion": "0.3", "id": "1", "source": "s", "type": "t"}),
+                DecodeError::SpecVersion("0.3".into()),
+            ),
+            (json!({"specversion": "1.0", "source": "s", "type": "t"}), DecodeError::Missing("id")),
+            (json!({"specversion": "1.0", "id": "1", "type": "t"}), DecodeError::Missing("source")),
+            (json!({"specversion": "1.0", "id": "1", "source": "s"}), DecodeError::Missing("type")),
+            (
+                json!({"specversion": "1.0", "id": "1", "source": "s", "type": "t", "Bad": "x"}),
+                DecodeError::ExtensionName("Bad".into()),
+            ),
+            (json!([1]), DecodeError::NotAnObject),
+        ];
+        for (input, expected) in cases {
+            assert_eq!(CloudEvent::from_value(input.clone()).unwrap_err(), expected, "{input}");
+        }
+        assert!(matches!(CloudEvent::from_json(b"{nope"), Err(DecodeError::Json(_))));
+    }
+
+    #[test]
+    fn numeric_extensions_become_strings() {
+        let ev = CloudEvent::from_value(
+            json!({"specversion": "1.0", "id": "1", "source": "s", "type": "t", "capstanattempt": 2}),
+        )
+        .unwrap();
+        assert_eq!(ev.ext("capstanattempt"), Some("2"));
+    }
+}

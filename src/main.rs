@@ -1,0 +1,3 @@
+//! The `capstan` binary: CLI, configuration and the server runtime.
+
+fn main() {}

@@ -1,0 +1,252 @@
+//! Capstan's event store: the truth. Per-run event streams with expected versions, a global
+//! position for watchers, the outbox, durable timers, processed-input ids, the run index and
+//! definitions, all written by ONE atomic [`Batch`] (group commit).
+//!
+//! Backends: [`memory::MemoryStore`] (always), SQLite (`sqlite` feature, embedded default) and
+//! PostgreSQL (`postgres` feature, production). [`testing::suite`] is the one conformance suite
+//! every backend must pass. The store knows nothing of workflows: payloads are JSON values.
+
+use async_trait::async_trait;
+use serde::{Deserialize, Serialize};
+use serde_json::Value;
+
+/// A position in the global order of all events (strictly increasing with commit order).
+pub type Position = i64;
+
+/// An event to append. `id` is its CloudEvent id and unique across the store.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+pub struct NewEvent {
+    pub id: String,
+    pub kind: String,
+    pub payload: Value,
+    /// Milliseconds since the Unix epoch.
+    pub recorded_at_ms: i64,
+}
+
+/// An event as stored. `seq` numbers a run's events from 1 without gaps.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+pub struct StoredEvent {
+    pub position: Position,
+    pub run_id: String,
+    pub seq: i64,
+    pub id: String,
+    pub kind: String,
+    pub payload: Value,
+    pub recorded_at_ms: i64,
+}
+
+/// Appends to one run's stream, expecting it to hold exactly `expected_version` events now.
+#[derive(Debug, Clone, PartialEq)]
+pub struct StreamAppend {
+    pub run_id: String,
+    pub expected_version: i64,
+    pub events: Vec<NewEvent>,
+}
+
+/// The run index: one row per run, kept current by the runtime in the same batch as the events.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct RunRecord {
+    pub run_id: String,
+    pub project: String,
+    pub context_id: String,
+    pub stage: String,
+    pub sequence: String,
+    pub service: Option<String>,
+    pub definition: String,
+    pub definition_version: i64,
+    /// `running`, `paused`, `finished` or `cancelled`.
+    pub status: String,
+    /// `pass`, `warning` or `fail` once ended.
+    pub result: Option<String>,
+    pub created_at_ms: i64,
+    pub updated_at_ms: i64,
+}
+
+impl RunRecord {
+    /// Whether the run has ended.
+    pub fn is_over(&self) -> bool {
+        self.status == "finished" || self.status == "cancelled"
+    }
+}
+
+/// A message to publish after the commit. `id` is unique (the CloudEvent id).
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct OutboxMessage {
+    pub id: String,
+    pub topic: String,
+    /// Partition / ordering key (the run id).
+    pub key: String,
+    /// The encoded message (structured-mode CloudEvent JSON).
+    pub payload: Vec<u8>,
+}
+
+/// An outbox row waiting to be published; `seq` orders rows and names them for deletion.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct OutboxRow {
+    pub seq: i64,
+    pub message: OutboxMessage,
+}
+
+/// A durable timer, unique by `(run_id, key)`; setting it again replaces `fire_at_ms` and payload.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+pub struct TimerRow {
+    pub run_id: String,
+    pub key: String,
+    pub fire_at_ms: i64,
+    pub payload: Value,
+}
+
+/// Removes a timer. With `only_if_fire_at`, only if it still has that fire time (so consuming a
+/// fired timer never deletes one that was set again meanwhile).
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct TimerCancel {
+    pub run_id: String,
+    pub key: String,
+    pub only_if_fire_at: Option<i64>,
+}
+
+/// Everything one group commit writes, atomically: all or nothing.
+#[derive(Debug, Clone, PartialEq, Default)]
+pub struct Batch {
+    pub appends: Vec<StreamAppend>,
+    /// Upserts of the run index (by `run_id`).
+    pub runs: Vec<RunRecord>,
+    /// Ids of the inputs applied by this batch; an id already recorded fails the batch with
+    /// `Error::DuplicateInput`.
+    pub inputs: Vec<String>,
+    pub outbox: Vec<OutboxMessage>,
+    pub set_timers: Vec<TimerRow>,
+    pub cancel_timers: Vec<TimerCancel>,
+}
+
+impl Batch {
+    /// Whether the batch writes nothing.
+    pub fn is_empty(&self) -> bool {
+        self.appends.iter().all(|a| a.events.is_empty())
+            && self.runs.is_empty()
+            && self.inputs.is_empty()
+            && self.outbox.is_empty()
+            && self.set_timers.is_empty()
+            && self.cancel_timers.is_empty()
+    }
+}
+
+/// What a successful commit reports.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Default)]
+pub struct Committed {
+    /// The global position of the last event written (0 if none).
+    pub last_position: Position,
+    pub events: usize,
+}
+
+/// Filters for listing runs. Runs come newest first; `before` pages (a `created_at_ms, run_id`
+/// cursor given by the last row of the previous page).
+#[derive(Debug, Clone, PartialEq, Eq, Default)]
+pub struct RunFilter {
+    pub project: Option<String>,
+    pub stage: Option<String>,
+    pub sequence: Option<String>,
+    pub service: Option<String>,
+    pub status: Option<String>,
+    pub context_id: Option<String>,
+    pub before: Option<(i64, String)>,
+    pub limit: usize,
+}
+
+/// A stored definition version.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct DefinitionRecord {
+    pub project: String,
+    pub name: String,
+    pub version: i64,
+    /// The YAML text as applied.
+    pub source: String,
+    pub created_at_ms: i64,
+}
+
+/// What went wrong; each variant tells the caller what to do.
+#[derive(Debug, thiserror::Error)]
+pub enum Error {
+    /// Another writer appended first: reload the stream and decide again.
+    #[error("run {run_id}: expected version {expected}, found {actual}")]
+    Conflict { run_id: String, expected: i64, actual: i64 },
+    /// The input (or event id) was already applied: drop it.
+    #[error("input or event {0} was already applied")]
+    DuplicateInput(String),
+    /// Bad data from the caller; retrying will not help.
+    #[error("invalid: {0}")]
+    Invalid(String),
+    /// The backend is unreachable or failed: retry later.
+    #[error("store unavailable: {0}")]
+    Unavailable(#[source] Box<dyn std::error::Error + Send + Sync>),
+}
+
+/// Result alias of this crate.
+pub type Result<T, E = Error> = std::result::Result<T, E>;
+
+/// The write side: one atomic group commit.
+#[async_trait]
+pub trait CommitLog: Send + Sync {
+    /// Writes the whole batch or nothing. Checks every expected version and input id first.
+    async fn commit(&self, batch: Batch) -> Result<Committed>;
+}
+
+/// The read side of event streams.
+#[async_trait]
+pub trait EventReader: Send + Sync {
+    /// A run's events with `seq >= from_seq`, in order.
+    async fn read_stream(&self, run_id: &str, from_seq: i64) -> Result<Vec<StoredEvent>>;
+    /// Up to `limit` events of all runs with `position > after`, in position order.
+    async fn read_all(&self, after: Position, limit: usize) -> Result<Vec<StoredEvent>>;
+    /// How many events the run's stream holds (0 for an unknown run).
+    async fn stream_version(&self, run_id: &str) -> Result<i64>;
+    /// Which of these input ids were already applied.
+    async fn inputs_seen(&self, ids: &[String]) -> Result<Vec<String>>;
+}
+
+/// The outbox: rows written by commits, published and deleted by the relay.
+#[async_trait]
+pub trait Outbox: Send + Sync {
+    /// Up to `limit` unpublished rows, oldest first.
+    async fn outbox_pending(&self, limit: usize) -> Result<Vec<OutboxRow>>;
+    /// Deletes published rows (unknown seqs are ignored).
+    async fn outbox_delete(&self, seqs: &[i64]) -> Result<()>;
+}
+
+/// Durable timers.
+#[async_trait]
+pub trait Timers: Send + Sync {
+    /// Up to `limit` timers with `fire_at_ms <= now_ms`, earliest first.
+    async fn timers_due(&self, now_ms: i64, limit: usize) -> Result<Vec<TimerRow>>;
+    /// The earliest fire time of any timer, if any.
+    async fn next_timer_at(&self) -> Result<Option<i64>>;
+}
+
+/// The run index.
+#[async_trait]
+pub trait RunIndex: Send + Sync {
+    async fn get_run(&self, run_id: &str) -> Result<Option<RunRecord>>;
+    async fn list_runs(&self, filter: &RunFilter) -> Result<Vec<RunRecord>>;
+    /// Runs not yet finished or cancelled (to resume at start).
+    async fn unfinished_runs(&self) -> Result<Vec<RunRecord>>;
+}
+
+/// Versioned, immutable definitions.
+#[async_trait]
+pub trait Definitions: Send + Sync {
+    /// Stores `source` as the next version unless it equals the latest one; returns the version.
+    async fn put_definition(&self, project: &str, name: &str, source: &str, now_ms: i64) -> Result<i64>;
+    /// A version, or the latest when `version` is `None`.
+    async fn get_definition(
+        &self,
+        project: &str,
+        name: &str,
+        version: Option<i64>,
+    ) -> Result<Option<DefinitionRecord>>;
+    /// Latest version of every definition of a project.
+    async fn list_definitions(&self, project: &str) -> Result<Vec<DefinitionRecord>>;
+}
+
+/// A whole store.
+pub trait Store: CommitLog + EventReader + Outbox + Timers + RunIndex + Definitions + 'static {}
+impl<T: CommitLog + EventReader + Outbox + Timers + RunIndex + Definitions + 'static> Store for T {}
