@@ -1,1 +1,6 @@
-//! End-to-end tests of the `capstan` binary and runtime.
+//! End-to-end tests of the `capstan` runtime and binary: one test binary, a module per capability.
+
+mod tidy;
+mod support;
+mod timeouts;
+mod crash;

@@ -1,0 +1,61 @@
+//! Worker messages from the broker into the partitions. The delivery travels with the input and
+//! is acknowledged only after the input's batch is committed.
+
+use capstan_brokers::{Broker, Subscription, SubscriptionMode};
+use capstan_proto::topics;
+use tokio::sync::watch;
+use tracing::{error, warn};
+
+use super::codec;
+use super::error::RuntimeError;
+use super::{Envelope, Reply, Router};
+
+/// The competing group all engine replicas share: each worker message reaches one of them.
+pub const ENGINE_GROUP: &str = "capstan-engine";
+
+/// Subscribes to the engine's input topic (before any work is offered, so no answer is missed).
+pub async fn subscribe(broker: &dyn Broker) -> Result<Box<dyn Subscription>, RuntimeError> {
+    Ok(broker
+        .subscribe(topics::ENGINE_INPUTS, SubscriptionMode::Competing { group: ENGINE_GROUP.into() })
+        .await?)
+}
+
+/// Decodes and routes deliveries until shutdown.
+pub async fn run(mut subscription: Box<dyn Subscription>, router: Router, mut shutdown: watch::Receiver<bool>) {
+    loop {
+        let delivery = tokio::select! {
+            biased;
+            _ = shutdown.changed() => return,
+            d = subscription.next() => d,
+        };
+        let delivery = match delivery {
+            Ok(d) => d,
+            Err(capstan_brokers::Error::Closed) => return,
+            Err(e) => {
+                error!(error = %e, "engine input subscription failed; retrying");
+                tokio::time::sleep(std::time::Duration::from_millis(200)).await;
+                continue;
+            }
+        };
+        let decoded = match codec::decode_input(&delivery.message.event) {
+            Ok(d) => d,
+            Err(e) => {
+                // A message nobody can read must neither block the stream nor vanish silently.
+                warn!(error = %e, id = %delivery.message.event.id, "undecodable engine input dropped");
+                let _ = delivery.ack().await;
+                continue;
+            }
+        };
+        let env = Envelope {
+            run_id: decoded.run_id,
+            input_id: Some(delivery.message.event.id.clone()),
+            project: Some(decoded.project),
+            input: decoded.input,
+            consumed_timer: None,
+            reply: Reply::Delivery(delivery),
+        };
+        if router.route(env).await.is_err() {
+            return;
+        }
+    }
+}

@@ -1,0 +1,324 @@
+//! The durable runtime: the imperative shell around the pure engine.
+//!
+//! ```text
+//!  ingest (broker inputs) --+
+//!  timers (due rows) -------+--> partition[hash(run id)] --> one commit per batch --> outbox relay
+//!  API / CLI commands ------+        (engine decide/evolve)     (events, outbox,       --> broker
+//!                                                               timers, inputs, runs)
+//! ```
+//! Components follow Config -> Service -> Handle: [`Runtime::start`] spawns the partitions, the
+//! ingest loop, the timer service and the outbox relay, and returns a cheap [`RuntimeHandle`].
+
+mod cache;
+pub mod codec;
+mod definitions;
+mod error;
+pub mod faults;
+mod ingest;
+mod outbox_relay;
+mod partition;
+mod timers;
+
+use std::collections::HashSet;
+use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::{Arc, Mutex};
+use std::time::{Duration, SystemTime, UNIX_EPOCH};
+
+use capstan_brokers::{Broker, Delivery};
+use capstan_engine::run::{Input, RunMeta};
+use capstan_store::{Store, TimerCancel};
+use serde_json::Value;
+use tokio::sync::{Notify, mpsc, oneshot, watch};
+use tokio::task::JoinHandle;
+use tracing::info;
+use uuid::Uuid;
+
+pub use definitions::DefinitionRegistry;
+pub use error::RuntimeError;
+pub use faults::{FaultInjector, FaultPoint, Faults, RandomFaults};
+pub use partition::Applied;
+
+/// Runtime settings with sane defaults for one process on a small machine.
+#[derive(Clone)]
+pub struct RuntimeConfig {
+    /// Run partitions; each commits its own batches, so this bounds commit parallelism.
+    pub partitions: usize,
+    /// Most inputs one commit takes.
+    pub max_batch: usize,
+    /// Run states cached per partition.
+    pub cache_per_partition: usize,
+    /// Queue depth per partition before senders wait (backpressure).
+    pub queue_depth: usize,
+    /// Outbox rows published per round.
+    pub outbox_batch: usize,
+    /// Crash points for tests; `Faults::none()` in production.
+    pub faults: Faults,
+}
+
+impl Default for RuntimeConfig {
+    fn default() -> Self {
+        RuntimeConfig {
+            partitions: 4,
+            max_batch: 512,
+            cache_per_partition: 10_000,
+            queue_depth: 4_096,
+            outbox_batch: 1_000,
+            faults: Faults::none(),
+        }
+    }
+}
+
+/// Where an input's answer goes once its batch is committed.
+pub enum Reply {
+    None,
+    /// A broker delivery to acknowledge after the commit.
+    Delivery(Delivery),
+    /// An API caller waiting for the outcome.
+    Api(oneshot::Sender<Result<Applied, RuntimeError>>),
+}
+
+/// One input on its way to the partition that owns its run.
+pub struct Envelope {
+    pub run_id: String,
+    /// Deduplication key (the CloudEvent id of a worker's message); `None` for inputs that are
+    /// idempotent by construction (timers are consumed in the same transaction).
+    pub input_id: Option<String>,
+    /// When set, the run must belong to this project.
+    pub project: Option<String>,
+    pub input: Input,
+    /// The timer row this input consumes (deleted in the same commit, if unchanged).
+    pub consumed_timer: Option<TimerCancel>,
+    pub reply: Reply,
+}
+
+/// Wall-clock time in milliseconds, behind a trait so tests can drive it.
+pub trait Clock: Send + Sync + 'static {
+    fn now_ms(&self) -> i64;
+}
+
+/// The system clock.
+pub struct SystemClock;
+
+impl Clock for SystemClock {
+    fn now_ms(&self) -> i64 {
+        SystemTime::now().duration_since(UNIX_EPOCH).map(|d| d.as_millis() as i64).unwrap_or(0)
+    }
+}
+
+/// Counters for benchmarks and progress output.
+#[derive(Default)]
+pub struct Metrics {
+    pub commits: AtomicU64,
+    pub inputs: AtomicU64,
+    pub events: AtomicU64,
+    pub published: AtomicU64,
+    pub timers_fired: AtomicU64,
+}
+
+impl Metrics {
+    fn record_commit(&self, inputs: usize, events: usize) {
+        self.commits.fetch_add(1, Ordering::Relaxed);
+        self.inputs.fetch_add(inputs as u64, Ordering::Relaxed);
+        self.events.fetch_add(events as u64, Ordering::Relaxed);
+    }
+}
+
+/// What the runtime's components share.
+pub struct Shared {
+    pub store: Arc<dyn Store>,
+    pub broker: Arc<dyn Broker>,
+    pub registry: DefinitionRegistry,
+    pub clock: Arc<dyn Clock>,
+    pub metrics: Metrics,
+    pub faults: Faults,
+    outbox_wake: Notify,
+    timer_wake: Notify,
+    /// Earliest timer committed since the timer service last looked (ms), to cut its sleep short.
+    next_timer_hint: AtomicU64,
+    /// Timers handed to a partition and not yet committed away: never fire them twice at once.
+    inflight_timers: Mutex<HashSet<(String, String, i64)>>,
+}
+
+impl Shared {
+    fn timer_wake(&self, at_ms: i64) {
+        self.next_timer_hint.fetch_min(at_ms.max(0) as u64, Ordering::Relaxed);
+        self.timer_wake.notify_one();
+    }
+
+    fn forget_timers(&self, consumed: &[TimerCancel]) {
+        if consumed.is_empty() {
+            return;
+        }
+        let mut set = self.inflight_timers.lock().unwrap_or_else(|e| e.into_inner());
+        for t in consumed {
+            set.remove(&(t.run_id.clone(), t.key.clone(), t.only_if_fire_at.unwrap_or_default()));
+        }
+    }
+}
+
+/// A request to start a sequence.
+#[derive(Debug, Clone, Default)]
+pub struct TriggerRequest {
+    pub project: String,
+    /// The definition's name; `None` takes the project's only definition.
+    pub definition: Option<String>,
+    pub stage: String,
+    pub sequence: String,
+    pub service: Option<String>,
+    pub data: Value,
+    /// Joins a promotion chain; a new context id is made when absent.
+    pub context_id: Option<String>,
+    /// Makes the trigger idempotent: the same request id never starts two runs.
+    pub request_id: Option<String>,
+}
+
+/// The running runtime.
+pub struct Runtime;
+
+/// A cheap handle to a running runtime.
+#[derive(Clone)]
+pub struct RuntimeHandle {
+    shared: Arc<Shared>,
+    senders: Arc<Vec<mpsc::Sender<Envelope>>>,
+    shutdown: watch::Sender<bool>,
+    tasks: Arc<Mutex<Vec<JoinHandle<()>>>>,
+}
+
+impl Runtime {
+    /// Starts partitions, ingest, timers and the outbox relay over a store and a broker.
+    pub async fn start(
+        config: RuntimeConfig,
+        store: Arc<dyn Store>,
+        broker: Arc<dyn Broker>,
+        clock: Arc<dyn Clock>,
+    ) -> Result<RuntimeHandle, RuntimeError> {
+        let shared = Arc::new(Shared {
+            registry: DefinitionRegistry::new(store.clone()),
+            store,
+            broker,
+            clock,
+            metrics: Metrics::default(),
+            faults: config.faults.clone(),
+            outbox_wake: Notify::new(),
+            timer_wake: Notify::new(),
+            next_timer_hint: AtomicU64::new(u64::MAX),
+            inflight_timers: Mutex::new(HashSet::new()),
+        });
+        let (shutdown, shutdown_rx) = watch::channel(false);
+        let mut senders = Vec::new();
+        let mut tasks = Vec::new();
+        for id in 0..config.partitions.max(1) {
+            let (tx, rx) = mpsc::channel(config.queue_depth);
+            senders.push(tx);
+            let p = partition::Partition::new(id, rx, shared.clone(), config.cache_per_partition, config.max_batch);
+            tasks.push(tokio::spawn(p.run(shutdown_rx.clone())));
+        }
+        let senders = Arc::new(senders);
+        let router = Router { senders: senders.clone() };
+        let subscription = ingest::subscribe(&*shared.broker).await?;
+        tasks.push(tokio::spawn(ingest::run(subscription, router.clone(), shutdown_rx.clone())));
+        tasks.push(tokio::spawn(timers::run(shared.clone(), router.clone(), shutdown_rx.clone())));
+        tasks.push(tokio::spawn(outbox_relay::run(shared.clone(), config.outbox_batch, shutdown_rx.clone())));
+        let unfinished = shared.store.unfinished_runs().await?.len();
+        if unfinished > 0 {
+            info!(runs = unfinished, "resuming unfinished runs from the store");
+        }
+        Ok(RuntimeHandle { shared, senders, shutdown, tasks: Arc::new(Mutex::new(tasks)) })
+    }
+}
+
+/// Routes envelopes to the partition owning their run.
+#[derive(Clone)]
+struct Router {
+    senders: Arc<Vec<mpsc::Sender<Envelope>>>,
+}
+
+impl Router {
+    async fn route(&self, env: Envelope) -> Result<(), RuntimeError> {
+        let i = partition_of(&env.run_id, self.senders.len());
+        self.senders[i].send(env).await.map_err(|_| RuntimeError::ShuttingDown)
+    }
+}
+
+/// FNV-1a: stable across processes and versions, unlike std's randomly keyed hasher.
+fn partition_of(run_id: &str, n: usize) -> usize {
+    let mut h: u64 = 0xcbf2_9ce4_8422_2325;
+    for b in run_id.bytes() {
+        h ^= u64::from(b);
+        h = h.wrapping_mul(0x0000_0100_0000_01b3);
+    }
+    (h % n as u64) as usize
+}
+
+impl RuntimeHandle {
+    /// The shared store.
+    pub fn store(&self) -> &Arc<dyn Store> {
+        &self.shared.store
+    }
+
+    /// Counters.
+    pub fn metrics(&self) -> &Metrics {
+        &self.shared.metrics
+    }
+
+    /// Validates and stores a definition; returns its name and version.
+    pub async fn apply_definition(&self, project: &str, source: &str) -> Result<(String, i64), RuntimeError> {
+        self.shared.registry.apply(project, source, self.shared.clock.now_ms()).await
+    }
+
+    /// Starts a sequence; returns the new run's id once its start is committed.
+    pub async fn trigger(&self, req: TriggerRequest) -> Result<String, RuntimeError> {
+        let (definition, version) = self.shared.registry.get(&req.project, req.definition.as_deref(), None).await?;
+        let run_id = match &req.request_id {
+            Some(r) => Uuid::new_v5(&Uuid::NAMESPACE_OID, format!("{}/{r}", req.project).as_bytes()).to_string(),
+            None => Uuid::new_v4().to_string(),
+        };
+        let meta = RunMeta {
+            run_id: run_id.clone(),
+            context_id: req.context_id.clone().unwrap_or_else(|| Uuid::new_v4().to_string()),
+            project: req.project.clone(),
+            stage: req.stage,
+            sequence: req.sequence,
+            service: req.service,
+            definition: definition.name.clone(),
+            definition_version: u32::try_from(version).unwrap_or(u32::MAX),
+            triggered_by: None,
+        };
+        let data = if req.data.is_null() { Value::Object(Default::default()) } else { req.data };
+        self.send(run_id.clone(), Some(req.project), Input::Start { meta, data }).await?;
+        Ok(run_id)
+    }
+
+    /// Sends a command (cancel, pause, resume, approve) to a run of `project`.
+    pub async fn command(&self, project: &str, run_id: &str, input: Input) -> Result<Applied, RuntimeError> {
+        self.send(run_id.to_string(), Some(project.to_string()), input).await
+    }
+
+    async fn send(&self, run_id: String, project: Option<String>, input: Input) -> Result<Applied, RuntimeError> {
+        let (tx, rx) = oneshot::channel();
+        let env = Envelope { run_id, input_id: None, project, input, consumed_timer: None, reply: Reply::Api(tx) };
+        Router { senders: self.senders.clone() }.route(env).await?;
+        rx.await.map_err(|_| RuntimeError::ShuttingDown)?
+    }
+
+    /// Waits until an injected fault crashed a component (tests only).
+    pub async fn crashed(&self) -> FaultPoint {
+        self.shared.faults.crashed().await
+    }
+
+    /// Kills every task of the runtime where it stands, as a crash would (tests only).
+    pub fn abort(&self) {
+        for t in self.tasks.lock().unwrap_or_else(|e| e.into_inner()).drain(..) {
+            t.abort();
+        }
+    }
+
+    /// Stops intake, lets every partition finish its batch in hand, and waits for the tasks.
+    pub async fn shutdown(&self) {
+        let _ = self.shutdown.send(true);
+        let tasks: Vec<_> = std::mem::take(&mut *self.tasks.lock().unwrap_or_else(|e| e.into_inner()));
+        for t in tasks {
+            let _ = tokio::time::timeout(Duration::from_secs(10), t).await;
+        }
+    }
+}

@@ -1,0 +1,441 @@
+//! A partition owns a set of runs (by hash of run id) and applies their inputs in batches: load
+//! or fold each run's state, let the engine decide, then commit the events, run index rows,
+//! outbox rows, timer changes and processed input ids of the WHOLE batch in one transaction
+//! (group commit). Only after the commit are inputs acknowledged and callers answered.
+//!
+//! Batching adapts to load without a fixed linger: a partition takes everything queued when it
+//! becomes free, so an idle engine commits each input at once and a busy one commits many inputs
+//! per transaction while the previous commit is in flight.
+
+use std::collections::{BTreeMap, HashMap, HashSet};
+use std::sync::Arc;
+use std::time::Duration;
+
+use capstan_engine::run::{Ctx, Effect, Event, Input, RunMeta, RunState, RunStatus};
+use capstan_engine::Timestamp;
+use capstan_store::{Batch, RunRecord, StreamAppend, TimerCancel, TimerRow};
+use tokio::sync::{mpsc, watch};
+use tracing::{debug, warn};
+
+use super::cache::RunCache;
+use super::codec;
+use super::error::RuntimeError;
+use super::faults::{FaultPoint, Faults};
+use super::{Envelope, Reply, Shared};
+
+/// What happened to one input.
+#[derive(Debug)]
+pub enum Outcome {
+    Applied(Applied),
+    Refused(RuntimeError),
+    Duplicate,
+}
+
+/// A successfully applied input.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Applied {
+    pub run_id: String,
+    /// Events this input appended (0 for inputs that changed nothing).
+    pub events: usize,
+    /// The run's version after the input.
+    pub version: u64,
+}
+
+/// A run being changed by the current batch.
+struct Work {
+    state: RunState,
+    base_version: i64,
+    created_at_ms: i64,
+    status: &'static str,
+    events: Vec<capstan_store::NewEvent>,
+}
+
+/// The partition service: `run` until shutdown.
+pub struct Partition {
+    pub id: usize,
+    pub rx: mpsc::Receiver<Envelope>,
+    pub shared: Arc<Shared>,
+    pub cache: RunCache,
+    pub max_batch: usize,
+    rng: u64,
+}
+
+impl Partition {
+    /// A partition reading envelopes from `rx`.
+    pub fn new(id: usize, rx: mpsc::Receiver<Envelope>, shared: Arc<Shared>, cache_capacity: usize, max_batch: usize) -> Self {
+        let seed = shared.clock.now_ms() as u64 ^ ((id as u64 + 1) << 48);
+        Partition { id, rx, shared, cache: RunCache::new(cache_capacity), max_batch, rng: seed }
+    }
+
+    /// Applies inputs until the channel closes or shutdown is signalled; the batch in hand is
+    /// always finished and committed first.
+    pub async fn run(mut self, mut shutdown: watch::Receiver<bool>) {
+        loop {
+            let first = tokio::select! {
+                biased;
+                env = self.rx.recv() => match env { Some(e) => e, None => return },
+                _ = shutdown.changed() => return,
+            };
+            let mut envs = vec![first];
+            while envs.len() < self.max_batch {
+                match self.rx.try_recv() {
+                    Ok(e) => envs.push(e),
+                    Err(_) => break,
+                }
+            }
+            self.process(envs).await;
+        }
+    }
+
+    /// Applies a batch; whatever happens, the timers it carried are no longer in flight
+    /// afterwards (a timer whose input was not committed fires again from the store).
+    async fn process(&mut self, envs: Vec<Envelope>) {
+        let consumed: Vec<TimerCancel> = envs.iter().filter_map(|e| e.consumed_timer.clone()).collect();
+        self.process_inner(envs).await;
+        self.shared.forget_timers(&consumed);
+    }
+
+    /// Applies a batch, splitting it when one input spoils the commit of the others.
+    async fn process_inner(&mut self, envs: Vec<Envelope>) {
+        let mut backoff = Duration::from_millis(50);
+        loop {
+            match self.attempt(&envs).await {
+                Ok(outcomes) => {
+                    for (env, outcome) in envs.into_iter().zip(outcomes) {
+                        answer(&self.shared.faults, env.reply, outcome).await;
+                    }
+                    return;
+                }
+                Err(RuntimeError::Store(capstan_store::Error::Conflict { .. }))
+                | Err(RuntimeError::Store(capstan_store::Error::DuplicateInput(_)))
+                    if envs.len() > 1 =>
+                {
+                    // One input's conflict must not hold up the others: apply them one by one.
+                    for env in envs {
+                        Box::pin(self.process_inner(vec![env])).await;
+                    }
+                    return;
+                }
+                Err(RuntimeError::Store(capstan_store::Error::DuplicateInput(id))) => {
+                    debug!(partition = self.id, %id, "input already applied");
+                    let env = envs.into_iter().next().expect("one envelope");
+                    answer(&self.shared.faults, env.reply, Outcome::Duplicate).await;
+                    return;
+                }
+                Err(RuntimeError::Store(capstan_store::Error::Unavailable(e))) => {
+                    // The store is the truth: without it nothing may be acknowledged. Hold the
+                    // inputs and retry; brokers redeliver if we die meanwhile.
+                    warn!(partition = self.id, error = %e, ?backoff, "store unavailable; retrying batch");
+                    tokio::time::sleep(backoff).await;
+                    backoff = (backoff * 2).min(Duration::from_secs(5));
+                }
+                Err(RuntimeError::Store(capstan_store::Error::Conflict { run_id, expected, actual })) => {
+                    // Someone else wrote this run (another server took over): reload and retry.
+                    warn!(partition = self.id, %run_id, expected, actual, "version conflict; reloading run");
+                    if backoff > Duration::from_secs(2) {
+                        let env = envs.into_iter().next().expect("one envelope");
+                        let err = RuntimeError::Store(capstan_store::Error::Conflict { run_id, expected, actual });
+                        answer(&self.shared.faults, env.reply, Outcome::Refused(err)).await;
+                        return;
+                    }
+                    tokio::time::sleep(backoff).await;
+                    backoff *= 2;
+                }
+                Err(other) => {
+                    // Not retryable (unreadable history, invalid store data): refuse every input
+                    // of the batch with the reason rather than loop.
+                    warn!(partition = self.id, error = %other, "batch failed");
+                    let text = other.to_string();
+                    for env in envs {
+                        let err = RuntimeError::NotFound(format!("a usable state ({text})"));
+                        answer(&self.shared.faults, env.reply, Outcome::Refused(err)).await;
+                    }
+                    return;
+                }
+            }
+        }
+    }
+
+    /// Decides every input of the batch and commits the result. States changed by the batch go
+    /// back into the cache only after the commit succeeded.
+    async fn attempt(&mut self, envs: &[Envelope]) -> Result<Vec<Outcome>, RuntimeError> {
+        let now_ms = self.shared.clock.now_ms();
+        let time = codec::rfc3339(now_ms);
+        let ids: Vec<String> = envs.iter().filter_map(|e| e.input_id.clone()).collect();
+        let mut seen: HashSet<String> = if ids.is_empty() {
+            HashSet::new()
+        } else {
+            self.shared.store.inputs_seen(&ids).await?.into_iter().collect()
+        };
+
+        let mut work: HashMap<String, Work> = HashMap::new();
+        let mut outcomes = Vec::with_capacity(envs.len());
+        let mut batch = Batch::default();
+        // Last write wins per timer key, in effect order; None means "delete".
+        let mut timers: BTreeMap<(String, String), Option<TimerRow>> = BTreeMap::new();
+        let mut guarded: Vec<TimerCancel> = Vec::new();
+
+        for env in envs {
+            if let Some(t) = &env.consumed_timer {
+                guarded.push(t.clone());
+            }
+            if let Some(id) = &env.input_id
+                && !seen.insert(id.clone())
+            {
+                outcomes.push(Outcome::Duplicate);
+                continue;
+            }
+            if !work.contains_key(&env.run_id) {
+                match self.load(&env.run_id, &env.input).await {
+                    Ok(w) => {
+                        work.insert(env.run_id.clone(), w);
+                    }
+                    Err(e) => {
+                        outcomes.push(Outcome::Refused(e));
+                        continue;
+                    }
+                }
+            }
+            let w = work.get_mut(&env.run_id).expect("loaded above");
+            if let (Some(project), Some(meta)) = (&env.project, w.state.meta())
+                && &meta.project != project
+            {
+                outcomes.push(Outcome::Refused(RuntimeError::WrongProject { run_id: env.run_id.clone() }));
+                continue;
+            }
+            let ctx = Ctx { now: Timestamp(now_ms as u64), random: self.next_random() };
+            let decision = match w.state.decide(&env.input, &ctx) {
+                Ok(d) => d,
+                Err(e) => {
+                    outcomes.push(Outcome::Refused(e.into()));
+                    continue;
+                }
+            };
+            for event in &decision.events {
+                let seq = w.base_version + w.events.len() as i64 + 1;
+                w.events.push(codec::encode_event(&env.run_id, seq, event, now_ms));
+                w.state.evolve(event);
+                match event {
+                    Event::RunStarted { .. } => w.created_at_ms = now_ms,
+                    Event::RunPaused { .. } => w.status = "paused",
+                    Event::RunResumed { .. } => w.status = "running",
+                    Event::RunFinished { status: RunStatus::Finished, .. } => w.status = "finished",
+                    Event::RunFinished { status: RunStatus::Cancelled, .. } => w.status = "cancelled",
+                    _ => {}
+                }
+            }
+            if !decision.events.is_empty()
+                && let Some(id) = &env.input_id
+            {
+                batch.inputs.push(id.clone());
+            }
+            let meta = w.state.meta().cloned().ok_or(RuntimeError::Refused(capstan_engine::run::Error::NotStarted))?;
+            for effect in &decision.effects {
+                match effect {
+                    Effect::SetTimer { kind, at } => {
+                        timers.insert(
+                            (env.run_id.clone(), kind.key()),
+                            Some(codec::engine_timer_row(&env.run_id, kind, *at)),
+                        );
+                    }
+                    Effect::CancelTimer { kind } => {
+                        timers.insert((env.run_id.clone(), kind.key()), None);
+                    }
+                    Effect::StartRun { context_id, project, stage, sequence, service, data, triggered_by } => {
+                        let child = RunMeta {
+                            run_id: codec::promoted_run_id(triggered_by, stage, sequence),
+                            context_id: context_id.clone(),
+                            project: project.clone(),
+                            stage: stage.clone(),
+                            sequence: sequence.clone(),
+                            service: service.clone(),
+                            definition: meta.definition.clone(),
+                            definition_version: meta.definition_version,
+                            triggered_by: Some(triggered_by.clone()),
+                        };
+                        let row = codec::start_run_row(&env.run_id, &child, data, now_ms);
+                        timers.insert((row.run_id.clone(), row.key.clone()), Some(row));
+                    }
+                    other => {
+                        if let Some(msg) = codec::outbox_message(&meta, other, &time) {
+                            batch.outbox.push(msg);
+                        }
+                    }
+                }
+            }
+            outcomes.push(Outcome::Applied(Applied {
+                run_id: env.run_id.clone(),
+                events: decision.events.len(),
+                version: w.state.version(),
+            }));
+        }
+
+        let mut earliest_timer: Option<i64> = None;
+        for ((run_id, key), row) in timers {
+            match row {
+                Some(row) => {
+                    earliest_timer = Some(earliest_timer.map_or(row.fire_at_ms, |t| t.min(row.fire_at_ms)));
+                    guarded.retain(|g| !(g.run_id == run_id && g.key == key));
+                    batch.set_timers.push(row);
+                }
+                None => batch.cancel_timers.push(TimerCancel { run_id, key, only_if_fire_at: None }),
+            }
+        }
+        batch.cancel_timers.extend(guarded);
+
+        for (run_id, w) in &mut work {
+            if w.events.is_empty() {
+                continue;
+            }
+            let meta = w.state.meta().expect("a run with events has started");
+            batch.runs.push(RunRecord {
+                run_id: run_id.clone(),
+                project: meta.project.clone(),
+                context_id: meta.context_id.clone(),
+                stage: meta.stage.clone(),
+                sequence: meta.sequence.clone(),
+                service: meta.service.clone(),
+                definition: meta.definition.clone(),
+                definition_version: i64::from(meta.definition_version),
+                status: w.status.to_string(),
+                result: w.state.result().map(|r| r.as_str().to_string()),
+                created_at_ms: w.created_at_ms,
+                updated_at_ms: now_ms,
+            });
+            batch.appends.push(StreamAppend {
+                run_id: run_id.clone(),
+                expected_version: w.base_version,
+                events: std::mem::take(&mut w.events),
+            });
+        }
+
+        let has_outbox = !batch.outbox.is_empty();
+        let event_count: usize = batch.appends.iter().map(|a| a.events.len()).sum();
+        self.shared.faults.point(FaultPoint::MidBatch).await;
+        if !batch.is_empty() {
+            self.shared.store.commit(batch).await?;
+            self.shared.faults.point(FaultPoint::AfterCommit).await;
+            self.shared.metrics.record_commit(envs.len(), event_count);
+        }
+        for (run_id, w) in work {
+            let version = i64::try_from(w.state.version()).unwrap_or(i64::MAX);
+            let over = w.state.is_over();
+            if !over {
+                self.cache.put(run_id, super::cache::Cached {
+                    state: w.state,
+                    version,
+                    created_at_ms: w.created_at_ms,
+                    status: w.status,
+                });
+            }
+        }
+        if has_outbox {
+            self.shared.outbox_wake.notify_one();
+        }
+        if let Some(at) = earliest_timer {
+            self.shared.timer_wake(at);
+        }
+        Ok(outcomes)
+    }
+
+    /// The run's state: from the cache, or folded from its stream; a new one for `Start`.
+    async fn load(&mut self, run_id: &str, input: &Input) -> Result<Work, RuntimeError> {
+        if let Some(c) = self.cache.take(run_id) {
+            return Ok(Work {
+                state: c.state,
+                base_version: c.version,
+                created_at_ms: c.created_at_ms,
+                status: c.status,
+                events: Vec::new(),
+            });
+        }
+        let stored = self.shared.store.read_stream(run_id, 1).await?;
+        let Some(first) = stored.first() else {
+            return match input {
+                Input::Start { meta, .. } => {
+                    let (definition, _) = self
+                        .shared
+                        .registry
+                        .get(&meta.project, Some(&meta.definition), Some(i64::from(meta.definition_version)))
+                        .await?;
+                    Ok(Work {
+                        state: RunState::new(definition),
+                        base_version: 0,
+                        created_at_ms: 0,
+                        status: "running",
+                        events: Vec::new(),
+                    })
+                }
+                _ => Err(RuntimeError::NotFound(format!("run {run_id}"))),
+            };
+        };
+        let Event::RunStarted { meta, .. } = codec::decode_event(first)? else {
+            return Err(RuntimeError::NotFound(format!("the start of run {run_id}")));
+        };
+        let (definition, _) = self
+            .shared
+            .registry
+            .get(&meta.project, Some(&meta.definition), Some(i64::from(meta.definition_version)))
+            .await?;
+        let mut state = RunState::new(definition);
+        let mut status = "running";
+        for s in &stored {
+            let event = codec::decode_event(s)?;
+            status = match &event {
+                Event::RunPaused { .. } => "paused",
+                Event::RunResumed { .. } => "running",
+                Event::RunFinished { status: RunStatus::Finished, .. } => "finished",
+                Event::RunFinished { status: RunStatus::Cancelled, .. } => "cancelled",
+                _ => status,
+            };
+            state.evolve(&event);
+        }
+        Ok(Work {
+            state,
+            base_version: stored.len() as i64,
+            created_at_ms: first.recorded_at_ms,
+            status,
+            events: Vec::new(),
+        })
+    }
+
+    /// splitmix64: the random draw handed to the engine for backoff jitter.
+    fn next_random(&mut self) -> u64 {
+        self.rng = self.rng.wrapping_add(0x9E37_79B9_7F4A_7C15);
+        let mut z = self.rng;
+        z = (z ^ (z >> 30)).wrapping_mul(0xBF58_476D_1CE4_E5B9);
+        z = (z ^ (z >> 27)).wrapping_mul(0x94D0_49BB_1331_11EB);
+        z ^ (z >> 31)
+    }
+}
+
+/// Answers the sender of an input once its fate is sealed.
+async fn answer(faults: &Faults, reply: Reply, outcome: Outcome) {
+    match reply {
+        Reply::None => {
+            if let Outcome::Refused(e) = &outcome {
+                debug!(error = %e, "input refused");
+            }
+        }
+        Reply::Delivery(delivery) => {
+            if let Outcome::Refused(e) = &outcome {
+                // A worker's message that does not apply is settled too: redelivering it
+                // would be refused again. The refusal is logged (and recorded by the engine
+                // when it concerns a fencing token).
+                debug!(error = %e, id = %delivery.message.event.id, "worker input refused");
+            }
+            faults.point(FaultPoint::BeforeAck).await;
+            if let Err(e) = delivery.ack().await {
+                warn!(error = %e, "ack failed; the broker will redeliver and dedup will drop it");
+            }
+        }
+        Reply::Api(tx) => {
+            let result = match outcome {
+                Outcome::Applied(a) => Ok(a),
+                Outcome::Refused(e) => Err(e),
+                Outcome::Duplicate => Err(RuntimeError::Duplicate("request".into())),
+            };
+            let _ = tx.send(result);
+        }
+    }
+}

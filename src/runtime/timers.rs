@@ -1,0 +1,91 @@
+//! Durable timers fire from the store: the service sleeps until the earliest timer (or until a
+//! commit sets an earlier one), hands each due timer to its run's partition, and the partition
+//! deletes the row in the same transaction that applies it.
+
+use std::sync::Arc;
+use std::sync::atomic::Ordering;
+use std::time::Duration;
+
+use capstan_store::TimerCancel;
+use tokio::sync::watch;
+use tracing::warn;
+
+use super::codec;
+use super::{Envelope, Reply, Router, Shared};
+
+/// Longest sleep between looks at the store, so timers set by another replica still fire.
+const MAX_SLEEP: Duration = Duration::from_millis(1_000);
+/// Due timers taken per look.
+const BATCH: usize = 1_024;
+
+/// Fires due timers until shutdown.
+pub async fn run(shared: Arc<Shared>, router: Router, mut shutdown: watch::Receiver<bool>) {
+    loop {
+        if *shutdown.borrow() {
+            return;
+        }
+        let now = shared.clock.now_ms();
+        shared.next_timer_hint.store(u64::MAX, Ordering::Relaxed);
+        match shared.store.timers_due(now, BATCH).await {
+            Ok(rows) => {
+                for row in rows {
+                    let key = (row.run_id.clone(), row.key.clone(), row.fire_at_ms);
+                    {
+                        let mut inflight = shared.inflight_timers.lock().unwrap_or_else(|e| e.into_inner());
+                        if !inflight.insert(key) {
+                            continue;
+                        }
+                    }
+                    let cancel = TimerCancel {
+                        run_id: row.run_id.clone(),
+                        key: row.key.clone(),
+                        only_if_fire_at: Some(row.fire_at_ms),
+                    };
+                    let fired = match codec::decode_timer(&row) {
+                        Ok(f) => f,
+                        Err(e) => {
+                            warn!(error = %e, "unreadable timer left in place");
+                            continue;
+                        }
+                    };
+                    shared.metrics.timers_fired.fetch_add(1, Ordering::Relaxed);
+                    let env = Envelope {
+                        run_id: fired.target_run,
+                        input_id: None,
+                        project: None,
+                        input: fired.input,
+                        consumed_timer: Some(cancel),
+                        reply: Reply::None,
+                    };
+                    if router.route(env).await.is_err() {
+                        return;
+                    }
+                }
+            }
+            Err(e) => warn!(error = %e, "reading due timers failed; retrying"),
+        }
+        let sleep = match shared.store.next_timer_at().await {
+            Ok(Some(at)) => Duration::from_millis((at - shared.clock.now_ms()).clamp(0, MAX_SLEEP.as_millis() as i64) as u64),
+            Ok(None) => MAX_SLEEP,
+            Err(_) => MAX_SLEEP,
+        };
+        // Timers already handed to a partition stay in the store until committed away; waiting
+        // a little avoids spinning on them.
+        let sleep = sleep.max(Duration::from_millis(2));
+        tokio::select! {
+            _ = tokio::time::sleep(sleep) => {}
+            _ = shared.timer_wake.notified() => {
+                let hint = shared.next_timer_hint.load(Ordering::Relaxed);
+                let now = shared.clock.now_ms().max(0) as u64;
+                if hint > now {
+                    let wait = Duration::from_millis((hint - now).min(MAX_SLEEP.as_millis() as u64));
+                    tokio::select! {
+                        _ = tokio::time::sleep(wait) => {}
+                        _ = shutdown.changed() => return,
+                    }
+                }
+            }
+            _ = shutdown.changed() => return,
+        }
+    }
+}

@@ -1,0 +1,176 @@
+//! Crash tests: the runtime dies at random points (mid-batch, after commit before ack, after
+//! publish before the outbox delete, before a broker ack) and restarts on the same store with a
+//! fresh in-memory broker (the embedded broker dies with the process). Every run must still end,
+//! each task result recorded exactly once, with no gap in any run's event sequence. A second
+//! test kills `capstan demo` with SIGKILL and starts it again on the same folder.
+
+use std::collections::{BTreeMap, HashMap};
+use std::io::{BufRead, BufReader};
+use std::process::{Command, Stdio};
+use std::sync::{Arc, Mutex};
+use std::time::{Duration, Instant};
+
+use capstan::runtime::{Faults, RandomFaults, RuntimeConfig, TriggerRequest};
+use capstan_engine::run::Event;
+use capstan_proto::TaskResult;
+use capstan_store::Store;
+use capstan_store::sqlite::SqliteStore;
+
+use crate::support::{Behaviour, Script, WorkerLog, engine, history, scripted_worker};
+
+const DAG: &str = r#"
+apiVersion: capstan.dev/v1
+kind: Shipyard
+metadata: {name: crashy}
+spec:
+  stages:
+    - name: dev
+      sequences:
+        - name: dag
+          tasks:
+            - {name: build, type: work, timeouts: {startToClose: 1s, heartbeat: 400ms, scheduleToStart: 1s}, retry: {maxAttempts: 10, initialInterval: 50ms, maxInterval: 200ms}}
+            - {name: unit, type: work, dependsOn: [build], timeouts: {startToClose: 1s, heartbeat: 400ms, scheduleToStart: 1s}, retry: {maxAttempts: 10, initialInterval: 50ms, maxInterval: 200ms}}
+            - {name: lint, type: work, dependsOn: [build], dispatch: queue, timeouts: {startToClose: 1s, heartbeat: 400ms, scheduleToStart: 1s}, retry: {maxAttempts: 10, initialInterval: 50ms, maxInterval: 200ms}}
+            - {name: package, type: work, dependsOn: [unit, lint], timeouts: {startToClose: 1s, heartbeat: 400ms, scheduleToStart: 1s}, retry: {maxAttempts: 10, initialInterval: 50ms, maxInterval: 200ms}}
+"#;
+
+const RUNS: usize = 12;
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn runs_survive_crashes_at_random_points() {
+    let dir = tempfile::tempdir().expect("tempdir");
+    let store: Arc<dyn Store> = Arc::new(SqliteStore::open(&dir.path().join("c.db")).await.expect("sqlite"));
+    let script: Script = Arc::new(|_, _| Behaviour::Complete {
+        after: Duration::from_millis(15),
+        result: TaskResult::Pass,
+        error: None,
+    });
+    let log = Arc::new(Mutex::new(WorkerLog::default()));
+
+    // Incarnation 0 triggers every run, then dies at once.
+    let (rt, _) = engine(store.clone(), RuntimeConfig::default()).await;
+    rt.apply_definition("p", DAG).await.expect("definition");
+    let mut run_ids = Vec::new();
+    for i in 0..RUNS {
+        let req = TriggerRequest {
+            project: "p".into(),
+            stage: "dev".into(),
+            sequence: "dag".into(),
+            request_id: Some(format!("run-{i}")),
+            ..Default::default()
+        };
+        run_ids.push(rt.trigger(req).await.expect("trigger"));
+    }
+    rt.abort();
+
+    let mut crashes: HashMap<String, usize> = HashMap::new();
+    let started = Instant::now();
+    for incarnation in 1u64.. {
+        let all_over = all_over(&*store, &run_ids).await;
+        if all_over {
+            break;
+        }
+        assert!(started.elapsed() < Duration::from_secs(120), "runs did not finish; crashes so far: {crashes:?}");
+        // The last incarnations run without faults so that the test always terminates.
+        let faulty = incarnation <= 25;
+        let faults = if faulty { Faults::with(Arc::new(RandomFaults::new(incarnation * 7919, 0.01))) } else { Faults::none() };
+        let config = RuntimeConfig { faults, ..RuntimeConfig::default() };
+        let (rt, broker) = engine(store.clone(), config).await;
+        let workers = scripted_worker(broker, "w", BTreeMap::new(), &["work"], script.clone(), log.clone()).await;
+        let crashed = tokio::select! {
+            p = rt.crashed() => Some(p),
+            _ = wait_all_over(&*store, &run_ids) => None,
+            _ = tokio::time::sleep(Duration::from_secs(if faulty { 3 } else { 60 })) => None,
+        };
+        rt.abort();
+        for w in workers {
+            w.abort();
+        }
+        if let Some(point) = crashed {
+            *crashes.entry(format!("{point:?}")).or_default() += 1;
+        }
+    }
+    let total: usize = crashes.values().sum();
+    assert!(total >= 5, "too few crashes were injected to mean anything: {crashes:?}");
+
+    for run_id in &run_ids {
+        let events = history(&*store, run_id).await;
+        check_recorded_once(run_id, &events);
+    }
+}
+
+async fn all_over(store: &dyn Store, run_ids: &[String]) -> bool {
+    for id in run_ids {
+        match store.get_run(id).await.expect("get_run") {
+            Some(r) if r.is_over() => {}
+            _ => return false,
+        }
+    }
+    true
+}
+
+async fn wait_all_over(store: &dyn Store, run_ids: &[String]) {
+    while !all_over(store, run_ids).await {
+        tokio::time::sleep(Duration::from_millis(25)).await;
+    }
+}
+
+/// One award per attempt, one result per attempt, one end per task, one end per run, all passed.
+fn check_recorded_once(run_id: &str, events: &[Event]) {
+    let mut awards: HashMap<(String, u32), usize> = HashMap::new();
+    let mut attempt_ends: HashMap<(String, u32), usize> = HashMap::new();
+    let mut task_ends: HashMap<String, Vec<TaskResult>> = HashMap::new();
+    let mut run_ends = Vec::new();
+    for e in events {
+        match e {
+            Event::TaskAwarded { task, attempt, .. } => *awards.entry((task.clone(), *attempt)).or_default() += 1,
+            Event::AttemptEnded { task, attempt, .. } => *attempt_ends.entry((task.clone(), *attempt)).or_default() += 1,
+            Event::TaskEnded { task, result, .. } => task_ends.entry(task.clone()).or_default().push(*result),
+            Event::RunFinished { result, .. } => run_ends.push(*result),
+            _ => {}
+        }
+    }
+    assert!(awards.values().all(|n| *n == 1), "run {run_id}: an attempt was awarded twice: {awards:?}");
+    assert!(attempt_ends.values().all(|n| *n == 1), "run {run_id}: an attempt ended twice: {attempt_ends:?}");
+    assert_eq!(task_ends.len(), 4, "run {run_id}: every task ends: {task_ends:?}");
+    for (task, ends) in &task_ends {
+        assert_eq!(ends, &vec![TaskResult::Pass], "run {run_id}: task {task} recorded {ends:?}");
+    }
+    assert_eq!(run_ends, vec![TaskResult::Pass], "run {run_id}: one end per run");
+}
+
+#[test]
+fn the_demo_resumes_after_kill_minus_nine() {
+    let dir = tempfile::tempdir().expect("tempdir");
+    let bin = env!("CARGO_BIN_EXE_capstan");
+    let mut child = Command::new(bin)
+        .args(["demo", "--data"])
+        .arg(dir.path())
+        .stdout(Stdio::piped())
+        .stderr(Stdio::null())
+        .spawn()
+        .expect("capstan demo starts");
+    let stdout = child.stdout.take().expect("stdout");
+    let mut seen = Vec::new();
+    for line in BufReader::new(stdout).lines() {
+        let line = line.expect("utf-8 output");
+        let mid_run = line.contains("staging/delivery") && line.contains("awarded");
+        seen.push(line);
+        if mid_run {
+            break;
+        }
+    }
+    assert!(seen.iter().any(|l| l.contains("staging/delivery")), "the demo never reached staging:\n{}", seen.join("\n"));
+    child.kill().expect("SIGKILL");
+    let _ = child.wait();
+
+    let out = Command::new(bin)
+        .args(["demo", "--data"])
+        .arg(dir.path())
+        .output()
+        .expect("capstan demo runs again");
+    let text = String::from_utf8_lossy(&out.stdout);
+    assert!(text.contains("resuming"), "the second start must resume:\n{text}");
+    assert!(!text.contains("triggered dev.delivery"), "the second start must not start new runs:\n{text}");
+    assert!(out.status.success(), "the resumed demo must finish as expected:\n{text}");
+}

@@ -1,0 +1,148 @@
+//! Every timeout path end to end through the runtime's durable timers: a worker that never
+//! starts, one that stops heartbeating, one that runs too long; a retry with backoff; a worker
+//! that answers twice. Each time the task must still end, recorded exactly once.
+
+use std::collections::BTreeMap;
+use std::sync::{Arc, Mutex};
+use std::time::Duration;
+
+use capstan::runtime::{RuntimeConfig, TriggerRequest};
+use capstan_engine::run::{AttemptOutcome, Event, TimeoutKind};
+use capstan_proto::TaskResult;
+use capstan_store::Store;
+use capstan_store::memory::MemoryStore;
+
+use crate::support::{Behaviour, Script, WorkerLog, engine, history, scripted_worker, wait_run_over};
+
+const ONE_TASK: &str = r#"
+apiVersion: capstan.dev/v1
+kind: Shipyard
+metadata: {name: timeouts}
+spec:
+  stages:
+    - name: dev
+      sequences:
+        - name: run
+          tasks:
+            - name: work
+              type: work
+              retry: {maxAttempts: 3, initialInterval: 100ms, backoffCoefficient: 2, maxInterval: 400ms}
+              timeouts: {scheduleToStart: 700ms, startToClose: 900ms, heartbeat: 300ms}
+"#;
+
+/// Runs the one-task sequence with a script; returns the run's history and the workers' log.
+async fn run_with(script: Script) -> (Vec<Event>, WorkerLog, TaskResult) {
+    let store: Arc<dyn Store> = Arc::new(MemoryStore::new());
+    let (rt, broker) = engine(store.clone(), RuntimeConfig::default()).await;
+    let log = Arc::new(Mutex::new(WorkerLog::default()));
+    let workers = scripted_worker(broker, "w1", BTreeMap::new(), &["work"], script, log.clone()).await;
+    rt.apply_definition("p", ONE_TASK).await.expect("definition applies");
+    let run_id = rt
+        .trigger(TriggerRequest { project: "p".into(), stage: "dev".into(), sequence: "run".into(), ..Default::default() })
+        .await
+        .expect("trigger");
+    let record = wait_run_over(&*store, &run_id, Duration::from_secs(20)).await;
+    // Give late messages (second answers, stale tokens) time to be refused and recorded.
+    tokio::time::sleep(Duration::from_millis(300)).await;
+    rt.shutdown().await;
+    for w in workers {
+        w.abort();
+    }
+    let events = history(&*store, &run_id).await;
+    let result = TaskResult::parse(record.result.as_deref().unwrap_or("")).expect("a result");
+    let log = log.lock().expect("log").clone();
+    (events, log, result)
+}
+
+fn attempt_outcomes(events: &[Event]) -> Vec<(u32, AttemptOutcome, bool)> {
+    events
+        .iter()
+        .filter_map(|e| match e {
+            Event::AttemptEnded { attempt, outcome, retry_at, .. } => Some((*attempt, outcome.clone(), retry_at.is_some())),
+            _ => None,
+        })
+        .collect()
+}
+
+fn ended_once(events: &[Event]) -> TaskResult {
+    let ends: Vec<TaskResult> = events
+        .iter()
+        .filter_map(|e| match e {
+            Event::TaskEnded { result, .. } => Some(*result),
+            _ => None,
+        })
+        .collect();
+    assert_eq!(ends.len(), 1, "the task must end exactly once: {events:#?}");
+    let finishes = events.iter().filter(|e| matches!(e, Event::RunFinished { .. })).count();
+    assert_eq!(finishes, 1, "the run must end exactly once");
+    ends[0]
+}
+
+fn ok_after(ms: u64) -> Behaviour {
+    Behaviour::Complete { after: Duration::from_millis(ms), result: TaskResult::Pass, error: None }
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_worker_that_never_starts_times_out_and_the_retry_passes() {
+    let script: Script = Arc::new(|_, attempt| if attempt == 1 { Behaviour::NeverStart } else { ok_after(20) });
+    let (events, _, result) = run_with(script).await;
+    let outcomes = attempt_outcomes(&events);
+    assert!(
+        matches!(outcomes[0], (1, AttemptOutcome::TimedOut { timeout: TimeoutKind::ScheduleToStart | TimeoutKind::StartToClose }, true)),
+        "{outcomes:?}"
+    );
+    assert_eq!(ended_once(&events), TaskResult::Pass);
+    assert_eq!(result, TaskResult::Pass);
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_worker_that_stops_heartbeating_is_detected() {
+    let script: Script = Arc::new(|_, attempt| if attempt == 1 { Behaviour::StopHeartbeating } else { ok_after(20) });
+    let (events, _, _) = run_with(script).await;
+    let outcomes = attempt_outcomes(&events);
+    assert!(matches!(outcomes[0], (1, AttemptOutcome::TimedOut { timeout: TimeoutKind::Heartbeat }, true)), "{outcomes:?}");
+    assert_eq!(ended_once(&events), TaskResult::Pass);
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_worker_that_runs_too_long_is_cut_off_and_its_late_answer_refused() {
+    let script: Script =
+        Arc::new(|_, attempt| if attempt == 1 { Behaviour::RunTooLong { after: Duration::from_millis(1_500) } } else { ok_after(20) });
+    let (events, log, _) = run_with(script).await;
+    let outcomes = attempt_outcomes(&events);
+    assert!(matches!(outcomes[0], (1, AttemptOutcome::TimedOut { timeout: TimeoutKind::StartToClose }, true)), "{outcomes:?}");
+    assert_eq!(ended_once(&events), TaskResult::Pass);
+    // The late answer of attempt 1 arrives after the run ended or after attempt 2 took over:
+    // either way it must not count.
+    assert!(log.finished.iter().any(|(_, _, attempt, _)| *attempt == 1), "the slow worker did answer late");
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_retryable_error_is_retried_after_a_backoff_within_bounds() {
+    let script: Script = Arc::new(|_, attempt| {
+        if attempt == 1 {
+            Behaviour::Complete { after: Duration::from_millis(10), result: TaskResult::Fail, error: Some("flaky") }
+        } else {
+            ok_after(10)
+        }
+    });
+    let (events, _, result) = run_with(script).await;
+    let retry = events.iter().find_map(|e| match e {
+        Event::AttemptEnded { attempt: 1, retry_at: Some(r), at, .. } => Some(r.since(*at)),
+        _ => None,
+    });
+    let delay = retry.expect("attempt 1 scheduled a retry");
+    assert!((50..=400).contains(&delay), "backoff {delay} ms outside [initial/2, max]");
+    assert_eq!(ended_once(&events), TaskResult::Pass);
+    assert_eq!(result, TaskResult::Pass);
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_second_answer_is_refused_and_recorded() {
+    let script: Script = Arc::new(|_, _| Behaviour::AnswerTwice);
+    let (events, log, _) = run_with(script).await;
+    assert_eq!(log.finished.len(), 2, "the worker answered twice");
+    assert_eq!(ended_once(&events), TaskResult::Pass);
+    let accepted = events.iter().filter(|e| matches!(e, Event::AttemptEnded { .. })).count();
+    assert_eq!(accepted, 1, "exactly one result recorded");
+}
