@@ -1,5 +1,5 @@
 //! From the file as written (`raw`) to the model: defaults of the flavor, implicit dependencies,
-//! durations, selectors. Problems of single values are collected here; problems between
+//! durations, dispatch settings. Problems of single values are collected here; problems between
 //! elements (duplicates, unknown names, cycles) are left to `validate`.
 
 use std::collections::BTreeMap;
@@ -9,13 +9,14 @@ use serde_yaml::{Mapping, Value};
 
 use super::diagnostic::{Diagnostics, Place};
 use super::model::{
-    AwardPolicy, Condition, ConditionSubject, Definition, DispatchMode, Flavor, RetryPolicy,
-    Selector, Sequence, Stage, Task, TaskResult, Timeouts, Trigger,
+    AwardPolicy, Definition, DispatchMode, Flavor, RetryPolicy, Sequence, Stage, Task, Timeouts,
+    Trigger,
 };
 use super::raw::{
     RawRequires, RawRetry, RawSequence, RawShipyard, RawStage, RawTask, RawTimeouts, RawTrigger,
     key_names, scalar_text,
 };
+use super::selector::selector;
 use crate::duration::{Millis, parse_duration};
 
 /// Builds the definition, recording every problem of a single value in `out`.
@@ -97,7 +98,7 @@ impl Builder<'_> {
             .event
             .strip_suffix(".finished")
             .and_then(|rest| rest.split_once('.'));
-        let selector = self.selector(place, &raw.event, raw.selector.as_ref());
+        let selector = selector(place, &raw.event, raw.selector.as_ref(), self.out);
         match source {
             Some((stage, sequence)) if !stage.is_empty() && !sequence.is_empty() => Some(Trigger {
                 stage: stage.to_string(),
@@ -115,89 +116,6 @@ impl Builder<'_> {
                 None
             }
         }
-    }
-
-    /// `selector: {match: {result: pass, <task>.result: [fail, warning]}}`; `None` if malformed.
-    fn selector(&mut self, place: &Place, event: &str, raw: Option<&Value>) -> Option<Selector> {
-        let bad = |out: &mut Diagnostics, what: String| {
-            out.push(place.clone(), format!("selector of `{event}`: {what}"));
-        };
-        let map = match raw {
-            None | Some(Value::Null) => return Some(Selector::default()),
-            Some(Value::Mapping(map)) => map,
-            Some(_) => {
-                bad(
-                    self.out,
-                    "must be a mapping like `{match: {result: pass}}`".into(),
-                );
-                return None;
-            }
-        };
-        let mut conditions = Vec::new();
-        let mut ok = true;
-        for (key, value) in map {
-            match (scalar_text(key).as_deref(), value) {
-                (Some("match"), Value::Mapping(entries)) => {
-                    for (subject, results) in entries {
-                        match self.condition(subject, results) {
-                            Ok(condition) => conditions.push(condition),
-                            Err(what) => {
-                                bad(self.out, what);
-                                ok = false;
-                            }
-                        }
-                    }
-                }
-                (Some("match"), _) => {
-                    bad(
-                        self.out,
-                        "`match` must be a mapping like `{result: pass}`".into(),
-                    );
-                    ok = false;
-                }
-                (name, _) => {
-                    let name = name.map_or_else(|| format!("{key:?}"), str::to_string);
-                    bad(
-                        self.out,
-                        format!("unknown key `{name}` (only `match` is allowed)"),
-                    );
-                    ok = false;
-                }
-            }
-        }
-        ok.then_some(Selector { conditions })
-    }
-
-    fn condition(&self, subject: &Value, results: &Value) -> Result<Condition, String> {
-        let key = scalar_text(subject).unwrap_or_else(|| format!("{subject:?}"));
-        let subject = match key.as_str() {
-            "result" => ConditionSubject::Run,
-            other => match other.strip_suffix(".result") {
-                Some(task) if !task.is_empty() => ConditionSubject::Task(task.to_string()),
-                _ => return Err(format!("`{key}` is neither `result` nor `<task>.result`")),
-            },
-        };
-        let texts: Vec<Option<String>> = match results {
-            Value::Sequence(items) => items.iter().map(scalar_text).collect(),
-            one => vec![scalar_text(one)],
-        };
-        if texts.is_empty() {
-            return Err(format!("`{key}` lists no result, so it can never match"));
-        }
-        let mut any_of = Vec::new();
-        for text in texts {
-            match text.as_deref().and_then(TaskResult::parse) {
-                Some(result) if !any_of.contains(&result) => any_of.push(result),
-                Some(_) => {}
-                None => {
-                    let shown = shown(text.as_deref());
-                    return Err(format!(
-                        "`{key}`: {shown} is not one of pass, warning, fail, failed"
-                    ));
-                }
-            }
-        }
-        Ok(Condition { subject, any_of })
     }
 
     fn task(
@@ -419,6 +337,6 @@ impl Builder<'_> {
 }
 
 /// A scalar as quoted in a message, or a description of a value that is not one.
-fn shown(text: Option<&str>) -> String {
+pub(super) fn shown(text: Option<&str>) -> String {
     text.map_or_else(|| "a list or mapping".to_string(), |t| format!("`{t}`"))
 }

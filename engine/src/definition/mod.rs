@@ -20,6 +20,7 @@ mod diagnostic;
 mod header;
 pub mod model;
 mod raw;
+mod selector;
 mod summary;
 mod triggers;
 mod validate;

@@ -372,3 +372,13 @@ fn every_problem_is_reported_at_once() {
             stage "dev": duplicate stage name"#]],
     );
 }
+
+#[test]
+fn several_documents_or_deep_nesting_are_diagnostics_not_crashes() {
+    expect!["document: deserializing from YAML containing more than one document is not supported"]
+        .assert_eq(&problems(
+            "apiVersion: capstan.dev/v1\n---\nkind: Shipyard\n",
+        ));
+    let deep = format!("{}{}", "[".repeat(10_000), "]".repeat(10_000));
+    expect!["line 1, column 129: recursion limit exceeded"].assert_eq(&problems(&deep));
+}
