@@ -14,4 +14,5 @@ pub mod run;
 pub mod slo;
 
 pub use definition::model::*;
+pub use definition::{Diagnostic, Diagnostics, Place, parse};
 pub use duration::{Millis, Timestamp, parse_duration};
