@@ -87,6 +87,7 @@ fn cases() -> Vec<Case> {
         c("absolute pass", "", RT_PASS, &[("rt", 599.0)], &[], 100.0, Pass, &[S::Pass], None),
         c("absolute boundary fails", "", RT_PASS, &[("rt", 600.0)], &[], 0.0, Fail, &[S::Fail], None),
         c("single warning objective scores half", "", RT_PASS_WARN, &[("rt", 700.0)], &[], 50.0, Fail, &[S::Warning], None),
+        c("warning not consulted when pass holds", "", "  - sli: rt\n    pass: [{criteria: [\"<600\"]}]\n    warning: [{criteria: [\">1000\"]}]", &[("rt", 500.0)], &[], 100.0, Pass, &[S::Pass], None),
         c("warning criteria fail too", "", RT_PASS_WARN, &[("rt", 801.0)], &[], 0.0, Fail, &[S::Fail], None),
         c("pass + warning = 75 warns", "", two, &[("a", 1.0), ("b", 15.0)], &[], 75.0, Warning, &[S::Pass, S::Warning], None),
         c("two warnings = 50 fails", "", two, &[("a", 15.0), ("b", 15.0)], &[], 50.0, Fail, &[S::Warning, S::Warning], None),
