@@ -10,6 +10,7 @@
 
 pub mod definition;
 pub mod duration;
+pub mod remediation;
 pub mod run;
 pub mod slo;
 
