@@ -4,3 +4,4 @@ mod tidy;
 mod support;
 mod timeouts;
 mod crash;
+mod cli;
