@@ -8,6 +8,9 @@
 //!   there is no group, and a message with no subscriber at all is dropped.
 //! - A broadcast subscription is a private group with one member, removed when the subscription
 //!   is dropped: no replay of earlier messages, but nack and the ack deadline work as for groups.
+//! - An ack settles the message even when it comes from a delivery that already expired and was
+//!   handed to another member (it saves a duplicate); a nack from such a superseded delivery is
+//!   ignored, so it cannot disturb the new holder.
 //! - Nothing is kept on disk and memory grows with what subscribers leave unsettled; `publish`
 //!   bounds each message (`max_payload`, measured on the encoded CloudEvent).
 
