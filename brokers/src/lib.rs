@@ -16,6 +16,7 @@ use std::time::Duration;
 use async_trait::async_trait;
 use capstan_proto::CloudEvent;
 
+pub mod binding;
 pub mod memory;
 #[cfg(any(test, feature = "testing"))]
 pub mod testing;
