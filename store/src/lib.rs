@@ -10,6 +10,22 @@ use async_trait::async_trait;
 use serde::{Deserialize, Serialize};
 use serde_json::Value;
 
+pub mod memory;
+mod plan;
+#[cfg(feature = "postgres")]
+pub mod postgres;
+#[cfg(any(feature = "sqlite", feature = "postgres"))]
+mod sql;
+#[cfg(feature = "sqlite")]
+pub mod sqlite;
+#[cfg(any(test, feature = "testing"))]
+pub mod testing;
+
+#[cfg(test)]
+mod conformance;
+
+pub use memory::MemoryStore;
+
 /// A position in the global order of all events (strictly increasing with commit order).
 pub type Position = i64;
 

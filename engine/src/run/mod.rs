@@ -16,6 +16,30 @@
 //!   with `Effect::CancelTimer` once moot. A fired timer that is moot yields an empty decision.
 //! - Heartbeats record no event: they only push the heartbeat timer (`SetTimer` with a later time).
 
+//! - A worker's message about a task of a run that is over gets a `Rejection` and no event.
+//! - Commands (`Cancel`, `Pause`, `Resume`, `Approve`) on a run that is over are
+//!   `Err(Error::RunOver)`; `Pause` on a paused run and `Resume` on a running one change nothing.
+//!
+//! Layout: [`state`](RunState) folds events; `machine.rs` holds the task transition table and
+//! routes inputs; `flow.rs` starts ready tasks and ends the run; `attempt.rs` ends attempts
+//! (retries, backoff, timeouts); `commands.rs` handles run-wide commands; `history.rs` renders a
+//! run's events as text.
+
+mod attempt;
+mod commands;
+mod flow;
+mod history;
+mod machine;
+mod state;
+mod step;
 mod types;
 
+#[cfg(test)]
+mod tests;
+
+pub use attempt::backoff;
+pub use flow::APPROVAL_TYPE;
+pub use history::render_history;
+pub use machine::meets_requirements;
+pub use state::{RunState, TaskPhase, TaskView};
 pub use types::*;

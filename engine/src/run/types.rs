@@ -52,7 +52,11 @@ pub enum Input {
     /// Undo `Pause`.
     Resume,
     /// A person approves or rejects a manual approval task.
-    Approve { task: String, approved: bool, by: String },
+    Approve {
+        task: String,
+        approved: bool,
+        by: String,
+    },
 }
 
 /// The context of one `decide` call: the clock and a random draw (for jitter), both from outside.
@@ -126,9 +130,17 @@ pub struct NextSequence {
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
 #[serde(tag = "event", rename_all = "kebab-case")]
 pub enum Event {
-    RunStarted { meta: RunMeta, data: Value, at: Timestamp },
+    RunStarted {
+        meta: RunMeta,
+        data: Value,
+        at: Timestamp,
+    },
     /// A task became ready but waits (`triggeredAfter`) before its first offer.
-    TaskDelayed { task: String, until: Timestamp, at: Timestamp },
+    TaskDelayed {
+        task: String,
+        until: Timestamp,
+        at: Timestamp,
+    },
     /// An attempt was put on offer (auction, fanout) or on the queue. `offer` counts re-offers
     /// of the same attempt from 1.
     TaskOffered {
@@ -140,10 +152,27 @@ pub enum Event {
         at: Timestamp,
     },
     /// A bid kept for an auction whose policy waits for the window to close.
-    BidRecorded { task: String, attempt: u32, bid: RecordedBid, at: Timestamp },
+    BidRecorded {
+        task: String,
+        attempt: u32,
+        bid: RecordedBid,
+        at: Timestamp,
+    },
     /// The attempt went to a worker with a fencing token.
-    TaskAwarded { task: String, attempt: u32, worker: WorkerInfo, token: u64, at: Timestamp },
-    TaskStarted { task: String, attempt: u32, worker_id: String, token: u64, at: Timestamp },
+    TaskAwarded {
+        task: String,
+        attempt: u32,
+        worker: WorkerInfo,
+        token: u64,
+        at: Timestamp,
+    },
+    TaskStarted {
+        task: String,
+        attempt: u32,
+        worker_id: String,
+        token: u64,
+        at: Timestamp,
+    },
     /// An attempt ended; `retry_at` is set when another attempt will follow.
     AttemptEnded {
         task: String,
@@ -156,7 +185,10 @@ pub enum Event {
         at: Timestamp,
     },
     /// A manual approval task waits for a person.
-    ApprovalRequested { task: String, at: Timestamp },
+    ApprovalRequested {
+        task: String,
+        at: Timestamp,
+    },
     /// A task reached its end; `result` is set for `Finished` (fail for timed-out / unknown).
     TaskEnded {
         task: String,
@@ -176,8 +208,12 @@ pub enum Event {
         reason: String,
         at: Timestamp,
     },
-    RunPaused { at: Timestamp },
-    RunResumed { at: Timestamp },
+    RunPaused {
+        at: Timestamp,
+    },
+    RunResumed {
+        at: Timestamp,
+    },
     RunFinished {
         status: RunStatus,
         result: TaskResult,
@@ -203,18 +239,42 @@ pub struct RecordedBid {
 #[serde(tag = "timer", rename_all = "kebab-case")]
 pub enum TimerKind {
     /// The auction's bid window closes.
-    BidWindow { task: String, attempt: u32, offer: u32 },
+    BidWindow {
+        task: String,
+        attempt: u32,
+        offer: u32,
+    },
     /// Nobody bid or claimed: offer again.
-    Reoffer { task: String, attempt: u32, offer: u32 },
-    ScheduleToStart { task: String, attempt: u32 },
-    StartToClose { task: String, attempt: u32 },
-    Heartbeat { task: String, attempt: u32 },
+    Reoffer {
+        task: String,
+        attempt: u32,
+        offer: u32,
+    },
+    ScheduleToStart {
+        task: String,
+        attempt: u32,
+    },
+    StartToClose {
+        task: String,
+        attempt: u32,
+    },
+    Heartbeat {
+        task: String,
+        attempt: u32,
+    },
     /// Backoff elapsed: start the next attempt.
-    Retry { task: String, attempt: u32 },
+    Retry {
+        task: String,
+        attempt: u32,
+    },
     /// `triggeredAfter` elapsed.
-    Delay { task: String },
+    Delay {
+        task: String,
+    },
     /// A manual approval waited too long.
-    ApprovalTimeout { task: String },
+    ApprovalTimeout {
+        task: String,
+    },
 }
 
 impl TimerKind {
@@ -223,7 +283,9 @@ impl TimerKind {
         match self {
             TimerKind::BidWindow { task, attempt, .. } => format!("bid-window/{task}/{attempt}"),
             TimerKind::Reoffer { task, attempt, .. } => format!("reoffer/{task}/{attempt}"),
-            TimerKind::ScheduleToStart { task, attempt } => format!("schedule-to-start/{task}/{attempt}"),
+            TimerKind::ScheduleToStart { task, attempt } => {
+                format!("schedule-to-start/{task}/{attempt}")
+            }
             TimerKind::StartToClose { task, attempt } => format!("start-to-close/{task}/{attempt}"),
             TimerKind::Heartbeat { task, attempt } => format!("heartbeat/{task}/{attempt}"),
             TimerKind::Retry { task, attempt } => format!("retry/{task}/{attempt}"),
@@ -251,7 +313,10 @@ pub enum Effect {
     /// competing for queue, as `offer.dispatch` says).
     Offer(TaskOffer),
     /// Send a message to one worker.
-    Send { worker_id: String, message: WorkerMessage },
+    Send {
+        worker_id: String,
+        message: WorkerMessage,
+    },
     /// Ask for `Input::Timer(kind)` at `at` (replaces an earlier timer with the same key).
     SetTimer { kind: TimerKind, at: Timestamp },
     /// The timer is moot.
@@ -287,7 +352,11 @@ pub enum Error {
     #[error("run {0} has already started")]
     AlreadyStarted(String),
     #[error("sequence `{sequence}` of stage `{stage}` is not in definition `{definition}`")]
-    UnknownSequence { definition: String, stage: String, sequence: String },
+    UnknownSequence {
+        definition: String,
+        stage: String,
+        sequence: String,
+    },
     #[error("task `{0}` is not part of this run's sequence")]
     UnknownTask(String),
     #[error("task `{task}` is not waiting for an approval")]

@@ -1,0 +1,416 @@
+//! Moving a run forward: which tasks are ready, offering and awarding attempts, approvals, and
+//! the run's end with its promotions.
+
+use capstan_proto::{Award, DispatchMode, SequenceFinished, TaskOffer, WorkerInfo};
+use serde_json::{Map, Value};
+
+use super::state::TaskPhase;
+use super::step::Step;
+use super::types::{
+    Effect, Event, NextSequence, RunStatus, TaskResult, TaskStatus, TimerKind, WorkerMessage,
+};
+use crate::definition::model::{ConditionSubject, Definition, Selector};
+use crate::duration::parse_duration;
+
+/// The task type the engine handles itself, without a worker.
+pub const APPROVAL_TYPE: &str = "approval";
+
+impl Step<'_> {
+    /// Starts whatever became ready and ends the run when nothing is left, until a fixed point:
+    /// an automatic approval ends at once and may make the next task ready in the same decision.
+    pub fn advance(&mut self) {
+        loop {
+            if self.st.is_over() {
+                return;
+            }
+            if self
+                .st
+                .tasks
+                .iter()
+                .all(|t| matches!(t.phase, TaskPhase::Ended(_)))
+            {
+                self.finish_run();
+                return;
+            }
+            if self.failing() {
+                // A failed task stops new work; the run ends once the work under way has ended.
+                if !self.st.tasks.iter().any(|t| t.in_flight()) {
+                    self.skip_unstarted();
+                    self.finish_run();
+                }
+                return;
+            }
+            if self.st.paused {
+                return;
+            }
+            let Some(i) = (0..self.st.tasks.len()).find(|&i| self.is_ready(i)) else {
+                return;
+            };
+            self.start_task(i);
+        }
+    }
+
+    /// Whether a task ended in a way that fails the run.
+    pub fn failing(&self) -> bool {
+        self.st.tasks.iter().enumerate().any(|(i, t)| {
+            matches!(t.phase, TaskPhase::Ended(_))
+                && t.result == Some(TaskResult::Fail)
+                && !self.st.spec(i).is_some_and(|s| s.continue_on_failure)
+        })
+    }
+
+    /// Pending with every dependency ended. A dependency that failed the run never gets here:
+    /// `failing` stops the loop first, so "ended" means "ended in a way that lets the run go on".
+    fn is_ready(&self, i: usize) -> bool {
+        let Some(spec) = self.st.spec(i) else {
+            return false;
+        };
+        self.st.tasks[i].phase == TaskPhase::Pending
+            && spec.depends_on.iter().all(|d| {
+                self.st
+                    .index(d)
+                    .is_some_and(|j| matches!(self.st.tasks[j].phase, TaskPhase::Ended(_)))
+            })
+    }
+
+    fn start_task(&mut self, i: usize) {
+        let spec = self.spec(i);
+        if let Some(delay) = spec.triggered_after {
+            let until = self.now().plus(delay);
+            self.emit(Event::TaskDelayed {
+                task: spec.name.clone(),
+                until,
+                at: self.now(),
+            });
+            self.set_timer(TimerKind::Delay { task: spec.name }, until);
+        } else {
+            self.begin(i);
+        }
+    }
+
+    /// The task's wait is over: an approval is decided, any other task offers attempt 1.
+    pub fn begin(&mut self, i: usize) {
+        if self.spec(i).task_type == APPROVAL_TYPE {
+            self.approval(i);
+        } else {
+            self.offer(i, 1, 1);
+        }
+    }
+
+    /// Puts attempt `attempt` of task `i` on offer for the `offer`-th time.
+    pub fn offer(&mut self, i: usize, attempt: u32, offer: u32) {
+        let spec = self.spec(i);
+        let now = self.now();
+        let auction = spec.dispatch == DispatchMode::Auction;
+        let bid_deadline = auction.then(|| now.plus(spec.timeouts.bid_window));
+        self.emit(Event::TaskOffered {
+            task: spec.name.clone(),
+            attempt,
+            offer,
+            bid_deadline,
+            at: now,
+        });
+        let meta = self.meta();
+        let offer_msg = TaskOffer {
+            attempt: self.attempt_ref(i),
+            context_id: meta.context_id,
+            stage: meta.stage,
+            sequence: meta.sequence,
+            service: meta.service,
+            task_type: spec.task_type.clone(),
+            dispatch: spec.dispatch,
+            input: self.task_input(i),
+            requires: spec.requires.clone(),
+            bid_deadline_ms: bid_deadline.map(|t| t.0),
+            heartbeat_ms: spec.timeouts.heartbeat,
+            start_to_close_ms: spec.timeouts.start_to_close,
+        };
+        self.effect(Effect::Offer(offer_msg));
+        let task = spec.name.clone();
+        // One schedule-to-start timer covers every re-offer of the attempt.
+        if let (1, Some(limit)) = (offer, spec.timeouts.schedule_to_start) {
+            let kind = TimerKind::ScheduleToStart {
+                task: task.clone(),
+                attempt,
+            };
+            self.set_timer(kind, now.plus(limit));
+        }
+        match bid_deadline {
+            Some(deadline) => self.set_timer(
+                TimerKind::BidWindow {
+                    task,
+                    attempt,
+                    offer,
+                },
+                deadline,
+            ),
+            None => {
+                let wait = super::attempt::backoff(&spec.retry, offer, self.ctx.random);
+                self.set_timer(
+                    TimerKind::Reoffer {
+                        task,
+                        attempt,
+                        offer,
+                    },
+                    now.plus(wait),
+                );
+            }
+        }
+    }
+
+    /// Gives the current attempt of task `i` to `worker` with the next fencing token.
+    pub fn award(&mut self, i: usize, worker: WorkerInfo) {
+        let spec = self.spec(i);
+        let first = self.task(i).holders.is_empty();
+        let (attempt, offer) = (self.task(i).attempt, self.task(i).offer);
+        let token = self.st.last_token + 1;
+        let worker_id = worker.id.clone();
+        self.emit(Event::TaskAwarded {
+            task: spec.name.clone(),
+            attempt,
+            worker,
+            token,
+            at: self.now(),
+        });
+        let award = Award {
+            attempt: self.attempt_ref(i),
+            worker_id: worker_id.clone(),
+            token,
+            task_type: spec.task_type.clone(),
+            input: self.task_input(i),
+            heartbeat_ms: spec.timeouts.heartbeat,
+            start_to_close_ms: spec.timeouts.start_to_close,
+        };
+        self.send(&worker_id, WorkerMessage::Award(award));
+        if first {
+            if spec.dispatch == DispatchMode::Auction {
+                self.cancel_timer(TimerKind::BidWindow {
+                    task: spec.name.clone(),
+                    attempt,
+                    offer,
+                });
+            }
+            self.cancel_timer(TimerKind::Reoffer {
+                task: spec.name.clone(),
+                attempt,
+                offer,
+            });
+            if let Some(limit) = spec.timeouts.start_to_close {
+                self.set_timer(
+                    TimerKind::StartToClose {
+                        task: spec.name,
+                        attempt,
+                    },
+                    self.now().plus(limit),
+                );
+            }
+        }
+    }
+
+    /// An approval task: decided by the worst result of the tasks it depends on.
+    fn approval(&mut self, i: usize) {
+        let spec = self.spec(i);
+        let before = spec
+            .depends_on
+            .iter()
+            .filter_map(|d| self.st.index(d).and_then(|j| self.st.tasks[j].result))
+            .fold(TaskResult::Pass, TaskResult::worst);
+        let mode = match before {
+            TaskResult::Pass => spec.properties.get("pass"),
+            TaskResult::Warning => spec.properties.get("warning"),
+            // Keptn's approval does not wait for a person after a failure: it fails.
+            TaskResult::Fail => None,
+        };
+        if mode.and_then(Value::as_str) == Some("manual") {
+            self.emit(Event::ApprovalRequested {
+                task: spec.name.clone(),
+                at: self.now(),
+            });
+            let timeout = spec.properties.get("timeout").and_then(Value::as_str);
+            if let Some(limit) = timeout.and_then(|t| parse_duration(t).ok()) {
+                self.set_timer(
+                    TimerKind::ApprovalTimeout { task: spec.name },
+                    self.now().plus(limit),
+                );
+            }
+        } else {
+            self.end_task(i, TaskStatus::Finished, before, Value::Null);
+        }
+    }
+
+    /// Records the end of a task.
+    pub fn end_task(&mut self, i: usize, status: TaskStatus, result: TaskResult, output: Value) {
+        self.emit(Event::TaskEnded {
+            task: self.name(i),
+            status,
+            result,
+            output,
+            at: self.now(),
+        });
+    }
+
+    /// Tasks that never got under way end `Skipped`; their pending timers become moot.
+    pub fn skip_unstarted(&mut self) {
+        for i in 0..self.st.tasks.len() {
+            let name = self.name(i);
+            match self.task(i).phase {
+                TaskPhase::Pending => {}
+                TaskPhase::Delayed => self.cancel_timer(TimerKind::Delay { task: name }),
+                TaskPhase::AwaitingApproval => {
+                    self.cancel_timer(TimerKind::ApprovalTimeout { task: name })
+                }
+                _ => continue,
+            }
+            self.end_task(i, TaskStatus::Skipped, TaskResult::Fail, Value::Null);
+        }
+    }
+
+    /// The run result: the worst result that counts. A failure of a `continueOnFailure` task
+    /// does not count; skipped and cancelled tasks have nothing to say.
+    fn run_result(&self) -> TaskResult {
+        let mut result = TaskResult::Pass;
+        for (i, t) in self.st.tasks.iter().enumerate() {
+            let counted = match (t.phase, t.result) {
+                (TaskPhase::Ended(TaskStatus::Cancelled | TaskStatus::Skipped), _) => None,
+                (_, Some(TaskResult::Fail))
+                    if self.st.spec(i).is_some_and(|s| s.continue_on_failure) =>
+                {
+                    None
+                }
+                (_, r) => r,
+            };
+            result = counted.map_or(result, |r| result.worst(r));
+        }
+        result
+    }
+
+    /// Ends the run: `RunFinished`, the promotions it triggers, and the notification.
+    pub fn finish_run(&mut self) {
+        let result = self.run_result();
+        let meta = self.meta();
+        let def = self.st.def.clone();
+        let results = |name: &str| self.st.index(name).and_then(|j| self.st.tasks[j].result);
+        let next: Vec<NextSequence> =
+            followers(&def, &meta.stage, &meta.sequence, result, &results)
+                .into_iter()
+                .map(|(stage, sequence)| NextSequence { stage, sequence })
+                .collect();
+        self.emit(Event::RunFinished {
+            status: RunStatus::Finished,
+            result,
+            next: next.clone(),
+            at: self.now(),
+        });
+        let data = self.carried_data(0..self.st.tasks.len());
+        for n in next {
+            self.effect(Effect::StartRun {
+                context_id: meta.context_id.clone(),
+                project: meta.project.clone(),
+                stage: n.stage,
+                sequence: n.sequence,
+                service: meta.service.clone(),
+                data: data.clone(),
+                triggered_by: meta.run_id.clone(),
+            });
+        }
+        self.notify(result);
+    }
+
+    /// Tells watchers that the run ended.
+    pub fn notify(&mut self, result: TaskResult) {
+        let meta = self.meta();
+        self.effect(Effect::Notify(SequenceFinished {
+            project: meta.project,
+            run_id: meta.run_id,
+            context_id: meta.context_id,
+            stage: meta.stage,
+            sequence: meta.sequence,
+            service: meta.service,
+            result,
+        }));
+    }
+
+    /// Trigger data, then the outputs of the tasks task `i` depends on (transitively, in file
+    /// order: Keptn carries everything forward), then the task's own properties; later wins.
+    pub fn task_input(&self, i: usize) -> Value {
+        let mut ancestors = vec![false; self.st.tasks.len()];
+        let mut stack = vec![i];
+        while let Some(k) = stack.pop() {
+            for d in self
+                .st
+                .spec(k)
+                .map(|s| s.depends_on.as_slice())
+                .unwrap_or(&[])
+            {
+                if let Some(j) = self.st.index(d).filter(|&j| !ancestors[j]) {
+                    ancestors[j] = true;
+                    stack.push(j);
+                }
+            }
+        }
+        let mut input = self.carried_data((0..ancestors.len()).filter(|&j| ancestors[j]));
+        if let (Value::Object(map), Some(spec)) = (&mut input, self.st.spec(i)) {
+            map.extend(spec.properties.clone());
+        }
+        input
+    }
+
+    /// Trigger data merged (shallow, later wins) with the outputs of the given tasks.
+    fn carried_data(&self, tasks: impl Iterator<Item = usize>) -> Value {
+        let mut map = Map::new();
+        merge(&mut map, &self.st.data);
+        for j in tasks {
+            merge(&mut map, &self.st.tasks[j].output);
+        }
+        Value::Object(map)
+    }
+}
+
+/// Merges an object's entries into `map`; anything else carries no fields.
+fn merge(map: &mut Map<String, Value>, value: &Value) {
+    if let Value::Object(o) = value {
+        map.extend(o.clone());
+    }
+}
+
+/// The sequences triggered by `stage.sequence` finishing with `run_result`, in file order.
+/// An empty selector fires on pass or warning; otherwise every condition must hold.
+pub(super) fn followers(
+    def: &Definition,
+    stage: &str,
+    sequence: &str,
+    run_result: TaskResult,
+    task_results: &dyn Fn(&str) -> Option<TaskResult>,
+) -> Vec<(String, String)> {
+    let mut next = Vec::new();
+    for s in &def.stages {
+        for q in &s.sequences {
+            let fires = q.triggered_on.iter().any(|t| {
+                t.stage == stage
+                    && t.sequence == sequence
+                    && selects(&t.selector, run_result, task_results)
+            });
+            if fires {
+                next.push((s.name.clone(), q.name.clone()));
+            }
+        }
+    }
+    next
+}
+
+fn selects(
+    selector: &Selector,
+    run_result: TaskResult,
+    task_results: &dyn Fn(&str) -> Option<TaskResult>,
+) -> bool {
+    if selector.conditions.is_empty() {
+        return run_result != TaskResult::Fail;
+    }
+    selector.conditions.iter().all(|c| {
+        let got = match &c.subject {
+            ConditionSubject::Run => Some(run_result),
+            ConditionSubject::Task(name) => task_results(name),
+        };
+        got.is_some_and(|r| c.any_of.contains(&r))
+    })
+}

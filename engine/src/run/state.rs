@@ -1,0 +1,361 @@
+//! The folded state of a run: `RunState::evolve` applies one event, the accessors read it.
+//!
+//! `evolve` never fails and never decides: it trusts the events, which `decide` produced from the
+//! same state. Unknown task names in events are ignored rather than panicking, because the log is
+//! the truth and a state must always be foldable from it.
+
+use std::sync::Arc;
+
+use serde_json::Value;
+
+use super::types::{
+    AttemptOutcome, Event, RecordedBid, RunMeta, RunStatus, TaskResult, TaskStatus,
+};
+use crate::definition::model::{Definition, Sequence, Task};
+use crate::duration::Timestamp;
+
+/// Where a task is in its life, as shown to the runtime and the CLI.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash)]
+pub enum TaskPhase {
+    /// Not ready yet (dependencies open), or ready while the run is paused.
+    Pending,
+    /// Ready, waiting for `triggeredAfter` to elapse.
+    Delayed,
+    /// The current attempt is on offer (auction), on the queue, or open for fanout claims.
+    Offered,
+    /// The current attempt went to a worker that has not reported `started` yet.
+    Awarded,
+    /// A holder of the current attempt has started it.
+    Running,
+    /// The last attempt failed; the next one waits for its backoff.
+    Backoff,
+    /// A manual approval waits for a person.
+    AwaitingApproval,
+    /// The task reached its end.
+    Ended(TaskStatus),
+}
+
+/// A read-only view of one task of a run.
+#[derive(Debug, Clone, PartialEq)]
+pub struct TaskView {
+    /// The task's name in its sequence.
+    pub name: String,
+    /// The type workers subscribe to.
+    pub task_type: String,
+    /// Where the task is.
+    pub status: TaskPhase,
+    /// The current (or last) attempt, from 1; 0 before the first offer.
+    pub attempt: u32,
+    /// The worker holding (or last holding) the current attempt, if any.
+    pub worker: Option<String>,
+    /// The task's result once it ended with one.
+    pub result: Option<TaskResult>,
+}
+
+/// One worker awarded the current attempt (several for fanout).
+#[derive(Debug, Clone, PartialEq)]
+pub(super) struct Holder {
+    pub worker_id: String,
+    pub token: u64,
+    pub started: bool,
+    /// Set once this holder's part of the attempt ended.
+    pub outcome: Option<AttemptOutcome>,
+}
+
+/// The state of one task of the run.
+#[derive(Debug, Clone, PartialEq)]
+pub(super) struct TaskState {
+    pub phase: TaskPhase,
+    pub attempt: u32,
+    pub offer: u32,
+    /// `Delayed`: when the delay ends; `Backoff`: when the next attempt is due.
+    pub until: Option<Timestamp>,
+    /// Bids collected for the current attempt (auction policies that wait for the window).
+    pub bids: Vec<RecordedBid>,
+    /// Holders of the current attempt.
+    pub holders: Vec<Holder>,
+    /// Whether any attempt was ever started: a non-idempotent task is then never offered again.
+    pub ever_started: bool,
+    pub result: Option<TaskResult>,
+    pub output: Value,
+}
+
+impl TaskState {
+    fn new() -> Self {
+        TaskState {
+            phase: TaskPhase::Pending,
+            attempt: 0,
+            offer: 0,
+            until: None,
+            bids: Vec::new(),
+            holders: Vec::new(),
+            ever_started: false,
+            result: None,
+            output: Value::Null,
+        }
+    }
+
+    /// Whether a worker may still report on the current attempt.
+    pub fn attempt_open(&self) -> bool {
+        matches!(
+            self.phase,
+            TaskPhase::Offered | TaskPhase::Awarded | TaskPhase::Running
+        )
+    }
+
+    /// Whether work for this task is under way (it keeps a failing run from ending yet).
+    pub fn in_flight(&self) -> bool {
+        self.attempt_open() || self.phase == TaskPhase::Backoff
+    }
+
+    /// The holder with that worker id and token, if it still owns an open part of the attempt.
+    pub fn open_holder(&self, worker_id: &str, token: u64) -> Option<&Holder> {
+        self.holders
+            .iter()
+            .find(|h| h.token == token && h.worker_id == worker_id && h.outcome.is_none())
+    }
+}
+
+/// The state of one run: a fold over its events.
+#[derive(Debug, Clone, PartialEq)]
+pub struct RunState {
+    pub(super) def: Arc<Definition>,
+    pub(super) version: u64,
+    pub(super) meta: Option<RunMeta>,
+    pub(super) data: Value,
+    /// Indices of the run's stage and sequence in `def`.
+    pub(super) at: Option<(usize, usize)>,
+    pub(super) tasks: Vec<TaskState>,
+    pub(super) paused: bool,
+    pub(super) finished: Option<(RunStatus, TaskResult)>,
+    /// The highest fencing token issued so far; the next award gets the one after it.
+    pub(super) last_token: u64,
+}
+
+impl RunState {
+    /// An empty state, before `RunStarted`, for a run of `def`.
+    pub fn new(def: Arc<Definition>) -> Self {
+        RunState {
+            def,
+            version: 0,
+            meta: None,
+            data: Value::Null,
+            at: None,
+            tasks: Vec::new(),
+            paused: false,
+            finished: None,
+            last_token: 0,
+        }
+    }
+
+    /// How many events have been applied: the expected version for the next append.
+    pub fn version(&self) -> u64 {
+        self.version
+    }
+
+    /// Who and what the run is, once started.
+    pub fn meta(&self) -> Option<&RunMeta> {
+        self.meta.as_ref()
+    }
+
+    /// The trigger data the run started with.
+    pub fn data(&self) -> &Value {
+        &self.data
+    }
+
+    /// The definition the run is pinned to.
+    pub fn definition(&self) -> &Arc<Definition> {
+        &self.def
+    }
+
+    /// Whether the run has finished (or was cancelled).
+    pub fn is_over(&self) -> bool {
+        self.finished.is_some()
+    }
+
+    /// How the run ended, if it did.
+    pub fn status(&self) -> Option<RunStatus> {
+        self.finished.map(|(s, _)| s)
+    }
+
+    /// The run's result, once it is over.
+    pub fn result(&self) -> Option<TaskResult> {
+        self.finished.map(|(_, r)| r)
+    }
+
+    /// Whether the run is paused.
+    pub fn is_paused(&self) -> bool {
+        self.paused
+    }
+
+    /// The tasks of the run's sequence in file order (empty before the start).
+    pub fn tasks(&self) -> impl Iterator<Item = TaskView> + '_ {
+        let specs = self.sequence().map(|s| s.tasks.as_slice()).unwrap_or(&[]);
+        specs.iter().zip(&self.tasks).map(|(spec, t)| view(spec, t))
+    }
+
+    /// The view of one task by name.
+    pub fn task(&self, name: &str) -> Option<TaskView> {
+        self.tasks().find(|t| t.name == name)
+    }
+
+    /// The sequence this run executes, once started.
+    pub(super) fn sequence(&self) -> Option<&Sequence> {
+        let (si, qi) = self.at?;
+        self.def.stages.get(si)?.sequences.get(qi)
+    }
+
+    /// The task of the run's sequence at position `i`.
+    pub(super) fn spec(&self, i: usize) -> Option<&Task> {
+        self.sequence()?.tasks.get(i)
+    }
+
+    /// The position of a task by name.
+    pub(super) fn index(&self, name: &str) -> Option<usize> {
+        self.sequence()?.task_index(name)
+    }
+
+    /// Applies one event. The runtime calls this for every stored event, in order.
+    pub fn evolve(&mut self, event: &Event) {
+        self.version += 1;
+        match event {
+            Event::RunStarted { meta, data, .. } => self.started(meta, data),
+            Event::TaskDelayed { task, until, .. } => {
+                if let Some(t) = self.task_mut(task) {
+                    t.phase = TaskPhase::Delayed;
+                    t.until = Some(*until);
+                }
+            }
+            Event::TaskOffered {
+                task,
+                attempt,
+                offer,
+                ..
+            } => {
+                if let Some(t) = self.task_mut(task) {
+                    if t.attempt != *attempt {
+                        t.attempt = *attempt;
+                        t.bids.clear();
+                        t.holders.clear();
+                    }
+                    t.offer = *offer;
+                    t.until = None;
+                    t.phase = TaskPhase::Offered;
+                }
+            }
+            Event::BidRecorded { task, bid, .. } => {
+                if let Some(t) = self.task_mut(task) {
+                    t.bids.push(bid.clone());
+                }
+            }
+            Event::TaskAwarded {
+                task,
+                worker,
+                token,
+                ..
+            } => {
+                self.last_token = self.last_token.max(*token);
+                if let Some(t) = self.task_mut(task) {
+                    t.holders.push(Holder {
+                        worker_id: worker.id.clone(),
+                        token: *token,
+                        started: false,
+                        outcome: None,
+                    });
+                    if t.phase == TaskPhase::Offered {
+                        t.phase = TaskPhase::Awarded;
+                    }
+                }
+            }
+            Event::TaskStarted { task, token, .. } => {
+                if let Some(t) = self.task_mut(task) {
+                    if let Some(h) = t.holders.iter_mut().find(|h| h.token == *token) {
+                        h.started = true;
+                    }
+                    t.ever_started = true;
+                    t.phase = TaskPhase::Running;
+                }
+            }
+            Event::AttemptEnded {
+                task,
+                worker_id,
+                outcome,
+                retry_at,
+                ..
+            } => {
+                if let Some(t) = self.task_mut(task) {
+                    for h in t.holders.iter_mut().filter(|h| h.outcome.is_none()) {
+                        if worker_id.as_ref().is_none_or(|w| *w == h.worker_id) {
+                            h.outcome = Some(outcome.clone());
+                        }
+                    }
+                    if let Some(at) = retry_at {
+                        t.phase = TaskPhase::Backoff;
+                        t.until = Some(*at);
+                    }
+                }
+            }
+            Event::ApprovalRequested { task, .. } => {
+                if let Some(t) = self.task_mut(task) {
+                    t.phase = TaskPhase::AwaitingApproval;
+                }
+            }
+            Event::TaskEnded {
+                task,
+                status,
+                result,
+                output,
+                ..
+            } => {
+                if let Some(t) = self.task_mut(task) {
+                    t.phase = TaskPhase::Ended(*status);
+                    t.until = None;
+                    t.result = has_result(*status).then_some(*result);
+                    t.output = output.clone();
+                }
+            }
+            Event::InputRejected { .. } => {}
+            Event::RunPaused { .. } => self.paused = true,
+            Event::RunResumed { .. } => self.paused = false,
+            Event::RunFinished { status, result, .. } => self.finished = Some((*status, *result)),
+        }
+    }
+
+    fn started(&mut self, meta: &RunMeta, data: &Value) {
+        self.meta = Some(meta.clone());
+        self.data = data.clone();
+        self.at = self.def.stages.iter().enumerate().find_map(|(si, s)| {
+            (s.name == meta.stage)
+                .then(|| {
+                    s.sequences
+                        .iter()
+                        .position(|q| q.name == meta.sequence)
+                        .map(|qi| (si, qi))
+                })
+                .flatten()
+        });
+        let count = self.sequence().map_or(0, |s| s.tasks.len());
+        self.tasks = (0..count).map(|_| TaskState::new()).collect();
+    }
+
+    fn task_mut(&mut self, name: &str) -> Option<&mut TaskState> {
+        let i = self.index(name)?;
+        self.tasks.get_mut(i)
+    }
+}
+
+/// Skipped tasks never produced a result; every other end carries one (fail when unknown).
+pub(super) fn has_result(status: TaskStatus) -> bool {
+    status != TaskStatus::Skipped
+}
+
+fn view(spec: &Task, t: &TaskState) -> TaskView {
+    TaskView {
+        name: spec.name.clone(),
+        task_type: spec.task_type.clone(),
+        status: t.phase,
+        attempt: t.attempt,
+        worker: t.holders.last().map(|h| h.worker_id.clone()),
+        result: t.result,
+    }
+}

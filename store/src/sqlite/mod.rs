@@ -1,0 +1,277 @@
+//! [`SqliteStore`]: the embedded backend (`capstan dev`, `capstan demo`), one SQLite file.
+//!
+//! Writes go through a pool of exactly one connection and start with `BEGIN IMMEDIATE`, so
+//! commits are serialized (SQLite allows one writer anyway) and event positions are assigned as
+//! `max(position) + 1` inside the transaction: they follow commit order without gaps. Reads use a
+//! separate pool of read-only connections, which WAL mode lets run beside the writer.
+//!
+//! Durability: the default is `synchronous = FULL`, which fsyncs the WAL at every commit. In WAL
+//! mode `NORMAL` already survives a killed process (committed pages sit in the OS cache and are
+//! replayed from the WAL), and loses only the last commits on an OS crash or power cut. Capstan
+//! publishes the outbox right after a commit, so a commit lost after publishing would contradict
+//! what workers already saw; FULL rules that out. [`SqliteConfig::synchronous_full`] trades it
+//! for throughput where that risk is acceptable.
+
+mod read;
+
+use std::collections::HashMap;
+use std::path::Path;
+use std::time::Duration;
+
+use async_trait::async_trait;
+use sqlx::sqlite::{
+    SqliteConnectOptions, SqliteJournalMode, SqlitePool, SqlitePoolOptions, SqliteSynchronous,
+};
+use sqlx::{QueryBuilder, Sqlite, SqliteConnection};
+use tracing::debug;
+
+use crate::plan::{Plan, Sequenced};
+use crate::sql::{db_error, migrate_error};
+use crate::{Batch, CommitLog, Committed, Error, Result};
+
+/// Rows per multi-row statement: 7 columns x 500 rows stays far below SQLite's limit of 32766
+/// bound variables while still writing a large batch in a few statements.
+const CHUNK: usize = 500;
+
+/// Migrations embedded at compile time; they need no database then.
+static MIGRATOR: sqlx::migrate::Migrator = sqlx::migrate!("./migrations/sqlite");
+
+/// Tuning for [`SqliteStore::open_with`].
+#[derive(Debug, Clone)]
+pub struct SqliteConfig {
+    /// `synchronous = FULL` (fsync every commit) when true, `NORMAL` when false. See the module doc.
+    pub synchronous_full: bool,
+    /// How long a connection waits for a lock held by another process before failing.
+    pub busy_timeout: Duration,
+    /// Size of the read-only connection pool.
+    pub readers: u32,
+}
+
+impl Default for SqliteConfig {
+    fn default() -> Self {
+        SqliteConfig { synchronous_full: true, busy_timeout: Duration::from_secs(5), readers: 4 }
+    }
+}
+
+/// A [`Store`](crate::Store) in one SQLite file (or in memory, for tests).
+#[derive(Debug, Clone)]
+pub struct SqliteStore {
+    /// Exactly one connection: the only writer.
+    writer: SqlitePool,
+    /// Read-only connections (the writer pool itself for an in-memory database).
+    reader: SqlitePool,
+}
+
+impl SqliteStore {
+    /// Opens (creating if missing) the database file at `path` with the default [`SqliteConfig`]
+    /// and brings its schema up to date.
+    pub async fn open(path: &Path) -> Result<Self> {
+        Self::open_with(path, SqliteConfig::default()).await
+    }
+
+    /// Opens (creating if missing) the database file at `path` with `config`.
+    pub async fn open_with(path: &Path, config: SqliteConfig) -> Result<Self> {
+        let synchronous =
+            if config.synchronous_full { SqliteSynchronous::Full } else { SqliteSynchronous::Normal };
+        let base = SqliteConnectOptions::new()
+            .filename(path)
+            .busy_timeout(config.busy_timeout)
+            .foreign_keys(true)
+            .synchronous(synchronous);
+        let writer = SqlitePoolOptions::new()
+            .max_connections(1)
+            .connect_with(base.clone().create_if_missing(true).journal_mode(SqliteJournalMode::Wal))
+            .await
+            .map_err(db_error)?;
+        MIGRATOR.run(&writer).await.map_err(migrate_error)?;
+        // Readers open after the writer so the file exists and is already in WAL mode.
+        let reader = SqlitePoolOptions::new()
+            .max_connections(config.readers.max(1))
+            .connect_with(base.read_only(true))
+            .await
+            .map_err(db_error)?;
+        debug!(path = %path.display(), "opened SQLite store");
+        Ok(SqliteStore { writer, reader })
+    }
+
+    /// A private in-memory database (one connection, kept open for the store's lifetime).
+    pub async fn open_in_memory() -> Result<Self> {
+        let pool = SqlitePoolOptions::new()
+            .max_connections(1)
+            .min_connections(1)
+            .idle_timeout(None)
+            .max_lifetime(None)
+            .connect_with(SqliteConnectOptions::new().in_memory(true).foreign_keys(true))
+            .await
+            .map_err(db_error)?;
+        MIGRATOR.run(&pool).await.map_err(migrate_error)?;
+        Ok(SqliteStore { writer: pool.clone(), reader: pool })
+    }
+
+    /// Closes both pools, waiting for connections to finish (checkpointing the WAL).
+    pub async fn close(&self) {
+        self.reader.close().await;
+        self.writer.close().await;
+    }
+
+    /// Begins a write transaction that holds SQLite's write lock from its first statement, so it
+    /// never fails half-way with a lock upgrade error.
+    async fn begin_write(&self) -> Result<sqlx::Transaction<'static, Sqlite>> {
+        self.writer.begin_with("BEGIN IMMEDIATE").await.map_err(db_error)
+    }
+}
+
+/// Records the input ids; fails with the first one already recorded.
+async fn insert_inputs(conn: &mut SqliteConnection, inputs: &[String]) -> Result<()> {
+    for chunk in inputs.chunks(CHUNK) {
+        let mut qb = QueryBuilder::<Sqlite>::new("INSERT INTO processed_inputs (id) ");
+        qb.push_values(chunk, |mut row, id| {
+            row.push_bind(id.as_str());
+        });
+        qb.push(" ON CONFLICT (id) DO NOTHING RETURNING id");
+        let written: Vec<String> =
+            qb.build_query_scalar().fetch_all(&mut *conn).await.map_err(db_error)?;
+        if let Some(id) = Plan::first_missing(chunk.iter().map(String::as_str), &written) {
+            return Err(Error::DuplicateInput(id));
+        }
+    }
+    Ok(())
+}
+
+/// The current versions of the given runs (runs without events are absent).
+async fn current_versions(conn: &mut SqliteConnection, run_ids: &[String]) -> Result<HashMap<String, i64>> {
+    let mut versions = HashMap::new();
+    for chunk in run_ids.chunks(CHUNK) {
+        let mut qb = QueryBuilder::<Sqlite>::new("SELECT run_id, MAX(seq) FROM events WHERE run_id IN (");
+        let mut list = qb.separated(", ");
+        for id in chunk {
+            list.push_bind(id.as_str());
+        }
+        qb.push(") GROUP BY run_id");
+        let rows: Vec<(String, i64)> = qb.build_query_as().fetch_all(&mut *conn).await.map_err(db_error)?;
+        versions.extend(rows);
+    }
+    Ok(versions)
+}
+
+/// Inserts the events at positions `first..`; fails with the first event id already stored.
+async fn insert_events(conn: &mut SqliteConnection, events: &[Sequenced<'_>], first: i64) -> Result<()> {
+    for (n, chunk) in events.chunks(CHUNK).enumerate() {
+        let base = first + (n * CHUNK) as i64;
+        let mut qb = QueryBuilder::<Sqlite>::new(
+            "INSERT INTO events (position, run_id, seq, id, kind, payload, recorded_at_ms) ",
+        );
+        qb.push_values(chunk.iter().enumerate(), |mut row, (i, s)| {
+            row.push_bind(base + i as i64)
+                .push_bind(s.run_id)
+                .push_bind(s.seq)
+                .push_bind(s.event.id.as_str())
+                .push_bind(s.event.kind.as_str())
+                .push_bind(s.event.payload.to_string())
+                .push_bind(s.event.recorded_at_ms);
+        });
+        qb.push(" ON CONFLICT (id) DO NOTHING RETURNING id");
+        let written: Vec<String> =
+            qb.build_query_scalar().fetch_all(&mut *conn).await.map_err(db_error)?;
+        if let Some(id) = Plan::first_missing(chunk.iter().map(|s| s.event.id.as_str()), &written) {
+            return Err(Error::DuplicateInput(id));
+        }
+    }
+    Ok(())
+}
+
+/// Writes the run index, outbox and timer parts of the plan.
+async fn write_rest(conn: &mut SqliteConnection, plan: &Plan) -> Result<()> {
+    for chunk in plan.runs.chunks(CHUNK) {
+        let mut qb = QueryBuilder::<Sqlite>::new(
+            "INSERT INTO runs (run_id, project, context_id, stage, sequence, service, definition, \
+             definition_version, status, result, created_at_ms, updated_at_ms) ",
+        );
+        qb.push_values(chunk, |mut row, r| {
+            row.push_bind(r.run_id.as_str())
+                .push_bind(r.project.as_str())
+                .push_bind(r.context_id.as_str())
+                .push_bind(r.stage.as_str())
+                .push_bind(r.sequence.as_str())
+                .push_bind(r.service.as_deref())
+                .push_bind(r.definition.as_str())
+                .push_bind(r.definition_version)
+                .push_bind(r.status.as_str())
+                .push_bind(r.result.as_deref())
+                .push_bind(r.created_at_ms)
+                .push_bind(r.updated_at_ms);
+        });
+        qb.push(
+            " ON CONFLICT (run_id) DO UPDATE SET project = excluded.project, \
+             context_id = excluded.context_id, stage = excluded.stage, \
+             sequence = excluded.sequence, service = excluded.service, \
+             definition = excluded.definition, definition_version = excluded.definition_version, \
+             status = excluded.status, result = excluded.result, \
+             created_at_ms = excluded.created_at_ms, updated_at_ms = excluded.updated_at_ms",
+        );
+        qb.build().execute(&mut *conn).await.map_err(db_error)?;
+    }
+    for chunk in plan.outbox.chunks(CHUNK) {
+        let mut qb = QueryBuilder::<Sqlite>::new("INSERT INTO outbox (id, topic, key, payload) ");
+        qb.push_values(chunk, |mut row, m| {
+            row.push_bind(m.id.as_str())
+                .push_bind(m.topic.as_str())
+                .push_bind(m.key.as_str())
+                .push_bind(m.payload.as_slice());
+        });
+        qb.build().execute(&mut *conn).await.map_err(db_error)?;
+    }
+    for chunk in plan.cancel_timers.chunks(CHUNK) {
+        let mut qb = QueryBuilder::<Sqlite>::new("WITH c (run_id, key, guard) AS (");
+        qb.push_values(chunk, |mut row, c| {
+            row.push_bind(c.run_id.as_str()).push_bind(c.key.as_str()).push_bind(c.only_if_fire_at);
+        });
+        qb.push(
+            ") DELETE FROM timers WHERE EXISTS (SELECT 1 FROM c WHERE c.run_id = timers.run_id \
+             AND c.key = timers.key AND (c.guard IS NULL OR c.guard = timers.fire_at_ms))",
+        );
+        qb.build().execute(&mut *conn).await.map_err(db_error)?;
+    }
+    for chunk in plan.set_timers.chunks(CHUNK) {
+        let mut qb = QueryBuilder::<Sqlite>::new("INSERT INTO timers (run_id, key, fire_at_ms, payload) ");
+        qb.push_values(chunk, |mut row, t| {
+            row.push_bind(t.run_id.as_str())
+                .push_bind(t.key.as_str())
+                .push_bind(t.fire_at_ms)
+                .push_bind(t.payload.to_string());
+        });
+        qb.push(
+            " ON CONFLICT (run_id, key) DO UPDATE SET fire_at_ms = excluded.fire_at_ms, \
+             payload = excluded.payload",
+        );
+        qb.build().execute(&mut *conn).await.map_err(db_error)?;
+    }
+    Ok(())
+}
+
+#[async_trait]
+impl CommitLog for SqliteStore {
+    async fn commit(&self, batch: Batch) -> Result<Committed> {
+        let plan = Plan::new(batch)?;
+        let mut tx = self.begin_write().await?;
+        // Any early return drops `tx`, which rolls the whole batch back.
+        insert_inputs(&mut tx, &plan.inputs).await?;
+        let mut committed = Committed::default();
+        if plan.has_appends() {
+            let current = current_versions(&mut tx, &plan.append_run_ids()).await?;
+            let sequenced = plan.sequence(&current)?;
+            let last: i64 = sqlx::query_scalar("SELECT COALESCE(MAX(position), 0) FROM events")
+                .fetch_one(&mut *tx)
+                .await
+                .map_err(db_error)?;
+            insert_events(&mut tx, &sequenced, last + 1).await?;
+            committed = Committed { last_position: last + sequenced.len() as i64, events: sequenced.len() };
+            if sequenced.is_empty() {
+                committed.last_position = 0;
+            }
+        }
+        write_rest(&mut tx, &plan).await?;
+        tx.commit().await.map_err(db_error)?;
+        Ok(committed)
+    }
+}

@@ -1,0 +1,302 @@
+//! The read side of [`SqliteStore`], plus the small writes outside a batch (outbox deletion,
+//! definitions).
+
+use async_trait::async_trait;
+use sqlx::sqlite::SqliteRow;
+use sqlx::{QueryBuilder, Row, Sqlite};
+
+use super::{CHUNK, SqliteStore};
+use crate::sql::{db_error, parse_json, sql_limit};
+use crate::{
+    DefinitionRecord, Definitions, EventReader, Outbox, OutboxMessage, OutboxRow, Position, Result,
+    RunFilter, RunIndex, RunRecord, StoredEvent, TimerRow, Timers,
+};
+
+const EVENT_COLUMNS: &str = "position, run_id, seq, id, kind, payload, recorded_at_ms";
+const RUN_COLUMNS: &str = "run_id, project, context_id, stage, sequence, service, definition, \
+                           definition_version, status, result, created_at_ms, updated_at_ms";
+const DEFINITION_COLUMNS: &str = "project, name, version, source, created_at_ms";
+
+fn event(row: &SqliteRow) -> Result<StoredEvent> {
+    let payload: String = row.try_get("payload").map_err(db_error)?;
+    Ok(StoredEvent {
+        position: row.try_get("position").map_err(db_error)?,
+        run_id: row.try_get("run_id").map_err(db_error)?,
+        seq: row.try_get("seq").map_err(db_error)?,
+        id: row.try_get("id").map_err(db_error)?,
+        kind: row.try_get("kind").map_err(db_error)?,
+        payload: parse_json(&payload)?,
+        recorded_at_ms: row.try_get("recorded_at_ms").map_err(db_error)?,
+    })
+}
+
+fn run(row: &SqliteRow) -> Result<RunRecord> {
+    let get = |name: &str| row.try_get::<String, _>(name).map_err(db_error);
+    Ok(RunRecord {
+        run_id: get("run_id")?,
+        project: get("project")?,
+        context_id: get("context_id")?,
+        stage: get("stage")?,
+        sequence: get("sequence")?,
+        service: row.try_get("service").map_err(db_error)?,
+        definition: get("definition")?,
+        definition_version: row.try_get("definition_version").map_err(db_error)?,
+        status: get("status")?,
+        result: row.try_get("result").map_err(db_error)?,
+        created_at_ms: row.try_get("created_at_ms").map_err(db_error)?,
+        updated_at_ms: row.try_get("updated_at_ms").map_err(db_error)?,
+    })
+}
+
+fn definition(row: &SqliteRow) -> Result<DefinitionRecord> {
+    Ok(DefinitionRecord {
+        project: row.try_get("project").map_err(db_error)?,
+        name: row.try_get("name").map_err(db_error)?,
+        version: row.try_get("version").map_err(db_error)?,
+        source: row.try_get("source").map_err(db_error)?,
+        created_at_ms: row.try_get("created_at_ms").map_err(db_error)?,
+    })
+}
+
+#[async_trait]
+impl EventReader for SqliteStore {
+    async fn read_stream(&self, run_id: &str, from_seq: i64) -> Result<Vec<StoredEvent>> {
+        let sql = format!("SELECT {EVENT_COLUMNS} FROM events WHERE run_id = ? AND seq >= ? ORDER BY seq");
+        let rows = sqlx::query(sqlx::AssertSqlSafe(sql))
+            .bind(run_id)
+            .bind(from_seq)
+            .fetch_all(&self.reader)
+            .await
+            .map_err(db_error)?;
+        rows.iter().map(event).collect()
+    }
+
+    async fn read_all(&self, after: Position, limit: usize) -> Result<Vec<StoredEvent>> {
+        let sql = format!("SELECT {EVENT_COLUMNS} FROM events WHERE position > ? ORDER BY position LIMIT ?");
+        let rows = sqlx::query(sqlx::AssertSqlSafe(sql))
+            .bind(after)
+            .bind(sql_limit(limit))
+            .fetch_all(&self.reader)
+            .await
+            .map_err(db_error)?;
+        rows.iter().map(event).collect()
+    }
+
+    async fn stream_version(&self, run_id: &str) -> Result<i64> {
+        sqlx::query_scalar("SELECT COALESCE(MAX(seq), 0) FROM events WHERE run_id = ?")
+            .bind(run_id)
+            .fetch_one(&self.reader)
+            .await
+            .map_err(db_error)
+    }
+
+    async fn inputs_seen(&self, ids: &[String]) -> Result<Vec<String>> {
+        let mut seen = std::collections::HashSet::new();
+        for chunk in ids.chunks(CHUNK) {
+            let mut qb = QueryBuilder::<Sqlite>::new("SELECT id FROM processed_inputs WHERE id IN (");
+            let mut list = qb.separated(", ");
+            for id in chunk {
+                list.push_bind(id.as_str());
+            }
+            qb.push(")");
+            let found: Vec<String> = qb.build_query_scalar().fetch_all(&self.reader).await.map_err(db_error)?;
+            seen.extend(found);
+        }
+        // Answer in the caller's order.
+        Ok(ids.iter().filter(|id| seen.contains(*id)).cloned().collect())
+    }
+}
+
+#[async_trait]
+impl Outbox for SqliteStore {
+    async fn outbox_pending(&self, limit: usize) -> Result<Vec<OutboxRow>> {
+        let rows = sqlx::query("SELECT seq, id, topic, key, payload FROM outbox ORDER BY seq LIMIT ?")
+            .bind(sql_limit(limit))
+            .fetch_all(&self.reader)
+            .await
+            .map_err(db_error)?;
+        rows.iter()
+            .map(|row| {
+                Ok(OutboxRow {
+                    seq: row.try_get("seq").map_err(db_error)?,
+                    message: OutboxMessage {
+                        id: row.try_get("id").map_err(db_error)?,
+                        topic: row.try_get("topic").map_err(db_error)?,
+                        key: row.try_get("key").map_err(db_error)?,
+                        payload: row.try_get("payload").map_err(db_error)?,
+                    },
+                })
+            })
+            .collect()
+    }
+
+    async fn outbox_delete(&self, seqs: &[i64]) -> Result<()> {
+        for chunk in seqs.chunks(CHUNK) {
+            let mut qb = QueryBuilder::<Sqlite>::new("DELETE FROM outbox WHERE seq IN (");
+            let mut list = qb.separated(", ");
+            for seq in chunk {
+                list.push_bind(*seq);
+            }
+            qb.push(")");
+            qb.build().execute(&self.writer).await.map_err(db_error)?;
+        }
+        Ok(())
+    }
+}
+
+#[async_trait]
+impl Timers for SqliteStore {
+    async fn timers_due(&self, now_ms: i64, limit: usize) -> Result<Vec<TimerRow>> {
+        let rows = sqlx::query(
+            "SELECT run_id, key, fire_at_ms, payload FROM timers WHERE fire_at_ms <= ? \
+             ORDER BY fire_at_ms, run_id, key LIMIT ?",
+        )
+        .bind(now_ms)
+        .bind(sql_limit(limit))
+        .fetch_all(&self.reader)
+        .await
+        .map_err(db_error)?;
+        rows.iter()
+            .map(|row| {
+                let payload: String = row.try_get("payload").map_err(db_error)?;
+                Ok(TimerRow {
+                    run_id: row.try_get("run_id").map_err(db_error)?,
+                    key: row.try_get("key").map_err(db_error)?,
+                    fire_at_ms: row.try_get("fire_at_ms").map_err(db_error)?,
+                    payload: parse_json(&payload)?,
+                })
+            })
+            .collect()
+    }
+
+    async fn next_timer_at(&self) -> Result<Option<i64>> {
+        sqlx::query_scalar("SELECT MIN(fire_at_ms) FROM timers")
+            .fetch_one(&self.reader)
+            .await
+            .map_err(db_error)
+    }
+}
+
+#[async_trait]
+impl RunIndex for SqliteStore {
+    async fn get_run(&self, run_id: &str) -> Result<Option<RunRecord>> {
+        let sql = format!("SELECT {RUN_COLUMNS} FROM runs WHERE run_id = ?");
+        let row = sqlx::query(sqlx::AssertSqlSafe(sql))
+            .bind(run_id)
+            .fetch_optional(&self.reader)
+            .await
+            .map_err(db_error)?;
+        row.as_ref().map(run).transpose()
+    }
+
+    async fn list_runs(&self, filter: &RunFilter) -> Result<Vec<RunRecord>> {
+        let mut qb = QueryBuilder::<Sqlite>::new(format!("SELECT {RUN_COLUMNS} FROM runs WHERE 1 = 1"));
+        let equals = [
+            ("project", &filter.project),
+            ("stage", &filter.stage),
+            ("sequence", &filter.sequence),
+            ("service", &filter.service),
+            ("status", &filter.status),
+            ("context_id", &filter.context_id),
+        ];
+        for (column, value) in equals {
+            if let Some(value) = value {
+                qb.push(format!(" AND {column} = ")).push_bind(value.as_str());
+            }
+        }
+        if let Some((at, id)) = &filter.before {
+            qb.push(" AND (created_at_ms < ")
+                .push_bind(*at)
+                .push(" OR (created_at_ms = ")
+                .push_bind(*at)
+                .push(" AND run_id < ")
+                .push_bind(id.as_str())
+                .push("))");
+        }
+        qb.push(" ORDER BY created_at_ms DESC, run_id DESC");
+        if filter.limit > 0 {
+            qb.push(" LIMIT ").push_bind(sql_limit(filter.limit));
+        }
+        let rows = qb.build().fetch_all(&self.reader).await.map_err(db_error)?;
+        rows.iter().map(run).collect()
+    }
+
+    async fn unfinished_runs(&self) -> Result<Vec<RunRecord>> {
+        let sql = format!(
+            "SELECT {RUN_COLUMNS} FROM runs WHERE status NOT IN ('finished', 'cancelled') \
+             ORDER BY created_at_ms, run_id"
+        );
+        let rows = sqlx::query(sqlx::AssertSqlSafe(sql)).fetch_all(&self.reader).await.map_err(db_error)?;
+        rows.iter().map(run).collect()
+    }
+}
+
+#[async_trait]
+impl Definitions for SqliteStore {
+    async fn put_definition(&self, project: &str, name: &str, source: &str, now_ms: i64) -> Result<i64> {
+        // The single writer serializes concurrent puts, so read-then-insert cannot race.
+        let mut tx = self.begin_write().await?;
+        let latest: Option<(i64, String)> = sqlx::query_as(
+            "SELECT version, source FROM definitions WHERE project = ? AND name = ? \
+             ORDER BY version DESC LIMIT 1",
+        )
+        .bind(project)
+        .bind(name)
+        .fetch_optional(&mut *tx)
+        .await
+        .map_err(db_error)?;
+        if let Some((version, latest_source)) = &latest {
+            if latest_source == source {
+                return Ok(*version);
+            }
+        }
+        let version = latest.map_or(1, |(v, _)| v + 1);
+        sqlx::query("INSERT INTO definitions (project, name, version, source, created_at_ms) VALUES (?, ?, ?, ?, ?)")
+            .bind(project)
+            .bind(name)
+            .bind(version)
+            .bind(source)
+            .bind(now_ms)
+            .execute(&mut *tx)
+            .await
+            .map_err(db_error)?;
+        tx.commit().await.map_err(db_error)?;
+        Ok(version)
+    }
+
+    async fn get_definition(
+        &self,
+        project: &str,
+        name: &str,
+        version: Option<i64>,
+    ) -> Result<Option<DefinitionRecord>> {
+        // A NULL version selects the latest.
+        let sql = format!(
+            "SELECT {DEFINITION_COLUMNS} FROM definitions WHERE project = ? AND name = ? \
+             AND (? IS NULL OR version = ?) ORDER BY version DESC LIMIT 1"
+        );
+        let row = sqlx::query(sqlx::AssertSqlSafe(sql))
+            .bind(project)
+            .bind(name)
+            .bind(version)
+            .bind(version)
+            .fetch_optional(&self.reader)
+            .await
+            .map_err(db_error)?;
+        row.as_ref().map(definition).transpose()
+    }
+
+    async fn list_definitions(&self, project: &str) -> Result<Vec<DefinitionRecord>> {
+        let sql = format!(
+            "SELECT {DEFINITION_COLUMNS} FROM definitions d WHERE project = ? AND version = \
+             (SELECT MAX(version) FROM definitions l WHERE l.project = d.project AND l.name = d.name) \
+             ORDER BY name"
+        );
+        let rows = sqlx::query(sqlx::AssertSqlSafe(sql))
+            .bind(project)
+            .fetch_all(&self.reader)
+            .await
+            .map_err(db_error)?;
+        rows.iter().map(definition).collect()
+    }
+}
