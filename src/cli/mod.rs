@@ -42,7 +42,7 @@ pub enum Command {
 /// Logs go to stderr so that command output on stdout stays machine-readable.
 pub fn init_tracing(verbose: u8) {
     let default = match verbose {
-        0 => "warn,capstan=info",
+        0 => "warn,capstan=info,capstan_workers=warn",
         1 => "info,capstan=debug",
         _ => "debug",
     };

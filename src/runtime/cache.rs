@@ -50,9 +50,4 @@ impl RunCache {
             self.order.retain(|(id, g)| entries.get(id).is_some_and(|(eg, _)| eg == g));
         }
     }
-
-    /// How many runs are cached.
-    pub fn len(&self) -> usize {
-        self.entries.len()
-    }
 }

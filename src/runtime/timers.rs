@@ -25,7 +25,6 @@ pub async fn run(shared: Arc<Shared>, router: Router, mut shutdown: watch::Recei
             return;
         }
         let now = shared.clock.now_ms();
-        shared.next_timer_hint.store(u64::MAX, Ordering::Relaxed);
         match shared.store.timers_due(now, BATCH).await {
             Ok(rows) => {
                 for row in rows {
@@ -64,28 +63,28 @@ pub async fn run(shared: Arc<Shared>, router: Router, mut shutdown: watch::Recei
             }
             Err(e) => warn!(error = %e, "reading due timers failed; retrying"),
         }
-        let sleep = match shared.store.next_timer_at().await {
-            Ok(Some(at)) => Duration::from_millis((at - shared.clock.now_ms()).clamp(0, MAX_SLEEP.as_millis() as i64) as u64),
-            Ok(None) => MAX_SLEEP,
-            Err(_) => MAX_SLEEP,
+        let now = shared.clock.now_ms();
+        let next = match shared.store.next_timer_at().await {
+            Ok(Some(at)) => at,
+            Ok(None) | Err(_) => i64::MAX,
         };
         // Timers already handed to a partition stay in the store until committed away; waiting
         // a little avoids spinning on them.
-        let sleep = sleep.max(Duration::from_millis(2));
-        tokio::select! {
-            _ = tokio::time::sleep(sleep) => {}
-            _ = shared.timer_wake.notified() => {
-                let hint = shared.next_timer_hint.load(Ordering::Relaxed);
-                let now = shared.clock.now_ms().max(0) as u64;
-                if hint > now {
-                    let wait = Duration::from_millis((hint - now).min(MAX_SLEEP.as_millis() as u64));
-                    tokio::select! {
-                        _ = tokio::time::sleep(wait) => {}
-                        _ = shutdown.changed() => return,
+        let mut wake_at = next.clamp(now + 2, now + MAX_SLEEP.as_millis() as i64);
+        loop {
+            let sleep = Duration::from_millis((wake_at - shared.clock.now_ms()).max(0) as u64);
+            tokio::select! {
+                _ = tokio::time::sleep(sleep) => break,
+                _ = shared.timer_wake.notified() => {
+                    // A commit set a timer: wake earlier if it is due before our plan.
+                    let hint = shared.next_timer_hint.swap(u64::MAX, Ordering::Relaxed);
+                    let hint = i64::try_from(hint).unwrap_or(i64::MAX);
+                    if hint < wake_at {
+                        wake_at = hint;
                     }
                 }
+                _ = shutdown.changed() => return,
             }
-            _ = shutdown.changed() => return,
         }
     }
 }
