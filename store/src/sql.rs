@@ -25,7 +25,9 @@ pub(crate) fn db_error(err: sqlx::Error) -> Error {
                 Error::Unavailable(Box::new(err))
             }
         }
-        sqlx::Error::ColumnDecode { .. } | sqlx::Error::Decode(_) | sqlx::Error::ColumnNotFound(_) => {
+        sqlx::Error::ColumnDecode { .. }
+        | sqlx::Error::Decode(_)
+        | sqlx::Error::ColumnNotFound(_) => {
             Error::Invalid(format!("stored data does not decode: {err}"))
         }
         _ => Error::Unavailable(Box::new(err)),
@@ -45,5 +47,6 @@ pub(crate) fn sql_limit(limit: usize) -> i64 {
 /// Decodes a JSON payload stored as text (SQLite keeps JSON as TEXT).
 #[cfg(feature = "sqlite")]
 pub(crate) fn parse_json(text: &str) -> Result<serde_json::Value, Error> {
-    serde_json::from_str(text).map_err(|e| Error::Invalid(format!("stored payload is not JSON: {e}")))
+    serde_json::from_str(text)
+        .map_err(|e| Error::Invalid(format!("stored payload is not JSON: {e}")))
 }
