@@ -319,3 +319,51 @@ impl CommitLog for SqliteStore {
         Ok(committed)
     }
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    /// Unique violations the commit path did not foresee: only those on ids mean "applied".
+    #[tokio::test]
+    async fn unforeseen_unique_violations_map_by_constraint() {
+        let store = SqliteStore::open_in_memory().await.expect("open");
+        let insert_input = || sqlx::query("INSERT INTO processed_inputs (id) VALUES ('i')");
+        insert_input().execute(&store.writer).await.expect("first");
+        let err = db_error(
+            insert_input()
+                .execute(&store.writer)
+                .await
+                .expect_err("dup"),
+        );
+        assert!(matches!(err, Error::DuplicateInput(_)), "{err:?}");
+
+        let insert_event = |position: i64, run: &str, id: &str| {
+            sqlx::query(
+                "INSERT INTO events (position, run_id, seq, id, kind, payload, recorded_at_ms) \
+                 VALUES (?, ?, 1, ?, 'k', '{}', 0)",
+            )
+            .bind(position)
+            .bind(run.to_owned())
+            .bind(id.to_owned())
+        };
+        insert_event(1, "r", "e1")
+            .execute(&store.writer)
+            .await
+            .expect("first event");
+        let err = db_error(
+            insert_event(2, "r", "e2")
+                .execute(&store.writer)
+                .await
+                .expect_err("same seq"),
+        );
+        assert!(matches!(err, Error::Unavailable(_)), "{err:?}");
+        let err = db_error(
+            insert_event(3, "s", "e1")
+                .execute(&store.writer)
+                .await
+                .expect_err("same id"),
+        );
+        assert!(matches!(err, Error::DuplicateInput(_)), "{err:?}");
+    }
+}
