@@ -6,6 +6,8 @@
 //! PostgreSQL (`postgres` feature, production). [`testing::suite`] is the one conformance suite
 //! every backend must pass. The store knows nothing of workflows: payloads are JSON values.
 
+#![warn(missing_docs)]
+
 use async_trait::async_trait;
 use serde::{Deserialize, Serialize};
 use serde_json::Value;
@@ -32,8 +34,11 @@ pub type Position = i64;
 /// An event to append. `id` is its CloudEvent id and unique across the store.
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
 pub struct NewEvent {
+    /// The CloudEvent id; unique across the store.
     pub id: String,
+    /// The event type.
     pub kind: String,
+    /// The event's data, opaque to the store.
     pub payload: Value,
     /// Milliseconds since the Unix epoch.
     pub recorded_at_ms: i64,
@@ -42,39 +47,60 @@ pub struct NewEvent {
 /// An event as stored. `seq` numbers a run's events from 1 without gaps.
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
 pub struct StoredEvent {
+    /// Place in the global order (1, 2, ... without gaps in every backend).
     pub position: Position,
+    /// The stream (run) the event belongs to.
     pub run_id: String,
+    /// Place in the run's stream, from 1.
     pub seq: i64,
+    /// The CloudEvent id.
     pub id: String,
+    /// The event type.
     pub kind: String,
+    /// The event's data.
     pub payload: Value,
+    /// Milliseconds since the Unix epoch, as given when appended.
     pub recorded_at_ms: i64,
 }
 
 /// Appends to one run's stream, expecting it to hold exactly `expected_version` events now.
+/// Several appends to one run in a batch chain: each expects the version the previous one left.
 #[derive(Debug, Clone, PartialEq)]
 pub struct StreamAppend {
+    /// The run (stream) to append to.
     pub run_id: String,
+    /// How many events the stream must hold before this append (0 for a new run).
     pub expected_version: i64,
+    /// The events, numbered `expected_version + 1..` in order.
     pub events: Vec<NewEvent>,
 }
 
 /// The run index: one row per run, kept current by the runtime in the same batch as the events.
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
 pub struct RunRecord {
+    /// The run id (the key).
     pub run_id: String,
+    /// The owning project.
     pub project: String,
+    /// Shared by the runs of one promotion chain (Keptn's `shkeptncontext`).
     pub context_id: String,
+    /// The stage the run executes in.
     pub stage: String,
+    /// The sequence the run executes.
     pub sequence: String,
+    /// The service delivered, if any.
     pub service: Option<String>,
+    /// The definition's name.
     pub definition: String,
+    /// The definition version the run pinned at start.
     pub definition_version: i64,
     /// `running`, `paused`, `finished` or `cancelled`.
     pub status: String,
     /// `pass`, `warning` or `fail` once ended.
     pub result: Option<String>,
+    /// When the run started (ms since the epoch); the listing order.
     pub created_at_ms: i64,
+    /// When the record last changed (ms since the epoch).
     pub updated_at_ms: i64,
 }
 
@@ -88,7 +114,9 @@ impl RunRecord {
 /// A message to publish after the commit. `id` is unique (the CloudEvent id).
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
 pub struct OutboxMessage {
+    /// The CloudEvent id, for consumers to deduplicate.
     pub id: String,
+    /// Where to publish.
     pub topic: String,
     /// Partition / ordering key (the run id).
     pub key: String,
@@ -99,16 +127,22 @@ pub struct OutboxMessage {
 /// An outbox row waiting to be published; `seq` orders rows and names them for deletion.
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
 pub struct OutboxRow {
+    /// Increasing with insertion order; names the row for [`Outbox::outbox_delete`].
     pub seq: i64,
+    /// The message to publish.
     pub message: OutboxMessage,
 }
 
 /// A durable timer, unique by `(run_id, key)`; setting it again replaces `fire_at_ms` and payload.
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
 pub struct TimerRow {
+    /// The run the timer belongs to.
     pub run_id: String,
+    /// Names the timer within its run.
     pub key: String,
+    /// When it is due (ms since the epoch).
     pub fire_at_ms: i64,
+    /// What the runtime needs when it fires.
     pub payload: Value,
 }
 
@@ -116,22 +150,31 @@ pub struct TimerRow {
 /// fired timer never deletes one that was set again meanwhile).
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
 pub struct TimerCancel {
+    /// The timer's run.
     pub run_id: String,
+    /// The timer's key.
     pub key: String,
+    /// Delete only if the timer still fires at this time.
     pub only_if_fire_at: Option<i64>,
 }
 
 /// Everything one group commit writes, atomically: all or nothing.
 #[derive(Debug, Clone, PartialEq, Default)]
 pub struct Batch {
+    /// Stream appends, checked against their expected versions.
     pub appends: Vec<StreamAppend>,
-    /// Upserts of the run index (by `run_id`).
+    /// Upserts of the run index (by `run_id`; the last one of a run in the batch wins).
     pub runs: Vec<RunRecord>,
     /// Ids of the inputs applied by this batch; an id already recorded fails the batch with
     /// `Error::DuplicateInput`.
     pub inputs: Vec<String>,
+    /// Messages to publish after the commit, in this order.
     pub outbox: Vec<OutboxMessage>,
+    /// Timers to set (upsert by `(run_id, key)`; the last one of a key in the batch wins).
+    /// Applied after `cancel_timers`, so cancelling and setting one key in a batch keeps the
+    /// new timer.
     pub set_timers: Vec<TimerRow>,
+    /// Timers to delete, applied before `set_timers`.
     pub cancel_timers: Vec<TimerCancel>,
 }
 
@@ -152,6 +195,7 @@ impl Batch {
 pub struct Committed {
     /// The global position of the last event written (0 if none).
     pub last_position: Position,
+    /// How many events were written.
     pub events: usize,
 }
 
@@ -159,24 +203,36 @@ pub struct Committed {
 /// cursor given by the last row of the previous page).
 #[derive(Debug, Clone, PartialEq, Eq, Default)]
 pub struct RunFilter {
+    /// Only runs of this project.
     pub project: Option<String>,
+    /// Only runs in this stage.
     pub stage: Option<String>,
+    /// Only runs of this sequence.
     pub sequence: Option<String>,
+    /// Only runs of this service.
     pub service: Option<String>,
+    /// Only runs with this status.
     pub status: Option<String>,
+    /// Only runs of this promotion chain.
     pub context_id: Option<String>,
+    /// Only runs strictly before this `(created_at_ms, run_id)` in the listing order.
     pub before: Option<(i64, String)>,
+    /// At most this many runs; 0 means no limit.
     pub limit: usize,
 }
 
 /// A stored definition version.
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
 pub struct DefinitionRecord {
+    /// The owning project.
     pub project: String,
+    /// The definition's name.
     pub name: String,
+    /// 1, 2, ... per `(project, name)`.
     pub version: i64,
     /// The YAML text as applied.
     pub source: String,
+    /// When this version was stored (ms since the epoch).
     pub created_at_ms: i64,
 }
 
@@ -185,7 +241,14 @@ pub struct DefinitionRecord {
 pub enum Error {
     /// Another writer appended first: reload the stream and decide again.
     #[error("run {run_id}: expected version {expected}, found {actual}")]
-    Conflict { run_id: String, expected: i64, actual: i64 },
+    Conflict {
+        /// The run whose stream moved.
+        run_id: String,
+        /// The version the append expected.
+        expected: i64,
+        /// The version found.
+        actual: i64,
+    },
     /// The input (or event id) was already applied: drop it.
     #[error("input or event {0} was already applied")]
     DuplicateInput(String),
@@ -241,9 +304,11 @@ pub trait Timers: Send + Sync {
 /// The run index.
 #[async_trait]
 pub trait RunIndex: Send + Sync {
+    /// One run's record.
     async fn get_run(&self, run_id: &str) -> Result<Option<RunRecord>>;
+    /// Runs matching the filter, newest first (`created_at_ms` desc, then `run_id` desc).
     async fn list_runs(&self, filter: &RunFilter) -> Result<Vec<RunRecord>>;
-    /// Runs not yet finished or cancelled (to resume at start).
+    /// Runs not yet finished or cancelled (to resume at start), oldest first.
     async fn unfinished_runs(&self) -> Result<Vec<RunRecord>>;
 }
 
@@ -251,7 +316,13 @@ pub trait RunIndex: Send + Sync {
 #[async_trait]
 pub trait Definitions: Send + Sync {
     /// Stores `source` as the next version unless it equals the latest one; returns the version.
-    async fn put_definition(&self, project: &str, name: &str, source: &str, now_ms: i64) -> Result<i64>;
+    async fn put_definition(
+        &self,
+        project: &str,
+        name: &str,
+        source: &str,
+        now_ms: i64,
+    ) -> Result<i64>;
     /// A version, or the latest when `version` is `None`.
     async fn get_definition(
         &self,
@@ -259,10 +330,13 @@ pub trait Definitions: Send + Sync {
         name: &str,
         version: Option<i64>,
     ) -> Result<Option<DefinitionRecord>>;
-    /// Latest version of every definition of a project.
+    /// Latest version of every definition of a project, by name.
     async fn list_definitions(&self, project: &str) -> Result<Vec<DefinitionRecord>>;
 }
 
 /// A whole store.
-pub trait Store: CommitLog + EventReader + Outbox + Timers + RunIndex + Definitions + 'static {}
+pub trait Store:
+    CommitLog + EventReader + Outbox + Timers + RunIndex + Definitions + 'static
+{
+}
 impl<T: CommitLog + EventReader + Outbox + Timers + RunIndex + Definitions + 'static> Store for T {}

@@ -4,13 +4,27 @@ use crate::Error;
 
 /// Maps a sqlx error onto the variant that tells the caller what to do.
 ///
-/// Unique violations the commit path did not foresee become `DuplicateInput` (it checks the
-/// expected cases itself and names the id); other data or constraint errors are the caller's
-/// (`Invalid`); everything else is a backend that failed or went away (`Unavailable`).
+/// The commit path detects duplicate inputs and event ids itself and names the id, so a unique
+/// violation reaching this function is a race it did not foresee. Only one on the input or event
+/// id constraints means "already applied" (`DuplicateInput`, so the caller drops the input);
+/// any other (say two writers taking the same stream seq) is `Unavailable`, because a retry
+/// re-checks versions and then reports the real conflict, whereas dropping the input would lose
+/// it. Other data or constraint errors are the caller's (`Invalid`); everything else is a
+/// backend that failed or went away (`Unavailable`).
 pub(crate) fn db_error(err: sqlx::Error) -> Error {
     match &err {
         sqlx::Error::Database(db) if db.is_unique_violation() => {
-            Error::DuplicateInput(db.message().to_owned())
+            // PostgreSQL names the constraint; SQLite only says "UNIQUE constraint failed: t.c".
+            let on_an_id = matches!(
+                db.constraint(),
+                Some("processed_inputs_pkey" | "events_id_key")
+            ) || db.message().ends_with("processed_inputs.id")
+                || db.message().ends_with("events.id");
+            if on_an_id {
+                Error::DuplicateInput(db.message().to_owned())
+            } else {
+                Error::Unavailable(Box::new(err))
+            }
         }
         sqlx::Error::Database(db) => {
             let code = db.code().map(|c| c.into_owned()).unwrap_or_default();
@@ -25,7 +39,9 @@ pub(crate) fn db_error(err: sqlx::Error) -> Error {
                 Error::Unavailable(Box::new(err))
             }
         }
-        sqlx::Error::ColumnDecode { .. } | sqlx::Error::Decode(_) | sqlx::Error::ColumnNotFound(_) => {
+        sqlx::Error::ColumnDecode { .. }
+        | sqlx::Error::Decode(_)
+        | sqlx::Error::ColumnNotFound(_) => {
             Error::Invalid(format!("stored data does not decode: {err}"))
         }
         _ => Error::Unavailable(Box::new(err)),
@@ -45,5 +61,6 @@ pub(crate) fn sql_limit(limit: usize) -> i64 {
 /// Decodes a JSON payload stored as text (SQLite keeps JSON as TEXT).
 #[cfg(feature = "sqlite")]
 pub(crate) fn parse_json(text: &str) -> Result<serde_json::Value, Error> {
-    serde_json::from_str(text).map_err(|e| Error::Invalid(format!("stored payload is not JSON: {e}")))
+    serde_json::from_str(text)
+        .map_err(|e| Error::Invalid(format!("stored payload is not JSON: {e}")))
 }

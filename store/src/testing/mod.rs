@@ -12,9 +12,9 @@
 mod streams;
 mod tables;
 
+use serde_json::json;
 use std::future::Future;
 use std::pin::Pin;
-use serde_json::json;
 
 pub use streams::*;
 pub use tables::*;
@@ -33,7 +33,7 @@ pub type CaseFuture = Pin<Box<dyn Future<Output = ()> + Send>>;
 #[macro_export]
 macro_rules! store_conformance {
     ($run:path) => {
-        $crate::__store_cases!(tests ($run));
+        $crate::__store_cases!(tests($run));
     };
 }
 
@@ -112,7 +112,10 @@ pub fn append(run_id: &str, expected_version: i64, ids: &[&str]) -> StreamAppend
 
 /// A batch holding only these appends.
 pub fn appends(appends: Vec<StreamAppend>) -> Batch {
-    Batch { appends, ..Batch::default() }
+    Batch {
+        appends,
+        ..Batch::default()
+    }
 }
 
 /// A running run record in project `p`, stage `dev`, created at `created_at_ms`.
@@ -137,7 +140,12 @@ pub fn run_record(run_id: &str, created_at_ms: i64) -> RunRecord {
 pub fn message(id: &str) -> OutboxMessage {
     let mut payload = format!("{{\"id\":\"{id}\"}}").into_bytes();
     payload.extend_from_slice(&[0, 0xff, 0xfe]);
-    OutboxMessage { id: id.to_owned(), topic: "capstan.events".to_owned(), key: "run".to_owned(), payload }
+    OutboxMessage {
+        id: id.to_owned(),
+        topic: "capstan.events".to_owned(),
+        key: "run".to_owned(),
+        payload,
+    }
 }
 
 /// A timer.
@@ -152,5 +160,9 @@ pub fn timer(run_id: &str, key: &str, fire_at_ms: i64) -> TimerRow {
 
 /// A timer cancel, guarded by `only_if_fire_at` when given.
 pub fn cancel(run_id: &str, key: &str, only_if_fire_at: Option<i64>) -> TimerCancel {
-    TimerCancel { run_id: run_id.to_owned(), key: key.to_owned(), only_if_fire_at }
+    TimerCancel {
+        run_id: run_id.to_owned(),
+        key: key.to_owned(),
+        only_if_fire_at,
+    }
 }
