@@ -40,9 +40,7 @@ pub fn binary_encodable(event: &CloudEvent) -> bool {
 /// Maps an event to headers and body; `Error::Invalid` for base64 data.
 pub fn to_binary(event: &CloudEvent, prefix: HeaderPrefix) -> Result<BinaryMessage> {
     if !binary_encodable(event) {
-        return Err(Error::Invalid(
-            "binary mode carries JSON data only; use structured mode".into(),
-        ));
+        return Err(Error::Invalid("binary mode carries JSON data only; use structured mode".into()));
     }
     let p = prefix.0;
     let mut headers = vec![
@@ -51,11 +49,7 @@ pub fn to_binary(event: &CloudEvent, prefix: HeaderPrefix) -> Result<BinaryMessa
         (format!("{p}source"), event.source.clone()),
         (format!("{p}type"), event.ty.clone()),
     ];
-    for (name, value) in [
-        ("subject", &event.subject),
-        ("time", &event.time),
-        ("dataschema", &event.dataschema),
-    ] {
+    for (name, value) in [("subject", &event.subject), ("time", &event.time), ("dataschema", &event.dataschema)] {
         if let Some(v) = value {
             headers.push((format!("{p}{name}"), v.clone()));
         }
@@ -89,20 +83,17 @@ pub fn from_binary<'a>(
         } else if let Some(attr) = lower.strip_prefix(&p) {
             // The data travels in the body; extension names are checked by `from_value`.
             if matches!(attr, "data" | "data_base64" | "datacontenttype") {
-                return Err(Error::Invalid(format!(
-                    "header {name}: not allowed in binary mode"
-                )));
+                return Err(Error::Invalid(format!("header {name}: not allowed in binary mode")));
             }
             map.insert(attr.to_string(), value.into());
         }
     }
     if !body.is_empty() {
-        let data: serde_json::Value = serde_json::from_slice(body)
-            .map_err(|e| Error::Invalid(format!("body is not JSON: {e}")))?;
+        let data: serde_json::Value =
+            serde_json::from_slice(body).map_err(|e| Error::Invalid(format!("body is not JSON: {e}")))?;
         map.insert("data".into(), data);
     }
-    CloudEvent::from_value(serde_json::Value::Object(map))
-        .map_err(|e| Error::Invalid(e.to_string()))
+    CloudEvent::from_value(serde_json::Value::Object(map)).map_err(|e| Error::Invalid(e.to_string()))
 }
 
 #[cfg(test)]
@@ -123,69 +114,28 @@ mod tests {
     fn round_trips_for_every_binding() {
         for prefix in [HeaderPrefix::HTTP, HeaderPrefix::KAFKA, HeaderPrefix::AMQP] {
             let m = to_binary(&event(), prefix).expect("encodable");
-            assert!(
-                m.headers
-                    .contains(&(format!("{}capstantoken", prefix.0), "42".to_string()))
-            );
+            assert!(m.headers.contains(&(format!("{}capstantoken", prefix.0), "42".to_string())));
             let headers = m.headers.iter().map(|(k, v)| (k.as_str(), v.as_str()));
-            assert_eq!(
-                from_binary(headers, &m.body, prefix).expect("decodes"),
-                event()
-            );
+            assert_eq!(from_binary(headers, &m.body, prefix).expect("decodes"), event());
         }
         let bare = CloudEvent::new("e2", "s", "t");
         let m = to_binary(&bare, HeaderPrefix::KAFKA).expect("encodable");
         assert!(m.body.is_empty());
         let headers = m.headers.iter().map(|(k, v)| (k.as_str(), v.as_str()));
-        assert_eq!(
-            from_binary(headers, &m.body, HeaderPrefix::KAFKA).expect("decodes"),
-            bare
-        );
+        assert_eq!(from_binary(headers, &m.body, HeaderPrefix::KAFKA).expect("decodes"), bare);
     }
 
     #[test]
     fn refuses_what_it_cannot_map() {
         let mut ev = event();
         ev.data_base64 = Some("AAE=".into());
-        assert!(matches!(
-            to_binary(&ev, HeaderPrefix::HTTP),
-            Err(Error::Invalid(_))
-        ));
-        let missing_id = [
-            ("ce-specversion", "1.0"),
-            ("ce-source", "s"),
-            ("ce-type", "t"),
-        ];
-        assert!(matches!(
-            from_binary(missing_id, b"", HeaderPrefix::HTTP),
-            Err(Error::Invalid(_))
-        ));
-        let ok = [
-            ("CE-SpecVersion", "1.0"),
-            ("ce-id", "1"),
-            ("ce-source", "s"),
-            ("ce-type", "t"),
-            ("x-other", "v"),
-        ];
-        assert!(matches!(
-            from_binary(ok, b"{nope", HeaderPrefix::HTTP),
-            Err(Error::Invalid(_))
-        ));
-        let bad = [
-            ("ce-id", "1"),
-            ("ce-source", "s"),
-            ("ce-type", "t"),
-            ("ce-data", "x"),
-        ];
-        assert!(matches!(
-            from_binary(bad, b"", HeaderPrefix::HTTP),
-            Err(Error::Invalid(_))
-        ));
-        assert_eq!(
-            from_binary(ok, b"", HeaderPrefix::HTTP)
-                .expect("decodes")
-                .id,
-            "1"
-        );
+        assert!(matches!(to_binary(&ev, HeaderPrefix::HTTP), Err(Error::Invalid(_))));
+        let missing_id = [("ce-specversion", "1.0"), ("ce-source", "s"), ("ce-type", "t")];
+        assert!(matches!(from_binary(missing_id, b"", HeaderPrefix::HTTP), Err(Error::Invalid(_))));
+        let ok = [("CE-SpecVersion", "1.0"), ("ce-id", "1"), ("ce-source", "s"), ("ce-type", "t"), ("x-other", "v")];
+        assert!(matches!(from_binary(ok, b"{nope", HeaderPrefix::HTTP), Err(Error::Invalid(_))));
+        let bad = [("ce-id", "1"), ("ce-source", "s"), ("ce-type", "t"), ("ce-data", "x")];
+        assert!(matches!(from_binary(bad, b"", HeaderPrefix::HTTP), Err(Error::Invalid(_))));
+        assert_eq!(from_binary(ok, b"", HeaderPrefix::HTTP).expect("decodes").id, "1");
     }
 }

@@ -77,8 +77,7 @@ pub trait Broker: Send + Sync + 'static {
     /// Publishes messages and waits until the broker confirmed all of them.
     async fn publish(&self, messages: Vec<Message>) -> Result<()>;
     /// Subscribes to a topic. The subscription exists once this returns.
-    async fn subscribe(&self, topic: &str, mode: SubscriptionMode)
-    -> Result<Box<dyn Subscription>>;
+    async fn subscribe(&self, topic: &str, mode: SubscriptionMode) -> Result<Box<dyn Subscription>>;
 }
 
 /// A stream of deliveries.

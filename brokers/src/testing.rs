@@ -32,11 +32,7 @@ pub struct Options {
 
 impl Default for Options {
     fn default() -> Self {
-        Options {
-            max_payload: 1024 * 1024,
-            patience: Duration::from_secs(60),
-            quiet: Duration::from_millis(500),
-        }
+        Options { max_payload: 1024 * 1024, patience: Duration::from_secs(60), quiet: Duration::from_millis(500) }
     }
 }
 
@@ -91,9 +87,7 @@ macro_rules! conformance_tests {
 /// A topic name no other case (or run) uses.
 pub fn unique_topic(case: &str) -> String {
     static COUNTER: AtomicU64 = AtomicU64::new(0);
-    let nanos = std::time::SystemTime::now()
-        .duration_since(std::time::UNIX_EPOCH)
-        .map_or(0, |d| d.subsec_nanos());
+    let nanos = std::time::SystemTime::now().duration_since(std::time::UNIX_EPOCH).map_or(0, |d| d.subsec_nanos());
     let n = COUNTER.fetch_add(1, Ordering::Relaxed);
     format!("conformance.{case}.{}-{nanos}-{n}", std::process::id())
 }
@@ -117,9 +111,7 @@ async fn sub(broker: &impl Broker, topic: &str, mode: SubscriptionMode) -> Box<d
 }
 
 fn group(name: &str) -> SubscriptionMode {
-    SubscriptionMode::Competing {
-        group: name.to_string(),
-    }
+    SubscriptionMode::Competing { group: name.to_string() }
 }
 
 async fn publish(broker: &impl Broker, messages: Vec<Message>) {
@@ -157,16 +149,11 @@ async fn ack(d: &Delivery) {
 pub async fn publish_subscribe(broker: &impl Broker, o: &Options) {
     let topic = unique_topic("pubsub");
     let mut s = sub(broker, &topic, SubscriptionMode::Broadcast).await;
-    let sent: Vec<Message> = (0..3)
-        .map(|i| message(&topic, "run-1", &format!("e{i}"), json!({"i": i})))
-        .collect();
+    let sent: Vec<Message> = (0..3).map(|i| message(&topic, "run-1", &format!("e{i}"), json!({"i": i}))).collect();
     publish(broker, sent.clone()).await;
     for expected in sent {
         let d = recv(&mut s, o.patience, "publish_subscribe").await;
-        assert_eq!(
-            d.message, expected,
-            "the delivered message equals the published one"
-        );
+        assert_eq!(d.message, expected, "the delivered message equals the published one");
         assert_eq!(d.redeliveries, 0);
         ack(&d).await;
     }
@@ -194,16 +181,12 @@ pub async fn broadcast_gets_everything_after_subscribing(broker: &impl Broker, o
 /// subscribers each get all of them.
 pub async fn competing_members_share(broker: &impl Broker, o: &Options) {
     let topic = unique_topic("competing");
-    let mut members = vec![
-        sub(broker, &topic, group("g")).await,
-        sub(broker, &topic, group("g")).await,
-    ];
+    let mut members = vec![sub(broker, &topic, group("g")).await, sub(broker, &topic, group("g")).await];
     let mut other = sub(broker, &topic, group("h")).await;
     let mut watcher = sub(broker, &topic, SubscriptionMode::Broadcast).await;
     let n = 20;
-    let sent: Vec<Message> = (0..n)
-        .map(|i| message(&topic, &format!("k{}", i % 4), &format!("e{i}"), json!(i)))
-        .collect();
+    let sent: Vec<Message> =
+        (0..n).map(|i| message(&topic, &format!("k{}", i % 4), &format!("e{i}"), json!(i))).collect();
     publish(broker, sent).await;
 
     let mut seen = HashSet::new();
@@ -213,18 +196,10 @@ pub async fn competing_members_share(broker: &impl Broker, o: &Options) {
         let m = &mut members[turn % 2];
         turn += 1;
         if let Ok(Ok(d)) = timeout(o.quiet, m.next()).await {
-            assert!(
-                seen.insert(d.message.event.id.clone()),
-                "{} delivered twice in the group",
-                d.message.event.id
-            );
+            assert!(seen.insert(d.message.event.id.clone()), "{} delivered twice in the group", d.message.event.id);
             ack(&d).await;
         } else {
-            assert!(
-                turn < 4 * n + 20,
-                "group g received only {} of {n}",
-                seen.len()
-            );
+            assert!(turn < 4 * n + 20, "group g received only {} of {n}", seen.len());
         }
     }
     for m in &mut members {
@@ -233,11 +208,7 @@ pub async fn competing_members_share(broker: &impl Broker, o: &Options) {
     for (name, s) in [("group h", &mut other), ("broadcast", &mut watcher)] {
         for i in 0..n {
             let d = recv(s, o.patience, name).await;
-            assert_eq!(
-                d.message.event.id,
-                format!("e{i}"),
-                "{name} gets every message in order"
-            );
+            assert_eq!(d.message.event.id, format!("e{i}"), "{name} gets every message in order");
             ack(&d).await;
         }
     }
@@ -265,11 +236,7 @@ pub async fn nack_redelivers_after_delay(broker: &impl Broker, o: &Options) {
         panic!("nack failed: {e}");
     }
     let again = recv(&mut s, o.patience, "redelivery after nack").await;
-    assert!(
-        nacked_at.elapsed() >= delay,
-        "redelivered after {:?}, before the nack delay",
-        nacked_at.elapsed()
-    );
+    assert!(nacked_at.elapsed() >= delay, "redelivered after {:?}, before the nack delay", nacked_at.elapsed());
     assert_eq!(again.message.event.id, "again");
     assert!(again.redeliveries >= 1, "a redelivery is counted");
     ack(&again).await;
@@ -297,35 +264,16 @@ pub async fn order_per_key(broker: &impl Broker, o: &Options) {
     let keys = ["run-a", "run-b", "run-c"];
     let n = 300;
     for chunk in (0..n).collect::<Vec<_>>().chunks(50) {
-        let batch = chunk
-            .iter()
-            .map(|i| {
-                message(
-                    &topic,
-                    keys[i % keys.len()],
-                    &format!("e{i}"),
-                    json!({"i": i}),
-                )
-            })
-            .collect();
+        let batch =
+            chunk.iter().map(|i| message(&topic, keys[i % keys.len()], &format!("e{i}"), json!({"i": i}))).collect();
         publish(broker, batch).await;
     }
     let mut last: BTreeMap<String, i64> = BTreeMap::new();
     for _ in 0..n {
         let d = recv(&mut s, o.patience, "order_per_key").await;
-        let i = d
-            .message
-            .event
-            .data
-            .as_ref()
-            .and_then(|v| v["i"].as_i64())
-            .unwrap_or(-1);
+        let i = d.message.event.data.as_ref().and_then(|v| v["i"].as_i64()).unwrap_or(-1);
         let prev = last.insert(d.message.key.clone(), i);
-        assert!(
-            prev.is_none_or(|p| p < i),
-            "key {} got {i} after {prev:?}",
-            d.message.key
-        );
+        assert!(prev.is_none_or(|p| p < i), "key {} got {i} after {prev:?}", d.message.key);
         ack(&d).await;
     }
 }
@@ -342,10 +290,7 @@ pub async fn redelivery_keeps_the_event_id(broker: &impl Broker, o: &Options) {
         panic!("nack failed: {e}");
     }
     let second = recv(&mut s, o.patience, "redelivery").await;
-    assert_eq!(
-        second.message.event, sent.event,
-        "a redelivery carries the same CloudEvent"
-    );
+    assert_eq!(second.message.event, sent.event, "a redelivery carries the same CloudEvent");
     assert_eq!(first.message.event.id, second.message.event.id);
     ack(&second).await;
     // A late settle of the superseded delivery must be harmless.
@@ -362,10 +307,7 @@ pub async fn payload_limit(broker: &impl Broker, o: &Options) {
         Err(Error::TooLarge { size, limit }) => {
             assert!(size > limit, "size {size} is over limit {limit}");
             let text = Error::TooLarge { size, limit }.to_string();
-            assert!(
-                text.contains("exceeds"),
-                "the error says what is wrong: {text}"
-            );
+            assert!(text.contains("exceeds"), "the error says what is wrong: {text}");
         }
         other => panic!("expected TooLarge, got {other:?}"),
     }
@@ -394,11 +336,7 @@ pub async fn many_messages_exactly_once(broker: &impl Broker, o: &Options) {
                 match timeout(quiet, s.next()).await {
                     Ok(Ok(d)) => {
                         let id = d.message.event.id.clone();
-                        *seen
-                            .lock()
-                            .unwrap_or_else(|p| p.into_inner())
-                            .entry(id)
-                            .or_default() += 1;
+                        *seen.lock().unwrap_or_else(|p| p.into_inner()).entry(id).or_default() += 1;
                         d.ack().await.expect("ack during the bulk case");
                         got += 1;
                     }
@@ -419,14 +357,7 @@ pub async fn many_messages_exactly_once(broker: &impl Broker, o: &Options) {
     for chunk in (0..n).collect::<Vec<_>>().chunks(500) {
         let batch = chunk
             .iter()
-            .map(|i| {
-                message(
-                    &topic,
-                    &format!("run-{}", i % 97),
-                    &format!("m{i}"),
-                    json!({"i": i}),
-                )
-            })
+            .map(|i| message(&topic, &format!("run-{}", i % 97), &format!("m{i}"), json!({"i": i})))
             .collect();
         publish(broker, batch).await;
     }

@@ -36,9 +36,7 @@ pub fn parse_duration(text: &str) -> Result<Millis, String> {
         if digits == 0 {
             return Err(format!("`{text}` is not a duration (expected e.g. 300ms, 10s, 5m, 1h)"));
         }
-        let number: u64 = rest[..digits]
-            .parse()
-            .map_err(|_| format!("`{text}`: number too large"))?;
+        let number: u64 = rest[..digits].parse().map_err(|_| format!("`{text}`: number too large"))?;
         rest = &rest[digits..];
         let unit_len = rest.bytes().take_while(|b| b.is_ascii_alphabetic()).count();
         let factor = match &rest[..unit_len] {

@@ -94,39 +94,22 @@ impl Remediation {
             }
             for (j, action) in r.actions_on_open.iter().enumerate() {
                 if action.action.trim().is_empty() {
-                    problems.push(format!(
-                        "{at}.actionsOnOpen[{j}].action: must not be empty ({})",
-                        r.problem_type
-                    ));
+                    problems.push(format!("{at}.actionsOnOpen[{j}].action: must not be empty ({})", r.problem_type));
                 }
             }
         }
-        if problems.is_empty() {
-            Ok(remediation)
-        } else {
-            Err(RemediationError::Invalid(problems))
-        }
+        if problems.is_empty() { Ok(remediation) } else { Err(RemediationError::Invalid(problems)) }
     }
 
     /// The actions for a problem: those of the root cause if it is listed, else those of the
     /// problem title, else those of the `*` or `default` entry; empty when nothing matches.
     /// Matching is exact, and the first matching entry in file order wins.
     pub fn actions_for(&self, root_cause: Option<&str>, problem_title: &str) -> &[Action] {
-        let find = |wanted: &str| {
-            self.spec
-                .remediations
-                .iter()
-                .find(|r| r.problem_type == wanted)
-        };
+        let find = |wanted: &str| self.spec.remediations.iter().find(|r| r.problem_type == wanted);
         root_cause
             .and_then(find)
             .or_else(|| find(problem_title))
-            .or_else(|| {
-                self.spec
-                    .remediations
-                    .iter()
-                    .find(|r| FALLBACKS.contains(&r.problem_type.as_str()))
-            })
+            .or_else(|| self.spec.remediations.iter().find(|r| FALLBACKS.contains(&r.problem_type.as_str())))
             .map_or(&[], |r| r.actions_on_open.as_slice())
     }
 }
@@ -177,33 +160,16 @@ spec:
     #[test]
     fn matches_root_cause_then_title_then_fallback() {
         let r = Remediation::parse(RUNBOOK).unwrap();
-        let names =
-            |actions: &[Action]| actions.iter().map(|a| a.action.clone()).collect::<Vec<_>>();
+        let names = |actions: &[Action]| actions.iter().map(|a| a.action.clone()).collect::<Vec<_>>();
         let cases = [
-            (
-                Some("Failure rate increase"),
-                "anything",
-                vec!["toggle-feature", "scaling"],
-            ),
-            (
-                Some("unknown cause"),
-                "Failure rate increase",
-                vec!["toggle-feature", "scaling"],
-            ),
-            (
-                None,
-                "Failure rate increase",
-                vec!["toggle-feature", "scaling"],
-            ),
+            (Some("Failure rate increase"), "anything", vec!["toggle-feature", "scaling"]),
+            (Some("unknown cause"), "Failure rate increase", vec!["toggle-feature", "scaling"]),
+            (None, "Failure rate increase", vec!["toggle-feature", "scaling"]),
             (Some("unknown cause"), "unknown title", vec!["escalate"]),
             (None, "", vec!["escalate"]),
         ];
         for (cause, title, expected) in cases {
-            assert_eq!(
-                names(r.actions_for(cause, title)),
-                expected,
-                "{cause:?} / {title}"
-            );
+            assert_eq!(names(r.actions_for(cause, title)), expected, "{cause:?} / {title}");
         }
         let object = &r.actions_for(None, "Failure rate increase")[0];
         assert_eq!(object.value, Some(json!({"EnablePromotion": "off"})));

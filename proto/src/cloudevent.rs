@@ -10,18 +10,8 @@ use serde_json::{Map, Value};
 pub const SPEC_VERSION: &str = "1.0";
 
 /// Attribute names of the spec itself; anything else at the top level is an extension.
-const CONTEXT_ATTRIBUTES: &[&str] = &[
-    "specversion",
-    "id",
-    "source",
-    "type",
-    "subject",
-    "time",
-    "datacontenttype",
-    "dataschema",
-    "data",
-    "data_base64",
-];
+const CONTEXT_ATTRIBUTES: &[&str] =
+    &["specversion", "id", "source", "type", "subject", "time", "datacontenttype", "dataschema", "data", "data_base64"];
 
 /// A CloudEvent. `data` holds JSON; binary data is kept base64-encoded in `data_base64`.
 #[derive(Debug, Clone, PartialEq)]
@@ -96,8 +86,7 @@ impl CloudEvent {
 
     /// Decodes a structured-mode JSON CloudEvent, checking the required attributes.
     pub fn from_json(bytes: &[u8]) -> Result<Self, DecodeError> {
-        let value: Value =
-            serde_json::from_slice(bytes).map_err(|e| DecodeError::Json(e.to_string()))?;
+        let value: Value = serde_json::from_slice(bytes).map_err(|e| DecodeError::Json(e.to_string()))?;
         Self::from_value(value)
     }
 
@@ -140,18 +129,7 @@ impl CloudEvent {
             };
             extensions.insert(name, text);
         }
-        Ok(CloudEvent {
-            id,
-            source,
-            ty,
-            subject,
-            time,
-            datacontenttype,
-            dataschema,
-            data,
-            data_base64,
-            extensions,
-        })
+        Ok(CloudEvent { id, source, ty, subject, time, datacontenttype, dataschema, data, data_base64, extensions })
     }
 
     /// The structured-mode JSON object.
@@ -231,9 +209,7 @@ mod tests {
 
     #[test]
     fn round_trips_with_extensions() {
-        let ev = CloudEvent::new("1", "/capstan", "t")
-            .with_data(json!({"a": 1}))
-            .with_ext("capstanrun", "r1");
+        let ev = CloudEvent::new("1", "/capstan", "t").with_data(json!({"a": 1})).with_ext("capstanrun", "r1");
         let back = CloudEvent::from_json(&ev.to_json()).unwrap();
         assert_eq!(back, ev);
     }

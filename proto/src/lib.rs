@@ -86,8 +86,6 @@ pub mod topics {
 
     /// Topic names must be valid NATS subjects, Kafka topics and AMQP routing keys at once.
     fn sanitize(s: &str) -> String {
-        s.chars()
-            .map(|c| if c.is_ascii_alphanumeric() || c == '-' || c == '_' { c } else { '_' })
-            .collect()
+        s.chars().map(|c| if c.is_ascii_alphanumeric() || c == '-' || c == '_' { c } else { '_' }).collect()
     }
 }

@@ -10,8 +10,8 @@ use std::time::{Duration, Instant};
 
 use anyhow::Context;
 use capstan_brokers::memory::MemoryBroker;
-use capstan_engine::run::{Event, RunStatus};
 use capstan_engine::TaskResult;
+use capstan_engine::run::{Event, RunStatus};
 use capstan_store::{RunFilter, Store};
 use serde_json::json;
 use tokio::sync::watch;
@@ -119,9 +119,7 @@ pub async fn run(args: DemoArgs) -> anyhow::Result<ExitCode> {
     };
     let db = dir.join("capstan.db");
     let store: Arc<dyn Store> = Arc::new(
-        capstan_store::sqlite::SqliteStore::open(&db)
-            .await
-            .with_context(|| format!("cannot open {}", db.display()))?,
+        capstan_store::sqlite::SqliteStore::open(&db).await.with_context(|| format!("cannot open {}", db.display()))?,
     );
     let broker = Arc::new(MemoryBroker::new());
     println!("capstan demo: embedded engine, SQLite at {}, in-memory broker", db.display());
@@ -170,7 +168,14 @@ pub async fn run(args: DemoArgs) -> anyhow::Result<ExitCode> {
     } else {
         println!("resuming {} unfinished run(s) found in {}:", unfinished.len(), dir.display());
         for r in &unfinished {
-            println!("  {} {}.{} ({}), {}", short(&r.run_id), r.stage, r.sequence, r.service.as_deref().unwrap_or("-"), r.status);
+            println!(
+                "  {} {}.{} ({}), {}",
+                short(&r.run_id),
+                r.stage,
+                r.sequence,
+                r.service.as_deref().unwrap_or("-"),
+                r.status
+            );
             contexts.insert(r.context_id.clone());
         }
     }
@@ -235,12 +240,11 @@ fn settled(ledger: &Ledger, contexts: &HashSet<String>, expected: usize) -> Opti
     let mut all_ok = true;
     for context in contexts {
         let runs: Vec<&RunLine> = ledger.runs.values().filter(|r| &r.context == context).collect();
-        let production_done = runs
-            .iter()
-            .any(|r| r.stage == "production" && r.sequence == "delivery" && r.ended_ms.is_some());
+        let production_done =
+            runs.iter().any(|r| r.stage == "production" && r.sequence == "delivery" && r.ended_ms.is_some());
         let any_failed = runs.iter().any(|r| r.result == Some(TaskResult::Fail));
         let open = runs.iter().any(|r| r.ended_ms.is_none());
-        if !(production_done || (any_failed && !open)) || open {
+        if open || !(production_done || any_failed) {
             return None;
         }
         all_ok &= expected_outcome(&runs);
@@ -252,11 +256,11 @@ fn settled(ledger: &Ledger, contexts: &HashSet<String>, expected: usize) -> Opti
 /// production deployment went to the certified deployer.
 fn expected_outcome(runs: &[&RunLine]) -> bool {
     let pass = |stage: &str| {
-        runs.iter()
-            .any(|r| r.stage == stage && r.sequence == "delivery" && r.result == Some(TaskResult::Pass))
+        runs.iter().any(|r| r.stage == stage && r.sequence == "delivery" && r.result == Some(TaskResult::Pass))
     };
     let retried = runs.iter().any(|r| {
-        r.stage == "dev" && r.tasks.get("api-test").is_some_and(|t| t.attempts >= 2 && t.result == Some(TaskResult::Pass))
+        r.stage == "dev"
+            && r.tasks.get("api-test").is_some_and(|t| t.attempts >= 2 && t.result == Some(TaskResult::Pass))
     });
     let certified = runs.iter().any(|r| {
         r.stage == "production"
@@ -267,11 +271,15 @@ fn expected_outcome(runs: &[&RunLine]) -> bool {
 
 async fn print_summary(ledger: &Ledger, contexts: &HashSet<String>, store: &dyn Store) -> anyhow::Result<()> {
     println!();
-    println!("{:<10} {:<11} {:<10} {:<8} {:>8}  tasks (attempts, worker)", "service", "stage", "sequence", "result", "seconds");
+    println!(
+        "{:<10} {:<11} {:<10} {:<8} {:>8}  tasks (attempts, worker)",
+        "service", "stage", "sequence", "result", "seconds"
+    );
     let mut runs: Vec<&RunLine> = ledger.in_context(contexts).collect();
     runs.sort_by_key(|r| (r.service.clone(), r.started_ms));
     for r in runs {
-        let secs = r.ended_ms.map(|e| format!("{:.1}", (e - r.started_ms) as f64 / 1000.0)).unwrap_or_else(|| "-".into());
+        let secs =
+            r.ended_ms.map(|e| format!("{:.1}", (e - r.started_ms) as f64 / 1000.0)).unwrap_or_else(|| "-".into());
         let tasks: Vec<String> = r
             .tasks
             .iter()
@@ -294,7 +302,9 @@ async fn print_summary(ledger: &Ledger, contexts: &HashSet<String>, store: &dyn 
             tasks.join(", ")
         );
     }
-    let total = store.list_runs(&RunFilter { project: Some(DEMO_PROJECT.into()), limit: 10_000, ..RunFilter::default() }).await?;
+    let total = store
+        .list_runs(&RunFilter { project: Some(DEMO_PROJECT.into()), limit: 10_000, ..RunFilter::default() })
+        .await?;
     println!("{} run(s) in the store for project {DEMO_PROJECT}", total.len());
     Ok(())
 }

@@ -8,9 +8,7 @@ use std::time::Duration;
 
 use async_trait::async_trait;
 use capstan_brokers::Broker;
-use capstan_workers::{
-    BidTerms, EchoWorker, Handler, Outcome, ShellWorker, TaskContext, Worker, WorkerConfig,
-};
+use capstan_workers::{BidTerms, EchoWorker, Handler, Outcome, ShellWorker, TaskContext, Worker, WorkerConfig};
 use serde_json::json;
 use tokio::sync::watch;
 use tokio::task::JoinHandle;
@@ -71,7 +69,11 @@ pub fn spawn_all(broker: Arc<dyn Broker>, stop: watch::Receiver<bool>) -> Vec<Jo
 /// The built-in workers of `capstan dev`: `shell` runs commands, `echo` passes at once.
 pub fn spawn_builtin(broker: Arc<dyn Broker>, stop: watch::Receiver<bool>) -> Vec<JoinHandle<()>> {
     vec![
-        spawn(Worker::new(WorkerConfig::new("shell-1", ["shell"]).slots(4), ShellWorker::new()), broker.clone(), stop.clone()),
+        spawn(
+            Worker::new(WorkerConfig::new("shell-1", ["shell"]).slots(4), ShellWorker::new()),
+            broker.clone(),
+            stop.clone(),
+        ),
         spawn(Worker::new(WorkerConfig::new("echo-1", ["echo"]).slots(64), EchoWorker::new()), broker, stop),
     ]
 }

@@ -34,9 +34,7 @@ pub async fn run(args: DevArgs) -> anyhow::Result<ExitCode> {
     std::fs::create_dir_all(&args.data).with_context(|| format!("cannot create {}", args.data.display()))?;
     let db = args.data.join("capstan.db");
     let store: Arc<dyn Store> = Arc::new(
-        capstan_store::sqlite::SqliteStore::open(&db)
-            .await
-            .with_context(|| format!("cannot open {}", db.display()))?,
+        capstan_store::sqlite::SqliteStore::open(&db).await.with_context(|| format!("cannot open {}", db.display()))?,
     );
     let broker = Arc::new(MemoryBroker::new());
     let runtime = Runtime::start(RuntimeConfig::default(), store.clone(), broker.clone(), Arc::new(SystemClock))

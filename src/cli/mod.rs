@@ -1,8 +1,8 @@
 //! The command line: one module per command.
 
 pub mod demo;
-mod dev;
 mod demo_workers;
+mod dev;
 mod evaluate;
 pub mod progress;
 mod validate;

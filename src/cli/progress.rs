@@ -78,10 +78,9 @@ fn describe(event: &Event) -> Option<String> {
             };
             let by = worker_id.as_deref().map(|w| format!(" by {w}")).unwrap_or_default();
             match retry_at {
-                Some(r) => format!(
-                    "{task:<18} attempt {attempt} {how}{by}; retry in {:.1}s",
-                    r.since(*at) as f64 / 1000.0
-                ),
+                Some(r) => {
+                    format!("{task:<18} attempt {attempt} {how}{by}; retry in {:.1}s", r.since(*at) as f64 / 1000.0)
+                }
                 None => format!("{task:<18} attempt {attempt} {how}{by}"),
             }
         }

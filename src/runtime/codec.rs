@@ -81,16 +81,13 @@ pub fn start_run_row(parent_run: &str, meta: &RunMeta, data: &Value, now_ms: i64
 
 /// Reads a due timer row.
 pub fn decode_timer(row: &TimerRow) -> Result<FiredTimer, CodecError> {
-    let payload: TimerPayload =
-        serde_json::from_value(row.payload.clone()).map_err(|source| CodecError::Timer {
-            run_id: row.run_id.clone(),
-            key: row.key.clone(),
-            source,
-        })?;
+    let payload: TimerPayload = serde_json::from_value(row.payload.clone()).map_err(|source| CodecError::Timer {
+        run_id: row.run_id.clone(),
+        key: row.key.clone(),
+        source,
+    })?;
     Ok(match payload {
-        TimerPayload::Engine { kind } => {
-            FiredTimer { target_run: row.run_id.clone(), input: Input::Timer(kind) }
-        }
+        TimerPayload::Engine { kind } => FiredTimer { target_run: row.run_id.clone(), input: Input::Timer(kind) },
         TimerPayload::StartRun { meta, data } => {
             FiredTimer { target_run: meta.run_id.clone(), input: Input::Start { meta, data } }
         }
@@ -121,12 +118,7 @@ pub fn outbox_message(meta: &RunMeta, effect: &Effect, time: &str) -> Option<Out
     let mut event = event;
     event.time = Some(time.to_string());
     event.extensions.entry(ext::CONTEXT.into()).or_insert_with(|| meta.context_id.clone());
-    Some(OutboxMessage {
-        id: event.id.clone(),
-        topic,
-        key: meta.run_id.clone(),
-        payload: event.to_json(),
-    })
+    Some(OutboxMessage { id: event.id.clone(), topic, key: meta.run_id.clone(), payload: event.to_json() })
 }
 
 fn offer_topic(offer: &TaskOffer) -> String {
@@ -185,11 +177,7 @@ pub struct DecodedInput {
 /// Decodes a worker's CloudEvent (bid, claim, started, heartbeat, finished).
 pub fn decode_input(event: &CloudEvent) -> Result<DecodedInput, InputError> {
     fn data<T: serde::de::DeserializeOwned>(event: &CloudEvent) -> Result<T, InputError> {
-        event.payload().map_err(|source| InputError::Data {
-            id: event.id.clone(),
-            ty: event.ty.clone(),
-            source,
-        })
+        event.payload().map_err(|source| InputError::Data { id: event.id.clone(), ty: event.ty.clone(), source })
     }
     let (attempt, input) = match event.ty.as_str() {
         types::TASK_BID => {
@@ -224,12 +212,7 @@ pub fn rfc3339(ms: i64) -> String {
     let days = secs.div_euclid(86_400);
     let rem = secs.rem_euclid(86_400);
     let (y, m, d) = civil_from_days(days);
-    format!(
-        "{y:04}-{m:02}-{d:02}T{:02}:{:02}:{:02}.{millis:03}Z",
-        rem / 3600,
-        (rem % 3600) / 60,
-        rem % 60
-    )
+    format!("{y:04}-{m:02}-{d:02}T{:02}:{:02}:{:02}.{millis:03}Z", rem / 3600, (rem % 3600) / 60, rem % 60)
 }
 
 /// Days since 1970-01-01 to a proleptic Gregorian date (Howard Hinnant's well-known algorithm).

@@ -23,8 +23,8 @@ impl DefinitionRegistry {
     /// Validates and stores a definition; returns its name and version (unchanged text keeps
     /// its version).
     pub async fn apply(&self, project: &str, source: &str, now_ms: i64) -> Result<(String, i64), RuntimeError> {
-        let definition = capstan_engine::definition::parse(source)
-            .map_err(|d| RuntimeError::InvalidDefinition(d.to_string()))?;
+        let definition =
+            capstan_engine::definition::parse(source).map_err(|d| RuntimeError::InvalidDefinition(d.to_string()))?;
         let version = self.store.put_definition(project, &definition.name, source, now_ms).await?;
         let name = definition.name.clone();
         self.lock().insert((project.to_string(), name.clone(), version), Arc::new(definition));

@@ -15,9 +15,7 @@ pub const ENGINE_GROUP: &str = "capstan-engine";
 
 /// Subscribes to the engine's input topic (before any work is offered, so no answer is missed).
 pub async fn subscribe(broker: &dyn Broker) -> Result<Box<dyn Subscription>, RuntimeError> {
-    Ok(broker
-        .subscribe(topics::ENGINE_INPUTS, SubscriptionMode::Competing { group: ENGINE_GROUP.into() })
-        .await?)
+    Ok(broker.subscribe(topics::ENGINE_INPUTS, SubscriptionMode::Competing { group: ENGINE_GROUP.into() }).await?)
 }
 
 /// Decodes and routes deliveries until shutdown.
@@ -52,7 +50,7 @@ pub async fn run(mut subscription: Box<dyn Subscription>, router: Router, mut sh
             project: Some(decoded.project),
             input: decoded.input,
             consumed_timer: None,
-            reply: Reply::Delivery(delivery),
+            reply: Reply::Delivery(Box::new(delivery)),
         };
         if router.route(env).await.is_err() {
             return;

@@ -72,7 +72,7 @@ impl Default for RuntimeConfig {
 pub enum Reply {
     None,
     /// A broker delivery to acknowledge after the commit.
-    Delivery(Delivery),
+    Delivery(Box<Delivery>),
     /// An API caller waiting for the outcome.
     Api(oneshot::Sender<Result<Applied, RuntimeError>>),
 }

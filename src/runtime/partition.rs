@@ -11,8 +11,8 @@ use std::collections::{BTreeMap, HashMap, HashSet};
 use std::sync::Arc;
 use std::time::Duration;
 
-use capstan_engine::run::{Ctx, Effect, Event, Input, RunMeta, RunState, RunStatus};
 use capstan_engine::Timestamp;
+use capstan_engine::run::{Ctx, Effect, Event, Input, RunMeta, RunState, RunStatus};
 use capstan_store::{Batch, RunRecord, StreamAppend, TimerCancel, TimerRow};
 use tokio::sync::{mpsc, watch};
 use tracing::{debug, warn};
@@ -62,7 +62,13 @@ pub struct Partition {
 
 impl Partition {
     /// A partition reading envelopes from `rx`.
-    pub fn new(id: usize, rx: mpsc::Receiver<Envelope>, shared: Arc<Shared>, cache_capacity: usize, max_batch: usize) -> Self {
+    pub fn new(
+        id: usize,
+        rx: mpsc::Receiver<Envelope>,
+        shared: Arc<Shared>,
+        cache_capacity: usize,
+        max_batch: usize,
+    ) -> Self {
         let seed = shared.clock.now_ms() as u64 ^ ((id as u64 + 1) << 48);
         Partition { id, rx, shared, cache: RunCache::new(cache_capacity), max_batch, rng: seed }
     }
@@ -321,12 +327,10 @@ impl Partition {
             let version = i64::try_from(w.state.version()).unwrap_or(i64::MAX);
             let over = w.state.is_over();
             if !over {
-                self.cache.put(run_id, super::cache::Cached {
-                    state: w.state,
-                    version,
-                    created_at_ms: w.created_at_ms,
-                    status: w.status,
-                });
+                self.cache.put(
+                    run_id,
+                    super::cache::Cached { state: w.state, version, created_at_ms: w.created_at_ms, status: w.status },
+                );
             }
         }
         if has_outbox {

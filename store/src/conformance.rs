@@ -7,10 +7,7 @@ use crate::Store;
 use crate::testing::CaseFuture;
 
 /// Runs `case` on its own task so that a panic still lets the caller clean up, then re-raises it.
-async fn run_isolated<S: Store>(
-    store: Arc<S>,
-    case: impl FnOnce(Arc<S>) -> CaseFuture,
-) -> Result<(), String> {
+async fn run_isolated<S: Store>(store: Arc<S>, case: impl FnOnce(Arc<S>) -> CaseFuture) -> Result<(), String> {
     match tokio::spawn(case(store)).await {
         Ok(()) => Ok(()),
         Err(err) if err.is_panic() => {
@@ -50,9 +47,7 @@ mod sqlite {
 
     async fn run(case: impl FnOnce(Arc<SqliteStore>) -> CaseFuture) {
         let dir = tempfile::tempdir().expect("temp dir");
-        let store = SqliteStore::open(&dir.path().join("capstan.db"))
-            .await
-            .expect("open SQLite store");
+        let store = SqliteStore::open(&dir.path().join("capstan.db")).await.expect("open SQLite store");
         let outcome = run_isolated(Arc::new(store.clone()), case).await;
         store.close().await;
         if let Err(msg) = outcome {
@@ -64,12 +59,7 @@ mod sqlite {
 
     #[tokio::test]
     async fn in_memory_database_passes_the_suite() {
-        crate::testing::suite(|| async {
-            SqliteStore::open_in_memory()
-                .await
-                .expect("in-memory SQLite")
-        })
-        .await;
+        crate::testing::suite(|| async { SqliteStore::open_in_memory().await.expect("in-memory SQLite") }).await;
     }
 
     #[tokio::test]
@@ -78,17 +68,10 @@ mod sqlite {
         let path = dir.path().join("capstan.db");
         let store = SqliteStore::open(&path).await.expect("open");
         let batch = crate::testing::appends(vec![crate::testing::append("r1", 0, &["e1", "e2"])]);
-        crate::CommitLog::commit(&store, batch)
-            .await
-            .expect("commit");
+        crate::CommitLog::commit(&store, batch).await.expect("commit");
         store.close().await;
         let store = SqliteStore::open(&path).await.expect("reopen");
-        assert_eq!(
-            crate::EventReader::stream_version(&store, "r1")
-                .await
-                .expect("version"),
-            2
-        );
+        assert_eq!(crate::EventReader::stream_version(&store, "r1").await.expect("version"), 2);
         store.close().await;
     }
 }
@@ -102,8 +85,7 @@ mod postgres {
 
     /// Connects with a fresh random schema; fails loudly (never skips) when the server is down.
     async fn fresh() -> PostgresStore {
-        let url =
-            std::env::var("CAPSTAN_TEST_POSTGRES_URL").unwrap_or_else(|_| DEFAULT_URL.to_owned());
+        let url = std::env::var("CAPSTAN_TEST_POSTGRES_URL").unwrap_or_else(|_| DEFAULT_URL.to_owned());
         let schema = format!("capstan_test_{}", uuid::Uuid::new_v4().simple());
         match PostgresStore::connect_with_schema(&url, &schema).await {
             Ok(store) => store,
@@ -134,9 +116,7 @@ mod postgres {
 
     #[tokio::test]
     async fn bad_schema_name_is_invalid() {
-        let err = PostgresStore::connect_with_schema(DEFAULT_URL, "Bad;Name")
-            .await
-            .expect_err("invalid");
+        let err = PostgresStore::connect_with_schema(DEFAULT_URL, "Bad;Name").await.expect_err("invalid");
         assert!(matches!(err, crate::Error::Invalid(_)), "{err:?}");
     }
 }

@@ -316,27 +316,14 @@ pub trait RunIndex: Send + Sync {
 #[async_trait]
 pub trait Definitions: Send + Sync {
     /// Stores `source` as the next version unless it equals the latest one; returns the version.
-    async fn put_definition(
-        &self,
-        project: &str,
-        name: &str,
-        source: &str,
-        now_ms: i64,
-    ) -> Result<i64>;
+    async fn put_definition(&self, project: &str, name: &str, source: &str, now_ms: i64) -> Result<i64>;
     /// A version, or the latest when `version` is `None`.
-    async fn get_definition(
-        &self,
-        project: &str,
-        name: &str,
-        version: Option<i64>,
-    ) -> Result<Option<DefinitionRecord>>;
+    async fn get_definition(&self, project: &str, name: &str, version: Option<i64>)
+    -> Result<Option<DefinitionRecord>>;
     /// Latest version of every definition of a project, by name.
     async fn list_definitions(&self, project: &str) -> Result<Vec<DefinitionRecord>>;
 }
 
 /// A whole store.
-pub trait Store:
-    CommitLog + EventReader + Outbox + Timers + RunIndex + Definitions + 'static
-{
-}
+pub trait Store: CommitLog + EventReader + Outbox + Timers + RunIndex + Definitions + 'static {}
 impl<T: CommitLog + EventReader + Outbox + Timers + RunIndex + Definitions + 'static> Store for T {}

@@ -11,9 +11,8 @@ use async_trait::async_trait;
 
 use crate::plan::Plan;
 use crate::{
-    Batch, CommitLog, Committed, DefinitionRecord, Definitions, Error, EventReader, Outbox,
-    OutboxMessage, OutboxRow, Position, Result, RunFilter, RunIndex, RunRecord, StoredEvent,
-    TimerRow, Timers,
+    Batch, CommitLog, Committed, DefinitionRecord, Definitions, Error, EventReader, Outbox, OutboxMessage, OutboxRow,
+    Position, Result, RunFilter, RunIndex, RunRecord, StoredEvent, TimerRow, Timers,
 };
 
 /// An in-memory [`Store`](crate::Store). Cheap to create; everything is lost on drop.
@@ -47,9 +46,7 @@ impl MemoryStore {
     fn lock(&self) -> MutexGuard<'_, Inner> {
         // A panic while holding the lock cannot leave a half-applied batch (batches are validated
         // before any change), so a poisoned lock still guards consistent data.
-        self.inner
-            .lock()
-            .unwrap_or_else(|poisoned| poisoned.into_inner())
+        self.inner.lock().unwrap_or_else(|poisoned| poisoned.into_inner())
     }
 }
 
@@ -67,11 +64,8 @@ impl CommitLog for MemoryStore {
         if let Some(id) = plan.inputs.iter().find(|id| inner.inputs.contains(*id)) {
             return Err(Error::DuplicateInput(id.clone()));
         }
-        let current: HashMap<String, i64> = plan
-            .append_run_ids()
-            .into_iter()
-            .map(|r| (r.clone(), inner.version(&r)))
-            .collect();
+        let current: HashMap<String, i64> =
+            plan.append_run_ids().into_iter().map(|r| (r.clone(), inner.version(&r))).collect();
         let sequenced = plan.sequence(&current)?;
         if let Some(id) = plan.event_ids().find(|id| inner.event_ids.contains(*id)) {
             return Err(Error::DuplicateInput(id.to_owned()));
@@ -91,11 +85,7 @@ impl CommitLog for MemoryStore {
                 payload: s.event.payload.clone(),
                 recorded_at_ms: s.event.recorded_at_ms,
             });
-            inner
-                .streams
-                .entry(s.run_id.to_owned())
-                .or_default()
-                .push(index);
+            inner.streams.entry(s.run_id.to_owned()).or_default().push(index);
             inner.event_ids.insert(s.event.id.clone());
             last_position = position;
         }
@@ -122,14 +112,9 @@ impl CommitLog for MemoryStore {
             }
         }
         for timer in plan.set_timers {
-            inner
-                .timers
-                .insert((timer.run_id.clone(), timer.key.clone()), timer);
+            inner.timers.insert((timer.run_id.clone(), timer.key.clone()), timer);
         }
-        Ok(Committed {
-            last_position,
-            events,
-        })
+        Ok(Committed { last_position, events })
     }
 }
 
@@ -140,20 +125,13 @@ impl EventReader for MemoryStore {
         let Some(stream) = inner.streams.get(run_id) else {
             return Ok(Vec::new());
         };
-        Ok(stream
-            .iter()
-            .map(|&i| &inner.events[i])
-            .filter(|e| e.seq >= from_seq)
-            .cloned()
-            .collect())
+        Ok(stream.iter().map(|&i| &inner.events[i]).filter(|e| e.seq >= from_seq).cloned().collect())
     }
 
     async fn read_all(&self, after: Position, limit: usize) -> Result<Vec<StoredEvent>> {
         let inner = self.lock();
         // Positions are 1-based indexes into `events`, so `after` is the first index to return.
-        let start = usize::try_from(after.max(0))
-            .unwrap_or(usize::MAX)
-            .min(inner.events.len());
+        let start = usize::try_from(after.max(0)).unwrap_or(usize::MAX).min(inner.events.len());
         Ok(inner.events[start..].iter().take(limit).cloned().collect())
     }
 
@@ -163,11 +141,7 @@ impl EventReader for MemoryStore {
 
     async fn inputs_seen(&self, ids: &[String]) -> Result<Vec<String>> {
         let inner = self.lock();
-        Ok(ids
-            .iter()
-            .filter(|id| inner.inputs.contains(*id))
-            .cloned()
-            .collect())
+        Ok(ids.iter().filter(|id| inner.inputs.contains(*id)).cloned().collect())
     }
 }
 
@@ -175,15 +149,7 @@ impl EventReader for MemoryStore {
 impl Outbox for MemoryStore {
     async fn outbox_pending(&self, limit: usize) -> Result<Vec<OutboxRow>> {
         let inner = self.lock();
-        Ok(inner
-            .outbox
-            .iter()
-            .take(limit)
-            .map(|(&seq, message)| OutboxRow {
-                seq,
-                message: message.clone(),
-            })
-            .collect())
+        Ok(inner.outbox.iter().take(limit).map(|(&seq, message)| OutboxRow { seq, message: message.clone() }).collect())
     }
 
     async fn outbox_delete(&self, seqs: &[i64]) -> Result<()> {
@@ -199,15 +165,8 @@ impl Outbox for MemoryStore {
 impl Timers for MemoryStore {
     async fn timers_due(&self, now_ms: i64, limit: usize) -> Result<Vec<TimerRow>> {
         let inner = self.lock();
-        let mut due: Vec<TimerRow> = inner
-            .timers
-            .values()
-            .filter(|t| t.fire_at_ms <= now_ms)
-            .cloned()
-            .collect();
-        due.sort_by(|a, b| {
-            (a.fire_at_ms, &a.run_id, &a.key).cmp(&(b.fire_at_ms, &b.run_id, &b.key))
-        });
+        let mut due: Vec<TimerRow> = inner.timers.values().filter(|t| t.fire_at_ms <= now_ms).cloned().collect();
+        due.sort_by(|a, b| (a.fire_at_ms, &a.run_id, &a.key).cmp(&(b.fire_at_ms, &b.run_id, &b.key)));
         due.truncate(limit);
         Ok(due)
     }
@@ -223,14 +182,12 @@ fn matches(run: &RunRecord, f: &RunFilter) -> bool {
     eq(&f.project, &run.project)
         && eq(&f.stage, &run.stage)
         && eq(&f.sequence, &run.sequence)
-        && f.service
-            .as_deref()
-            .is_none_or(|w| run.service.as_deref() == Some(w))
+        && f.service.as_deref().is_none_or(|w| run.service.as_deref() == Some(w))
         && eq(&f.status, &run.status)
         && eq(&f.context_id, &run.context_id)
-        && f.before.as_ref().is_none_or(|(at, id)| {
-            run.created_at_ms < *at || (run.created_at_ms == *at && run.run_id < *id)
-        })
+        && f.before
+            .as_ref()
+            .is_none_or(|(at, id)| run.created_at_ms < *at || (run.created_at_ms == *at && run.run_id < *id))
 }
 
 #[async_trait]
@@ -241,12 +198,7 @@ impl RunIndex for MemoryStore {
 
     async fn list_runs(&self, filter: &RunFilter) -> Result<Vec<RunRecord>> {
         let inner = self.lock();
-        let mut runs: Vec<RunRecord> = inner
-            .runs
-            .values()
-            .filter(|r| matches(r, filter))
-            .cloned()
-            .collect();
+        let mut runs: Vec<RunRecord> = inner.runs.values().filter(|r| matches(r, filter)).cloned().collect();
         runs.sort_by(|a, b| (b.created_at_ms, &b.run_id).cmp(&(a.created_at_ms, &a.run_id)));
         if filter.limit > 0 {
             runs.truncate(filter.limit);
@@ -256,12 +208,7 @@ impl RunIndex for MemoryStore {
 
     async fn unfinished_runs(&self) -> Result<Vec<RunRecord>> {
         let inner = self.lock();
-        let mut runs: Vec<RunRecord> = inner
-            .runs
-            .values()
-            .filter(|r| !r.is_over())
-            .cloned()
-            .collect();
+        let mut runs: Vec<RunRecord> = inner.runs.values().filter(|r| !r.is_over()).cloned().collect();
         runs.sort_by(|a, b| (a.created_at_ms, &a.run_id).cmp(&(b.created_at_ms, &b.run_id)));
         Ok(runs)
     }
@@ -269,18 +216,9 @@ impl RunIndex for MemoryStore {
 
 #[async_trait]
 impl Definitions for MemoryStore {
-    async fn put_definition(
-        &self,
-        project: &str,
-        name: &str,
-        source: &str,
-        now_ms: i64,
-    ) -> Result<i64> {
+    async fn put_definition(&self, project: &str, name: &str, source: &str, now_ms: i64) -> Result<i64> {
         let mut inner = self.lock();
-        let versions = inner
-            .definitions
-            .entry((project.to_owned(), name.to_owned()))
-            .or_default();
+        let versions = inner.definitions.entry((project.to_owned(), name.to_owned())).or_default();
         if let Some(latest) = versions.last()
             && latest.source == source
         {
@@ -304,10 +242,7 @@ impl Definitions for MemoryStore {
         version: Option<i64>,
     ) -> Result<Option<DefinitionRecord>> {
         let inner = self.lock();
-        let Some(versions) = inner
-            .definitions
-            .get(&(project.to_owned(), name.to_owned()))
-        else {
+        let Some(versions) = inner.definitions.get(&(project.to_owned(), name.to_owned())) else {
             return Ok(None);
         };
         Ok(match version {

@@ -13,9 +13,7 @@
 
 use std::collections::{BTreeMap, HashMap, HashSet};
 
-use crate::{
-    Batch, Error, NewEvent, OutboxMessage, Result, RunRecord, StreamAppend, TimerCancel, TimerRow,
-};
+use crate::{Batch, Error, NewEvent, OutboxMessage, Result, RunRecord, StreamAppend, TimerCancel, TimerRow};
 
 /// A validated batch, ready for any backend to write.
 #[derive(Debug)]
@@ -69,16 +67,9 @@ impl Plan {
                 }
             }
         }
-        let runs: BTreeMap<String, RunRecord> = batch
-            .runs
-            .into_iter()
-            .map(|r| (r.run_id.clone(), r))
-            .collect();
-        let set_timers: BTreeMap<(String, String), TimerRow> = batch
-            .set_timers
-            .into_iter()
-            .map(|t| ((t.run_id.clone(), t.key.clone()), t))
-            .collect();
+        let runs: BTreeMap<String, RunRecord> = batch.runs.into_iter().map(|r| (r.run_id.clone(), r)).collect();
+        let set_timers: BTreeMap<(String, String), TimerRow> =
+            batch.set_timers.into_iter().map(|t| ((t.run_id.clone(), t.key.clone()), t)).collect();
         let mut cancel_timers = batch.cancel_timers;
         cancel_timers.sort_by(|a, b| (&a.run_id, &a.key).cmp(&(&b.run_id, &b.key)));
         Ok(Plan {
@@ -105,18 +96,12 @@ impl Plan {
     /// The distinct run ids the batch appends to, in first-seen order.
     pub fn append_run_ids(&self) -> Vec<String> {
         let mut seen = HashSet::new();
-        self.appends
-            .iter()
-            .filter(|a| seen.insert(a.run_id.as_str()))
-            .map(|a| a.run_id.clone())
-            .collect()
+        self.appends.iter().filter(|a| seen.insert(a.run_id.as_str())).map(|a| a.run_id.clone()).collect()
     }
 
     /// The event ids the batch appends, in batch order.
     pub fn event_ids(&self) -> impl Iterator<Item = &str> {
-        self.appends
-            .iter()
-            .flat_map(|a| a.events.iter().map(|e| e.id.as_str()))
+        self.appends.iter().flat_map(|a| a.events.iter().map(|e| e.id.as_str()))
     }
 
     /// Checks every expected version against `current` (a run missing there has version 0) and
@@ -126,9 +111,7 @@ impl Plan {
         let mut out = Vec::with_capacity(self.event_count());
         for append in &self.appends {
             let run_id = append.run_id.as_str();
-            let actual = *versions
-                .entry(run_id)
-                .or_insert_with(|| current.get(run_id).copied().unwrap_or(0));
+            let actual = *versions.entry(run_id).or_insert_with(|| current.get(run_id).copied().unwrap_or(0));
             if actual != append.expected_version {
                 return Err(Error::Conflict {
                     run_id: append.run_id.clone(),
@@ -137,11 +120,7 @@ impl Plan {
                 });
             }
             for (i, event) in append.events.iter().enumerate() {
-                out.push(Sequenced {
-                    run_id,
-                    seq: actual + 1 + i as i64,
-                    event,
-                });
+                out.push(Sequenced { run_id, seq: actual + 1 + i as i64, event });
             }
             versions.insert(run_id, actual + append.events.len() as i64);
         }
@@ -151,15 +130,9 @@ impl Plan {
     /// The first of `wanted` (in order) that is missing from `written`: the id a conflict-ignoring
     /// insert skipped because it already existed.
     #[cfg(any(feature = "sqlite", feature = "postgres"))]
-    pub fn first_missing<'a>(
-        wanted: impl IntoIterator<Item = &'a str>,
-        written: &[String],
-    ) -> Option<String> {
+    pub fn first_missing<'a>(wanted: impl IntoIterator<Item = &'a str>, written: &[String]) -> Option<String> {
         let written: HashSet<&str> = written.iter().map(String::as_str).collect();
-        wanted
-            .into_iter()
-            .find(|id| !written.contains(id))
-            .map(str::to_owned)
+        wanted.into_iter().find(|id| !written.contains(id)).map(str::to_owned)
     }
 }
 
@@ -169,12 +142,7 @@ mod tests {
     use serde_json::json;
 
     fn event(id: &str) -> NewEvent {
-        NewEvent {
-            id: id.into(),
-            kind: "k".into(),
-            payload: json!({}),
-            recorded_at_ms: 1,
-        }
+        NewEvent { id: id.into(), kind: "k".into(), payload: json!({}), recorded_at_ms: 1 }
     }
 
     fn append(run: &str, expected: i64, ids: &[&str]) -> StreamAppend {
@@ -187,37 +155,20 @@ mod tests {
 
     #[test]
     fn chained_appends_to_one_run_number_on() {
-        let batch = Batch {
-            appends: vec![append("r", 2, &["a", "b"]), append("r", 4, &["c"])],
-            ..Batch::default()
-        };
+        let batch = Batch { appends: vec![append("r", 2, &["a", "b"]), append("r", 4, &["c"])], ..Batch::default() };
         let plan = Plan::new(batch).expect("valid");
         let current = HashMap::from([("r".to_owned(), 2)]);
-        let seqs: Vec<i64> = plan
-            .sequence(&current)
-            .expect("no conflict")
-            .iter()
-            .map(|s| s.seq)
-            .collect();
+        let seqs: Vec<i64> = plan.sequence(&current).expect("no conflict").iter().map(|s| s.seq).collect();
         assert_eq!(seqs, vec![3, 4, 5]);
     }
 
     #[test]
     fn in_batch_duplicates_and_bad_versions_are_rejected() {
-        let dup_input = Batch {
-            inputs: vec!["i".into(), "i".into()],
-            ..Batch::default()
-        };
+        let dup_input = Batch { inputs: vec!["i".into(), "i".into()], ..Batch::default() };
         assert!(matches!(Plan::new(dup_input), Err(Error::DuplicateInput(id)) if id == "i"));
-        let dup_event = Batch {
-            appends: vec![append("r", 0, &["e", "e"])],
-            ..Batch::default()
-        };
+        let dup_event = Batch { appends: vec![append("r", 0, &["e", "e"])], ..Batch::default() };
         assert!(matches!(Plan::new(dup_event), Err(Error::DuplicateInput(id)) if id == "e"));
-        let negative = Batch {
-            appends: vec![append("r", -1, &["e"])],
-            ..Batch::default()
-        };
+        let negative = Batch { appends: vec![append("r", -1, &["e"])], ..Batch::default() };
         assert!(matches!(Plan::new(negative), Err(Error::Invalid(_))));
     }
 
@@ -237,10 +188,7 @@ mod tests {
             created_at_ms: 1,
             updated_at_ms: 1,
         };
-        let batch = Batch {
-            runs: vec![run("running"), run("finished")],
-            ..Batch::default()
-        };
+        let batch = Batch { runs: vec![run("running"), run("finished")], ..Batch::default() };
         let plan = Plan::new(batch).expect("valid");
         assert_eq!(plan.runs.len(), 1);
         assert_eq!(plan.runs[0].status, "finished");

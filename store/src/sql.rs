@@ -15,33 +15,20 @@ pub(crate) fn db_error(err: sqlx::Error) -> Error {
     match &err {
         sqlx::Error::Database(db) if db.is_unique_violation() => {
             // PostgreSQL names the constraint; SQLite only says "UNIQUE constraint failed: t.c".
-            let on_an_id = matches!(
-                db.constraint(),
-                Some("processed_inputs_pkey" | "events_id_key")
-            ) || db.message().ends_with("processed_inputs.id")
+            let on_an_id = matches!(db.constraint(), Some("processed_inputs_pkey" | "events_id_key"))
+                || db.message().ends_with("processed_inputs.id")
                 || db.message().ends_with("events.id");
-            if on_an_id {
-                Error::DuplicateInput(db.message().to_owned())
-            } else {
-                Error::Unavailable(Box::new(err))
-            }
+            if on_an_id { Error::DuplicateInput(db.message().to_owned()) } else { Error::Unavailable(Box::new(err)) }
         }
         sqlx::Error::Database(db) => {
             let code = db.code().map(|c| c.into_owned()).unwrap_or_default();
             // PostgreSQL class 22 is "data exception" and 23 "integrity constraint violation";
             // SQLite reports constraint failures as SQLITE_CONSTRAINT (19) or its extended codes.
-            let caller_fault = code.starts_with("22")
-                || code.starts_with("23")
-                || code.parse::<i64>().is_ok_and(|c| c & 0xff == 19);
-            if caller_fault {
-                Error::Invalid(db.message().to_owned())
-            } else {
-                Error::Unavailable(Box::new(err))
-            }
+            let caller_fault =
+                code.starts_with("22") || code.starts_with("23") || code.parse::<i64>().is_ok_and(|c| c & 0xff == 19);
+            if caller_fault { Error::Invalid(db.message().to_owned()) } else { Error::Unavailable(Box::new(err)) }
         }
-        sqlx::Error::ColumnDecode { .. }
-        | sqlx::Error::Decode(_)
-        | sqlx::Error::ColumnNotFound(_) => {
+        sqlx::Error::ColumnDecode { .. } | sqlx::Error::Decode(_) | sqlx::Error::ColumnNotFound(_) => {
             Error::Invalid(format!("stored data does not decode: {err}"))
         }
         _ => Error::Unavailable(Box::new(err)),
@@ -61,6 +48,5 @@ pub(crate) fn sql_limit(limit: usize) -> i64 {
 /// Decodes a JSON payload stored as text (SQLite keeps JSON as TEXT).
 #[cfg(feature = "sqlite")]
 pub(crate) fn parse_json(text: &str) -> Result<serde_json::Value, Error> {
-    serde_json::from_str(text)
-        .map_err(|e| Error::Invalid(format!("stored payload is not JSON: {e}")))
+    serde_json::from_str(text).map_err(|e| Error::Invalid(format!("stored payload is not JSON: {e}")))
 }

@@ -73,7 +73,8 @@ async fn runs_survive_crashes_at_random_points() {
         assert!(started.elapsed() < Duration::from_secs(120), "runs did not finish; crashes so far: {crashes:?}");
         // The last incarnations run without faults so that the test always terminates.
         let faulty = incarnation <= 25;
-        let faults = if faulty { Faults::with(Arc::new(RandomFaults::new(incarnation * 7919, 0.01))) } else { Faults::none() };
+        let faults =
+            if faulty { Faults::with(Arc::new(RandomFaults::new(incarnation * 7919, 0.01))) } else { Faults::none() };
         let config = RuntimeConfig { faults, ..RuntimeConfig::default() };
         let (rt, broker) = engine(store.clone(), config).await;
         let workers = scripted_worker(broker, "w", BTreeMap::new(), &["work"], script.clone(), log.clone()).await;
@@ -124,7 +125,9 @@ fn check_recorded_once(run_id: &str, events: &[Event]) {
     for e in events {
         match e {
             Event::TaskAwarded { task, attempt, .. } => *awards.entry((task.clone(), *attempt)).or_default() += 1,
-            Event::AttemptEnded { task, attempt, .. } => *attempt_ends.entry((task.clone(), *attempt)).or_default() += 1,
+            Event::AttemptEnded { task, attempt, .. } => {
+                *attempt_ends.entry((task.clone(), *attempt)).or_default() += 1
+            }
             Event::TaskEnded { task, result, .. } => task_ends.entry(task.clone()).or_default().push(*result),
             Event::RunFinished { result, .. } => run_ends.push(*result),
             _ => {}
@@ -160,15 +163,15 @@ fn the_demo_resumes_after_kill_minus_nine() {
             break;
         }
     }
-    assert!(seen.iter().any(|l| l.contains("staging/delivery")), "the demo never reached staging:\n{}", seen.join("\n"));
+    assert!(
+        seen.iter().any(|l| l.contains("staging/delivery")),
+        "the demo never reached staging:\n{}",
+        seen.join("\n")
+    );
     child.kill().expect("SIGKILL");
     let _ = child.wait();
 
-    let out = Command::new(bin)
-        .args(["demo", "--data"])
-        .arg(dir.path())
-        .output()
-        .expect("capstan demo runs again");
+    let out = Command::new(bin).args(["demo", "--data"]).arg(dir.path()).output().expect("capstan demo runs again");
     let text = String::from_utf8_lossy(&out.stdout);
     assert!(text.contains("resuming"), "the second start must resume:\n{text}");
     assert!(!text.contains("triggered dev.delivery"), "the second start must not start new runs:\n{text}");

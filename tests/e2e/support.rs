@@ -10,8 +10,8 @@ use capstan::runtime::{Runtime, RuntimeConfig, RuntimeHandle, SystemClock};
 use capstan_brokers::memory::MemoryBroker;
 use capstan_brokers::{Broker, Message, SubscriptionMode};
 use capstan_proto::{
-    Award, Bid, Claim, CloudEvent, DispatchMode, Finished, Progress, TaskError, TaskOffer, TaskResult, WorkerInfo,
-    ext, topics, types,
+    Award, Bid, Claim, CloudEvent, DispatchMode, Finished, Progress, TaskError, TaskOffer, TaskResult, WorkerInfo, ext,
+    topics, types,
 };
 use capstan_store::{RunRecord, Store};
 use serde_json::{Value, json};
@@ -92,12 +92,26 @@ pub async fn scripted_worker(
                     let run = offer.attempt.run_id.clone();
                     match offer.dispatch {
                         DispatchMode::Auction => {
-                            let bid = Bid { attempt: offer.attempt, worker: info.clone(), cost: 1.0, estimated_ms: 10, free_slots: 1 };
-                            send(&*broker, &info.id, types::TASK_BID, &run, serde_json::to_value(bid).expect("json")).await;
+                            let bid = Bid {
+                                attempt: offer.attempt,
+                                worker: info.clone(),
+                                cost: 1.0,
+                                estimated_ms: 10,
+                                free_slots: 1,
+                            };
+                            send(&*broker, &info.id, types::TASK_BID, &run, serde_json::to_value(bid).expect("json"))
+                                .await;
                         }
                         DispatchMode::Queue | DispatchMode::Fanout => {
                             let claim = Claim { attempt: offer.attempt, worker: info.clone() };
-                            send(&*broker, &info.id, types::TASK_CLAIM, &run, serde_json::to_value(claim).expect("json")).await;
+                            send(
+                                &*broker,
+                                &info.id,
+                                types::TASK_CLAIM,
+                                &run,
+                                serde_json::to_value(claim).expect("json"),
+                            )
+                            .await;
                         }
                     }
                 }
@@ -168,7 +182,12 @@ async fn perform(broker: Arc<dyn Broker>, id: String, award: Award, behaviour: B
     };
     let times = if behaviour == Behaviour::AnswerTwice { 2 } else { 1 };
     for _ in 0..times {
-        log.lock().expect("log").finished.push((id.clone(), award.attempt.task.clone(), award.attempt.attempt, award.token));
+        log.lock().expect("log").finished.push((
+            id.clone(),
+            award.attempt.task.clone(),
+            award.attempt.attempt,
+            award.token,
+        ));
         send(&*broker, &id, types::TASK_FINISHED, &run, serde_json::to_value(&finished).expect("json")).await;
     }
 }

@@ -53,7 +53,8 @@ fn no_file_passes_600_lines_without_a_reason() {
         .filter_map(|f| {
             let text = std::fs::read_to_string(f).ok()?;
             let lines = text.lines().count();
-            (lines > 600 && !text.contains("// tidy: long file because")).then(|| format!("{} ({lines} lines)", f.display()))
+            (lines > 600 && !text.contains("// tidy: long file because"))
+                .then(|| format!("{} ({lines} lines)", f.display()))
         })
         .collect();
     assert!(long.is_empty(), "files over 600 lines:\n{}", long.join("\n"));
@@ -66,7 +67,9 @@ fn the_engine_stays_pure() {
     for name in forbidden {
         let as_dep = manifest.lines().any(|l| {
             let l = l.trim_start();
-            l.starts_with(&format!("{name} ")) || l.starts_with(&format!("{name}=")) || l.starts_with(&format!("{name}."))
+            l.starts_with(&format!("{name} "))
+                || l.starts_with(&format!("{name}="))
+                || l.starts_with(&format!("{name}."))
         });
         assert!(!as_dep, "engine/Cargo.toml depends on `{name}`: the engine crate stays pure");
     }

@@ -32,18 +32,33 @@ spec:
 
 /// Runs the one-task sequence with a script; returns the run's history and the workers' log.
 async fn run_with(script: Script) -> (Vec<Event>, WorkerLog, TaskResult) {
+    run_until(script, |_| true).await
+}
+
+/// Like `run_with`, and after the run ended also waits (bounded) until the workers' log satisfies
+/// `settled`, so late answers are in before the history is read.
+async fn run_until(script: Script, settled: impl Fn(&WorkerLog) -> bool) -> (Vec<Event>, WorkerLog, TaskResult) {
     let store: Arc<dyn Store> = Arc::new(MemoryStore::new());
     let (rt, broker) = engine(store.clone(), RuntimeConfig::default()).await;
     let log = Arc::new(Mutex::new(WorkerLog::default()));
     let workers = scripted_worker(broker, "w1", BTreeMap::new(), &["work"], script, log.clone()).await;
     rt.apply_definition("p", ONE_TASK).await.expect("definition applies");
     let run_id = rt
-        .trigger(TriggerRequest { project: "p".into(), stage: "dev".into(), sequence: "run".into(), ..Default::default() })
+        .trigger(TriggerRequest {
+            project: "p".into(),
+            stage: "dev".into(),
+            sequence: "run".into(),
+            ..Default::default()
+        })
         .await
         .expect("trigger");
     let record = wait_run_over(&*store, &run_id, Duration::from_secs(20)).await;
-    // Give late messages (second answers, stale tokens) time to be refused and recorded.
-    tokio::time::sleep(Duration::from_millis(300)).await;
+    let deadline = tokio::time::Instant::now() + Duration::from_secs(10);
+    while !settled(&log.lock().expect("log")) && tokio::time::Instant::now() < deadline {
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
+    // Give the last message sent (second answers, stale tokens) time to be refused.
+    tokio::time::sleep(Duration::from_millis(200)).await;
     rt.shutdown().await;
     for w in workers {
         w.abort();
@@ -58,7 +73,9 @@ fn attempt_outcomes(events: &[Event]) -> Vec<(u32, AttemptOutcome, bool)> {
     events
         .iter()
         .filter_map(|e| match e {
-            Event::AttemptEnded { attempt, outcome, retry_at, .. } => Some((*attempt, outcome.clone(), retry_at.is_some())),
+            Event::AttemptEnded { attempt, outcome, retry_at, .. } => {
+                Some((*attempt, outcome.clone(), retry_at.is_some()))
+            }
             _ => None,
         })
         .collect()
@@ -88,7 +105,10 @@ async fn a_worker_that_never_starts_times_out_and_the_retry_passes() {
     let (events, _, result) = run_with(script).await;
     let outcomes = attempt_outcomes(&events);
     assert!(
-        matches!(outcomes[0], (1, AttemptOutcome::TimedOut { timeout: TimeoutKind::ScheduleToStart | TimeoutKind::StartToClose }, true)),
+        matches!(
+            outcomes[0],
+            (1, AttemptOutcome::TimedOut { timeout: TimeoutKind::ScheduleToStart | TimeoutKind::StartToClose }, true)
+        ),
         "{outcomes:?}"
     );
     assert_eq!(ended_once(&events), TaskResult::Pass);
@@ -100,17 +120,25 @@ async fn a_worker_that_stops_heartbeating_is_detected() {
     let script: Script = Arc::new(|_, attempt| if attempt == 1 { Behaviour::StopHeartbeating } else { ok_after(20) });
     let (events, _, _) = run_with(script).await;
     let outcomes = attempt_outcomes(&events);
-    assert!(matches!(outcomes[0], (1, AttemptOutcome::TimedOut { timeout: TimeoutKind::Heartbeat }, true)), "{outcomes:?}");
+    assert!(
+        matches!(outcomes[0], (1, AttemptOutcome::TimedOut { timeout: TimeoutKind::Heartbeat }, true)),
+        "{outcomes:?}"
+    );
     assert_eq!(ended_once(&events), TaskResult::Pass);
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_worker_that_runs_too_long_is_cut_off_and_its_late_answer_refused() {
-    let script: Script =
-        Arc::new(|_, attempt| if attempt == 1 { Behaviour::RunTooLong { after: Duration::from_millis(1_500) } } else { ok_after(20) });
-    let (events, log, _) = run_with(script).await;
+    let script: Script = Arc::new(|_, attempt| {
+        if attempt == 1 { Behaviour::RunTooLong { after: Duration::from_millis(1_500) } } else { ok_after(20) }
+    });
+    let (events, log, _) = run_until(script, |log| log.finished.iter().any(|f| f.2 == 1)).await;
     let outcomes = attempt_outcomes(&events);
-    assert!(matches!(outcomes[0], (1, AttemptOutcome::TimedOut { timeout: TimeoutKind::StartToClose }, true)), "{outcomes:?}");
+    assert!(
+        matches!(outcomes[0], (1, AttemptOutcome::TimedOut { timeout: TimeoutKind::StartToClose }, true)),
+        "{outcomes:?}"
+    );
+    assert_eq!(outcomes.len(), 2, "the late answer of attempt 1 must not count: {outcomes:?}");
     assert_eq!(ended_once(&events), TaskResult::Pass);
     // The late answer of attempt 1 arrives after the run ended or after attempt 2 took over:
     // either way it must not count.
@@ -140,7 +168,7 @@ async fn a_retryable_error_is_retried_after_a_backoff_within_bounds() {
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_second_answer_is_refused_and_recorded() {
     let script: Script = Arc::new(|_, _| Behaviour::AnswerTwice);
-    let (events, log, _) = run_with(script).await;
+    let (events, log, _) = run_until(script, |log| log.finished.len() >= 2).await;
     assert_eq!(log.finished.len(), 2, "the worker answered twice");
     assert_eq!(ended_once(&events), TaskResult::Pass);
     let accepted = events.iter().filter(|e| matches!(e, Event::AttemptEnded { .. })).count();

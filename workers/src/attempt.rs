@@ -6,9 +6,7 @@ use std::sync::Arc;
 use std::time::Duration;
 
 use capstan_brokers::{Broker, Error as BrokerError, Message};
-use capstan_proto::{
-    AttemptRef, Award, Finished, Progress, TaskError, TaskResult, WorkerInfo, ext, topics, types,
-};
+use capstan_proto::{AttemptRef, Award, Finished, Progress, TaskError, TaskResult, WorkerInfo, ext, topics, types};
 use serde::Serialize;
 use serde_json::{Value, json};
 use tokio::sync::mpsc;
@@ -27,11 +25,7 @@ pub(crate) struct Emitter {
 impl Emitter {
     pub(crate) fn new(broker: Arc<dyn Broker>, worker: WorkerInfo) -> Self {
         let source = format!("capstan/worker/{}", worker.id);
-        Emitter {
-            broker,
-            worker,
-            source,
-        }
+        Emitter { broker, worker, source }
     }
 
     pub(crate) fn worker(&self) -> &WorkerInfo {
@@ -46,23 +40,18 @@ impl Emitter {
         token: Option<u64>,
         data: &impl Serialize,
     ) -> crate::Result<Message> {
-        let mut event =
-            capstan_proto::CloudEvent::new(uuid::Uuid::new_v4().to_string(), &self.source, ty)
-                .with_data(serde_json::to_value(data)?)
-                .with_ext(ext::PROJECT, &attempt.project)
-                .with_ext(ext::RUN, &attempt.run_id)
-                .with_ext(ext::TASK, &attempt.task)
-                .with_ext(ext::ATTEMPT, attempt.attempt)
-                .with_ext(ext::WORKER, &self.worker.id);
+        let mut event = capstan_proto::CloudEvent::new(uuid::Uuid::new_v4().to_string(), &self.source, ty)
+            .with_data(serde_json::to_value(data)?)
+            .with_ext(ext::PROJECT, &attempt.project)
+            .with_ext(ext::RUN, &attempt.run_id)
+            .with_ext(ext::TASK, &attempt.task)
+            .with_ext(ext::ATTEMPT, attempt.attempt)
+            .with_ext(ext::WORKER, &self.worker.id);
         if let Some(token) = token {
             event = event.with_ext(ext::TOKEN, token);
         }
         event.subject = Some(attempt.task.clone());
-        Ok(Message {
-            topic: topics::ENGINE_INPUTS.to_string(),
-            key: attempt.run_id.clone(),
-            event,
-        })
+        Ok(Message { topic: topics::ENGINE_INPUTS.to_string(), key: attempt.run_id.clone(), event })
     }
 
     /// Sends one engine input.
@@ -84,15 +73,7 @@ impl Emitter {
     async fn send_finished(&self, mut finished: Finished) {
         let mut backoff = Duration::from_millis(100);
         for _ in 0..5 {
-            match self
-                .send(
-                    types::TASK_FINISHED,
-                    &finished.attempt.clone(),
-                    Some(finished.token),
-                    &finished,
-                )
-                .await
-            {
+            match self.send(types::TASK_FINISHED, &finished.attempt.clone(), Some(finished.token), &finished).await {
                 Ok(()) => return,
                 Err(crate::Error::Broker(BrokerError::TooLarge { size, limit })) => {
                     tracing::warn!(size, limit, task = %finished.attempt.task, "output too large for the broker");
@@ -100,9 +81,7 @@ impl Emitter {
                     finished.output = Value::Null;
                     finished.error = Some(TaskError {
                         kind: "output-too-large".into(),
-                        message: format!(
-                            "the result of {size} bytes exceeds the broker's limit of {limit}"
-                        ),
+                        message: format!("the result of {size} bytes exceeds the broker's limit of {limit}"),
                     });
                 }
                 Err(e) => {
@@ -141,22 +120,13 @@ pub(crate) async fn run_attempt(
     let attempt = award.attempt.clone();
     let token = award.token;
     let worker_id = emitter.worker().id.clone();
-    let progress = Progress {
-        attempt: attempt.clone(),
-        worker_id: worker_id.clone(),
-        token,
-    };
-    if let Err(e) = emitter
-        .send(types::TASK_STARTED, &attempt, Some(token), &progress)
-        .await
-    {
+    let progress = Progress { attempt: attempt.clone(), worker_id: worker_id.clone(), token };
+    if let Err(e) = emitter.send(types::TASK_STARTED, &attempt, Some(token), &progress).await {
         // The handler still runs: the engine hears of the attempt through heartbeats or finished,
         // or times it out and fences it off, which makes the result moot but harmless.
         tracing::warn!(error = %e, task = %attempt.task, "could not send started");
     }
-    let heartbeat = award
-        .heartbeat_ms
-        .map(|ms| Duration::from_millis((ms / 3).max(1)));
+    let heartbeat = award.heartbeat_ms.map(|ms| Duration::from_millis((ms / 3).max(1)));
     let ctx = TaskContext::new(award, worker_id.clone(), cancel.clone());
     // The handler runs in its own task so that a panic in it becomes a reported error and an
     // abort after the cancel grace really stops it (dropping a child process with it).
@@ -200,14 +170,7 @@ pub(crate) async fn run_attempt(
         Outcome::Finished { result, output } => (result, output, None),
         Outcome::Error(error) => (TaskResult::Fail, json!(null), Some(error)),
     };
-    let finished = Finished {
-        attempt,
-        worker_id,
-        token,
-        result,
-        output,
-        error,
-    };
+    let finished = Finished { attempt, worker_id, token, result, output, error };
     emitter.send_finished(finished).await;
     drop(done);
 }

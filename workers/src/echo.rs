@@ -21,11 +21,7 @@ pub struct EchoConfig {
 
 impl Default for EchoConfig {
     fn default() -> Self {
-        EchoConfig {
-            delay: Duration::ZERO,
-            fail_first: 0,
-            fail_kind: "demo-failure".into(),
-        }
+        EchoConfig { delay: Duration::ZERO, fail_first: 0, fail_kind: "demo-failure".into() }
     }
 }
 
@@ -60,10 +56,7 @@ impl Handler for EchoWorker {
         if attempt <= self.config.fail_first {
             return Outcome::error(
                 self.config.fail_kind.clone(),
-                format!(
-                    "attempt {attempt} fails on purpose (the first {} do)",
-                    self.config.fail_first
-                ),
+                format!("attempt {attempt} fails on purpose (the first {} do)", self.config.fail_first),
             );
         }
         Outcome::pass(json!({"echo": true, "worker": task.worker_id(), "attempt": attempt}))
@@ -78,12 +71,7 @@ mod tests {
 
     fn ctx(attempt: u32) -> TaskContext {
         let award = Award {
-            attempt: AttemptRef {
-                project: "p".into(),
-                run_id: "r".into(),
-                task: "t".into(),
-                attempt,
-            },
+            attempt: AttemptRef { project: "p".into(), run_id: "r".into(), task: "t".into(), attempt },
             worker_id: "w".into(),
             token: 1,
             task_type: "echo".into(),
@@ -103,15 +91,10 @@ mod tests {
         });
         let start = tokio::time::Instant::now();
         for attempt in 1..=2 {
-            let Outcome::Error(e) = echo.handle(ctx(attempt)).await else {
-                panic!("attempt {attempt} must fail")
-            };
+            let Outcome::Error(e) = echo.handle(ctx(attempt)).await else { panic!("attempt {attempt} must fail") };
             assert_eq!(e.kind, "flaky");
         }
-        assert_eq!(
-            echo.handle(ctx(3)).await,
-            Outcome::pass(json!({"echo": true, "worker": "w", "attempt": 3}))
-        );
+        assert_eq!(echo.handle(ctx(3)).await, Outcome::pass(json!({"echo": true, "worker": "w", "attempt": 3})));
         assert_eq!(start.elapsed(), Duration::from_secs(6));
     }
 }

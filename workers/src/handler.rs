@@ -42,34 +42,22 @@ pub enum Outcome {
 impl Outcome {
     /// A passing result.
     pub fn pass(output: Value) -> Self {
-        Outcome::Finished {
-            result: TaskResult::Pass,
-            output,
-        }
+        Outcome::Finished { result: TaskResult::Pass, output }
     }
 
     /// A result with a warning.
     pub fn warning(output: Value) -> Self {
-        Outcome::Finished {
-            result: TaskResult::Warning,
-            output,
-        }
+        Outcome::Finished { result: TaskResult::Warning, output }
     }
 
     /// A failing verdict (not an error: the task ran and judged the subject bad).
     pub fn fail(output: Value) -> Self {
-        Outcome::Finished {
-            result: TaskResult::Fail,
-            output,
-        }
+        Outcome::Finished { result: TaskResult::Fail, output }
     }
 
     /// An error of the given kind (e.g. `timeout`, `exit-code`, `bad-input`).
     pub fn error(kind: impl Into<String>, message: impl Into<String>) -> Self {
-        Outcome::Error(TaskError {
-            kind: kind.into(),
-            message: message.into(),
-        })
+        Outcome::Error(TaskError { kind: kind.into(), message: message.into() })
     }
 }
 
@@ -124,11 +112,7 @@ pub struct TaskContext {
 impl TaskContext {
     /// A context for an award; the worker makes these, tests and embedders may too.
     pub fn new(award: Award, worker_id: impl Into<String>, cancel: CancelSignal) -> Self {
-        TaskContext {
-            award,
-            worker_id: worker_id.into(),
-            cancel,
-        }
+        TaskContext { award, worker_id: worker_id.into(), cancel }
     }
 
     /// The award: attempt reference, token, task type, input and budgets.

@@ -34,10 +34,7 @@ pub struct ShellConfig {
 
 impl Default for ShellConfig {
     fn default() -> Self {
-        ShellConfig {
-            output_limit: 16 * 1024,
-            default_timeout: Duration::from_secs(3600),
-        }
+        ShellConfig { output_limit: 16 * 1024, default_timeout: Duration::from_secs(3600) }
     }
 }
 
@@ -83,25 +80,15 @@ impl Handler for ShellWorker {
             None => task.start_to_close().unwrap_or(self.config.default_timeout),
         };
         // Its own process group, so that a timeout or cancel kills what the shell started too.
-        cmd.stdin(Stdio::null())
-            .stdout(Stdio::piped())
-            .stderr(Stdio::piped())
-            .kill_on_drop(true)
-            .process_group(0);
+        cmd.stdin(Stdio::null()).stdout(Stdio::piped()).stderr(Stdio::piped()).kill_on_drop(true).process_group(0);
         let mut child = match cmd.spawn() {
             Ok(child) => child,
             Err(e) => return Outcome::error("spawn", format!("could not start the command: {e}")),
         };
         let pid = child.id();
         let keep = self.config.output_limit;
-        let stdout = child
-            .stdout
-            .take()
-            .map(|r| tokio::spawn(read_tail(r, keep)));
-        let stderr = child
-            .stderr
-            .take()
-            .map(|r| tokio::spawn(read_tail(r, keep)));
+        let stdout = child.stdout.take().map(|r| tokio::spawn(read_tail(r, keep)));
+        let stderr = child.stderr.take().map(|r| tokio::spawn(read_tail(r, keep)));
         let ending = tokio::select! {
             status = child.wait() => Ending::Exited(status),
             _ = tokio::time::sleep(limit) => Ending::TimedOut(limit),
@@ -128,10 +115,7 @@ impl Handler for ShellWorker {
             }
         };
         let Some(code) = status.code() else {
-            return Outcome::error(
-                "signal",
-                format!("the command was killed by a signal ({status})"),
-            );
+            return Outcome::error("signal", format!("the command was killed by a signal ({status})"));
         };
         output["exitCode"] = json!(code);
         let mapped = task
@@ -142,10 +126,7 @@ impl Handler for ShellWorker {
         match (mapped, code) {
             (Some(result), _) => Outcome::Finished { result, output },
             (None, 0) => Outcome::pass(output),
-            (None, _) => Outcome::error(
-                "exit-code",
-                format!("exit code {code}; stderr: {}", tail(&err, 512)),
-            ),
+            (None, _) => Outcome::error("exit-code", format!("exit code {code}; stderr: {}", tail(&err, 512))),
         }
     }
 }

@@ -25,8 +25,7 @@ use std::time::{Duration, SystemTime, UNIX_EPOCH};
 
 use capstan_brokers::{Broker, Delivery, SubscriptionMode};
 use capstan_proto::{
-    AttemptRef, Award, Bid, Claim, DispatchMode, Rejection, TaskCancel, TaskOffer, WorkerInfo,
-    topics, types,
+    AttemptRef, Award, Bid, Claim, DispatchMode, Rejection, TaskCancel, TaskOffer, WorkerInfo, topics, types,
 };
 use tokio::sync::mpsc;
 use tokio::task::JoinSet;
@@ -59,10 +58,7 @@ pub struct WorkerConfig {
 
 impl WorkerConfig {
     /// A configuration with one slot, no labels and default timings.
-    pub fn new(
-        id: impl Into<String>,
-        task_types: impl IntoIterator<Item = impl Into<String>>,
-    ) -> Self {
+    pub fn new(id: impl Into<String>, task_types: impl IntoIterator<Item = impl Into<String>>) -> Self {
         WorkerConfig {
             id: id.into(),
             labels: BTreeMap::new(),
@@ -104,11 +100,7 @@ impl WorkerConfig {
         if self.max_concurrency == 0 {
             problems.push("max_concurrency: must be at least 1".to_string());
         }
-        if problems.is_empty() {
-            Ok(())
-        } else {
-            Err(Error::Config(problems))
-        }
+        if problems.is_empty() { Ok(()) } else { Err(Error::Config(problems)) }
     }
 
     /// Whether the labels meet an offer's requirements.
@@ -129,9 +121,7 @@ pub struct Worker {
 
 impl std::fmt::Debug for Worker {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
-        f.debug_struct("Worker")
-            .field("config", &self.config)
-            .finish_non_exhaustive()
+        f.debug_struct("Worker").field("config", &self.config).finish_non_exhaustive()
     }
 }
 
@@ -152,18 +142,11 @@ impl Worker {
     /// A worker with the default bid function: bid when a slot is free and the labels meet the
     /// offer's requirements, with cost = busy slots.
     pub fn new(config: WorkerConfig, handler: impl Handler) -> Self {
-        Worker {
-            config,
-            handler: Arc::new(handler),
-            bid: None,
-        }
+        Worker { config, handler: Arc::new(handler), bid: None }
     }
 
     /// Replaces the bid function; it is only asked when a slot is free.
-    pub fn bid_with(
-        mut self,
-        bid: impl Fn(&TaskOffer, u32) -> Option<BidTerms> + Send + Sync + 'static,
-    ) -> Self {
+    pub fn bid_with(mut self, bid: impl Fn(&TaskOffer, u32) -> Option<BidTerms> + Send + Sync + 'static) -> Self {
         self.bid = Some(Arc::new(bid));
         self
     }
@@ -175,30 +158,19 @@ impl Worker {
 
     /// Subscribes and answers the engine until `shutdown` completes (then `Ok`) or the broker
     /// fails or closes (then `Err`). Running attempts are cancelled when it returns.
-    pub async fn run(
-        self,
-        broker: Arc<dyn Broker>,
-        shutdown: impl Future<Output = ()> + Send,
-    ) -> Result<()> {
+    pub async fn run(self, broker: Arc<dyn Broker>, shutdown: impl Future<Output = ()> + Send) -> Result<()> {
         self.config.validate()?;
         let cap = 2 * self.config.max_concurrency as usize + 16;
-        let (tx, mut rx) =
-            mpsc::channel::<std::result::Result<(Source, Delivery), capstan_brokers::Error>>(cap);
+        let (tx, mut rx) = mpsc::channel::<std::result::Result<(Source, Delivery), capstan_brokers::Error>>(cap);
         // One pump per subscription feeds the loop; dropping the set at return aborts them and
         // drops the subscriptions, so whatever they held goes back to the broker.
         let mut pumps = JoinSet::new();
         let mut subscriptions = Vec::new();
         for t in &self.config.task_types {
-            subscriptions.push((
-                topics::tasks(t),
-                SubscriptionMode::Broadcast,
-                Source::Offers,
-            ));
+            subscriptions.push((topics::tasks(t), SubscriptionMode::Broadcast, Source::Offers));
             subscriptions.push((
                 topics::queue(t),
-                SubscriptionMode::Competing {
-                    group: format!("capstan-workers-{t}"),
-                },
+                SubscriptionMode::Competing { group: format!("capstan-workers-{t}") },
                 Source::Queue,
             ));
         }
@@ -206,9 +178,7 @@ impl Worker {
         // answered before the loop runs, so no award can precede it).
         subscriptions.push((
             topics::worker(&self.config.id),
-            SubscriptionMode::Competing {
-                group: self.config.id.clone(),
-            },
+            SubscriptionMode::Competing { group: self.config.id.clone() },
             Source::Inbox,
         ));
         for (topic, mode, source) in subscriptions {
@@ -228,10 +198,7 @@ impl Worker {
         tracing::info!(worker = %self.config.id, types = ?self.config.task_types, "worker running");
 
         let (done_tx, mut done_rx) = mpsc::unbounded_channel();
-        let info = WorkerInfo {
-            id: self.config.id.clone(),
-            labels: self.config.labels.clone(),
-        };
+        let info = WorkerInfo { id: self.config.id.clone(), labels: self.config.labels.clone() };
         let mut state = LoopState {
             emitter: Emitter::new(broker, info),
             reserved: HashMap::new(),
@@ -298,22 +265,21 @@ impl LoopState<'_> {
         }
         match &self.worker.bid {
             Some(bid) => bid(offer, free),
-            None => self.worker.config.meets(&offer.requires).then(|| BidTerms {
-                cost: f64::from(self.worker.config.max_concurrency - free),
-                estimated_ms: 0,
-            }),
+            None => self
+                .worker
+                .config
+                .meets(&offer.requires)
+                .then(|| BidTerms { cost: f64::from(self.worker.config.max_concurrency - free), estimated_ms: 0 }),
         }
     }
 
     async fn handle(&mut self, source: Source, delivery: Delivery) {
         let event = &delivery.message.event;
         let settle = match (source, event.ty.as_str()) {
-            (Source::Offers | Source::Queue, types::TASK_OFFERED) => {
-                match event.payload::<TaskOffer>() {
-                    Ok(offer) => self.on_offer(source, offer).await,
-                    Err(e) => bad_payload(event, &e),
-                }
-            }
+            (Source::Offers | Source::Queue, types::TASK_OFFERED) => match event.payload::<TaskOffer>() {
+                Ok(offer) => self.on_offer(source, offer).await,
+                Err(e) => bad_payload(event, &e),
+            },
             (Source::Inbox, types::TASK_AWARDED) => match event.payload::<Award>() {
                 Ok(award) => self.on_award(award).await,
                 Err(e) => bad_payload(event, &e),
@@ -323,11 +289,7 @@ impl LoopState<'_> {
                 Err(e) => bad_payload(event, &e),
             },
             (Source::Inbox, types::TASK_CANCELLED) => match event.payload::<TaskCancel>() {
-                Ok(c)
-                    if c.worker_id
-                        .as_ref()
-                        .is_none_or(|w| *w == self.worker.config.id) =>
-                {
+                Ok(c) if c.worker_id.as_ref().is_none_or(|w| *w == self.worker.config.id) => {
                     self.release(&c.attempt, &c.reason)
                 }
                 Ok(_) => Settle::Ack,
@@ -355,11 +317,7 @@ impl LoopState<'_> {
         let free = self.free_slots();
         let Some(terms) = self.terms(&offer, free) else {
             tracing::debug!(task = %a.task, run = %a.run_id, free, "not bidding");
-            return if source == Source::Queue {
-                Settle::Retry
-            } else {
-                Settle::Ack
-            };
+            return if source == Source::Queue { Settle::Retry } else { Settle::Ack };
         };
         let worker = self.emitter.worker().clone();
         let sent = match offer.dispatch {
@@ -374,31 +332,15 @@ impl LoopState<'_> {
                 self.emitter.send(types::TASK_BID, &a, None, &bid).await
             }
             DispatchMode::Queue | DispatchMode::Fanout => {
-                self.emitter
-                    .send(
-                        types::TASK_CLAIM,
-                        &a,
-                        None,
-                        &Claim {
-                            attempt: a.clone(),
-                            worker,
-                        },
-                    )
-                    .await
+                self.emitter.send(types::TASK_CLAIM, &a, None, &Claim { attempt: a.clone(), worker }).await
             }
         };
         if let Err(e) = sent {
             tracing::warn!(error = %e, task = %a.task, "could not send a bid or claim");
-            return if source == Source::Queue {
-                Settle::Retry
-            } else {
-                Settle::Ack
-            };
+            return if source == Source::Queue { Settle::Retry } else { Settle::Ack };
         }
         let wait = match (offer.dispatch, offer.bid_deadline_ms) {
-            (DispatchMode::Auction, Some(deadline)) => {
-                until_epoch_ms(deadline) + self.worker.config.award_grace
-            }
+            (DispatchMode::Auction, Some(deadline)) => until_epoch_ms(deadline) + self.worker.config.award_grace,
             _ => self.worker.config.award_timeout,
         };
         self.reserved.insert(a, Instant::now() + wait);
@@ -423,17 +365,8 @@ impl LoopState<'_> {
             return Settle::Ack;
         }
         let (switch, signal) = CancelSignal::new();
-        self.running.insert(
-            a.clone(),
-            Running {
-                token: award.token,
-                cancel: switch,
-            },
-        );
-        let done = DoneGuard {
-            tx: self.done_tx.clone(),
-            attempt: a,
-        };
+        self.running.insert(a.clone(), Running { token: award.token, cancel: switch });
+        let done = DoneGuard { tx: self.done_tx.clone(), attempt: a };
         tokio::spawn(run_attempt(
             self.emitter.clone(),
             Arc::clone(&self.worker.handler),
@@ -462,8 +395,7 @@ impl LoopState<'_> {
         for r in self.running.values() {
             r.cancel.cancel();
         }
-        let deadline =
-            Instant::now() + self.worker.config.cancel_grace + Duration::from_millis(100);
+        let deadline = Instant::now() + self.worker.config.cancel_grace + Duration::from_millis(100);
         while !self.running.is_empty() {
             match tokio::time::timeout_at(deadline, done_rx.recv()).await {
                 Ok(Some(a)) => {
@@ -488,8 +420,6 @@ fn bad_payload(event: &capstan_proto::CloudEvent, e: &serde_json::Error) -> Sett
 
 /// Time left until a wall-clock deadline in ms since the Unix epoch (zero if past).
 fn until_epoch_ms(deadline_ms: u64) -> Duration {
-    let now = SystemTime::now()
-        .duration_since(UNIX_EPOCH)
-        .unwrap_or_default();
+    let now = SystemTime::now().duration_since(UNIX_EPOCH).unwrap_or_default();
     Duration::from_millis(deadline_ms).saturating_sub(now)
 }

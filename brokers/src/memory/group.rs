@@ -35,14 +35,8 @@ struct Entry {
 #[derive(Clone, Copy, PartialEq, Eq)]
 enum EntryState {
     Ready,
-    Delayed {
-        until: Instant,
-    },
-    InFlight {
-        member: MemberId,
-        delivery: u64,
-        deadline: Instant,
-    },
+    Delayed { until: Instant },
+    InFlight { member: MemberId, delivery: u64, deadline: Instant },
 }
 
 #[derive(Default)]
@@ -61,12 +55,7 @@ struct GroupState {
 /// What a member gets when it asks for the next message.
 pub(crate) enum Take {
     /// A message to hand out; `delivery` names this hand-out for nack.
-    Message {
-        message: Arc<Message>,
-        seq: u64,
-        delivery: u64,
-        redeliveries: u32,
-    },
+    Message { message: Arc<Message>, seq: u64, delivery: u64, redeliveries: u32 },
     /// Nothing ready: wait for a notification, or until the given time when a timer is due.
     Wait(Option<Instant>),
 }
@@ -81,19 +70,13 @@ pub(crate) struct Group {
 impl Group {
     /// An empty group whose hand-outs expire after `ack_deadline`.
     pub(crate) fn new(ack_deadline: Duration) -> Self {
-        Group {
-            state: Mutex::new(GroupState::default()),
-            notify: Notify::new(),
-            ack_deadline,
-        }
+        Group { state: Mutex::new(GroupState::default()), notify: Notify::new(), ack_deadline }
     }
 
     /// The lock; a panic elsewhere cannot leave the state half-changed (every change is a few
     /// infallible collection operations), so a poisoned lock is still safe to use.
     fn lock(&self) -> MutexGuard<'_, GroupState> {
-        self.state
-            .lock()
-            .unwrap_or_else(|poisoned| poisoned.into_inner())
+        self.state.lock().unwrap_or_else(|poisoned| poisoned.into_inner())
     }
 
     /// The notifier members wait on; woken on new messages, nacks, departures and close.
@@ -108,14 +91,7 @@ impl Group {
             for message in messages {
                 let seq = st.next_seq;
                 st.next_seq += 1;
-                st.entries.insert(
-                    seq,
-                    Entry {
-                        message: Arc::clone(message),
-                        deliveries: 0,
-                        state: EntryState::Ready,
-                    },
-                );
+                st.entries.insert(seq, Entry { message: Arc::clone(message), deliveries: 0, state: EntryState::Ready });
                 st.ready.insert(seq);
             }
         }
@@ -140,11 +116,7 @@ impl Group {
                 .entries
                 .iter()
                 .filter_map(|(seq, e)| match e.state {
-                    EntryState::InFlight {
-                        member: m,
-                        deadline,
-                        ..
-                    } if m == member => Some((*seq, deadline)),
+                    EntryState::InFlight { member: m, deadline, .. } if m == member => Some((*seq, deadline)),
                     _ => None,
                 })
                 .collect();
@@ -182,23 +154,11 @@ impl Group {
         let delivery = st.next_delivery;
         let deadline = now + self.ack_deadline;
         st.timers.insert((deadline, seq));
-        let entry = st
-            .entries
-            .get_mut(&seq)
-            .expect("a ready sequence always has an entry");
-        entry.state = EntryState::InFlight {
-            member,
-            delivery,
-            deadline,
-        };
+        let entry = st.entries.get_mut(&seq).expect("a ready sequence always has an entry");
+        entry.state = EntryState::InFlight { member, delivery, deadline };
         let redeliveries = entry.deliveries;
         entry.deliveries += 1;
-        Take::Message {
-            message: Arc::clone(&entry.message),
-            seq,
-            delivery,
-            redeliveries,
-        }
+        Take::Message { message: Arc::clone(&entry.message), seq, delivery, redeliveries }
     }
 
     /// Settles a message for good, whoever holds it now: a late ack of a hand-out that already
@@ -228,12 +188,7 @@ impl Group {
             let Some(entry) = st.entries.get_mut(&seq) else {
                 return;
             };
-            let EntryState::InFlight {
-                delivery: current,
-                deadline,
-                ..
-            } = entry.state
-            else {
+            let EntryState::InFlight { delivery: current, deadline, .. } = entry.state else {
                 return;
             };
             if current != delivery {
@@ -271,21 +226,14 @@ mod tests {
     use capstan_proto::CloudEvent;
 
     fn msg(id: &str) -> Arc<Message> {
-        Arc::new(Message {
-            topic: "t".into(),
-            key: "k".into(),
-            event: CloudEvent::new(id, "s", "ty"),
-        })
+        Arc::new(Message { topic: "t".into(), key: "k".into(), event: CloudEvent::new(id, "s", "ty") })
     }
 
     fn taken(take: Take) -> (String, u64, u64, u32) {
         match take {
-            Take::Message {
-                message,
-                seq,
-                delivery,
-                redeliveries,
-            } => (message.event.id.clone(), seq, delivery, redeliveries),
+            Take::Message { message, seq, delivery, redeliveries } => {
+                (message.event.id.clone(), seq, delivery, redeliveries)
+            }
             Take::Wait(_) => panic!("expected a message"),
         }
     }

@@ -41,10 +41,7 @@ pub struct MemoryConfig {
 
 impl Default for MemoryConfig {
     fn default() -> Self {
-        MemoryConfig {
-            ack_deadline: Duration::from_secs(30),
-            max_payload: 1024 * 1024,
-        }
+        MemoryConfig { ack_deadline: Duration::from_secs(30), max_payload: 1024 * 1024 }
     }
 }
 
@@ -88,18 +85,12 @@ impl Topic {
     fn groups(&self) -> std::sync::MutexGuard<'_, TopicGroups> {
         // The guarded maps are changed by single infallible inserts/removes, so a poisoned
         // lock still holds a consistent state.
-        self.groups
-            .lock()
-            .unwrap_or_else(|poisoned| poisoned.into_inner())
+        self.groups.lock().unwrap_or_else(|poisoned| poisoned.into_inner())
     }
 
     fn all(&self) -> Vec<Arc<Group>> {
         let g = self.groups();
-        g.named
-            .values()
-            .chain(g.private.values())
-            .cloned()
-            .collect()
+        g.named.values().chain(g.private.values()).cloned().collect()
     }
 }
 
@@ -111,12 +102,7 @@ impl MemoryBroker {
 
     /// A broker with the given settings.
     pub fn with_config(config: MemoryConfig) -> Self {
-        MemoryBroker {
-            inner: Arc::new(Inner {
-                config,
-                ..Inner::default()
-            }),
-        }
+        MemoryBroker { inner: Arc::new(Inner { config, ..Inner::default() }) }
     }
 
     /// The settings in force.
@@ -158,21 +144,14 @@ impl MemoryBroker {
 
     fn read_topics(&self) -> std::sync::RwLockReadGuard<'_, HashMap<String, Arc<Topic>>> {
         // Only single inserts happen under the write lock, so poisoning leaves it consistent.
-        self.inner
-            .topics
-            .read()
-            .unwrap_or_else(|poisoned| poisoned.into_inner())
+        self.inner.topics.read().unwrap_or_else(|poisoned| poisoned.into_inner())
     }
 
     fn topic(&self, name: &str) -> Arc<Topic> {
         if let Some(t) = self.read_topics().get(name) {
             return Arc::clone(t);
         }
-        let mut topics = self
-            .inner
-            .topics
-            .write()
-            .unwrap_or_else(|poisoned| poisoned.into_inner());
+        let mut topics = self.inner.topics.write().unwrap_or_else(|poisoned| poisoned.into_inner());
         Arc::clone(topics.entry(name.to_string()).or_default())
     }
 
@@ -237,11 +216,7 @@ impl Broker for MemoryBroker {
         Ok(())
     }
 
-    async fn subscribe(
-        &self,
-        topic: &str,
-        mode: SubscriptionMode,
-    ) -> Result<Box<dyn Subscription>> {
+    async fn subscribe(&self, topic: &str, mode: SubscriptionMode) -> Result<Box<dyn Subscription>> {
         if self.is_closed() {
             return Err(Error::Closed);
         }
@@ -262,23 +237,14 @@ impl Broker for MemoryBroker {
                     return Err(Error::Invalid("empty group name".into()));
                 }
                 let g = Arc::clone(
-                    t.groups()
-                        .named
-                        .entry(group.clone())
-                        .or_insert_with(|| Arc::new(Group::new(ack_deadline))),
+                    t.groups().named.entry(group.clone()).or_insert_with(|| Arc::new(Group::new(ack_deadline))),
                 );
                 (g, None)
             }
         };
         let member = group.join();
         tracing::debug!(topic, ?mode, "subscribed");
-        Ok(Box::new(MemorySubscription {
-            inner: Arc::clone(&self.inner),
-            topic: t,
-            group,
-            member,
-            private,
-        }))
+        Ok(Box::new(MemorySubscription { inner: Arc::clone(&self.inner), topic: t, group, member, private }))
     }
 }
 
@@ -305,18 +271,9 @@ impl Subscription for MemorySubscription {
                 return Err(Error::Closed);
             }
             match self.group.take(self.member, Instant::now()) {
-                Take::Message {
-                    message,
-                    seq,
-                    delivery,
-                    redeliveries,
-                } => {
-                    let acker = MemoryAcker {
-                        inner: Arc::clone(&self.inner),
-                        group: Arc::clone(&self.group),
-                        seq,
-                        delivery,
-                    };
+                Take::Message { message, seq, delivery, redeliveries } => {
+                    let acker =
+                        MemoryAcker { inner: Arc::clone(&self.inner), group: Arc::clone(&self.group), seq, delivery };
                     return Ok(Delivery {
                         message: Arc::unwrap_or_clone(message),
                         redeliveries,
@@ -366,8 +323,7 @@ impl Acker for MemoryAcker {
         if self.inner.closed.load(Ordering::Acquire) {
             return Err(Error::Closed);
         }
-        self.group
-            .nack(self.seq, self.delivery, delay, Instant::now());
+        self.group.nack(self.seq, self.delivery, delay, Instant::now());
         Ok(())
     }
 }

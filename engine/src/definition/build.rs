@@ -9,12 +9,10 @@ use serde_yaml::{Mapping, Value};
 
 use super::diagnostic::{Diagnostics, Place};
 use super::model::{
-    AwardPolicy, Definition, DispatchMode, Flavor, RetryPolicy, Sequence, Stage, Task, Timeouts,
-    Trigger,
+    AwardPolicy, Definition, DispatchMode, Flavor, RetryPolicy, Sequence, Stage, Task, Timeouts, Trigger,
 };
 use super::raw::{
-    RawRequires, RawRetry, RawSequence, RawShipyard, RawStage, RawTask, RawTimeouts, RawTrigger,
-    key_names, scalar_text,
+    RawRequires, RawRetry, RawSequence, RawShipyard, RawStage, RawTask, RawTimeouts, RawTrigger, key_names, scalar_text,
 };
 use super::selector::selector;
 use crate::duration::{Millis, parse_duration};
@@ -26,17 +24,10 @@ pub(super) fn build(flavor: Flavor, raw: RawShipyard, out: &mut Diagnostics) -> 
     b.unknown(&raw.spec.unknown, Place::Document, "spec");
     let raw_stages = raw.spec.stages.unwrap_or_default();
     if raw_stages.is_empty() {
-        b.out.push(
-            Place::Document,
-            "`spec.stages` is empty; a definition needs at least one stage",
-        );
+        b.out.push(Place::Document, "`spec.stages` is empty; a definition needs at least one stage");
     }
     let stages = raw_stages.into_iter().map(|stage| b.stage(stage)).collect();
-    Definition {
-        flavor,
-        name: raw.metadata.name.unwrap_or_default(),
-        stages,
-    }
+    Definition { flavor, name: raw.metadata.name.unwrap_or_default(), stages }
 }
 
 struct Builder<'a> {
@@ -51,23 +42,14 @@ impl Builder<'_> {
             return;
         }
         for key in key_names(keys) {
-            self.out
-                .push(place.clone(), format!("unknown field `{key}` in {within}"));
+            self.out.push(place.clone(), format!("unknown field `{key}` in {within}"));
         }
     }
 
     fn stage(&mut self, raw: RawStage) -> Stage {
         self.unknown(&raw.unknown, Place::stage(&raw.name), "stage");
-        let sequences = raw
-            .sequences
-            .unwrap_or_default()
-            .into_iter()
-            .map(|q| self.sequence(&raw.name, q))
-            .collect();
-        Stage {
-            name: raw.name,
-            sequences,
-        }
+        let sequences = raw.sequences.unwrap_or_default().into_iter().map(|q| self.sequence(&raw.name, q)).collect();
+        Stage { name: raw.name, sequences }
     }
 
     fn sequence(&mut self, stage: &str, raw: RawSequence) -> Sequence {
@@ -85,56 +67,36 @@ impl Builder<'_> {
             let task = self.task(stage, &raw.name, raw_task, previous);
             tasks.push(task);
         }
-        Sequence {
-            name: raw.name,
-            triggered_on,
-            tasks,
-        }
+        Sequence { name: raw.name, triggered_on, tasks }
     }
 
     fn trigger(&mut self, place: &Place, raw: RawTrigger) -> Option<Trigger> {
         self.unknown(&raw.unknown, place.clone(), "triggeredOn");
-        let source = raw
-            .event
-            .strip_suffix(".finished")
-            .and_then(|rest| rest.split_once('.'));
+        let source = raw.event.strip_suffix(".finished").and_then(|rest| rest.split_once('.'));
         let selector = selector(place, &raw.event, raw.selector.as_ref(), self.out);
         match source {
-            Some((stage, sequence)) if !stage.is_empty() && !sequence.is_empty() => Some(Trigger {
-                stage: stage.to_string(),
-                sequence: sequence.to_string(),
-                selector: selector?,
-            }),
+            Some((stage, sequence)) if !stage.is_empty() && !sequence.is_empty() => {
+                Some(Trigger { stage: stage.to_string(), sequence: sequence.to_string(), selector: selector? })
+            }
             _ => {
                 self.out.push(
                     place.clone(),
-                    format!(
-                        "triggeredOn event `{}` is not `<stage>.<sequence>.finished`",
-                        raw.event
-                    ),
+                    format!("triggeredOn event `{}` is not `<stage>.<sequence>.finished`", raw.event),
                 );
                 None
             }
         }
     }
 
-    fn task(
-        &mut self,
-        stage: &str,
-        sequence: &str,
-        raw: RawTask,
-        previous: Option<String>,
-    ) -> Task {
+    fn task(&mut self, stage: &str, sequence: &str, raw: RawTask, previous: Option<String>) -> Task {
         let place = Place::task(stage, sequence, &raw.name);
         self.unknown(&raw.unknown, place.clone(), "task");
         let depends_on = match raw.depends_on {
             // Keptn sequences are chains; an explicit DAG needs Capstan's format, and ignoring the
             // key silently would run the tasks in an order the author did not write.
             Some(_) if self.keptn => {
-                self.out.push(
-                    place.clone(),
-                    "`dependsOn` needs `apiVersion: capstan.dev/v1`; Keptn sequences are chains",
-                );
+                self.out
+                    .push(place.clone(), "`dependsOn` needs `apiVersion: capstan.dev/v1`; Keptn sequences are chains");
                 previous.into_iter().collect()
             }
             Some(list) => list.into_iter().fold(Vec::new(), |mut all, name| {
@@ -146,17 +108,9 @@ impl Builder<'_> {
             None => previous.into_iter().collect(),
         };
         let (retry, timeouts, dispatch) = if self.keptn {
-            (
-                RetryPolicy::keptn(),
-                Timeouts::keptn(),
-                DispatchMode::Fanout,
-            )
+            (RetryPolicy::keptn(), Timeouts::keptn(), DispatchMode::Fanout)
         } else {
-            (
-                RetryPolicy::default(),
-                Timeouts::default(),
-                DispatchMode::Auction,
-            )
+            (RetryPolicy::default(), Timeouts::default(), DispatchMode::Auction)
         };
         Task {
             task_type: raw.task_type.unwrap_or_else(|| raw.name.clone()),
@@ -169,9 +123,7 @@ impl Builder<'_> {
             award: self.award(&place, raw.award.as_ref()),
             continue_on_failure: raw.continue_on_failure.unwrap_or(false),
             idempotent: raw.idempotent.unwrap_or(true),
-            triggered_after: raw
-                .triggered_after
-                .and_then(|value| self.duration(&place, "triggeredAfter", &value)),
+            triggered_after: raw.triggered_after.and_then(|value| self.duration(&place, "triggeredAfter", &value)),
             name: raw.name,
         }
     }
@@ -181,36 +133,20 @@ impl Builder<'_> {
             Some(text) => parse_duration(&text),
             None => Err("expected a duration like 300ms, 10s, 5m, 1h".into()),
         };
-        parsed
-            .map_err(|why| self.out.push(place.clone(), format!("`{field}`: {why}")))
-            .ok()
+        parsed.map_err(|why| self.out.push(place.clone(), format!("`{field}`: {why}"))).ok()
     }
 
     fn retry(&mut self, place: &Place, raw: Option<RawRetry>, default: RetryPolicy) -> RetryPolicy {
         let Some(raw) = raw else { return default };
         self.unknown(&raw.unknown, place.clone(), "retry");
         let interval = |b: &mut Self, field: &str, value: Option<Value>, default: Millis| {
-            value
-                .and_then(|v| b.duration(place, field, &v))
-                .unwrap_or(default)
+            value.and_then(|v| b.duration(place, field, &v)).unwrap_or(default)
         };
         RetryPolicy {
             max_attempts: raw.max_attempts.unwrap_or(default.max_attempts),
-            initial_interval: interval(
-                self,
-                "retry.initialInterval",
-                raw.initial_interval,
-                default.initial_interval,
-            ),
-            backoff_coefficient: raw
-                .backoff_coefficient
-                .unwrap_or(default.backoff_coefficient),
-            max_interval: interval(
-                self,
-                "retry.maxInterval",
-                raw.max_interval,
-                default.max_interval,
-            ),
+            initial_interval: interval(self, "retry.initialInterval", raw.initial_interval, default.initial_interval),
+            backoff_coefficient: raw.backoff_coefficient.unwrap_or(default.backoff_coefficient),
+            max_interval: interval(self, "retry.maxInterval", raw.max_interval, default.max_interval),
             non_retryable: raw.non_retryable.unwrap_or(default.non_retryable),
         }
     }
@@ -218,11 +154,9 @@ impl Builder<'_> {
     fn timeouts(&mut self, place: &Place, raw: Option<RawTimeouts>, default: Timeouts) -> Timeouts {
         let Some(raw) = raw else { return default };
         self.unknown(&raw.unknown, place.clone(), "timeouts");
-        let limit = |b: &mut Self, field: &str, value: Option<Value>, default: Option<Millis>| {
-            match value {
-                Some(v) => b.duration(place, field, &v).or(default),
-                None => default,
-            }
+        let limit = |b: &mut Self, field: &str, value: Option<Value>, default: Option<Millis>| match value {
+            Some(v) => b.duration(place, field, &v).or(default),
+            None => default,
         };
         Timeouts {
             schedule_to_start: limit(
@@ -231,20 +165,10 @@ impl Builder<'_> {
                 raw.schedule_to_start,
                 default.schedule_to_start,
             ),
-            start_to_close: limit(
-                self,
-                "timeouts.startToClose",
-                raw.start_to_close,
-                default.start_to_close,
-            ),
+            start_to_close: limit(self, "timeouts.startToClose", raw.start_to_close, default.start_to_close),
             heartbeat: limit(self, "timeouts.heartbeat", raw.heartbeat, default.heartbeat),
-            bid_window: limit(
-                self,
-                "timeouts.bidWindow",
-                raw.bid_window,
-                Some(default.bid_window),
-            )
-            .unwrap_or(default.bid_window),
+            bid_window: limit(self, "timeouts.bidWindow", raw.bid_window, Some(default.bid_window))
+                .unwrap_or(default.bid_window),
         }
     }
 
@@ -259,9 +183,7 @@ impl Builder<'_> {
                 Some(text) => {
                     labels.insert(key, text);
                 }
-                None => self
-                    .out
-                    .push(place.clone(), format!("label `{key}` must be a string")),
+                None => self.out.push(place.clone(), format!("label `{key}` must be a string")),
             }
         }
         labels
@@ -272,8 +194,7 @@ impl Builder<'_> {
             None | Some(Value::Null) => return Map::new(),
             Some(value @ Value::Mapping(_)) => serde_json::to_value(value),
             Some(_) => {
-                self.out
-                    .push(place.clone(), "`properties` must be a mapping");
+                self.out.push(place.clone(), "`properties` must be a mapping");
                 return Map::new();
             }
         };
@@ -281,34 +202,21 @@ impl Builder<'_> {
             Ok(serde_json::Value::Object(map)) => map,
             Ok(_) => Map::new(),
             Err(why) => {
-                self.out.push(
-                    place.clone(),
-                    format!("`properties` cannot be read as JSON: {why}"),
-                );
+                self.out.push(place.clone(), format!("`properties` cannot be read as JSON: {why}"));
                 Map::new()
             }
         }
     }
 
-    fn dispatch(
-        &mut self,
-        place: &Place,
-        raw: Option<&Value>,
-        default: DispatchMode,
-    ) -> DispatchMode {
+    fn dispatch(&mut self, place: &Place, raw: Option<&Value>, default: DispatchMode) -> DispatchMode {
         let Some(value) = raw else { return default };
         match scalar_text(value).as_deref() {
             Some("auction") => DispatchMode::Auction,
             Some("queue") => DispatchMode::Queue,
             Some("fanout") => DispatchMode::Fanout,
             other => {
-                self.out.push(
-                    place.clone(),
-                    format!(
-                        "`dispatch`: {} is not one of auction, queue, fanout",
-                        shown(other)
-                    ),
-                );
+                self.out
+                    .push(place.clone(), format!("`dispatch`: {} is not one of auction, queue, fanout", shown(other)));
                 default
             }
         }
@@ -325,10 +233,7 @@ impl Builder<'_> {
             other => {
                 self.out.push(
                     place.clone(),
-                    format!(
-                        "`award`: {} is not one of first, lowest-cost, earliest-finish",
-                        shown(other)
-                    ),
+                    format!("`award`: {} is not one of first, lowest-cost, earliest-finish", shown(other)),
                 );
                 AwardPolicy::default()
             }

@@ -14,36 +14,23 @@ pub enum Place {
     /// A sequence of a stage.
     Sequence { stage: String, sequence: String },
     /// A task of a sequence.
-    Task {
-        stage: String,
-        sequence: String,
-        task: String,
-    },
+    Task { stage: String, sequence: String, task: String },
 }
 
 impl Place {
     /// The place of the named stage.
     pub fn stage(stage: &str) -> Place {
-        Place::Stage {
-            stage: stage.to_string(),
-        }
+        Place::Stage { stage: stage.to_string() }
     }
 
     /// The place of the named sequence of a stage.
     pub fn sequence(stage: &str, sequence: &str) -> Place {
-        Place::Sequence {
-            stage: stage.to_string(),
-            sequence: sequence.to_string(),
-        }
+        Place::Sequence { stage: stage.to_string(), sequence: sequence.to_string() }
     }
 
     /// The place of the named task of a sequence.
     pub fn task(stage: &str, sequence: &str, task: &str) -> Place {
-        Place::Task {
-            stage: stage.to_string(),
-            sequence: sequence.to_string(),
-            task: task.to_string(),
-        }
+        Place::Task { stage: stage.to_string(), sequence: sequence.to_string(), task: task.to_string() }
     }
 }
 
@@ -58,11 +45,7 @@ impl fmt::Display for Place {
             Place::Sequence { stage, sequence } => {
                 write!(f, "stage {stage:?} / sequence {sequence:?}")
             }
-            Place::Task {
-                stage,
-                sequence,
-                task,
-            } => {
+            Place::Task { stage, sequence, task } => {
                 write!(f, "stage {stage:?} / sequence {sequence:?} / task {task:?}")
             }
         }
@@ -82,10 +65,7 @@ pub struct Diagnostic {
 impl Diagnostic {
     /// A problem at `place`.
     pub fn new(place: Place, message: impl Into<String>) -> Diagnostic {
-        Diagnostic {
-            place,
-            message: message.into(),
-        }
+        Diagnostic { place, message: message.into() }
     }
 
     /// A YAML syntax or type error, placed at its line and column when serde_yaml knows them.
@@ -96,13 +76,7 @@ impl Diagnostic {
                 // serde_yaml writes the position into its message; the place already says it.
                 let suffix = format!(" at line {} column {}", at.line(), at.column());
                 let message = text.replacen(&suffix, "", 1);
-                Diagnostic::new(
-                    Place::Text {
-                        line: at.line(),
-                        column: at.column(),
-                    },
-                    message,
-                )
+                Diagnostic::new(Place::Text { line: at.line(), column: at.column() }, message)
             }
             None => Diagnostic::new(Place::Document, text),
         }
@@ -115,10 +89,7 @@ impl Diagnostic {
 pub struct Diagnostics(pub Vec<Diagnostic>);
 
 fn render(all: &[Diagnostic]) -> String {
-    all.iter()
-        .map(Diagnostic::to_string)
-        .collect::<Vec<_>>()
-        .join("\n")
+    all.iter().map(Diagnostic::to_string).collect::<Vec<_>>().join("\n")
 }
 
 impl Diagnostics {
@@ -165,17 +136,11 @@ mod tests {
     #[test]
     fn renders_one_line_per_problem() {
         let mut all = Diagnostics::default();
-        all.push(
-            Place::Text { line: 3, column: 5 },
-            "did not find expected key",
-        );
+        all.push(Place::Text { line: 3, column: 5 }, "did not find expected key");
         all.push(Place::Document, "kind `Remediation` is not Shipyard");
         all.push(Place::stage("dev"), "duplicate stage name");
         all.push(Place::sequence("dev", "delivery"), "has no tasks");
-        all.push(
-            Place::task("dev", "delivery", "api-test"),
-            "depends on unknown task `x`",
-        );
+        all.push(Place::task("dev", "delivery", "api-test"), "depends on unknown task `x`");
         expect_test::expect![[r#"
             line 3, column 5: did not find expected key
             document: kind `Remediation` is not Shipyard

@@ -27,8 +27,7 @@ pub(super) fn flavor(doc: &Value) -> Result<Flavor, Diagnostics> {
         Value::Mapping(map) => map,
         _ => {
             return Err(problem(
-                "the file is not a YAML mapping; expected a Shipyard with apiVersion, kind and spec"
-                    .into(),
+                "the file is not a YAML mapping; expected a Shipyard with apiVersion, kind and spec".into(),
             ));
         }
     };
@@ -44,21 +43,16 @@ pub(super) fn flavor(doc: &Value) -> Result<Flavor, Diagnostics> {
         // `capstan validate` is easily pointed at the wrong file of a Keptn project.
         None if map.contains_key("spec_version") => {
             return Err(problem(
-                "no `kind`: this looks like a Keptn SLO or SLI file (it has `spec_version`), not a Shipyard"
-                    .into(),
+                "no `kind`: this looks like a Keptn SLO or SLI file (it has `spec_version`), not a Shipyard".into(),
             ));
         }
         None => {
-            return Err(problem(
-                "no `kind`; a Shipyard file says `kind: Shipyard`".into(),
-            ));
+            return Err(problem("no `kind`; a Shipyard file says `kind: Shipyard`".into()));
         }
     }
     let version = match map.get("apiVersion").map(scalar_text) {
         None => {
-            return Err(problem(format!(
-                "no `apiVersion`; expected `{CAPSTAN_API_VERSION}` or `spec.keptn.sh/0.2.x`"
-            )));
+            return Err(problem(format!("no `apiVersion`; expected `{CAPSTAN_API_VERSION}` or `spec.keptn.sh/0.2.x`")));
         }
         Some(None) => return Err(problem("`apiVersion` must be a string".into())),
         Some(Some(version)) => version,
@@ -67,9 +61,7 @@ pub(super) fn flavor(doc: &Value) -> Result<Flavor, Diagnostics> {
         return Ok(Flavor::Capstan);
     }
     let keptn_patch = version.strip_prefix(KEPTN_PREFIX);
-    if keptn_patch
-        .is_some_and(|patch| !patch.is_empty() && patch.bytes().all(|b| b.is_ascii_digit()))
-    {
+    if keptn_patch.is_some_and(|patch| !patch.is_empty() && patch.bytes().all(|b| b.is_ascii_digit())) {
         return Ok(Flavor::Keptn { version });
     }
     Err(problem(format!(
@@ -91,10 +83,7 @@ mod tests {
 
     #[test]
     fn accepts_capstan_and_keptn_0_2_x() {
-        assert_eq!(
-            flavor_of("apiVersion: capstan.dev/v1\nkind: Shipyard"),
-            "Capstan"
-        );
+        assert_eq!(flavor_of("apiVersion: capstan.dev/v1\nkind: Shipyard"), "Capstan");
         assert_eq!(
             flavor_of("apiVersion: spec.keptn.sh/0.2.3\nkind: Shipyard"),
             r#"Keptn { version: "spec.keptn.sh/0.2.3" }"#
@@ -130,10 +119,7 @@ mod tests {
 
     #[test]
     fn file_kind_names_the_kind() {
-        assert_eq!(
-            file_kind("kind: Remediation\nspec: {}").as_deref(),
-            Some("Remediation")
-        );
+        assert_eq!(file_kind("kind: Remediation\nspec: {}").as_deref(), Some("Remediation"));
         assert_eq!(file_kind("spec_version: '1.0'"), None);
         assert_eq!(file_kind(": : :"), None);
     }

@@ -43,14 +43,9 @@ pub fn parse(text: &str) -> Result<Definition, Diagnostics> {
         serde_yaml::from_str(text).map_err(|e| Diagnostics::from(Diagnostic::from_yaml(&e)))?;
     let flavor = header::flavor(&doc)?;
     // Parse the text again (not `doc`) so that type errors keep their line and column.
-    let raw: raw::RawShipyard =
-        serde_yaml::from_str(text).map_err(|e| Diagnostics::from(Diagnostic::from_yaml(&e)))?;
+    let raw: raw::RawShipyard = serde_yaml::from_str(text).map_err(|e| Diagnostics::from(Diagnostic::from_yaml(&e)))?;
     let mut problems = Diagnostics::default();
     let definition = build::build(flavor, raw, &mut problems);
     validate::check(&definition, &mut problems);
-    if problems.is_empty() {
-        Ok(definition)
-    } else {
-        Err(problems)
-    }
+    if problems.is_empty() { Ok(definition) } else { Err(problems) }
 }

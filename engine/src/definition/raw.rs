@@ -155,8 +155,5 @@ pub(super) fn scalar_text(value: &Value) -> Option<String> {
 
 /// The keys of `unknown` as they would be written in the file.
 pub(super) fn key_names(unknown: &Mapping) -> Vec<String> {
-    unknown
-        .keys()
-        .map(|key| scalar_text(key).unwrap_or_else(|| format!("{key:?}")))
-        .collect()
+    unknown.keys().map(|key| scalar_text(key).unwrap_or_else(|| format!("{key:?}"))).collect()
 }

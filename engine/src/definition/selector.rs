@@ -12,12 +12,7 @@ use super::model::{Condition, ConditionSubject, Selector, TaskResult};
 use super::raw::scalar_text;
 
 /// `selector: {match: {result: pass, <task>.result: [fail, warning]}}`; `None` if malformed.
-pub(super) fn selector(
-    place: &Place,
-    event: &str,
-    raw: Option<&Value>,
-    out: &mut Diagnostics,
-) -> Option<Selector> {
+pub(super) fn selector(place: &Place, event: &str, raw: Option<&Value>, out: &mut Diagnostics) -> Option<Selector> {
     let bad = |out: &mut Diagnostics, what: String| {
         out.push(place.clone(), format!("selector of `{event}`: {what}"));
     };
@@ -25,10 +20,7 @@ pub(super) fn selector(
         None | Some(Value::Null) => return Some(Selector::default()),
         Some(Value::Mapping(map)) => map,
         Some(_) => {
-            bad(
-                out,
-                "must be a mapping like `{match: {result: pass}}`".into(),
-            );
+            bad(out, "must be a mapping like `{match: {result: pass}}`".into());
             return None;
         }
     };
@@ -48,18 +40,12 @@ pub(super) fn selector(
                 }
             }
             (Some("match"), _) => {
-                bad(
-                    out,
-                    "`match` must be a mapping like `{result: pass}`".into(),
-                );
+                bad(out, "`match` must be a mapping like `{result: pass}`".into());
                 ok = false;
             }
             (name, _) => {
                 let name = name.map_or_else(|| format!("{key:?}"), str::to_string);
-                bad(
-                    out,
-                    format!("unknown key `{name}` (only `match` is allowed)"),
-                );
+                bad(out, format!("unknown key `{name}` (only `match` is allowed)"));
                 ok = false;
             }
         }
@@ -90,9 +76,7 @@ fn condition(subject: &Value, results: &Value) -> Result<Condition, String> {
             Some(_) => {}
             None => {
                 let shown = shown(text.as_deref());
-                return Err(format!(
-                    "`{key}`: {shown} is not one of pass, warning, fail, failed"
-                ));
+                return Err(format!("`{key}`: {shown} is not one of pass, warning, fail, failed"));
             }
         }
     }

@@ -9,11 +9,7 @@ impl Definition {
     /// Stages, their sequences with task counts and DAG shape, and the promotion edges.
     pub fn summary(&self) -> String {
         let mut out = String::new();
-        let name = if self.name.is_empty() {
-            "(unnamed)"
-        } else {
-            self.name.as_str()
-        };
+        let name = if self.name.is_empty() { "(unnamed)" } else { self.name.as_str() };
         let flavor = match &self.flavor {
             Flavor::Capstan => "capstan.dev/v1".to_string(),
             Flavor::Keptn { version } => {
@@ -92,21 +88,13 @@ fn shape(sequence: &Sequence) -> String {
     let layers = depth.iter().flatten().max().map_or(0, |d| d + 1);
     let mut parts: Vec<String> = (0..layers)
         .map(|layer| {
-            let names: Vec<&str> = tasks
-                .iter()
-                .zip(&depth)
-                .filter(|(_, d)| **d == Some(layer))
-                .map(|(t, _)| t.name.as_str())
-                .collect();
+            let names: Vec<&str> =
+                tasks.iter().zip(&depth).filter(|(_, d)| **d == Some(layer)).map(|(t, _)| t.name.as_str()).collect();
             group(&names)
         })
         .collect();
-    let stuck: Vec<&str> = tasks
-        .iter()
-        .zip(&depth)
-        .filter(|(_, d)| d.is_none())
-        .map(|(t, _)| t.name.as_str())
-        .collect();
+    let stuck: Vec<&str> =
+        tasks.iter().zip(&depth).filter(|(_, d)| d.is_none()).map(|(t, _)| t.name.as_str()).collect();
     if !stuck.is_empty() {
         parts.push(format!("{} (cycle)", group(&stuck)));
     }
@@ -122,13 +110,8 @@ fn group(names: &[&str]) -> String {
 
 /// `pass|warning` for a condition on the run only; `result=..., <task>.result=...` otherwise.
 fn selector(selector: &Selector) -> String {
-    let any_of = |results: &[super::model::TaskResult]| {
-        results
-            .iter()
-            .map(|r| r.as_str())
-            .collect::<Vec<_>>()
-            .join("|")
-    };
+    let any_of =
+        |results: &[super::model::TaskResult]| results.iter().map(|r| r.as_str()).collect::<Vec<_>>().join("|");
     match selector.conditions.as_slice() {
         [] => "pass|warning".into(),
         [only] if only.subject == ConditionSubject::Run => any_of(&only.any_of),

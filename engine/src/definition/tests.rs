@@ -68,13 +68,7 @@ fn architecture_example_gets_capstan_defaults_and_edges() {
     let deps: Vec<(&str, &str, Vec<&str>)> = dev
         .tasks
         .iter()
-        .map(|t| {
-            (
-                t.name.as_str(),
-                t.task_type.as_str(),
-                t.depends_on.iter().map(String::as_str).collect(),
-            )
-        })
+        .map(|t| (t.name.as_str(), t.task_type.as_str(), t.depends_on.iter().map(String::as_str).collect()))
         .collect();
     assert_eq!(
         deps,
@@ -114,45 +108,24 @@ fn architecture_example_gets_capstan_defaults_and_edges() {
             bid_window: Timeouts::default().bid_window,
         }
     );
-    assert_eq!(
-        dev.tasks[2].requires.get("browser").map(String::as_str),
-        Some("chromium")
-    );
+    assert_eq!(dev.tasks[2].requires.get("browser").map(String::as_str), Some("chromium"));
 
-    let prod = def
-        .sequence("production", "delivery")
-        .expect("production.delivery");
-    assert_eq!(
-        prod.tasks[1].depends_on,
-        ["approval"],
-        "a task without dependsOn follows the one before"
-    );
+    let prod = def.sequence("production", "delivery").expect("production.delivery");
+    assert_eq!(prod.tasks[1].depends_on, ["approval"], "a task without dependsOn follows the one before");
     assert_eq!(prod.triggered_on.len(), 1);
     let trigger = &prod.triggered_on[0];
-    assert_eq!(
-        (trigger.stage.as_str(), trigger.sequence.as_str()),
-        ("dev", "delivery")
-    );
+    assert_eq!((trigger.stage.as_str(), trigger.sequence.as_str()), ("dev", "delivery"));
     assert_eq!(trigger.selector.conditions[0].any_of, [TaskResult::Pass]);
 }
 
 #[test]
 fn sockshop_gets_keptn_semantics() {
     let def = parse(SOCKSHOP).expect("the sockshop fixture parses unchanged");
-    assert_eq!(
-        def.flavor,
-        Flavor::Keptn {
-            version: "spec.keptn.sh/0.2.0".into()
-        }
-    );
+    assert_eq!(def.flavor, Flavor::Keptn { version: "spec.keptn.sh/0.2.0".into() });
     for stage in &def.stages {
         for sequence in &stage.sequences {
             for (at, task) in sequence.tasks.iter().enumerate() {
-                let before: Vec<String> = sequence.tasks[..at]
-                    .last()
-                    .map(|t| t.name.clone())
-                    .into_iter()
-                    .collect();
+                let before: Vec<String> = sequence.tasks[..at].last().map(|t| t.name.clone()).into_iter().collect();
                 assert_eq!(task.depends_on, before, "Keptn tasks form a chain");
                 assert_eq!(task.task_type, task.name);
                 assert_eq!(task.dispatch, DispatchMode::Fanout);
@@ -161,19 +134,9 @@ fn sockshop_gets_keptn_semantics() {
             }
         }
     }
-    let remediation = def
-        .sequence("production", "remediation")
-        .expect("remediation");
-    assert_eq!(
-        remediation
-            .task("evaluation")
-            .and_then(|t| t.triggered_after),
-        Some(600_000)
-    );
-    assert_eq!(
-        def.sequence("dev", "delivery").map(|s| s.tasks.len()),
-        Some(4)
-    );
+    let remediation = def.sequence("production", "remediation").expect("remediation");
+    assert_eq!(remediation.task("evaluation").and_then(|t| t.triggered_after), Some(600_000));
+    assert_eq!(def.sequence("dev", "delivery").map(|s| s.tasks.len()), Some(4));
 }
 
 #[test]
@@ -238,28 +201,16 @@ spec:
     .expect("parses");
     let s = def.sequence("dev", "s").expect("dev.s");
     let (a, b, c) = (&s.tasks[0], &s.tasks[1], &s.tasks[2]);
-    assert_eq!(
-        (a.dispatch, a.award),
-        (DispatchMode::Queue, AwardPolicy::LowestCost)
-    );
+    assert_eq!((a.dispatch, a.award), (DispatchMode::Queue, AwardPolicy::LowestCost));
     assert!(a.continue_on_failure && !a.idempotent);
     assert_eq!(a.triggered_after, Some(300));
     assert_eq!(a.retry.non_retryable, ["bad-input"]);
     assert_eq!(a.retry.max_attempts, RetryPolicy::default().max_attempts);
     assert_eq!(a.timeouts.bid_window, 2_000);
-    assert_eq!(
-        a.timeouts.start_to_close,
-        Timeouts::default().start_to_close
-    );
+    assert_eq!(a.timeouts.start_to_close, Timeouts::default().start_to_close);
     assert_eq!(a.requires.get("tier").map(String::as_str), Some("1"));
-    assert!(
-        b.depends_on.is_empty(),
-        "`dependsOn: []` starts with the sequence"
-    );
-    assert_eq!(
-        (b.dispatch, b.award),
-        (DispatchMode::Fanout, AwardPolicy::EarliestFinish)
-    );
+    assert!(b.depends_on.is_empty(), "`dependsOn: []` starts with the sequence");
+    assert_eq!((b.dispatch, b.award), (DispatchMode::Fanout, AwardPolicy::EarliestFinish));
     assert_eq!(c.depends_on, ["b"]);
 }
 
@@ -271,13 +222,7 @@ fn keptn_files_honour_capstan_keys_on_keptn_defaults() {
     .expect("parses");
     let a = &def.stages[0].sequences[0].tasks[0];
     assert_eq!(a.dispatch, DispatchMode::Queue);
-    assert_eq!(
-        a.retry,
-        RetryPolicy {
-            initial_interval: 5_000,
-            ..RetryPolicy::keptn()
-        }
-    );
+    assert_eq!(a.retry, RetryPolicy { initial_interval: 5_000, ..RetryPolicy::keptn() });
 }
 
 /// Small, targeted damage to a valid file: the kind of input `capstan validate` sees while

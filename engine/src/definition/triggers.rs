@@ -1,8 +1,6 @@
 //! Promotion: which sequences start when a run of a sequence finishes (`triggeredOn` + selector).
 
-use super::model::{
-    Condition, ConditionSubject, Definition, Selector, Sequence, Stage, TaskResult,
-};
+use super::model::{Condition, ConditionSubject, Definition, Selector, Sequence, Stage, TaskResult};
 
 impl Definition {
     /// Every sequence, in file order, whose `triggeredOn` names `<stage>.<sequence>.finished` and
@@ -36,27 +34,17 @@ impl Definition {
 impl Selector {
     /// Whether a finished run satisfies every condition. With no condition, Keptn's rule applies
     /// to both flavors: the run must have passed or ended with a warning.
-    pub fn matches(
-        &self,
-        run_result: TaskResult,
-        task_results: &dyn Fn(&str) -> Option<TaskResult>,
-    ) -> bool {
+    pub fn matches(&self, run_result: TaskResult, task_results: &dyn Fn(&str) -> Option<TaskResult>) -> bool {
         if self.conditions.is_empty() {
             return matches!(run_result, TaskResult::Pass | TaskResult::Warning);
         }
-        self.conditions
-            .iter()
-            .all(|condition| condition.matches(run_result, task_results))
+        self.conditions.iter().all(|condition| condition.matches(run_result, task_results))
     }
 }
 
 impl Condition {
     /// Whether the run (or the named task) ended with one of the listed results.
-    pub fn matches(
-        &self,
-        run_result: TaskResult,
-        task_results: &dyn Fn(&str) -> Option<TaskResult>,
-    ) -> bool {
+    pub fn matches(&self, run_result: TaskResult, task_results: &dyn Fn(&str) -> Option<TaskResult>) -> bool {
         let actual = match &self.subject {
             ConditionSubject::Run => Some(run_result),
             ConditionSubject::Task(task) => task_results(task),
@@ -73,10 +61,7 @@ mod tests {
     const SOCKSHOP: &str = include_str!("../../tests/fixtures/keptn/shipyard-sockshop.yaml");
 
     fn names(found: Vec<(&Stage, &Sequence)>) -> Vec<String> {
-        found
-            .into_iter()
-            .map(|(stage, seq)| format!("{}.{}", stage.name, seq.name))
-            .collect()
+        found.into_iter().map(|(stage, seq)| format!("{}.{}", stage.name, seq.name)).collect()
     }
 
     fn no_tasks(_: &str) -> Option<TaskResult> {
@@ -105,28 +90,16 @@ mod tests {
         let again = def.followers("production", "remediation", TaskResult::Pass, &failing);
         assert_eq!(names(again), ["production.remediation"]);
         let passing = evaluation(TaskResult::Pass);
-        assert!(
-            def.followers("production", "remediation", TaskResult::Fail, &passing)
-                .is_empty()
-        );
+        assert!(def.followers("production", "remediation", TaskResult::Fail, &passing).is_empty());
         // A task without a result never matches.
-        assert!(
-            def.followers("production", "remediation", TaskResult::Fail, &no_tasks)
-                .is_empty()
-        );
+        assert!(def.followers("production", "remediation", TaskResult::Fail, &no_tasks).is_empty());
     }
 
     #[test]
     fn unknown_source_has_no_followers() {
         let def = parse(SOCKSHOP).expect("sockshop parses");
-        assert!(
-            def.followers("nowhere", "delivery", TaskResult::Pass, &no_tasks)
-                .is_empty()
-        );
-        assert!(
-            def.followers("production", "delivery-direct", TaskResult::Pass, &no_tasks)
-                .is_empty()
-        );
+        assert!(def.followers("nowhere", "delivery", TaskResult::Pass, &no_tasks).is_empty());
+        assert!(def.followers("production", "delivery-direct", TaskResult::Pass, &no_tasks).is_empty());
     }
 
     #[test]
@@ -159,14 +132,8 @@ spec:
         .expect("parses");
         let test = |result| move |task: &str| (task == "test").then_some(result);
         let run = |run, task| names(def.followers("dev", "delivery", run, &test(task)));
-        assert_eq!(
-            run(TaskResult::Warning, TaskResult::Pass),
-            ["prod.careful", "prod.twice"]
-        );
-        assert_eq!(
-            run(TaskResult::Warning, TaskResult::Warning),
-            ["prod.twice"]
-        );
+        assert_eq!(run(TaskResult::Warning, TaskResult::Pass), ["prod.careful", "prod.twice"]);
+        assert_eq!(run(TaskResult::Warning, TaskResult::Warning), ["prod.twice"]);
         assert_eq!(run(TaskResult::Fail, TaskResult::Pass), ["prod.twice"]);
     }
 }

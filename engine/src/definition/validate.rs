@@ -74,16 +74,9 @@ fn check_tasks(stage: &str, sequence: &Sequence, out: &mut Diagnostics) {
     }
 }
 
-fn check_cycles(
-    stage: &str,
-    sequence: &Sequence,
-    index: &HashMap<&str, usize>,
-    out: &mut Diagnostics,
-) {
+fn check_cycles(stage: &str, sequence: &Sequence, index: &HashMap<&str, usize>, out: &mut Diagnostics) {
     let mut graph = DiGraph::<usize, ()>::new();
-    let nodes: Vec<_> = (0..sequence.tasks.len())
-        .map(|at| graph.add_node(at))
-        .collect();
+    let nodes: Vec<_> = (0..sequence.tasks.len()).map(|at| graph.add_node(at)).collect();
     for (at, task) in sequence.tasks.iter().enumerate() {
         for dep in &task.depends_on {
             if let Some(&from) = index.get(dep.as_str()) {
@@ -102,18 +95,13 @@ fn check_cycles(
             members
         })
         .filter(|members| match members.as_slice() {
-            [one] => sequence.tasks[*one]
-                .depends_on
-                .contains(&sequence.tasks[*one].name),
+            [one] => sequence.tasks[*one].depends_on.contains(&sequence.tasks[*one].name),
             _ => true,
         })
         .collect();
     cycles.sort();
     for members in cycles {
-        let names: Vec<String> = members
-            .iter()
-            .map(|&at| format!("`{}`", sequence.tasks[at].name))
-            .collect();
+        let names: Vec<String> = members.iter().map(|&at| format!("`{}`", sequence.tasks[at].name)).collect();
         let message = match names.as_slice() {
             [one] => format!("task {one} depends on itself"),
             _ => format!("tasks {} depend on each other in a cycle", names.join(", ")),
@@ -125,20 +113,14 @@ fn check_cycles(
 fn check_values(place: &Place, task: &Task, out: &mut Diagnostics) {
     let retry = &task.retry;
     if retry.max_attempts == 0 {
-        out.push(
-            place.clone(),
-            "`retry.maxAttempts` must be at least 1 (1 means no retry)",
-        );
+        out.push(place.clone(), "`retry.maxAttempts` must be at least 1 (1 means no retry)");
     }
     // NaN (`.nan` in YAML) compares as neither smaller nor larger, so test for the good case.
     let coefficient_ok = retry.backoff_coefficient.is_finite() && retry.backoff_coefficient >= 1.0;
     if !coefficient_ok {
         out.push(
             place.clone(),
-            format!(
-                "`retry.backoffCoefficient` must be at least 1, not {}",
-                retry.backoff_coefficient
-            ),
+            format!("`retry.backoffCoefficient` must be at least 1, not {}", retry.backoff_coefficient),
         );
     }
     if retry.initial_interval > retry.max_interval {
@@ -157,10 +139,7 @@ fn check_values(place: &Place, task: &Task, out: &mut Diagnostics) {
     ];
     for (field, limit) in limits {
         if limit == Some(0) {
-            out.push(
-                place.clone(),
-                format!("`timeouts.{field}` must be longer than 0"),
-            );
+            out.push(place.clone(), format!("`timeouts.{field}` must be longer than 0"));
         }
     }
 }
@@ -169,13 +148,7 @@ fn check_triggers(def: &Definition, place: &Place, sequence: &Sequence, out: &mu
     for trigger in &sequence.triggered_on {
         let event = format!("{}.{}.finished", trigger.stage, trigger.sequence);
         if def.stage(&trigger.stage).is_none() {
-            out.push(
-                place.clone(),
-                format!(
-                    "triggeredOn event `{event}` names unknown stage `{}`",
-                    trigger.stage
-                ),
-            );
+            out.push(place.clone(), format!("triggeredOn event `{event}` names unknown stage `{}`", trigger.stage));
             continue;
         }
         let Some(source) = def.sequence(&trigger.stage, &trigger.sequence) else {

@@ -7,16 +7,12 @@ use super::tests::problems;
 
 /// Checks a Capstan file made of the given `spec:` body.
 fn check(spec: &str, expected: Expect) {
-    expected.assert_eq(&problems(&format!(
-        "apiVersion: capstan.dev/v1\nkind: Shipyard\n{spec}"
-    )));
+    expected.assert_eq(&problems(&format!("apiVersion: capstan.dev/v1\nkind: Shipyard\n{spec}")));
 }
 
 /// Checks a Keptn file made of the given `spec:` body.
 fn check_keptn(spec: &str, expected: Expect) {
-    expected.assert_eq(&problems(&format!(
-        "apiVersion: spec.keptn.sh/0.2.0\nkind: Shipyard\n{spec}"
-    )));
+    expected.assert_eq(&problems(&format!("apiVersion: spec.keptn.sh/0.2.0\nkind: Shipyard\n{spec}")));
 }
 
 #[test]
@@ -39,31 +35,19 @@ fn yaml_type_error_has_line_and_column() {
 
 #[test]
 fn missing_spec_and_empty_stage_list() {
-    check(
-        "metadata: {name: x}\n",
-        expect!["line 1, column 1: missing field `spec`"],
-    );
-    check(
-        "spec: {}\n",
-        expect!["document: `spec.stages` is empty; a definition needs at least one stage"],
-    );
-    check(
-        "spec: {stages: []}\n",
-        expect!["document: `spec.stages` is empty; a definition needs at least one stage"],
-    );
+    check("metadata: {name: x}\n", expect!["line 1, column 1: missing field `spec`"]);
+    check("spec: {}\n", expect!["document: `spec.stages` is empty; a definition needs at least one stage"]);
+    check("spec: {stages: []}\n", expect!["document: `spec.stages` is empty; a definition needs at least one stage"]);
 }
 
 #[test]
 fn unknown_api_version_or_kind_through_parse() {
-    expect!["document: apiVersion `capstan.dev/v2` is not supported; expected `capstan.dev/v1` or `spec.keptn.sh/0.2.x`"].assert_eq(&problems(
-        "apiVersion: capstan.dev/v2\nkind: Shipyard\nspec: {}\n",
-    ));
     expect![
-        "document: kind `Runbook` is not Shipyard; only Shipyard files define stages and sequences"
+        "document: apiVersion `capstan.dev/v2` is not supported; expected `capstan.dev/v1` or `spec.keptn.sh/0.2.x`"
     ]
-    .assert_eq(&problems(
-        "apiVersion: capstan.dev/v1\nkind: Runbook\nspec: {}\n",
-    ));
+    .assert_eq(&problems("apiVersion: capstan.dev/v2\nkind: Shipyard\nspec: {}\n"));
+    expect!["document: kind `Runbook` is not Shipyard; only Shipyard files define stages and sequences"]
+        .assert_eq(&problems("apiVersion: capstan.dev/v1\nkind: Runbook\nspec: {}\n"));
 }
 
 #[test]
@@ -376,9 +360,7 @@ fn every_problem_is_reported_at_once() {
 #[test]
 fn several_documents_or_deep_nesting_are_diagnostics_not_crashes() {
     expect!["document: deserializing from YAML containing more than one document is not supported"]
-        .assert_eq(&problems(
-            "apiVersion: capstan.dev/v1\n---\nkind: Shipyard\n",
-        ));
+        .assert_eq(&problems("apiVersion: capstan.dev/v1\n---\nkind: Shipyard\n"));
     let deep = format!("{}{}", "[".repeat(10_000), "]".repeat(10_000));
     expect!["line 1, column 129: recursion limit exceeded"].assert_eq(&problems(&deep));
 }

@@ -99,18 +99,13 @@ impl Criterion {
         } else {
             (None, rest)
         };
-        let magnitude =
-            plain_decimal(digits).ok_or_else(|| CriterionError::BadNumber(raw.to_string()))?;
+        let magnitude = plain_decimal(digits).ok_or_else(|| CriterionError::BadNumber(raw.to_string()))?;
         let target = match (percent, sign) {
             (true, sign) => Target::Percent(sign.unwrap_or(1.0) * magnitude),
             (false, Some(sign)) => Target::Delta(sign * magnitude),
             (false, None) => Target::Fixed(magnitude),
         };
-        Ok(Criterion {
-            raw: raw.to_string(),
-            operator,
-            target,
-        })
+        Ok(Criterion { raw: raw.to_string(), operator, target })
     }
 
     /// Whether this criterion needs a baseline from earlier results.
@@ -183,9 +178,7 @@ mod tests {
 
     #[test]
     fn rejects_bad_strings() {
-        for raw in [
-            "", "600", "<", "<abc", "<1e3", "<inf", "<NaN", "<1.2.3", "<+-5", "=<5", "<5%%", "!=5",
-        ] {
+        for raw in ["", "600", "<", "<abc", "<1e3", "<inf", "<NaN", "<1.2.3", "<+-5", "=<5", "<5%%", "!=5"] {
             assert!(Criterion::parse(raw).is_err(), "{raw} should be rejected");
         }
     }

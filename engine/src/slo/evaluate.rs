@@ -37,10 +37,7 @@ pub struct PreviousResult {
 
 impl From<&Evaluation> for PreviousResult {
     fn from(evaluation: &Evaluation) -> Self {
-        PreviousResult {
-            result: evaluation.result,
-            values: evaluation.values.clone(),
-        }
+        PreviousResult { result: evaluation.result, values: evaluation.values.clone() }
     }
 }
 
@@ -141,16 +138,9 @@ impl Evaluation {
 }
 
 /// Scores `values` against `slo`; `previous` are earlier evaluations, oldest first.
-pub fn evaluate(
-    slo: &SloFile,
-    values: &BTreeMap<String, f64>,
-    previous: &[PreviousResult],
-) -> Evaluation {
-    let values: BTreeMap<String, f64> = values
-        .iter()
-        .filter(|(_, v)| v.is_finite())
-        .map(|(k, v)| (k.clone(), *v))
-        .collect();
+pub fn evaluate(slo: &SloFile, values: &BTreeMap<String, f64>, previous: &[PreviousResult]) -> Evaluation {
+    let values: BTreeMap<String, f64> =
+        values.iter().filter(|(_, v)| v.is_finite()).map(|(k, v)| (k.clone(), *v)).collect();
     let baseline_results = select_previous(slo, previous);
 
     let mut achieved = 0.0;
@@ -181,14 +171,7 @@ pub fn evaluate(
         let score = (100.0 * achieved / achievable).clamp(0.0, 100.0);
         (score, total_result(slo, score, key_sli_failed))
     };
-    Evaluation {
-        score,
-        result,
-        values,
-        objectives,
-        key_sli_failed,
-        compared_results: baseline_results.len(),
-    }
+    Evaluation { score, result, values, objectives, key_sli_failed, compared_results: baseline_results.len() }
 }
 
 /// The latest N earlier results that `include_result_with_score` admits, oldest first.
@@ -235,11 +218,7 @@ pub fn aggregate(function: Aggregate, mut values: Vec<f64>) -> Option<f64> {
     }
 }
 
-fn score_objective(
-    objective: &Objective,
-    value: Option<f64>,
-    baseline: Option<f64>,
-) -> ObjectiveResult {
+fn score_objective(objective: &Objective, value: Option<f64>, baseline: Option<f64>) -> ObjectiveResult {
     let mut result = ObjectiveResult {
         sli: objective.sli.clone(),
         display_name: objective.display_name.clone(),
@@ -263,13 +242,7 @@ fn score_objective(
         return result;
     }
     let weight = f64::from(objective.weight);
-    let passed = check_list(
-        &objective.pass,
-        CriteriaList::Pass,
-        value,
-        baseline,
-        &mut result.targets,
-    );
+    let passed = check_list(&objective.pass, CriteriaList::Pass, value, baseline, &mut result.targets);
     if passed {
         result.status = ObjectiveStatus::Pass;
         result.score = weight;
@@ -278,13 +251,7 @@ fn score_objective(
         result.status = ObjectiveStatus::Fail;
         result.decided_by = Some(CriteriaList::Pass);
     } else {
-        let warned = check_list(
-            &objective.warning,
-            CriteriaList::Warning,
-            value,
-            baseline,
-            &mut result.targets,
-        );
+        let warned = check_list(&objective.warning, CriteriaList::Warning, value, baseline, &mut result.targets);
         result.decided_by = Some(CriteriaList::Warning);
         if warned {
             result.status = ObjectiveStatus::Warning;
@@ -293,12 +260,7 @@ fn score_objective(
             result.status = ObjectiveStatus::Fail;
         }
     }
-    result.violated = result
-        .targets
-        .iter()
-        .filter(|t| t.violated)
-        .map(|t| t.criteria.clone())
-        .collect();
+    result.violated = result.targets.iter().filter(|t| t.violated).map(|t| t.criteria.clone()).collect();
     result
 }
 

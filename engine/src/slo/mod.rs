@@ -16,12 +16,9 @@ use std::fmt;
 
 pub use criteria::{Criterion, CriterionError, Operator, Target};
 pub use evaluate::{
-    CriteriaList, Evaluation, ObjectiveResult, ObjectiveStatus, PreviousResult, TargetResult,
-    aggregate, evaluate,
+    CriteriaList, Evaluation, ObjectiveResult, ObjectiveStatus, PreviousResult, TargetResult, aggregate, evaluate,
 };
-pub use model::{
-    Aggregate, CompareWith, Comparison, IncludeResults, Objective, SloFile, TotalScore, parse,
-};
+pub use model::{Aggregate, CompareWith, Comparison, IncludeResults, Objective, SloFile, TotalScore, parse};
 pub use render::render_table;
 
 /// One problem in an SLO file, with where it is.
@@ -51,9 +48,5 @@ pub enum SloError {
 }
 
 fn join(problems: &[SloProblem]) -> String {
-    problems
-        .iter()
-        .map(ToString::to_string)
-        .collect::<Vec<_>>()
-        .join("; ")
+    problems.iter().map(ToString::to_string).collect::<Vec<_>>().join("; ")
 }

@@ -261,31 +261,19 @@ pub fn parse(text: &str) -> Result<SloFile, SloError> {
     let total_score = match raw.total_score {
         None => None,
         Some(t) => {
-            let pass = t
-                .pass
-                .and_then(|p| percentage("total_score.pass", p, &mut problem));
-            let warning = t
-                .warning
-                .and_then(|p| percentage("total_score.warning", p, &mut problem));
+            let pass = t.pass.and_then(|p| percentage("total_score.pass", p, &mut problem));
+            let warning = t.warning.and_then(|p| percentage("total_score.warning", p, &mut problem));
             pass.map(|pass| TotalScore { pass, warning })
         }
     };
     if total_score.is_none() && objectives.iter().any(Objective::is_scored) {
-        problem(
-            "total_score.pass".into(),
-            "is required when an objective has pass criteria".into(),
-        );
+        problem("total_score.pass".into(), "is required when an objective has pass criteria".into());
     }
 
     if !problems.is_empty() {
         return Err(SloError::Invalid(problems));
     }
-    Ok(SloFile {
-        spec_version: raw.spec_version.unwrap_or_default(),
-        comparison,
-        objectives,
-        total_score,
-    })
+    Ok(SloFile { spec_version: raw.spec_version.unwrap_or_default(), comparison, objectives, total_score })
 }
 
 fn parse_aggregate(name: &str) -> Option<Aggregate> {
@@ -308,10 +296,7 @@ fn parse_sets(
         for (index, raw) in set.criteria.iter().enumerate() {
             match Criterion::parse(raw) {
                 Ok(c) => criteria.push(c),
-                Err(e) => problem(
-                    format!("{at}.{list}[{set_index}].criteria[{index}]"),
-                    e.to_string(),
-                ),
+                Err(e) => problem(format!("{at}.{list}[{set_index}].criteria[{index}]"), e.to_string()),
             }
         }
         parsed.push(criteria);
@@ -319,11 +304,7 @@ fn parse_sets(
     parsed
 }
 
-fn percentage(
-    at: &str,
-    value: Percentage,
-    problem: &mut impl FnMut(String, String),
-) -> Option<f64> {
+fn percentage(at: &str, value: Percentage, problem: &mut impl FnMut(String, String)) -> Option<f64> {
     let number = match &value {
         Percentage::Number(n) => Some(*n),
         Percentage::Text(text) => text.trim().trim_end_matches('%').trim().parse().ok(),
@@ -335,10 +316,7 @@ fn percentage(
                 Percentage::Number(n) => n.to_string(),
                 Percentage::Text(text) => text,
             };
-            problem(
-                at.into(),
-                format!("`{shown}` is not a percentage like \"90%\""),
-            );
+            problem(at.into(), format!("`{shown}` is not a percentage like \"90%\""));
             None
         }
     }
@@ -361,33 +339,19 @@ mod tests {
         assert_eq!(slo.comparison, Comparison::default());
         assert_eq!(slo.spec_version, "");
         let o = &slo.objectives[0];
-        assert_eq!(
-            (o.display_name.as_str(), o.weight, o.key_sli),
-            ("rt", 1, false)
-        );
+        assert_eq!((o.display_name.as_str(), o.weight, o.key_sli), ("rt", 1, false));
         assert!(!o.is_scored());
 
         let slo = parse("comparison: {compare_with: several_results}\nobjectives: []").unwrap();
         assert_eq!(slo.comparison.number_of_comparison_results, 3);
         assert_eq!(slo.comparison.results_to_compare(), 3);
-        assert_eq!(
-            slo.comparison.include_result_with_score,
-            IncludeResults::All
-        );
+        assert_eq!(slo.comparison.include_result_with_score, IncludeResults::All);
         assert_eq!(slo.comparison.aggregate_function, Aggregate::Avg);
 
-        let slo = parse("objectives: [{sli: a, weight: 0, pass: [{criteria: ['<1']}]}]\ntotal_score: {pass: 90}").unwrap();
-        assert_eq!(
-            slo.objectives[0].weight, 1,
-            "weight 0 is read as 1, like Keptn"
-        );
-        assert_eq!(
-            slo.total_score,
-            Some(TotalScore {
-                pass: 90.0,
-                warning: None
-            })
-        );
+        let slo =
+            parse("objectives: [{sli: a, weight: 0, pass: [{criteria: ['<1']}]}]\ntotal_score: {pass: 90}").unwrap();
+        assert_eq!(slo.objectives[0].weight, 1, "weight 0 is read as 1, like Keptn");
+        assert_eq!(slo.total_score, Some(TotalScore { pass: 90.0, warning: None }));
     }
 
     #[test]
@@ -415,10 +379,7 @@ filter: {handler: x}
         assert_eq!(slo.spec_version, "0.1.1");
         assert_eq!(slo.comparison.compare_with, CompareWith::SeveralResults);
         assert_eq!(slo.comparison.results_to_compare(), 5);
-        assert_eq!(
-            slo.comparison.include_result_with_score,
-            IncludeResults::PassOrWarn
-        );
+        assert_eq!(slo.comparison.include_result_with_score, IncludeResults::PassOrWarn);
         assert_eq!(slo.comparison.aggregate_function, Aggregate::Percentile(95));
         let o = &slo.objectives[0];
         assert_eq!(o.display_name, "Error rate");
@@ -426,13 +387,7 @@ filter: {handler: x}
         assert_eq!(o.pass.len(), 2);
         assert_eq!(o.pass[1][1].raw, "<+5%");
         assert_eq!(o.warning[0][0].raw, "<=2");
-        assert_eq!(
-            slo.total_score,
-            Some(TotalScore {
-                pass: 90.0,
-                warning: Some(75.0)
-            })
-        );
+        assert_eq!(slo.total_score, Some(TotalScore { pass: 90.0, warning: Some(75.0) }));
     }
 
     #[test]
@@ -480,10 +435,7 @@ total_score: {pass: "ninety", warning: "75%"}
             "total_score.pass: `ninety`",
             "total_score.pass: is required",
         ] {
-            assert!(
-                found.iter().any(|p| p.starts_with(location)),
-                "{location}: {found:#?}"
-            );
+            assert!(found.iter().any(|p| p.starts_with(location)), "{location}: {found:#?}");
         }
         for name in ["p0", "p100", "px", "max"] {
             assert_eq!(parse_aggregate(name), None, "{name}");

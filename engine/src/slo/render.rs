@@ -11,21 +11,13 @@ pub fn render_table(evaluation: &Evaluation) -> String {
         .objectives
         .iter()
         .map(|o| {
-            let name = if o.key_sli {
-                format!("{} (key)", o.display_name)
-            } else {
-                o.display_name.clone()
-            };
+            let name = if o.key_sli { format!("{} (key)", o.display_name) } else { o.display_name.clone() };
             let score = if o.status == ObjectiveStatus::Info {
                 "-".to_string()
             } else {
                 format!("{}/{}", number(o.score), o.weight)
             };
-            let violated = if o.value.is_none() {
-                "no value".to_string()
-            } else {
-                o.violated.join(" ")
-            };
+            let violated = if o.value.is_none() { "no value".to_string() } else { o.violated.join(" ") };
             [
                 name,
                 o.value.map_or_else(|| "-".to_string(), number),
@@ -60,12 +52,7 @@ pub fn render_table(evaluation: &Evaluation) -> String {
     for row in &rows {
         line(row);
     }
-    let _ = write!(
-        out,
-        "score {} of 100: {}",
-        number(evaluation.score),
-        evaluation.result.as_str()
-    );
+    let _ = write!(out, "score {} of 100: {}", number(evaluation.score), evaluation.result.as_str());
     if evaluation.key_sli_failed {
         out.push_str(" (a key SLI failed)");
     }

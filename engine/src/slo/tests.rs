@@ -16,17 +16,12 @@ fn values(pairs: &[(&str, f64)]) -> BTreeMap<String, f64> {
 }
 
 fn prev(result: TaskResult, pairs: &[(&str, f64)]) -> PreviousResult {
-    PreviousResult {
-        result,
-        values: values(pairs),
-    }
+    PreviousResult { result, values: values(pairs) }
 }
 
 /// An SLO file with the given comparison block and objectives, gated at 90 % / 75 %.
 fn gate(comparison: &str, objectives: &str) -> String {
-    format!(
-        "{comparison}\nobjectives:\n{objectives}\ntotal_score: {{pass: \"90%\", warning: \"75%\"}}\n"
-    )
+    format!("{comparison}\nobjectives:\n{objectives}\ntotal_score: {{pass: \"90%\", warning: \"75%\"}}\n")
 }
 
 struct Case {
@@ -42,18 +37,15 @@ struct Case {
 }
 
 const RT_PASS: &str = "  - sli: rt\n    pass: [{criteria: [\"<600\"]}]";
-const RT_PASS_WARN: &str =
-    "  - sli: rt\n    pass: [{criteria: [\"<600\"]}]\n    warning: [{criteria: [\"<=800\"]}]";
+const RT_PASS_WARN: &str = "  - sli: rt\n    pass: [{criteria: [\"<600\"]}]\n    warning: [{criteria: [\"<=800\"]}]";
 const REL_PCT: &str = "  - sli: rt\n    pass: [{criteria: [\"<=+10%\"]}]";
-const SINGLE_PASS: &str =
-    "comparison: {compare_with: single_result, include_result_with_score: pass}";
-const SINGLE_WARN: &str =
-    "comparison: {compare_with: single_result, include_result_with_score: pass_or_warn}";
-const SINGLE_ALL: &str =
-    "comparison: {compare_with: single_result, include_result_with_score: all}";
+const SINGLE_PASS: &str = "comparison: {compare_with: single_result, include_result_with_score: pass}";
+const SINGLE_WARN: &str = "comparison: {compare_with: single_result, include_result_with_score: pass_or_warn}";
+const SINGLE_ALL: &str = "comparison: {compare_with: single_result, include_result_with_score: all}";
 const SEVERAL_3_AVG: &str = "comparison: {compare_with: several_results, number_of_comparison_results: 3, include_result_with_score: all, aggregate_function: avg}";
 const SEVERAL_3_P90: &str = "comparison: {compare_with: several_results, number_of_comparison_results: 3, include_result_with_score: all, aggregate_function: p90}";
-const SEVERAL_2_PASS: &str = "comparison: {compare_with: several_results, number_of_comparison_results: 2, include_result_with_score: pass}";
+const SEVERAL_2_PASS: &str =
+    "comparison: {compare_with: several_results, number_of_comparison_results: 2, include_result_with_score: pass}";
 
 /// Earlier results carrying one value each for the SLI `rt`, oldest first.
 fn history(results: &[(TaskResult, f64)]) -> Vec<PreviousResult> {
@@ -61,10 +53,7 @@ fn history(results: &[(TaskResult, f64)]) -> Vec<PreviousResult> {
 }
 
 fn history_of(sli: &str, results: &[(TaskResult, f64)]) -> Vec<PreviousResult> {
-    results
-        .iter()
-        .map(|(r, v)| prev(*r, &[(sli, *v)]))
-        .collect()
+    results.iter().map(|(r, v)| prev(*r, &[(sli, *v)])).collect()
 }
 
 // One row per rule; rustfmt would spread each row over a dozen lines and hide the table.
@@ -136,12 +125,7 @@ fn scoring_follows_keptn_rules() {
         }
         let slo = parse(&text).unwrap_or_else(|e| panic!("{}: {e}", case.name));
         let got = evaluate(&slo, &values(case.values), &case.previous);
-        assert!(
-            (got.score - case.score).abs() < 1e-9,
-            "{}: score {}",
-            case.name,
-            got.score
-        );
+        assert!((got.score - case.score).abs() < 1e-9, "{}: score {}", case.name, got.score);
         assert_eq!(got.result, case.result, "{}", case.name);
         let statuses: Vec<_> = got.objectives.iter().map(|o| o.status).collect();
         assert_eq!(statuses, case.statuses, "{}", case.name);
@@ -154,18 +138,11 @@ fn objectives_report_their_criteria() {
     let slo = parse(&gate(SINGLE_ALL, "  - sli: rt\n    displayName: Response time\n    pass: [{criteria: [\"<=+10%\", \"<600\"]}]\n    warning: [{criteria: [\"<=800\"]}]")).unwrap();
     let got = evaluate(&slo, &values(&[("rt", 650.0)]), &history(&[(Pass, 500.0)]));
     let o = &got.objectives[0];
-    assert_eq!(
-        (o.display_name.as_str(), o.value, o.status),
-        ("Response time", Some(650.0), S::Warning)
-    );
+    assert_eq!((o.display_name.as_str(), o.value, o.status), ("Response time", Some(650.0), S::Warning));
     assert_eq!((o.score, o.weight, o.key_sli), (0.5, 1, false));
     assert_eq!(o.decided_by, Some(CriteriaList::Warning));
     assert_eq!(o.violated, ["<=+10%", "<600"]);
-    let thresholds: Vec<_> = o
-        .targets
-        .iter()
-        .map(|t| (t.list, t.criteria.as_str(), t.threshold, t.violated))
-        .collect();
+    let thresholds: Vec<_> = o.targets.iter().map(|t| (t.list, t.criteria.as_str(), t.threshold, t.violated)).collect();
     assert_eq!(
         thresholds,
         [
@@ -183,15 +160,9 @@ fn percentiles_interpolate_like_keptn() {
     let four = vec![400.0, 100.0, 300.0, 200.0];
     assert_eq!(aggregate(Aggregate::Avg, four.clone()), Some(250.0));
     // rank = 0.5 * 5 = 2.5: halfway between the 2nd and 3rd smallest.
-    assert_eq!(
-        aggregate(Aggregate::Percentile(50), four.clone()),
-        Some(250.0)
-    );
+    assert_eq!(aggregate(Aggregate::Percentile(50), four.clone()), Some(250.0));
     // rank = 0.9 * 5 = 4.5 >= n: the largest.
-    assert_eq!(
-        aggregate(Aggregate::Percentile(90), four.clone()),
-        Some(400.0)
-    );
+    assert_eq!(aggregate(Aggregate::Percentile(90), four.clone()), Some(400.0));
     // rank = 0.1 * 5 = 0.5 < 1: the smallest.
     assert_eq!(aggregate(Aggregate::Percentile(10), four), Some(100.0));
     assert_eq!(aggregate(Aggregate::Percentile(50), vec![7.0]), Some(7.0));
@@ -199,23 +170,14 @@ fn percentiles_interpolate_like_keptn() {
 }
 
 /// (value, earlier results, objective status, score, evaluation result).
-type FixtureRow = (
-    f64,
-    &'static [(TaskResult, f64)],
-    ObjectiveStatus,
-    f64,
-    TaskResult,
-);
+type FixtureRow = (f64, &'static [(TaskResult, f64)], ObjectiveStatus, f64, TaskResult);
 
 const FIXTURE: &str = include_str!("../../tests/fixtures/keptn/slo-quality-gates.yaml");
 
 #[test]
 fn keptn_fixture_scores_by_hand() {
     let slo = parse(FIXTURE).unwrap();
-    assert_eq!(
-        slo.comparison.include_result_with_score,
-        IncludeResults::Pass
-    );
+    assert_eq!(slo.comparison.include_result_with_score, IncludeResults::Pass);
     // (value, history, objective status, score, result); the gate is 90 % / 75 % over one
     // objective, so a warning objective (50 %) fails the evaluation.
     #[rustfmt::skip]
@@ -264,11 +226,7 @@ fn evaluation_json_is_a_previous_result() {
     assert_eq!(as_previous, PreviousResult::from(&first));
     let back: Evaluation = serde_json::from_str(&json).unwrap();
     assert_eq!(back, first);
-    let second = evaluate(
-        &slo,
-        &values(&[("response_time_p95", 530.0)]),
-        &[as_previous],
-    );
+    let second = evaluate(&slo, &values(&[("response_time_p95", 530.0)]), &[as_previous]);
     assert_eq!(second.objectives[0].baseline, Some(480.0));
     assert_eq!(second.objectives[0].status, S::Warning);
 
@@ -283,11 +241,8 @@ fn evaluation_json_is_a_previous_result() {
 #[test]
 fn renders_a_table() {
     let slo = parse(&gate(SINGLE_ALL, "  - sli: rt\n    displayName: Response time\n    key_sli: true\n    pass: [{criteria: [\"<=+10%\", \"<600\"]}]\n    warning: [{criteria: [\"<=800\"]}]\n  - sli: errors\n    weight: 2\n    pass: [{criteria: [\"<1\"]}]\n  - sli: throughput\n  - sli: cpu\n    pass: [{criteria: [\"<80\"]}]")).unwrap();
-    let got = evaluate(
-        &slo,
-        &values(&[("rt", 650.0), ("errors", 0.5), ("throughput", 1234.5)]),
-        &history(&[(Pass, 500.0)]),
-    );
+    let got =
+        evaluate(&slo, &values(&[("rt", 650.0), ("errors", 0.5), ("throughput", 1234.5)]), &history(&[(Pass, 500.0)]));
     expect![[r#"
         SLI                  VALUE   BASELINE  STATUS   SCORE  VIOLATED
         Response time (key)  650     500       warning  0.5/1  <=+10% <600

@@ -41,10 +41,7 @@ pub struct PostgresConfig {
 
 impl Default for PostgresConfig {
     fn default() -> Self {
-        PostgresConfig {
-            schema: None,
-            max_connections: 10,
-        }
+        PostgresConfig { schema: None, max_connections: 10 }
     }
 }
 
@@ -58,9 +55,7 @@ pub struct PostgresStore {
 /// Whether `name` is a plain lower-case identifier, safe to splice into SQL unquoted.
 fn valid_schema(name: &str) -> bool {
     let mut chars = name.chars();
-    chars
-        .next()
-        .is_some_and(|c| c.is_ascii_lowercase() || c == '_')
+    chars.next().is_some_and(|c| c.is_ascii_lowercase() || c == '_')
         && chars.all(|c| c.is_ascii_lowercase() || c.is_ascii_digit() || c == '_')
         && name.len() <= 63
 }
@@ -74,34 +69,24 @@ impl PostgresStore {
     /// Connects to `url`, creating and using the schema `schema` (lower-case letters, digits
     /// and `_`), so several stores can share one database.
     pub async fn connect_with_schema(url: &str, schema: &str) -> Result<Self> {
-        let config = PostgresConfig {
-            schema: Some(schema.to_owned()),
-            ..PostgresConfig::default()
-        };
+        let config = PostgresConfig { schema: Some(schema.to_owned()), ..PostgresConfig::default() };
         Self::connect_with(url, config).await
     }
 
     /// Connects to `url` with `config` and brings the schema up to date.
     pub async fn connect_with(url: &str, config: PostgresConfig) -> Result<Self> {
-        let mut options = PgConnectOptions::from_str(url)
-            .map_err(|e| Error::Invalid(format!("database URL: {e}")))?;
+        let mut options = PgConnectOptions::from_str(url).map_err(|e| Error::Invalid(format!("database URL: {e}")))?;
         if let Some(schema) = &config.schema {
             if !valid_schema(schema) {
-                return Err(Error::Invalid(format!(
-                    "schema name {schema:?} is not a plain identifier"
-                )));
+                return Err(Error::Invalid(format!("schema name {schema:?} is not a plain identifier")));
             }
             // The schema must exist before connections that put it first on their search path
             // create tables; one short-lived connection makes it.
-            let mut conn = PgConnection::connect_with(&options)
+            let mut conn = PgConnection::connect_with(&options).await.map_err(db_error)?;
+            sqlx::query(sqlx::AssertSqlSafe(format!("CREATE SCHEMA IF NOT EXISTS {schema}")))
+                .execute(&mut conn)
                 .await
                 .map_err(db_error)?;
-            sqlx::query(sqlx::AssertSqlSafe(format!(
-                "CREATE SCHEMA IF NOT EXISTS {schema}"
-            )))
-            .execute(&mut conn)
-            .await
-            .map_err(db_error)?;
             conn.close().await.map_err(db_error)?;
             options = options.options([("search_path", schema.as_str())]);
         }
@@ -110,10 +95,7 @@ impl PostgresStore {
             .connect_with(options)
             .await
             .map_err(db_error)?;
-        let store = PostgresStore {
-            pool,
-            schema: config.schema,
-        };
+        let store = PostgresStore { pool, schema: config.schema };
         store.migrate().await?;
         debug!(schema = ?store.schema, "connected PostgreSQL store");
         Ok(store)
@@ -133,12 +115,10 @@ impl PostgresStore {
     /// tests that give every case a fresh schema). Without a dedicated schema it only closes.
     pub async fn drop_schema(self) -> Result<()> {
         if let Some(schema) = &self.schema {
-            sqlx::query(sqlx::AssertSqlSafe(format!(
-                "DROP SCHEMA IF EXISTS {schema} CASCADE"
-            )))
-            .execute(&self.pool)
-            .await
-            .map_err(db_error)?;
+            sqlx::query(sqlx::AssertSqlSafe(format!("DROP SCHEMA IF EXISTS {schema} CASCADE")))
+                .execute(&self.pool)
+                .await
+                .map_err(db_error)?;
         }
         self.pool.close().await;
         Ok(())
@@ -150,8 +130,7 @@ async fn write_rest(conn: &mut PgConnection, plan: &Plan) -> Result<()> {
     if !plan.runs.is_empty() {
         let col = |f: fn(&crate::RunRecord) -> &str| plan.runs.iter().map(f).collect::<Vec<_>>();
         let num = |f: fn(&crate::RunRecord) -> i64| plan.runs.iter().map(f).collect::<Vec<_>>();
-        let opt =
-            |f: fn(&crate::RunRecord) -> Option<&str>| plan.runs.iter().map(f).collect::<Vec<_>>();
+        let opt = |f: fn(&crate::RunRecord) -> Option<&str>| plan.runs.iter().map(f).collect::<Vec<_>>();
         sqlx::query(
             "INSERT INTO runs (run_id, project, context_id, stage, sequence, service, definition, \
              definition_version, status, result, created_at_ms, updated_at_ms) \
@@ -181,8 +160,7 @@ async fn write_rest(conn: &mut PgConnection, plan: &Plan) -> Result<()> {
         .map_err(db_error)?;
     }
     if !plan.outbox.is_empty() {
-        let col =
-            |f: fn(&crate::OutboxMessage) -> &str| plan.outbox.iter().map(f).collect::<Vec<_>>();
+        let col = |f: fn(&crate::OutboxMessage) -> &str| plan.outbox.iter().map(f).collect::<Vec<_>>();
         let payloads: Vec<&[u8]> = plan.outbox.iter().map(|m| m.payload.as_slice()).collect();
         // ORDER BY the ordinality so the serial seq follows the batch order.
         sqlx::query(
@@ -199,17 +177,9 @@ async fn write_rest(conn: &mut PgConnection, plan: &Plan) -> Result<()> {
         .map_err(db_error)?;
     }
     if !plan.cancel_timers.is_empty() {
-        let runs: Vec<&str> = plan
-            .cancel_timers
-            .iter()
-            .map(|c| c.run_id.as_str())
-            .collect();
+        let runs: Vec<&str> = plan.cancel_timers.iter().map(|c| c.run_id.as_str()).collect();
         let keys: Vec<&str> = plan.cancel_timers.iter().map(|c| c.key.as_str()).collect();
-        let guards: Vec<Option<i64>> = plan
-            .cancel_timers
-            .iter()
-            .map(|c| c.only_if_fire_at)
-            .collect();
+        let guards: Vec<Option<i64>> = plan.cancel_timers.iter().map(|c| c.only_if_fire_at).collect();
         sqlx::query(
             "DELETE FROM timers t USING UNNEST($1::text[], $2::text[], $3::bigint[]) \
              AS c (run_id, key, guard) WHERE t.run_id = c.run_id AND t.key = c.key \
@@ -226,8 +196,7 @@ async fn write_rest(conn: &mut PgConnection, plan: &Plan) -> Result<()> {
         let runs: Vec<&str> = plan.set_timers.iter().map(|t| t.run_id.as_str()).collect();
         let keys: Vec<&str> = plan.set_timers.iter().map(|t| t.key.as_str()).collect();
         let fire_at: Vec<i64> = plan.set_timers.iter().map(|t| t.fire_at_ms).collect();
-        let payloads: Vec<Json<&Value>> =
-            plan.set_timers.iter().map(|t| Json(&t.payload)).collect();
+        let payloads: Vec<Json<&Value>> = plan.set_timers.iter().map(|t| Json(&t.payload)).collect();
         sqlx::query(
             "INSERT INTO timers (run_id, key, fire_at_ms, payload) \
              SELECT * FROM UNNEST($1::text[], $2::text[], $3::bigint[], $4::jsonb[]) \
@@ -254,13 +223,12 @@ impl CommitLog for PostgresStore {
         let count = plan.event_count() as i64;
         let mut first_position = 0;
         if plan.has_appends() {
-            let last: i64 = sqlx::query_scalar(
-                "UPDATE event_position SET last = last + $1 WHERE id = 1 RETURNING last",
-            )
-            .bind(count)
-            .fetch_one(&mut *tx)
-            .await
-            .map_err(db_error)?;
+            let last: i64 =
+                sqlx::query_scalar("UPDATE event_position SET last = last + $1 WHERE id = 1 RETURNING last")
+                    .bind(count)
+                    .fetch_one(&mut *tx)
+                    .await
+                    .map_err(db_error)?;
             first_position = last - count + 1;
         }
         if !plan.inputs.is_empty() {
@@ -272,20 +240,18 @@ impl CommitLog for PostgresStore {
             .fetch_all(&mut *tx)
             .await
             .map_err(db_error)?;
-            if let Some(id) = Plan::first_missing(plan.inputs.iter().map(String::as_str), &written)
-            {
+            if let Some(id) = Plan::first_missing(plan.inputs.iter().map(String::as_str), &written) {
                 return Err(Error::DuplicateInput(id));
             }
         }
         let mut committed = Committed::default();
         if plan.has_appends() {
-            let current: Vec<(String, i64)> = sqlx::query_as(
-                "SELECT run_id, MAX(seq) FROM events WHERE run_id = ANY($1) GROUP BY run_id",
-            )
-            .bind(plan.append_run_ids())
-            .fetch_all(&mut *tx)
-            .await
-            .map_err(db_error)?;
+            let current: Vec<(String, i64)> =
+                sqlx::query_as("SELECT run_id, MAX(seq) FROM events WHERE run_id = ANY($1) GROUP BY run_id")
+                    .bind(plan.append_run_ids())
+                    .fetch_all(&mut *tx)
+                    .await
+                    .map_err(db_error)?;
             let sequenced = plan.sequence(&current.into_iter().collect())?;
             if !sequenced.is_empty() {
                 let positions: Vec<i64> = (0..count).map(|i| first_position + i).collect();
@@ -293,8 +259,7 @@ impl CommitLog for PostgresStore {
                 let seqs: Vec<i64> = sequenced.iter().map(|s| s.seq).collect();
                 let ids: Vec<&str> = sequenced.iter().map(|s| s.event.id.as_str()).collect();
                 let kinds: Vec<&str> = sequenced.iter().map(|s| s.event.kind.as_str()).collect();
-                let payloads: Vec<Json<&Value>> =
-                    sequenced.iter().map(|s| Json(&s.event.payload)).collect();
+                let payloads: Vec<Json<&Value>> = sequenced.iter().map(|s| Json(&s.event.payload)).collect();
                 let recorded: Vec<i64> = sequenced.iter().map(|s| s.event.recorded_at_ms).collect();
                 let written: Vec<String> = sqlx::query_scalar(
                     "INSERT INTO events (position, run_id, seq, id, kind, payload, recorded_at_ms) \
@@ -314,10 +279,7 @@ impl CommitLog for PostgresStore {
                 if let Some(id) = Plan::first_missing(ids.iter().copied(), &written) {
                     return Err(Error::DuplicateInput(id));
                 }
-                committed = Committed {
-                    last_position: first_position + count - 1,
-                    events: sequenced.len(),
-                };
+                committed = Committed { last_position: first_position + count - 1, events: sequenced.len() };
             }
         }
         write_rest(&mut tx, &plan).await?;

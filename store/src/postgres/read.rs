@@ -8,8 +8,8 @@ use sqlx::{Postgres, QueryBuilder, Row};
 use super::PostgresStore;
 use crate::sql::{db_error, sql_limit};
 use crate::{
-    DefinitionRecord, Definitions, Error, EventReader, Outbox, OutboxMessage, OutboxRow, Position,
-    Result, RunFilter, RunIndex, RunRecord, StoredEvent, TimerRow, Timers,
+    DefinitionRecord, Definitions, Error, EventReader, Outbox, OutboxMessage, OutboxRow, Position, Result, RunFilter,
+    RunIndex, RunRecord, StoredEvent, TimerRow, Timers,
 };
 
 const EVENT_COLUMNS: &str = "position, run_id, seq, id, kind, payload, recorded_at_ms";
@@ -60,9 +60,7 @@ fn definition(row: &PgRow) -> Result<DefinitionRecord> {
 #[async_trait]
 impl EventReader for PostgresStore {
     async fn read_stream(&self, run_id: &str, from_seq: i64) -> Result<Vec<StoredEvent>> {
-        let sql = format!(
-            "SELECT {EVENT_COLUMNS} FROM events WHERE run_id = $1 AND seq >= $2 ORDER BY seq"
-        );
+        let sql = format!("SELECT {EVENT_COLUMNS} FROM events WHERE run_id = $1 AND seq >= $2 ORDER BY seq");
         let rows = sqlx::query(sqlx::AssertSqlSafe(sql))
             .bind(run_id)
             .bind(from_seq)
@@ -73,9 +71,7 @@ impl EventReader for PostgresStore {
     }
 
     async fn read_all(&self, after: Position, limit: usize) -> Result<Vec<StoredEvent>> {
-        let sql = format!(
-            "SELECT {EVENT_COLUMNS} FROM events WHERE position > $1 ORDER BY position LIMIT $2"
-        );
+        let sql = format!("SELECT {EVENT_COLUMNS} FROM events WHERE position > $1 ORDER BY position LIMIT $2");
         let rows = sqlx::query(sqlx::AssertSqlSafe(sql))
             .bind(after)
             .bind(sql_limit(limit))
@@ -94,31 +90,25 @@ impl EventReader for PostgresStore {
     }
 
     async fn inputs_seen(&self, ids: &[String]) -> Result<Vec<String>> {
-        let found: Vec<String> =
-            sqlx::query_scalar("SELECT id FROM processed_inputs WHERE id = ANY($1)")
-                .bind(ids)
-                .fetch_all(&self.pool)
-                .await
-                .map_err(db_error)?;
+        let found: Vec<String> = sqlx::query_scalar("SELECT id FROM processed_inputs WHERE id = ANY($1)")
+            .bind(ids)
+            .fetch_all(&self.pool)
+            .await
+            .map_err(db_error)?;
         let seen: std::collections::HashSet<String> = found.into_iter().collect();
         // Answer in the caller's order.
-        Ok(ids
-            .iter()
-            .filter(|id| seen.contains(*id))
-            .cloned()
-            .collect())
+        Ok(ids.iter().filter(|id| seen.contains(*id)).cloned().collect())
     }
 }
 
 #[async_trait]
 impl Outbox for PostgresStore {
     async fn outbox_pending(&self, limit: usize) -> Result<Vec<OutboxRow>> {
-        let rows =
-            sqlx::query("SELECT seq, id, topic, key, payload FROM outbox ORDER BY seq LIMIT $1")
-                .bind(sql_limit(limit))
-                .fetch_all(&self.pool)
-                .await
-                .map_err(db_error)?;
+        let rows = sqlx::query("SELECT seq, id, topic, key, payload FROM outbox ORDER BY seq LIMIT $1")
+            .bind(sql_limit(limit))
+            .fetch_all(&self.pool)
+            .await
+            .map_err(db_error)?;
         rows.iter()
             .map(|row| {
                 Ok(OutboxRow {
@@ -135,11 +125,7 @@ impl Outbox for PostgresStore {
     }
 
     async fn outbox_delete(&self, seqs: &[i64]) -> Result<()> {
-        sqlx::query("DELETE FROM outbox WHERE seq = ANY($1)")
-            .bind(seqs)
-            .execute(&self.pool)
-            .await
-            .map_err(db_error)?;
+        sqlx::query("DELETE FROM outbox WHERE seq = ANY($1)").bind(seqs).execute(&self.pool).await.map_err(db_error)?;
         Ok(())
     }
 }
@@ -169,10 +155,7 @@ impl Timers for PostgresStore {
     }
 
     async fn next_timer_at(&self) -> Result<Option<i64>> {
-        sqlx::query_scalar("SELECT MIN(fire_at_ms) FROM timers")
-            .fetch_one(&self.pool)
-            .await
-            .map_err(db_error)
+        sqlx::query_scalar("SELECT MIN(fire_at_ms) FROM timers").fetch_one(&self.pool).await.map_err(db_error)
     }
 }
 
@@ -180,17 +163,13 @@ impl Timers for PostgresStore {
 impl RunIndex for PostgresStore {
     async fn get_run(&self, run_id: &str) -> Result<Option<RunRecord>> {
         let sql = format!("SELECT {RUN_COLUMNS} FROM runs WHERE run_id = $1");
-        let row = sqlx::query(sqlx::AssertSqlSafe(sql))
-            .bind(run_id)
-            .fetch_optional(&self.pool)
-            .await
-            .map_err(db_error)?;
+        let row =
+            sqlx::query(sqlx::AssertSqlSafe(sql)).bind(run_id).fetch_optional(&self.pool).await.map_err(db_error)?;
         row.as_ref().map(run).transpose()
     }
 
     async fn list_runs(&self, filter: &RunFilter) -> Result<Vec<RunRecord>> {
-        let mut qb =
-            QueryBuilder::<Postgres>::new(format!("SELECT {RUN_COLUMNS} FROM runs WHERE 1 = 1"));
+        let mut qb = QueryBuilder::<Postgres>::new(format!("SELECT {RUN_COLUMNS} FROM runs WHERE 1 = 1"));
         let equals = [
             ("project", &filter.project),
             ("stage", &filter.stage),
@@ -201,8 +180,7 @@ impl RunIndex for PostgresStore {
         ];
         for (column, value) in equals {
             if let Some(value) = value {
-                qb.push(format!(" AND {column} = "))
-                    .push_bind(value.as_str());
+                qb.push(format!(" AND {column} = ")).push_bind(value.as_str());
             }
         }
         if let Some((at, id)) = &filter.before {
@@ -227,23 +205,14 @@ impl RunIndex for PostgresStore {
             "SELECT {RUN_COLUMNS} FROM runs WHERE status NOT IN ('finished', 'cancelled') \
              ORDER BY created_at_ms, run_id"
         );
-        let rows = sqlx::query(sqlx::AssertSqlSafe(sql))
-            .fetch_all(&self.pool)
-            .await
-            .map_err(db_error)?;
+        let rows = sqlx::query(sqlx::AssertSqlSafe(sql)).fetch_all(&self.pool).await.map_err(db_error)?;
         rows.iter().map(run).collect()
     }
 }
 
 #[async_trait]
 impl Definitions for PostgresStore {
-    async fn put_definition(
-        &self,
-        project: &str,
-        name: &str,
-        source: &str,
-        now_ms: i64,
-    ) -> Result<i64> {
+    async fn put_definition(&self, project: &str, name: &str, source: &str, now_ms: i64) -> Result<i64> {
         // Two replicas may put the same definition at once: the loser's insert hits the primary
         // key and does nothing, and it reads again (then usually finds its own source as latest).
         for _ in 0..5 {
@@ -278,9 +247,7 @@ impl Definitions for PostgresStore {
                 return Ok(version);
             }
         }
-        Err(Error::Unavailable(
-            format!("definition {project}/{name}: too many concurrent versions").into(),
-        ))
+        Err(Error::Unavailable(format!("definition {project}/{name}: too many concurrent versions").into()))
     }
 
     async fn get_definition(
@@ -310,11 +277,7 @@ impl Definitions for PostgresStore {
              (SELECT MAX(version) FROM definitions l WHERE l.project = d.project AND l.name = d.name) \
              ORDER BY name"
         );
-        let rows = sqlx::query(sqlx::AssertSqlSafe(sql))
-            .bind(project)
-            .fetch_all(&self.pool)
-            .await
-            .map_err(db_error)?;
+        let rows = sqlx::query(sqlx::AssertSqlSafe(sql)).bind(project).fetch_all(&self.pool).await.map_err(db_error)?;
         rows.iter().map(definition).collect()
     }
 }

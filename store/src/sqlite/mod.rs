@@ -19,9 +19,7 @@ use std::path::Path;
 use std::time::Duration;
 
 use async_trait::async_trait;
-use sqlx::sqlite::{
-    SqliteConnectOptions, SqliteJournalMode, SqlitePool, SqlitePoolOptions, SqliteSynchronous,
-};
+use sqlx::sqlite::{SqliteConnectOptions, SqliteJournalMode, SqlitePool, SqlitePoolOptions, SqliteSynchronous};
 use sqlx::{QueryBuilder, Sqlite, SqliteConnection};
 use tracing::debug;
 
@@ -49,11 +47,7 @@ pub struct SqliteConfig {
 
 impl Default for SqliteConfig {
     fn default() -> Self {
-        SqliteConfig {
-            synchronous_full: true,
-            busy_timeout: Duration::from_secs(5),
-            readers: 4,
-        }
+        SqliteConfig { synchronous_full: true, busy_timeout: Duration::from_secs(5), readers: 4 }
     }
 }
 
@@ -75,11 +69,7 @@ impl SqliteStore {
 
     /// Opens (creating if missing) the database file at `path` with `config`.
     pub async fn open_with(path: &Path, config: SqliteConfig) -> Result<Self> {
-        let synchronous = if config.synchronous_full {
-            SqliteSynchronous::Full
-        } else {
-            SqliteSynchronous::Normal
-        };
+        let synchronous = if config.synchronous_full { SqliteSynchronous::Full } else { SqliteSynchronous::Normal };
         let base = SqliteConnectOptions::new()
             .filename(path)
             .busy_timeout(config.busy_timeout)
@@ -87,11 +77,7 @@ impl SqliteStore {
             .synchronous(synchronous);
         let writer = SqlitePoolOptions::new()
             .max_connections(1)
-            .connect_with(
-                base.clone()
-                    .create_if_missing(true)
-                    .journal_mode(SqliteJournalMode::Wal),
-            )
+            .connect_with(base.clone().create_if_missing(true).journal_mode(SqliteJournalMode::Wal))
             .await
             .map_err(db_error)?;
         MIGRATOR.run(&writer).await.map_err(migrate_error)?;
@@ -112,18 +98,11 @@ impl SqliteStore {
             .min_connections(1)
             .idle_timeout(None)
             .max_lifetime(None)
-            .connect_with(
-                SqliteConnectOptions::new()
-                    .in_memory(true)
-                    .foreign_keys(true),
-            )
+            .connect_with(SqliteConnectOptions::new().in_memory(true).foreign_keys(true))
             .await
             .map_err(db_error)?;
         MIGRATOR.run(&pool).await.map_err(migrate_error)?;
-        Ok(SqliteStore {
-            writer: pool.clone(),
-            reader: pool,
-        })
+        Ok(SqliteStore { writer: pool.clone(), reader: pool })
     }
 
     /// Closes both pools, waiting for connections to finish (checkpointing the WAL).
@@ -135,10 +114,7 @@ impl SqliteStore {
     /// Begins a write transaction that holds SQLite's write lock from its first statement, so it
     /// never fails half-way with a lock upgrade error.
     async fn begin_write(&self) -> Result<sqlx::Transaction<'static, Sqlite>> {
-        self.writer
-            .begin_with("BEGIN IMMEDIATE")
-            .await
-            .map_err(db_error)
+        self.writer.begin_with("BEGIN IMMEDIATE").await.map_err(db_error)
     }
 }
 
@@ -150,11 +126,7 @@ async fn insert_inputs(conn: &mut SqliteConnection, inputs: &[String]) -> Result
             row.push_bind(id.as_str());
         });
         qb.push(" ON CONFLICT (id) DO NOTHING RETURNING id");
-        let written: Vec<String> = qb
-            .build_query_scalar()
-            .fetch_all(&mut *conn)
-            .await
-            .map_err(db_error)?;
+        let written: Vec<String> = qb.build_query_scalar().fetch_all(&mut *conn).await.map_err(db_error)?;
         if let Some(id) = Plan::first_missing(chunk.iter().map(String::as_str), &written) {
             return Err(Error::DuplicateInput(id));
         }
@@ -163,35 +135,23 @@ async fn insert_inputs(conn: &mut SqliteConnection, inputs: &[String]) -> Result
 }
 
 /// The current versions of the given runs (runs without events are absent).
-async fn current_versions(
-    conn: &mut SqliteConnection,
-    run_ids: &[String],
-) -> Result<HashMap<String, i64>> {
+async fn current_versions(conn: &mut SqliteConnection, run_ids: &[String]) -> Result<HashMap<String, i64>> {
     let mut versions = HashMap::new();
     for chunk in run_ids.chunks(CHUNK) {
-        let mut qb =
-            QueryBuilder::<Sqlite>::new("SELECT run_id, MAX(seq) FROM events WHERE run_id IN (");
+        let mut qb = QueryBuilder::<Sqlite>::new("SELECT run_id, MAX(seq) FROM events WHERE run_id IN (");
         let mut list = qb.separated(", ");
         for id in chunk {
             list.push_bind(id.as_str());
         }
         qb.push(") GROUP BY run_id");
-        let rows: Vec<(String, i64)> = qb
-            .build_query_as()
-            .fetch_all(&mut *conn)
-            .await
-            .map_err(db_error)?;
+        let rows: Vec<(String, i64)> = qb.build_query_as().fetch_all(&mut *conn).await.map_err(db_error)?;
         versions.extend(rows);
     }
     Ok(versions)
 }
 
 /// Inserts the events at positions `first..`; fails with the first event id already stored.
-async fn insert_events(
-    conn: &mut SqliteConnection,
-    events: &[Sequenced<'_>],
-    first: i64,
-) -> Result<()> {
+async fn insert_events(conn: &mut SqliteConnection, events: &[Sequenced<'_>], first: i64) -> Result<()> {
     for (n, chunk) in events.chunks(CHUNK).enumerate() {
         let base = first + (n * CHUNK) as i64;
         let mut qb = QueryBuilder::<Sqlite>::new(
@@ -207,11 +167,7 @@ async fn insert_events(
                 .push_bind(s.event.recorded_at_ms);
         });
         qb.push(" ON CONFLICT (id) DO NOTHING RETURNING id");
-        let written: Vec<String> = qb
-            .build_query_scalar()
-            .fetch_all(&mut *conn)
-            .await
-            .map_err(db_error)?;
+        let written: Vec<String> = qb.build_query_scalar().fetch_all(&mut *conn).await.map_err(db_error)?;
         if let Some(id) = Plan::first_missing(chunk.iter().map(|s| s.event.id.as_str()), &written) {
             return Err(Error::DuplicateInput(id));
         }
@@ -263,9 +219,7 @@ async fn write_rest(conn: &mut SqliteConnection, plan: &Plan) -> Result<()> {
     for chunk in plan.cancel_timers.chunks(CHUNK) {
         let mut qb = QueryBuilder::<Sqlite>::new("WITH c (run_id, key, guard) AS (");
         qb.push_values(chunk, |mut row, c| {
-            row.push_bind(c.run_id.as_str())
-                .push_bind(c.key.as_str())
-                .push_bind(c.only_if_fire_at);
+            row.push_bind(c.run_id.as_str()).push_bind(c.key.as_str()).push_bind(c.only_if_fire_at);
         });
         qb.push(
             ") DELETE FROM timers WHERE EXISTS (SELECT 1 FROM c WHERE c.run_id = timers.run_id \
@@ -274,8 +228,7 @@ async fn write_rest(conn: &mut SqliteConnection, plan: &Plan) -> Result<()> {
         qb.build().execute(&mut *conn).await.map_err(db_error)?;
     }
     for chunk in plan.set_timers.chunks(CHUNK) {
-        let mut qb =
-            QueryBuilder::<Sqlite>::new("INSERT INTO timers (run_id, key, fire_at_ms, payload) ");
+        let mut qb = QueryBuilder::<Sqlite>::new("INSERT INTO timers (run_id, key, fire_at_ms, payload) ");
         qb.push_values(chunk, |mut row, t| {
             row.push_bind(t.run_id.as_str())
                 .push_bind(t.key.as_str())
@@ -308,10 +261,7 @@ impl CommitLog for SqliteStore {
                     .await
                     .map_err(db_error)?;
                 insert_events(&mut tx, &sequenced, last + 1).await?;
-                committed = Committed {
-                    last_position: last + sequenced.len() as i64,
-                    events: sequenced.len(),
-                };
+                committed = Committed { last_position: last + sequenced.len() as i64, events: sequenced.len() };
             }
         }
         write_rest(&mut tx, &plan).await?;
@@ -330,12 +280,7 @@ mod tests {
         let store = SqliteStore::open_in_memory().await.expect("open");
         let insert_input = || sqlx::query("INSERT INTO processed_inputs (id) VALUES ('i')");
         insert_input().execute(&store.writer).await.expect("first");
-        let err = db_error(
-            insert_input()
-                .execute(&store.writer)
-                .await
-                .expect_err("dup"),
-        );
+        let err = db_error(insert_input().execute(&store.writer).await.expect_err("dup"));
         assert!(matches!(err, Error::DuplicateInput(_)), "{err:?}");
 
         let insert_event = |position: i64, run: &str, id: &str| {
@@ -347,23 +292,10 @@ mod tests {
             .bind(run.to_owned())
             .bind(id.to_owned())
         };
-        insert_event(1, "r", "e1")
-            .execute(&store.writer)
-            .await
-            .expect("first event");
-        let err = db_error(
-            insert_event(2, "r", "e2")
-                .execute(&store.writer)
-                .await
-                .expect_err("same seq"),
-        );
+        insert_event(1, "r", "e1").execute(&store.writer).await.expect("first event");
+        let err = db_error(insert_event(2, "r", "e2").execute(&store.writer).await.expect_err("same seq"));
         assert!(matches!(err, Error::Unavailable(_)), "{err:?}");
-        let err = db_error(
-            insert_event(3, "s", "e1")
-                .execute(&store.writer)
-                .await
-                .expect_err("same id"),
-        );
+        let err = db_error(insert_event(3, "s", "e1").execute(&store.writer).await.expect_err("same id"));
         assert!(matches!(err, Error::DuplicateInput(_)), "{err:?}");
     }
 }

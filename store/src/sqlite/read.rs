@@ -8,8 +8,8 @@ use sqlx::{QueryBuilder, Row, Sqlite};
 use super::{CHUNK, SqliteStore};
 use crate::sql::{db_error, parse_json, sql_limit};
 use crate::{
-    DefinitionRecord, Definitions, EventReader, Outbox, OutboxMessage, OutboxRow, Position, Result,
-    RunFilter, RunIndex, RunRecord, StoredEvent, TimerRow, Timers,
+    DefinitionRecord, Definitions, EventReader, Outbox, OutboxMessage, OutboxRow, Position, Result, RunFilter,
+    RunIndex, RunRecord, StoredEvent, TimerRow, Timers,
 };
 
 const EVENT_COLUMNS: &str = "position, run_id, seq, id, kind, payload, recorded_at_ms";
@@ -61,9 +61,7 @@ fn definition(row: &SqliteRow) -> Result<DefinitionRecord> {
 #[async_trait]
 impl EventReader for SqliteStore {
     async fn read_stream(&self, run_id: &str, from_seq: i64) -> Result<Vec<StoredEvent>> {
-        let sql = format!(
-            "SELECT {EVENT_COLUMNS} FROM events WHERE run_id = ? AND seq >= ? ORDER BY seq"
-        );
+        let sql = format!("SELECT {EVENT_COLUMNS} FROM events WHERE run_id = ? AND seq >= ? ORDER BY seq");
         let rows = sqlx::query(sqlx::AssertSqlSafe(sql))
             .bind(run_id)
             .bind(from_seq)
@@ -74,9 +72,7 @@ impl EventReader for SqliteStore {
     }
 
     async fn read_all(&self, after: Position, limit: usize) -> Result<Vec<StoredEvent>> {
-        let sql = format!(
-            "SELECT {EVENT_COLUMNS} FROM events WHERE position > ? ORDER BY position LIMIT ?"
-        );
+        let sql = format!("SELECT {EVENT_COLUMNS} FROM events WHERE position > ? ORDER BY position LIMIT ?");
         let rows = sqlx::query(sqlx::AssertSqlSafe(sql))
             .bind(after)
             .bind(sql_limit(limit))
@@ -97,38 +93,28 @@ impl EventReader for SqliteStore {
     async fn inputs_seen(&self, ids: &[String]) -> Result<Vec<String>> {
         let mut seen = std::collections::HashSet::new();
         for chunk in ids.chunks(CHUNK) {
-            let mut qb =
-                QueryBuilder::<Sqlite>::new("SELECT id FROM processed_inputs WHERE id IN (");
+            let mut qb = QueryBuilder::<Sqlite>::new("SELECT id FROM processed_inputs WHERE id IN (");
             let mut list = qb.separated(", ");
             for id in chunk {
                 list.push_bind(id.as_str());
             }
             qb.push(")");
-            let found: Vec<String> = qb
-                .build_query_scalar()
-                .fetch_all(&self.reader)
-                .await
-                .map_err(db_error)?;
+            let found: Vec<String> = qb.build_query_scalar().fetch_all(&self.reader).await.map_err(db_error)?;
             seen.extend(found);
         }
         // Answer in the caller's order.
-        Ok(ids
-            .iter()
-            .filter(|id| seen.contains(*id))
-            .cloned()
-            .collect())
+        Ok(ids.iter().filter(|id| seen.contains(*id)).cloned().collect())
     }
 }
 
 #[async_trait]
 impl Outbox for SqliteStore {
     async fn outbox_pending(&self, limit: usize) -> Result<Vec<OutboxRow>> {
-        let rows =
-            sqlx::query("SELECT seq, id, topic, key, payload FROM outbox ORDER BY seq LIMIT ?")
-                .bind(sql_limit(limit))
-                .fetch_all(&self.reader)
-                .await
-                .map_err(db_error)?;
+        let rows = sqlx::query("SELECT seq, id, topic, key, payload FROM outbox ORDER BY seq LIMIT ?")
+            .bind(sql_limit(limit))
+            .fetch_all(&self.reader)
+            .await
+            .map_err(db_error)?;
         rows.iter()
             .map(|row| {
                 Ok(OutboxRow {
@@ -184,10 +170,7 @@ impl Timers for SqliteStore {
     }
 
     async fn next_timer_at(&self) -> Result<Option<i64>> {
-        sqlx::query_scalar("SELECT MIN(fire_at_ms) FROM timers")
-            .fetch_one(&self.reader)
-            .await
-            .map_err(db_error)
+        sqlx::query_scalar("SELECT MIN(fire_at_ms) FROM timers").fetch_one(&self.reader).await.map_err(db_error)
     }
 }
 
@@ -195,17 +178,13 @@ impl Timers for SqliteStore {
 impl RunIndex for SqliteStore {
     async fn get_run(&self, run_id: &str) -> Result<Option<RunRecord>> {
         let sql = format!("SELECT {RUN_COLUMNS} FROM runs WHERE run_id = ?");
-        let row = sqlx::query(sqlx::AssertSqlSafe(sql))
-            .bind(run_id)
-            .fetch_optional(&self.reader)
-            .await
-            .map_err(db_error)?;
+        let row =
+            sqlx::query(sqlx::AssertSqlSafe(sql)).bind(run_id).fetch_optional(&self.reader).await.map_err(db_error)?;
         row.as_ref().map(run).transpose()
     }
 
     async fn list_runs(&self, filter: &RunFilter) -> Result<Vec<RunRecord>> {
-        let mut qb =
-            QueryBuilder::<Sqlite>::new(format!("SELECT {RUN_COLUMNS} FROM runs WHERE 1 = 1"));
+        let mut qb = QueryBuilder::<Sqlite>::new(format!("SELECT {RUN_COLUMNS} FROM runs WHERE 1 = 1"));
         let equals = [
             ("project", &filter.project),
             ("stage", &filter.stage),
@@ -216,8 +195,7 @@ impl RunIndex for SqliteStore {
         ];
         for (column, value) in equals {
             if let Some(value) = value {
-                qb.push(format!(" AND {column} = "))
-                    .push_bind(value.as_str());
+                qb.push(format!(" AND {column} = ")).push_bind(value.as_str());
             }
         }
         if let Some((at, id)) = &filter.before {
@@ -242,23 +220,14 @@ impl RunIndex for SqliteStore {
             "SELECT {RUN_COLUMNS} FROM runs WHERE status NOT IN ('finished', 'cancelled') \
              ORDER BY created_at_ms, run_id"
         );
-        let rows = sqlx::query(sqlx::AssertSqlSafe(sql))
-            .fetch_all(&self.reader)
-            .await
-            .map_err(db_error)?;
+        let rows = sqlx::query(sqlx::AssertSqlSafe(sql)).fetch_all(&self.reader).await.map_err(db_error)?;
         rows.iter().map(run).collect()
     }
 }
 
 #[async_trait]
 impl Definitions for SqliteStore {
-    async fn put_definition(
-        &self,
-        project: &str,
-        name: &str,
-        source: &str,
-        now_ms: i64,
-    ) -> Result<i64> {
+    async fn put_definition(&self, project: &str, name: &str, source: &str, now_ms: i64) -> Result<i64> {
         // The single writer serializes concurrent puts, so read-then-insert cannot race.
         let mut tx = self.begin_write().await?;
         let latest: Option<(i64, String)> = sqlx::query_as(
@@ -317,11 +286,8 @@ impl Definitions for SqliteStore {
              (SELECT MAX(version) FROM definitions l WHERE l.project = d.project AND l.name = d.name) \
              ORDER BY name"
         );
-        let rows = sqlx::query(sqlx::AssertSqlSafe(sql))
-            .bind(project)
-            .fetch_all(&self.reader)
-            .await
-            .map_err(db_error)?;
+        let rows =
+            sqlx::query(sqlx::AssertSqlSafe(sql)).bind(project).fetch_all(&self.reader).await.map_err(db_error)?;
         rows.iter().map(definition).collect()
     }
 }

@@ -19,9 +19,7 @@ use std::pin::Pin;
 pub use streams::*;
 pub use tables::*;
 
-use crate::{
-    Batch, NewEvent, OutboxMessage, RunRecord, Store, StreamAppend, TimerCancel, TimerRow,
-};
+use crate::{Batch, NewEvent, OutboxMessage, RunRecord, Store, StreamAppend, TimerCancel, TimerRow};
 
 /// A boxed conformance case, as handed to a runner.
 pub type CaseFuture = Pin<Box<dyn Future<Output = ()> + Send>>;
@@ -103,19 +101,12 @@ pub fn event(id: &str) -> NewEvent {
 
 /// An append of events with the given ids.
 pub fn append(run_id: &str, expected_version: i64, ids: &[&str]) -> StreamAppend {
-    StreamAppend {
-        run_id: run_id.to_owned(),
-        expected_version,
-        events: ids.iter().map(|id| event(id)).collect(),
-    }
+    StreamAppend { run_id: run_id.to_owned(), expected_version, events: ids.iter().map(|id| event(id)).collect() }
 }
 
 /// A batch holding only these appends.
 pub fn appends(appends: Vec<StreamAppend>) -> Batch {
-    Batch {
-        appends,
-        ..Batch::default()
-    }
+    Batch { appends, ..Batch::default() }
 }
 
 /// A running run record in project `p`, stage `dev`, created at `created_at_ms`.
@@ -140,12 +131,7 @@ pub fn run_record(run_id: &str, created_at_ms: i64) -> RunRecord {
 pub fn message(id: &str) -> OutboxMessage {
     let mut payload = format!("{{\"id\":\"{id}\"}}").into_bytes();
     payload.extend_from_slice(&[0, 0xff, 0xfe]);
-    OutboxMessage {
-        id: id.to_owned(),
-        topic: "capstan.events".to_owned(),
-        key: "run".to_owned(),
-        payload,
-    }
+    OutboxMessage { id: id.to_owned(), topic: "capstan.events".to_owned(), key: "run".to_owned(), payload }
 }
 
 /// A timer.
@@ -160,9 +146,5 @@ pub fn timer(run_id: &str, key: &str, fire_at_ms: i64) -> TimerRow {
 
 /// A timer cancel, guarded by `only_if_fire_at` when given.
 pub fn cancel(run_id: &str, key: &str, only_if_fire_at: Option<i64>) -> TimerCancel {
-    TimerCancel {
-        run_id: run_id.to_owned(),
-        key: key.to_owned(),
-        only_if_fire_at,
-    }
+    TimerCancel { run_id: run_id.to_owned(), key: key.to_owned(), only_if_fire_at }
 }

@@ -12,98 +12,36 @@ async fn event_count<S: Store>(store: &S) -> usize {
 
 /// Appended events read back whole, with seqs from 1 and positions in order.
 pub async fn append_and_read_back<S: Store>(store: Arc<S>) {
-    let done = store
-        .commit(appends(vec![append("r1", 0, &["e1", "e2"])]))
-        .await
-        .expect("commit");
-    assert_eq!(
-        done,
-        Committed {
-            last_position: 2,
-            events: 2
-        }
-    );
-    let done = store
-        .commit(appends(vec![append("r1", 2, &["e3"])]))
-        .await
-        .expect("commit");
-    assert_eq!(
-        done,
-        Committed {
-            last_position: 3,
-            events: 1
-        }
-    );
+    let done = store.commit(appends(vec![append("r1", 0, &["e1", "e2"])])).await.expect("commit");
+    assert_eq!(done, Committed { last_position: 2, events: 2 });
+    let done = store.commit(appends(vec![append("r1", 2, &["e3"])])).await.expect("commit");
+    assert_eq!(done, Committed { last_position: 3, events: 1 });
 
     let stream = store.read_stream("r1", 1).await.expect("read_stream");
-    let seqs: Vec<(i64, i64, &str)> = stream
-        .iter()
-        .map(|e| (e.position, e.seq, e.id.as_str()))
-        .collect();
+    let seqs: Vec<(i64, i64, &str)> = stream.iter().map(|e| (e.position, e.seq, e.id.as_str())).collect();
     assert_eq!(seqs, vec![(1, 1, "e1"), (2, 2, "e2"), (3, 3, "e3")]);
     let first = &stream[0];
     let sent = super::event("e1");
-    assert_eq!(
-        (first.run_id.as_str(), first.kind.as_str()),
-        ("r1", sent.kind.as_str())
-    );
+    assert_eq!((first.run_id.as_str(), first.kind.as_str()), ("r1", sent.kind.as_str()));
     assert_eq!(first.payload, sent.payload);
     assert_eq!(first.recorded_at_ms, sent.recorded_at_ms);
 
-    let tail = store
-        .read_stream("r1", 3)
-        .await
-        .expect("read_stream from 3");
+    let tail = store.read_stream("r1", 3).await.expect("read_stream from 3");
     assert_eq!(tail.iter().map(|e| e.seq).collect::<Vec<_>>(), vec![3]);
-    assert!(
-        store
-            .read_stream("unknown", 1)
-            .await
-            .expect("unknown run")
-            .is_empty()
-    );
+    assert!(store.read_stream("unknown", 1).await.expect("unknown run").is_empty());
     assert_eq!(store.stream_version("r1").await.expect("version"), 3);
     assert_eq!(store.stream_version("unknown").await.expect("version"), 0);
 }
 
 /// Empty batches and batches without events commit and report no position.
 pub async fn empty_and_eventless_batches<S: Store>(store: Arc<S>) {
-    assert_eq!(
-        store.commit(Batch::default()).await.expect("empty"),
-        Committed::default()
-    );
-    let batch = Batch {
-        inputs: vec!["in-1".into()],
-        outbox: vec![message("m1")],
-        ..Batch::default()
-    };
-    assert_eq!(
-        store.commit(batch).await.expect("no events"),
-        Committed::default()
-    );
+    assert_eq!(store.commit(Batch::default()).await.expect("empty"), Committed::default());
+    let batch = Batch { inputs: vec!["in-1".into()], outbox: vec![message("m1")], ..Batch::default() };
+    assert_eq!(store.commit(batch).await.expect("no events"), Committed::default());
     // An append with no events still checks its expected version.
-    let err = store
-        .commit(appends(vec![append("r1", 3, &[])]))
-        .await
-        .expect_err("stale");
-    assert!(
-        matches!(
-            err,
-            Error::Conflict {
-                expected: 3,
-                actual: 0,
-                ..
-            }
-        ),
-        "{err:?}"
-    );
-    assert_eq!(
-        store
-            .inputs_seen(&["in-1".into(), "in-2".into()])
-            .await
-            .expect("seen"),
-        vec!["in-1"]
-    );
+    let err = store.commit(appends(vec![append("r1", 3, &[])])).await.expect_err("stale");
+    assert!(matches!(err, Error::Conflict { expected: 3, actual: 0, .. }), "{err:?}");
+    assert_eq!(store.inputs_seen(&["in-1".into(), "in-2".into()]).await.expect("seen"), vec!["in-1"]);
 }
 
 /// A stale expected version fails the whole batch: no events, inputs, outbox, timers or runs.
@@ -125,29 +63,16 @@ pub async fn conflict_writes_nothing<S: Store>(store: Arc<S>) {
     };
     let err = store.commit(batch).await.expect_err("stale version");
     match err {
-        Error::Conflict {
-            run_id,
-            expected,
-            actual,
-        } => {
+        Error::Conflict { run_id, expected, actual } => {
             assert_eq!((run_id.as_str(), expected, actual), ("r1", 0, 1));
         }
         other => panic!("expected a conflict, got {other:?}"),
     }
     assert_eq!(store.stream_version("r2").await.expect("version"), 0);
     assert_eq!(event_count(&*store).await, 1);
-    assert!(
-        store
-            .inputs_seen(&["in-1".into()])
-            .await
-            .expect("seen")
-            .is_empty()
-    );
+    assert!(store.inputs_seen(&["in-1".into()]).await.expect("seen").is_empty());
     assert!(store.outbox_pending(10).await.expect("outbox").is_empty());
-    assert_eq!(
-        store.timers_due(i64::MAX, 10).await.expect("timers"),
-        vec![timer("r1", "keep", 500)]
-    );
+    assert_eq!(store.timers_due(i64::MAX, 10).await.expect("timers"), vec![timer("r1", "keep", 500)]);
     assert!(store.get_run("r2").await.expect("run").is_none());
 }
 
@@ -160,20 +85,14 @@ pub async fn concurrent_appends_one_wins<S: Store>(store: Arc<S>) {
             .map(|who| {
                 let store = Arc::clone(&store);
                 let id = format!("e-{round}-{who}");
-                tokio::spawn(async move {
-                    store
-                        .commit(appends(vec![append("r1", round, &[&id])]))
-                        .await
-                })
+                tokio::spawn(async move { store.commit(appends(vec![append("r1", round, &[&id])])).await })
             })
             .collect();
         let mut wins = 0;
         for task in tasks {
             match task.await.expect("task") {
                 Ok(_) => wins += 1,
-                Err(Error::Conflict {
-                    expected, actual, ..
-                }) => {
+                Err(Error::Conflict { expected, actual, .. }) => {
                     assert_eq!((expected, actual), (round, round + 1));
                 }
                 Err(other) => panic!("round {round}: unexpected {other:?}"),
@@ -196,10 +115,7 @@ pub async fn concurrent_commits_keep_positions_dense<S: Store>(store: Arc<S>) {
                     let run = format!("run-{t}");
                     let ids = [format!("{run}-{v}-a"), format!("{run}-{v}-b")];
                     let ids: Vec<&str> = ids.iter().map(String::as_str).collect();
-                    store
-                        .commit(appends(vec![append(&run, v * 2, &ids)]))
-                        .await
-                        .expect("commit");
+                    store.commit(appends(vec![append(&run, v * 2, &ids)])).await.expect("commit");
                 }
             })
         })
@@ -212,21 +128,14 @@ pub async fn concurrent_commits_keep_positions_dense<S: Store>(store: Arc<S>) {
     let expected: Vec<i64> = (1..=(TASKS as i64 * COMMITS * 2)).collect();
     assert_eq!(positions, expected);
     for t in 0..TASKS {
-        let seqs: Vec<i64> = all
-            .iter()
-            .filter(|e| e.run_id == format!("run-{t}"))
-            .map(|e| e.seq)
-            .collect();
+        let seqs: Vec<i64> = all.iter().filter(|e| e.run_id == format!("run-{t}")).map(|e| e.seq).collect();
         assert_eq!(seqs, (1..=COMMITS * 2).collect::<Vec<_>>());
     }
 }
 
 /// An input id already applied (or twice in one batch) fails the batch, writing nothing.
 pub async fn duplicate_input_writes_nothing<S: Store>(store: Arc<S>) {
-    let first = Batch {
-        inputs: vec!["in-a".into()],
-        ..appends(vec![append("r1", 0, &["e1"])])
-    };
+    let first = Batch { inputs: vec!["in-a".into()], ..appends(vec![append("r1", 0, &["e1"])]) };
     store.commit(first).await.expect("first");
 
     let again = Batch {
@@ -238,44 +147,23 @@ pub async fn duplicate_input_writes_nothing<S: Store>(store: Arc<S>) {
         ..Batch::default()
     };
     let err = store.commit(again).await.expect_err("duplicate input");
-    assert!(
-        matches!(&err, Error::DuplicateInput(id) if id == "in-a"),
-        "{err:?}"
-    );
-    assert!(
-        store
-            .inputs_seen(&["in-b".into()])
-            .await
-            .expect("seen")
-            .is_empty()
-    );
+    assert!(matches!(&err, Error::DuplicateInput(id) if id == "in-a"), "{err:?}");
+    assert!(store.inputs_seen(&["in-b".into()]).await.expect("seen").is_empty());
     assert_eq!(store.stream_version("r2").await.expect("version"), 0);
     assert!(store.outbox_pending(10).await.expect("outbox").is_empty());
     assert_eq!(store.next_timer_at().await.expect("timers"), None);
     assert!(store.get_run("r2").await.expect("run").is_none());
 
-    let twice = Batch {
-        inputs: vec!["in-c".into(), "in-c".into()],
-        ..Batch::default()
-    };
+    let twice = Batch { inputs: vec!["in-c".into(), "in-c".into()], ..Batch::default() };
     let err = store.commit(twice).await.expect_err("twice in one batch");
-    assert!(
-        matches!(&err, Error::DuplicateInput(id) if id == "in-c"),
-        "{err:?}"
-    );
-    let seen = store
-        .inputs_seen(&["in-c".into(), "in-a".into()])
-        .await
-        .expect("seen");
+    assert!(matches!(&err, Error::DuplicateInput(id) if id == "in-c"), "{err:?}");
+    let seen = store.inputs_seen(&["in-c".into(), "in-a".into()]).await.expect("seen");
     assert_eq!(seen, vec!["in-a"]);
 }
 
 /// An event id already stored (in any run) fails the batch, writing nothing.
 pub async fn duplicate_event_id_writes_nothing<S: Store>(store: Arc<S>) {
-    store
-        .commit(appends(vec![append("r1", 0, &["e1"])]))
-        .await
-        .expect("first");
+    store.commit(appends(vec![append("r1", 0, &["e1"])])).await.expect("first");
     let batch = Batch {
         appends: vec![append("r2", 0, &["e2", "e1"])],
         inputs: vec!["in-1".into()],
@@ -283,57 +171,25 @@ pub async fn duplicate_event_id_writes_nothing<S: Store>(store: Arc<S>) {
         ..Batch::default()
     };
     let err = store.commit(batch).await.expect_err("duplicate event id");
-    assert!(
-        matches!(&err, Error::DuplicateInput(id) if id == "e1"),
-        "{err:?}"
-    );
+    assert!(matches!(&err, Error::DuplicateInput(id) if id == "e1"), "{err:?}");
     assert_eq!(store.stream_version("r2").await.expect("version"), 0);
-    assert!(
-        store
-            .inputs_seen(&["in-1".into()])
-            .await
-            .expect("seen")
-            .is_empty()
-    );
+    assert!(store.inputs_seen(&["in-1".into()]).await.expect("seen").is_empty());
     assert!(store.outbox_pending(10).await.expect("outbox").is_empty());
     assert_eq!(event_count(&*store).await, 1);
     // The failed batch took no positions: the next event follows the first.
-    let done = store
-        .commit(appends(vec![append("r2", 0, &["e2"])]))
-        .await
-        .expect("retry");
+    let done = store.commit(appends(vec![append("r2", 0, &["e2"])])).await.expect("retry");
     assert_eq!(done.last_position, 2);
 }
 
 /// Two appends to one run in a batch chain: the second expects the first's end.
 pub async fn chained_appends_in_one_batch<S: Store>(store: Arc<S>) {
-    let batch = appends(vec![
-        append("r1", 0, &["e1"]),
-        append("r2", 0, &["e2"]),
-        append("r1", 1, &["e3"]),
-    ]);
+    let batch = appends(vec![append("r1", 0, &["e1"]), append("r2", 0, &["e2"]), append("r1", 1, &["e3"])]);
     assert_eq!(store.commit(batch).await.expect("chain").events, 3);
-    let ids: Vec<String> = store
-        .read_stream("r1", 0)
-        .await
-        .expect("read")
-        .into_iter()
-        .map(|e| e.id)
-        .collect();
+    let ids: Vec<String> = store.read_stream("r1", 0).await.expect("read").into_iter().map(|e| e.id).collect();
     assert_eq!(ids, vec!["e1", "e3"]);
     let broken = appends(vec![append("r1", 2, &["e4"]), append("r1", 2, &["e5"])]);
     let err = store.commit(broken).await.expect_err("broken chain");
-    assert!(
-        matches!(
-            err,
-            Error::Conflict {
-                expected: 2,
-                actual: 3,
-                ..
-            }
-        ),
-        "{err:?}"
-    );
+    assert!(matches!(err, Error::Conflict { expected: 2, actual: 3, .. }), "{err:?}");
     assert_eq!(store.stream_version("r1").await.expect("version"), 2);
 }
 
@@ -344,79 +200,33 @@ pub async fn batch_over_many_runs<S: Store>(store: Arc<S>) {
         appends: runs
             .iter()
             .map(|run| {
-                let ids: Vec<String> = (from + 1..=from + 5)
-                    .map(|s| format!("{run}-{s}"))
-                    .collect();
+                let ids: Vec<String> = (from + 1..=from + 5).map(|s| format!("{run}-{s}")).collect();
                 let ids: Vec<&str> = ids.iter().map(String::as_str).collect();
                 append(run, from, &ids)
             })
             .collect(),
         runs: runs.iter().map(|run| run_record(run, 1)).collect(),
         inputs: runs.iter().map(|run| format!("in-{run}-{from}")).collect(),
-        outbox: runs
-            .iter()
-            .map(|run| message(&format!("m-{run}-{from}")))
-            .collect(),
+        outbox: runs.iter().map(|run| message(&format!("m-{run}-{from}"))).collect(),
         ..Batch::default()
     };
-    assert_eq!(
-        store.commit(batch_for(0)).await.expect("big batch"),
-        Committed {
-            last_position: 500,
-            events: 500
-        }
-    );
-    assert_eq!(
-        store
-            .commit(batch_for(5))
-            .await
-            .expect("second")
-            .last_position,
-        1000
-    );
+    assert_eq!(store.commit(batch_for(0)).await.expect("big batch"), Committed { last_position: 500, events: 500 });
+    assert_eq!(store.commit(batch_for(5)).await.expect("second").last_position, 1000);
     for run in [&runs[0], &runs[57], &runs[99]] {
-        let seqs: Vec<i64> = store
-            .read_stream(run, 1)
-            .await
-            .expect("read")
-            .iter()
-            .map(|e| e.seq)
-            .collect();
+        let seqs: Vec<i64> = store.read_stream(run, 1).await.expect("read").iter().map(|e| e.seq).collect();
         assert_eq!(seqs, (1..=10).collect::<Vec<_>>());
     }
     assert_eq!(store.outbox_pending(1000).await.expect("outbox").len(), 200);
-    assert_eq!(
-        store
-            .list_runs(&crate::RunFilter::default())
-            .await
-            .expect("runs")
-            .len(),
-        100
-    );
+    assert_eq!(store.list_runs(&crate::RunFilter::default()).await.expect("runs").len(), 100);
     let ids: Vec<String> = runs.iter().map(|run| format!("in-{run}-5")).collect();
     assert_eq!(store.inputs_seen(&ids).await.expect("seen").len(), 100);
 }
 
 /// `read_all` returns events in commit order and pages by position.
 pub async fn read_all_orders_and_pages<S: Store>(store: Arc<S>) {
-    store
-        .commit(appends(vec![
-            append("b", 0, &["b1"]),
-            append("a", 0, &["a1"]),
-        ]))
-        .await
-        .expect("c1");
-    store
-        .commit(appends(vec![append("a", 1, &["a2", "a3"])]))
-        .await
-        .expect("c2");
-    store
-        .commit(appends(vec![
-            append("c", 0, &["c1"]),
-            append("b", 1, &["b2"]),
-        ]))
-        .await
-        .expect("c3");
+    store.commit(appends(vec![append("b", 0, &["b1"]), append("a", 0, &["a1"])])).await.expect("c1");
+    store.commit(appends(vec![append("a", 1, &["a2", "a3"])])).await.expect("c2");
+    store.commit(appends(vec![append("c", 0, &["c1"]), append("b", 1, &["b2"])])).await.expect("c3");
 
     let mut ids = Vec::new();
     let mut after = 0;
@@ -428,20 +238,8 @@ pub async fn read_all_orders_and_pages<S: Store>(store: Arc<S>) {
         ids.extend(page.into_iter().map(|e| e.id));
     }
     assert_eq!(ids, vec!["b1", "a1", "a2", "a3", "c1", "b2"]);
-    assert!(
-        store
-            .read_all(6, 10)
-            .await
-            .expect("past the end")
-            .is_empty()
-    );
-    let tail: Vec<i64> = store
-        .read_all(4, 10)
-        .await
-        .expect("tail")
-        .iter()
-        .map(|e| e.position)
-        .collect();
+    assert!(store.read_all(6, 10).await.expect("past the end").is_empty());
+    let tail: Vec<i64> = store.read_all(4, 10).await.expect("tail").iter().map(|e| e.position).collect();
     assert_eq!(tail, vec![5, 6]);
     assert!(store.read_all(0, 0).await.expect("limit 0").is_empty());
 }

@@ -6,18 +6,12 @@ use super::{cancel, message, run_record, timer};
 use crate::{Batch, RunFilter, RunRecord, Store, TimerRow};
 
 fn with_timers(set: Vec<TimerRow>, cancels: Vec<crate::TimerCancel>) -> Batch {
-    Batch {
-        set_timers: set,
-        cancel_timers: cancels,
-        ..Batch::default()
-    }
+    Batch { set_timers: set, cancel_timers: cancels, ..Batch::default() }
 }
 
 async fn all_timers<S: Store>(store: &S) -> Vec<(String, String, i64)> {
     let due = store.timers_due(i64::MAX, 1000).await.expect("timers_due");
-    due.into_iter()
-        .map(|t| (t.run_id, t.key, t.fire_at_ms))
-        .collect()
+    due.into_iter().map(|t| (t.run_id, t.key, t.fire_at_ms)).collect()
 }
 
 fn triple(run: &str, key: &str, at: i64) -> (String, String, i64) {
@@ -26,68 +20,34 @@ fn triple(run: &str, key: &str, at: i64) -> (String, String, i64) {
 
 /// Outbox rows come oldest first across commits; deleting removes exactly the given seqs.
 pub async fn outbox_pending_and_delete<S: Store>(store: Arc<S>) {
-    let batch = |ids: &[&str]| Batch {
-        outbox: ids.iter().map(|id| message(id)).collect(),
-        ..Batch::default()
-    };
-    store
-        .commit(batch(&["m1", "m2", "m3"]))
-        .await
-        .expect("first");
+    let batch = |ids: &[&str]| Batch { outbox: ids.iter().map(|id| message(id)).collect(), ..Batch::default() };
+    store.commit(batch(&["m1", "m2", "m3"])).await.expect("first");
     store.commit(batch(&["m4", "m5"])).await.expect("second");
 
     let pending = store.outbox_pending(10).await.expect("pending");
     let ids: Vec<&str> = pending.iter().map(|r| r.message.id.as_str()).collect();
     assert_eq!(ids, vec!["m1", "m2", "m3", "m4", "m5"]);
-    assert!(
-        pending.windows(2).all(|w| w[0].seq < w[1].seq),
-        "seqs increase"
-    );
-    assert_eq!(
-        pending[0].message,
-        message("m1"),
-        "the message round-trips, bytes included"
-    );
+    assert!(pending.windows(2).all(|w| w[0].seq < w[1].seq), "seqs increase");
+    assert_eq!(pending[0].message, message("m1"), "the message round-trips, bytes included");
     assert_eq!(store.outbox_pending(2).await.expect("limited").len(), 2);
 
     let gone = vec![pending[0].seq, pending[3].seq, 999_999];
     store.outbox_delete(&gone).await.expect("delete");
     store.outbox_delete(&[]).await.expect("delete nothing");
-    let left: Vec<String> = store
-        .outbox_pending(10)
-        .await
-        .expect("left")
-        .into_iter()
-        .map(|r| r.message.id)
-        .collect();
+    let left: Vec<String> = store.outbox_pending(10).await.expect("left").into_iter().map(|r| r.message.id).collect();
     assert_eq!(left, vec!["m2", "m3", "m5"]);
 }
 
 /// Setting a timer again replaces its fire time and payload; in one batch the last set wins.
 pub async fn timers_upsert_and_replace<S: Store>(store: Arc<S>) {
-    store
-        .commit(with_timers(
-            vec![timer("r1", "t", 100), timer("r1", "u", 300)],
-            vec![],
-        ))
-        .await
-        .expect("set");
+    store.commit(with_timers(vec![timer("r1", "t", 100), timer("r1", "u", 300)], vec![])).await.expect("set");
     let mut replaced = timer("r1", "t", 50);
     replaced.payload = serde_json::json!({"replaced": true});
-    store
-        .commit(with_timers(vec![replaced.clone()], vec![]))
-        .await
-        .expect("replace");
+    store.commit(with_timers(vec![replaced.clone()], vec![])).await.expect("replace");
     let due = store.timers_due(1000, 10).await.expect("due");
     assert_eq!(due, vec![replaced, timer("r1", "u", 300)]);
 
-    store
-        .commit(with_timers(
-            vec![timer("r2", "t", 7), timer("r2", "t", 9)],
-            vec![],
-        ))
-        .await
-        .expect("twice in a batch");
+    store.commit(with_timers(vec![timer("r2", "t", 7), timer("r2", "t", 9)], vec![])).await.expect("twice in a batch");
     assert!(all_timers(&*store).await.contains(&triple("r2", "t", 9)));
     assert_eq!(all_timers(&*store).await.len(), 3);
 }
@@ -95,36 +55,17 @@ pub async fn timers_upsert_and_replace<S: Store>(store: Arc<S>) {
 /// Cancels: unguarded always removes; guarded only at the same fire time; cancel-then-set in one
 /// batch keeps the new timer.
 pub async fn timers_cancel_with_and_without_guard<S: Store>(store: Arc<S>) {
-    let set = vec![
-        timer("r1", "a", 10),
-        timer("r1", "b", 20),
-        timer("r1", "c", 30),
-    ];
+    let set = vec![timer("r1", "a", 10), timer("r1", "b", 20), timer("r1", "c", 30)];
     store.commit(with_timers(set, vec![])).await.expect("set");
 
-    store
-        .commit(with_timers(vec![], vec![cancel("r1", "a", None)]))
-        .await
-        .expect("unguarded");
-    store
-        .commit(with_timers(vec![], vec![cancel("r1", "b", Some(999))]))
-        .await
-        .expect("stale guard");
-    store
-        .commit(with_timers(vec![], vec![cancel("r1", "c", Some(30))]))
-        .await
-        .expect("guard");
-    store
-        .commit(with_timers(vec![], vec![cancel("nope", "x", None)]))
-        .await
-        .expect("unknown");
+    store.commit(with_timers(vec![], vec![cancel("r1", "a", None)])).await.expect("unguarded");
+    store.commit(with_timers(vec![], vec![cancel("r1", "b", Some(999))])).await.expect("stale guard");
+    store.commit(with_timers(vec![], vec![cancel("r1", "c", Some(30))])).await.expect("guard");
+    store.commit(with_timers(vec![], vec![cancel("nope", "x", None)])).await.expect("unknown");
     assert_eq!(all_timers(&*store).await, vec![triple("r1", "b", 20)]);
 
     // A fired timer consumed (guarded) while a new one is set under the same key survives.
-    let batch = with_timers(
-        vec![timer("r1", "b", 25)],
-        vec![cancel("r1", "b", Some(20))],
-    );
+    let batch = with_timers(vec![timer("r1", "b", 25)], vec![cancel("r1", "b", Some(20))]);
     store.commit(batch).await.expect("consume and reset");
     assert_eq!(all_timers(&*store).await, vec![triple("r1", "b", 25)]);
     let batch = with_timers(vec![timer("r1", "b", 40)], vec![cancel("r1", "b", None)]);
@@ -135,35 +76,14 @@ pub async fn timers_cancel_with_and_without_guard<S: Store>(store: Arc<S>) {
 /// Due timers come earliest first, up to the limit; `next_timer_at` is the earliest.
 pub async fn timers_due_order_and_next<S: Store>(store: Arc<S>) {
     assert_eq!(store.next_timer_at().await.expect("next"), None);
-    assert!(
-        store
-            .timers_due(i64::MAX, 10)
-            .await
-            .expect("none")
-            .is_empty()
-    );
-    let set = vec![
-        timer("r1", "x", 30),
-        timer("r2", "x", 10),
-        timer("r1", "y", 20),
-        timer("r3", "x", 40),
-    ];
+    assert!(store.timers_due(i64::MAX, 10).await.expect("none").is_empty());
+    let set = vec![timer("r1", "x", 30), timer("r2", "x", 10), timer("r1", "y", 20), timer("r3", "x", 40)];
     store.commit(with_timers(set, vec![])).await.expect("set");
 
     let at = |rows: Vec<TimerRow>| rows.into_iter().map(|t| t.fire_at_ms).collect::<Vec<_>>();
-    assert_eq!(
-        at(store.timers_due(25, 10).await.expect("due")),
-        vec![10, 20]
-    );
-    assert_eq!(
-        at(store.timers_due(100, 3).await.expect("due")),
-        vec![10, 20, 30]
-    );
-    assert_eq!(
-        at(store.timers_due(10, 10).await.expect("due")),
-        vec![10],
-        "fire_at == now is due"
-    );
+    assert_eq!(at(store.timers_due(25, 10).await.expect("due")), vec![10, 20]);
+    assert_eq!(at(store.timers_due(100, 3).await.expect("due")), vec![10, 20, 30]);
+    assert_eq!(at(store.timers_due(10, 10).await.expect("due")), vec![10], "fire_at == now is due");
     assert!(store.timers_due(9, 10).await.expect("none due").is_empty());
     assert_eq!(store.next_timer_at().await.expect("next"), Some(10));
 }
@@ -172,36 +92,17 @@ pub async fn timers_due_order_and_next<S: Store>(store: Arc<S>) {
 pub async fn run_index_upsert_and_get<S: Store>(store: Arc<S>) {
     let mut run = run_record("r1", 100);
     run.service = None;
-    store
-        .commit(Batch {
-            runs: vec![run.clone()],
-            ..Batch::default()
-        })
-        .await
-        .expect("insert");
+    store.commit(Batch { runs: vec![run.clone()], ..Batch::default() }).await.expect("insert");
     assert_eq!(store.get_run("r1").await.expect("get"), Some(run.clone()));
 
     run.status = "finished".into();
     run.result = Some("pass".into());
     run.service = Some("cart".into());
     run.updated_at_ms = 200;
-    store
-        .commit(Batch {
-            runs: vec![run.clone()],
-            ..Batch::default()
-        })
-        .await
-        .expect("update");
+    store.commit(Batch { runs: vec![run.clone()], ..Batch::default() }).await.expect("update");
     assert_eq!(store.get_run("r1").await.expect("get"), Some(run));
     assert_eq!(store.get_run("unknown").await.expect("get"), None);
-    assert_eq!(
-        store
-            .list_runs(&RunFilter::default())
-            .await
-            .expect("list")
-            .len(),
-        1
-    );
+    assert_eq!(store.list_runs(&RunFilter::default()).await.expect("list").len(), 1);
 }
 
 /// `list_runs`: every filter, newest first (ties by run id, descending), cursor paging.
@@ -225,23 +126,14 @@ pub async fn run_index_filters_and_paging<S: Store>(store: Arc<S>) {
             r.context_id = "shared".into();
         }),
     ];
-    store
-        .commit(Batch {
-            runs,
-            ..Batch::default()
-        })
-        .await
-        .expect("runs");
+    store.commit(Batch { runs, ..Batch::default() }).await.expect("runs");
 
     let ids = |runs: Vec<RunRecord>| runs.into_iter().map(|r| r.run_id).collect::<Vec<_>>();
     let list = |filter: RunFilter| {
         let store = Arc::clone(&store);
         async move { ids(store.list_runs(&filter).await.expect("list")) }
     };
-    assert_eq!(
-        list(RunFilter::default()).await,
-        vec!["r6", "r5", "r4", "r3", "r2", "r1"]
-    );
+    assert_eq!(list(RunFilter::default()).await, vec!["r6", "r5", "r4", "r3", "r2", "r1"]);
     let f = |edit: fn(&mut RunFilter)| {
         let mut filter = RunFilter::default();
         edit(&mut filter);
@@ -249,22 +141,10 @@ pub async fn run_index_filters_and_paging<S: Store>(store: Arc<S>) {
     };
     assert_eq!(list(f(|f| f.project = Some("q".into()))).await, vec!["r4"]);
     assert_eq!(list(f(|f| f.stage = Some("prod".into()))).await, vec!["r2"]);
-    assert_eq!(
-        list(f(|f| f.sequence = Some("remediation".into()))).await,
-        vec!["r6"]
-    );
-    assert_eq!(
-        list(f(|f| f.status = Some("finished".into()))).await,
-        vec!["r5"]
-    );
-    assert_eq!(
-        list(f(|f| f.context_id = Some("shared".into()))).await,
-        vec!["r6", "r5"]
-    );
-    assert_eq!(
-        list(f(|f| f.service = Some("checkout".into()))).await,
-        vec!["r6", "r5", "r4", "r2", "r1"]
-    );
+    assert_eq!(list(f(|f| f.sequence = Some("remediation".into()))).await, vec!["r6"]);
+    assert_eq!(list(f(|f| f.status = Some("finished".into()))).await, vec!["r5"]);
+    assert_eq!(list(f(|f| f.context_id = Some("shared".into()))).await, vec!["r6", "r5"]);
+    assert_eq!(list(f(|f| f.service = Some("checkout".into()))).await, vec!["r6", "r5", "r4", "r2", "r1"]);
     let both = f(|f| {
         f.project = Some("p".into());
         f.stage = Some("dev".into());
@@ -274,54 +154,27 @@ pub async fn run_index_filters_and_paging<S: Store>(store: Arc<S>) {
 
     // Page through everything two at a time with the (created_at_ms, run_id) cursor.
     let mut pages = Vec::new();
-    let mut filter = RunFilter {
-        limit: 2,
-        ..RunFilter::default()
-    };
+    let mut filter = RunFilter { limit: 2, ..RunFilter::default() };
     loop {
         let page = store.list_runs(&filter).await.expect("page");
         let Some(last) = page.last() else { break };
         filter.before = Some((last.created_at_ms, last.run_id.clone()));
         pages.push(ids(page));
     }
-    assert_eq!(
-        pages,
-        vec![vec!["r6", "r5"], vec!["r4", "r3"], vec!["r2", "r1"]]
-    );
-    let mid = RunFilter {
-        before: Some((200, "r3".into())),
-        ..RunFilter::default()
-    };
-    assert_eq!(
-        list(mid).await,
-        vec!["r2", "r1"],
-        "the cursor splits equal created_at_ms by run id"
-    );
+    assert_eq!(pages, vec![vec!["r6", "r5"], vec!["r4", "r3"], vec!["r2", "r1"]]);
+    let mid = RunFilter { before: Some((200, "r3".into())), ..RunFilter::default() };
+    assert_eq!(list(mid).await, vec!["r2", "r1"], "the cursor splits equal created_at_ms by run id");
 }
 
 /// Runs neither finished nor cancelled, oldest first.
 pub async fn unfinished_runs_oldest_first<S: Store>(store: Arc<S>) {
-    let mut runs: Vec<RunRecord> = [("r1", 300), ("r2", 100), ("r3", 200), ("r4", 50)]
-        .iter()
-        .map(|(id, at)| run_record(id, *at))
-        .collect();
+    let mut runs: Vec<RunRecord> =
+        [("r1", 300), ("r2", 100), ("r3", 200), ("r4", 50)].iter().map(|(id, at)| run_record(id, *at)).collect();
     runs[1].status = "paused".into();
     runs[2].status = "finished".into();
     runs[3].status = "cancelled".into();
-    store
-        .commit(Batch {
-            runs,
-            ..Batch::default()
-        })
-        .await
-        .expect("runs");
-    let ids: Vec<String> = store
-        .unfinished_runs()
-        .await
-        .expect("unfinished")
-        .into_iter()
-        .map(|r| r.run_id)
-        .collect();
+    store.commit(Batch { runs, ..Batch::default() }).await.expect("runs");
+    let ids: Vec<String> = store.unfinished_runs().await.expect("unfinished").into_iter().map(|r| r.run_id).collect();
     assert_eq!(ids, vec!["r2", "r1"]);
 }
 
@@ -329,73 +182,24 @@ pub async fn unfinished_runs_oldest_first<S: Store>(store: Arc<S>) {
 pub async fn definitions_versioning<S: Store>(store: Arc<S>) {
     let put = |name: &'static str, source: &'static str| {
         let store = Arc::clone(&store);
-        async move {
-            store
-                .put_definition("p", name, source, 1000)
-                .await
-                .expect("put")
-        }
+        async move { store.put_definition("p", name, source, 1000).await.expect("put") }
     };
     assert_eq!(put("checkout", "v: 1").await, 1);
     assert_eq!(put("checkout", "v: 1").await, 1, "same source as latest");
     assert_eq!(put("checkout", "v: 2").await, 2);
-    assert_eq!(
-        put("checkout", "v: 1").await,
-        3,
-        "an older source is a new version"
-    );
+    assert_eq!(put("checkout", "v: 1").await, 3, "an older source is a new version");
     assert_eq!(put("billing", "b: 1").await, 1);
-    store
-        .put_definition("other", "checkout", "o", 5)
-        .await
-        .expect("other project");
+    store.put_definition("other", "checkout", "o", 5).await.expect("other project");
 
-    let latest = store
-        .get_definition("p", "checkout", None)
-        .await
-        .expect("get")
-        .expect("exists");
-    assert_eq!(
-        (latest.version, latest.source.as_str(), latest.created_at_ms),
-        (3, "v: 1", 1000)
-    );
-    let v2 = store
-        .get_definition("p", "checkout", Some(2))
-        .await
-        .expect("get")
-        .expect("v2");
-    assert_eq!(
-        (v2.project.as_str(), v2.name.as_str(), v2.source.as_str()),
-        ("p", "checkout", "v: 2")
-    );
-    assert_eq!(
-        store
-            .get_definition("p", "checkout", Some(9))
-            .await
-            .expect("get"),
-        None
-    );
-    assert_eq!(
-        store.get_definition("p", "nope", None).await.expect("get"),
-        None
-    );
+    let latest = store.get_definition("p", "checkout", None).await.expect("get").expect("exists");
+    assert_eq!((latest.version, latest.source.as_str(), latest.created_at_ms), (3, "v: 1", 1000));
+    let v2 = store.get_definition("p", "checkout", Some(2)).await.expect("get").expect("v2");
+    assert_eq!((v2.project.as_str(), v2.name.as_str(), v2.source.as_str()), ("p", "checkout", "v: 2"));
+    assert_eq!(store.get_definition("p", "checkout", Some(9)).await.expect("get"), None);
+    assert_eq!(store.get_definition("p", "nope", None).await.expect("get"), None);
 
-    let listed: Vec<(String, i64)> = store
-        .list_definitions("p")
-        .await
-        .expect("list")
-        .into_iter()
-        .map(|d| (d.name, d.version))
-        .collect();
-    assert_eq!(
-        listed,
-        vec![("billing".to_owned(), 1), ("checkout".to_owned(), 3)]
-    );
-    assert!(
-        store
-            .list_definitions("none")
-            .await
-            .expect("list")
-            .is_empty()
-    );
+    let listed: Vec<(String, i64)> =
+        store.list_definitions("p").await.expect("list").into_iter().map(|d| (d.name, d.version)).collect();
+    assert_eq!(listed, vec![("billing".to_owned(), 1), ("checkout".to_owned(), 3)]);
+    assert!(store.list_definitions("none").await.expect("list").is_empty());
 }

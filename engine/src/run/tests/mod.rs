@@ -13,8 +13,7 @@ use serde_json::{Value, json};
 
 use super::*;
 use crate::definition::model::{
-    AwardPolicy, Definition, DispatchMode, Flavor, RetryPolicy, Sequence, Stage, Task, Timeouts,
-    Trigger,
+    AwardPolicy, Definition, DispatchMode, Flavor, RetryPolicy, Sequence, Stage, Task, Timeouts, Trigger,
 };
 use crate::duration::Timestamp;
 
@@ -41,10 +40,7 @@ fn sequence(name: &str, triggered_on: Vec<Trigger>, tasks: Vec<Task>) -> Sequenc
 }
 
 fn definition(stages: Vec<(&str, Vec<Sequence>)>) -> Arc<Definition> {
-    let stages = stages
-        .into_iter()
-        .map(|(name, sequences)| Stage { name: name.into(), sequences })
-        .collect();
+    let stages = stages.into_iter().map(|(name, sequences)| Stage { name: name.into(), sequences }).collect();
     Arc::new(Definition { flavor: Flavor::Capstan, name: "shop".into(), stages })
 }
 
@@ -110,14 +106,7 @@ fn finished_with(
     output: Value,
     error: Option<TaskError>,
 ) -> Input {
-    Input::Finished(Finished {
-        attempt: aref(task, attempt),
-        worker_id: w.into(),
-        token,
-        result,
-        output,
-        error,
-    })
+    Input::Finished(Finished { attempt: aref(task, attempt), worker_id: w.into(), token, result, output, error })
 }
 
 fn timer(kind: TimerKind) -> Input {

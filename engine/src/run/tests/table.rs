@@ -269,10 +269,12 @@ fn rows() -> Vec<Row> {
         },
         Row {
             row: "running | timer Heartbeat, not idempotent | ended(outcome-unknown)",
-            def: || one_with(|a| {
-                a.timeouts.heartbeat = Some(1_000);
-                a.idempotent = false;
-            }),
+            def: || {
+                one_with(|a| {
+                    a.timeouts.heartbeat = Some(1_000);
+                    a.idempotent = false;
+                })
+            },
             setup: running,
             input: |_| timer(TimerKind::Heartbeat { task: "a".into(), attempt: 1 }),
             task: "a",
