@@ -138,7 +138,13 @@ fn rows() -> Vec<Row> {
             row: "offered | timer BidWindow, bids kept | awarded",
             def: || one_with(|a| a.award = AwardPolicy::EarliestFinish),
             setup: |run| _ = run.apply(bid("a", 1, worker("w1", &[]), 1.0, 1, 1)),
-            input: |_| timer(TimerKind::BidWindow { task: "a".into(), attempt: 1, offer: 1 }),
+            input: |_| {
+                timer(TimerKind::BidWindow {
+                    task: "a".into(),
+                    attempt: 1,
+                    offer: 1,
+                })
+            },
             task: "a",
             phase: Awarded,
             events: &["task-awarded"],
@@ -147,7 +153,13 @@ fn rows() -> Vec<Row> {
             row: "offered | timer BidWindow, no bid | offered",
             def: one,
             setup: nothing,
-            input: |_| timer(TimerKind::BidWindow { task: "a".into(), attempt: 1, offer: 1 }),
+            input: |_| {
+                timer(TimerKind::BidWindow {
+                    task: "a".into(),
+                    attempt: 1,
+                    offer: 1,
+                })
+            },
             task: "a",
             phase: Offered,
             events: &[],
@@ -156,7 +168,13 @@ fn rows() -> Vec<Row> {
             row: "offered | timer Reoffer | offered",
             def: one,
             setup: nothing,
-            input: |_| timer(TimerKind::Reoffer { task: "a".into(), attempt: 1, offer: 1 }),
+            input: |_| {
+                timer(TimerKind::Reoffer {
+                    task: "a".into(),
+                    attempt: 1,
+                    offer: 1,
+                })
+            },
             task: "a",
             phase: Offered,
             events: &["task-offered"],
@@ -174,7 +192,12 @@ fn rows() -> Vec<Row> {
             row: "offered / awarded | timer ScheduleToStart | backoff",
             def: one,
             setup: awarded,
-            input: |_| timer(TimerKind::ScheduleToStart { task: "a".into(), attempt: 1 }),
+            input: |_| {
+                timer(TimerKind::ScheduleToStart {
+                    task: "a".into(),
+                    attempt: 1,
+                })
+            },
             task: "a",
             phase: Backoff,
             events: &["attempt-ended"],
@@ -183,7 +206,12 @@ fn rows() -> Vec<Row> {
             row: "offered | timer ScheduleToStart, no retry left | ended(timed-out)",
             def: || one_with(|a| a.retry.max_attempts = 1),
             setup: nothing,
-            input: |_| timer(TimerKind::ScheduleToStart { task: "a".into(), attempt: 1 }),
+            input: |_| {
+                timer(TimerKind::ScheduleToStart {
+                    task: "a".into(),
+                    attempt: 1,
+                })
+            },
             task: "a",
             phase: Ended(TaskStatus::TimedOut),
             events: ATTEMPT_END,
@@ -253,7 +281,12 @@ fn rows() -> Vec<Row> {
             row: "awarded / running | timer StartToClose | backoff",
             def: one,
             setup: running,
-            input: |_| timer(TimerKind::StartToClose { task: "a".into(), attempt: 1 }),
+            input: |_| {
+                timer(TimerKind::StartToClose {
+                    task: "a".into(),
+                    attempt: 1,
+                })
+            },
             task: "a",
             phase: Backoff,
             events: &["attempt-ended"],
@@ -269,12 +302,19 @@ fn rows() -> Vec<Row> {
         },
         Row {
             row: "running | timer Heartbeat, not idempotent | ended(outcome-unknown)",
-            def: || one_with(|a| {
-                a.timeouts.heartbeat = Some(1_000);
-                a.idempotent = false;
-            }),
+            def: || {
+                one_with(|a| {
+                    a.timeouts.heartbeat = Some(1_000);
+                    a.idempotent = false;
+                })
+            },
             setup: running,
-            input: |_| timer(TimerKind::Heartbeat { task: "a".into(), attempt: 1 }),
+            input: |_| {
+                timer(TimerKind::Heartbeat {
+                    task: "a".into(),
+                    attempt: 1,
+                })
+            },
             task: "a",
             phase: Ended(TaskStatus::OutcomeUnknown),
             events: ATTEMPT_END,
@@ -295,7 +335,12 @@ fn rows() -> Vec<Row> {
                 running(run);
                 run.apply(failed("a", 1, "w1", 1, "exit-code"));
             },
-            input: |_| timer(TimerKind::Retry { task: "a".into(), attempt: 1 }),
+            input: |_| {
+                timer(TimerKind::Retry {
+                    task: "a".into(),
+                    attempt: 1,
+                })
+            },
             task: "a",
             phase: Offered,
             events: &["task-offered"],
@@ -304,7 +349,11 @@ fn rows() -> Vec<Row> {
             row: "awaiting-approval | Approve | ended(finished)",
             def: || one_with(manual_approval),
             setup: nothing,
-            input: |_| Input::Approve { task: "a".into(), approved: true, by: "ann".into() },
+            input: |_| Input::Approve {
+                task: "a".into(),
+                approved: true,
+                by: "ann".into(),
+            },
             task: "a",
             phase: Ended(TaskStatus::Finished),
             events: &["task-ended", "run-finished"],
@@ -322,7 +371,9 @@ fn rows() -> Vec<Row> {
             row: "offered / awarded / running / backoff / awaiting | Cancel | ended(cancelled)",
             def: one,
             setup: running,
-            input: |_| Input::Cancel { reason: "stop".into() },
+            input: |_| Input::Cancel {
+                reason: "stop".into(),
+            },
             task: "a",
             phase: Ended(TaskStatus::Cancelled),
             events: ATTEMPT_END,
@@ -331,7 +382,9 @@ fn rows() -> Vec<Row> {
             row: "pending / delayed | Cancel | ended(skipped)",
             def: || chain_with(|_| {}),
             setup: nothing,
-            input: |_| Input::Cancel { reason: "stop".into() },
+            input: |_| Input::Cancel {
+                reason: "stop".into(),
+            },
             task: "b",
             phase: Ended(TaskStatus::Skipped),
             events: &["task-ended", "task-ended", "run-finished"],
@@ -340,7 +393,12 @@ fn rows() -> Vec<Row> {
             row: "ended | any timer | ended",
             def: || chain_with(|_| {}),
             setup: |run| _ = run.complete("a", 1, "w1", TaskResult::Pass),
-            input: |_| timer(TimerKind::StartToClose { task: "a".into(), attempt: 1 }),
+            input: |_| {
+                timer(TimerKind::StartToClose {
+                    task: "a".into(),
+                    attempt: 1,
+                })
+            },
             task: "a",
             phase: Ended(TaskStatus::Finished),
             events: &[],
@@ -363,13 +421,37 @@ fn walks_every_row_of_the_transition_table() {
         (row.setup)(&mut run);
         let input = (row.input)(&run);
         let d = run.apply(input);
-        assert_eq!(run.phase(row.task), row.phase, "row `{}`\n{}", row.row, run.history());
-        assert_eq!(kinds(&d), row.events, "row `{}`\n{}", row.row, run.history());
+        assert_eq!(
+            run.phase(row.task),
+            row.phase,
+            "row `{}`\n{}",
+            row.row,
+            run.history()
+        );
+        assert_eq!(
+            kinds(&d),
+            row.events,
+            "row `{}`\n{}",
+            row.row,
+            run.history()
+        );
         // Every row named here is a row (or a narrowing of a row) of the documented table.
         let state = row.row.split(" | ").next().unwrap_or_default();
-        assert!(table.contains(&format!("//! | {state}")), "row `{}` not in the table", row.row);
+        assert!(
+            table.contains(&format!("//! | {state}")),
+            "row `{}` not in the table",
+            row.row
+        );
     }
-    let documented = table.lines().filter(|l| l.starts_with("//! | ") && !l.contains("---")).count();
+    let documented = table
+        .lines()
+        .filter(|l| l.starts_with("//! | ") && !l.contains("---"))
+        .count();
     // The header line is not a row; every documented row has a walked counterpart.
-    assert!(rows.len() >= documented - 1, "{} rows walked, {} documented", rows.len(), documented - 1);
+    assert!(
+        rows.len() >= documented - 1,
+        "{} rows walked, {} documented",
+        rows.len(),
+        documented - 1
+    );
 }
