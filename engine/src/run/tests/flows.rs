@@ -402,20 +402,20 @@ fn history_renders_one_line_per_event() {
         reason: "done".into(),
     });
     expect![[r#"
-          1 @0 run-started r1 dev.delivery
-          2 @0 task-offered a#1 offer=1
-          3 @5 task-awarded a#1 worker=w1 token=1
-          4 @6 attempt-ended a#1 worker=w1 fail error=exit-code retry-at=506
-          5 @600 task-offered a#2 offer=1
-          6 @700 task-awarded a#2 worker=w2 token=2
-          7 @700 task-started a#2 worker=w2 token=2
-          8 @700 attempt-ended a#2 worker=w2 pass
-          9 @700 task-ended a finished pass
-         10 @700 task-offered b#1 offer=1
-         11 @700 run-paused
-         12 @700 input-rejected finished task=a worker=w2: the attempt is no longer open
-         13 @700 task-ended b cancelled fail
-         14 @700 run-finished cancelled fail
+        1 @0 run-started r1 dev.delivery
+        2 @0 task-offered a#1 offer=1
+        3 @5 task-awarded a#1 worker=w1 token=1
+        4 @6 attempt-ended a#1 worker=w1 fail error=exit-code retry-at=506
+        5 @600 task-offered a#2 offer=1
+        6 @700 task-awarded a#2 worker=w2 token=2
+        7 @700 task-started a#2 worker=w2 token=2
+        8 @700 attempt-ended a#2 worker=w2 pass
+        9 @700 task-ended a finished pass
+        10 @700 task-offered b#1 offer=1
+        11 @700 run-paused
+        12 @700 input-rejected finished task=a worker=w2: the attempt is no longer open
+        13 @700 task-ended b cancelled fail
+        14 @700 run-finished cancelled fail
     "#]]
     .assert_eq(&run.history());
     let views: Vec<_> = run
