@@ -59,16 +59,10 @@ impl Step<'_> {
         // A non-idempotent task is never run twice once any attempt started.
         let may_repeat = spec.idempotent || !t.ever_started;
         let retryable = (verdict.timed_out || !verdict.errors.is_empty())
-            && !verdict
-                .errors
-                .iter()
-                .any(|k| spec.retry.non_retryable.contains(k))
+            && !verdict.errors.iter().any(|k| spec.retry.non_retryable.contains(k))
             && attempt < spec.retry.max_attempts
             && may_repeat;
-        let retry_at = retryable.then(|| {
-            self.now()
-                .plus(backoff(&spec.retry, attempt, self.ctx.random))
-        });
+        let retry_at = retryable.then(|| self.now().plus(backoff(&spec.retry, attempt, self.ctx.random)));
         self.emit(Event::AttemptEnded {
             task: spec.name.clone(),
             attempt,
@@ -78,13 +72,7 @@ impl Step<'_> {
             at: self.now(),
         });
         if let Some(at) = retry_at {
-            self.set_timer(
-                TimerKind::Retry {
-                    task: spec.name,
-                    attempt,
-                },
-                at,
-            );
+            self.set_timer(TimerKind::Retry { task: spec.name, attempt }, at);
             return;
         }
         let status = match (verdict.timed_out, may_repeat) {
@@ -97,19 +85,10 @@ impl Step<'_> {
 
     /// Combines the outcomes of every holder of the attempt with the one about to be recorded.
     fn verdict(&self, i: usize, worker_id: Option<&str>, outcome: &AttemptOutcome) -> Verdict {
-        let mut v = Verdict {
-            result: TaskResult::Pass,
-            output: Value::Null,
-            timed_out: false,
-            errors: Vec::new(),
-        };
+        let mut v = Verdict { result: TaskResult::Pass, output: Value::Null, timed_out: false, errors: Vec::new() };
         let mut output = Map::new();
         let mut add = |o: &AttemptOutcome| match o {
-            AttemptOutcome::Finished {
-                result,
-                output: out,
-                error,
-            } => {
+            AttemptOutcome::Finished { result, output: out, error } => {
                 v.result = v.result.worst(*result);
                 if let Value::Object(m) = out {
                     output.extend(m.clone());
@@ -136,11 +115,7 @@ impl Step<'_> {
         if holders.is_empty() {
             add(outcome);
         }
-        v.output = if output.is_empty() {
-            Value::Null
-        } else {
-            Value::Object(output)
-        };
+        v.output = if output.is_empty() { Value::Null } else { Value::Object(output) };
         v
     }
 
@@ -157,12 +132,7 @@ impl Step<'_> {
             TimeoutKind::Heartbeat => started,
         };
         if applies {
-            self.conclude_attempt(
-                i,
-                None,
-                AttemptOutcome::TimedOut { timeout: kind },
-                Some(fired),
-            );
+            self.conclude_attempt(i, None, AttemptOutcome::TimedOut { timeout: kind }, Some(fired));
             self.advance();
         }
     }

@@ -4,9 +4,7 @@ use serde_json::{Value, json};
 
 use super::state::TaskPhase;
 use super::step::Step;
-use super::types::{
-    AttemptOutcome, Error, Event, RunMeta, RunStatus, TaskResult, TaskStatus, TimerKind,
-};
+use super::types::{AttemptOutcome, Error, Event, RunMeta, RunStatus, TaskResult, TaskStatus, TimerKind};
 
 impl Step<'_> {
     /// Commands other than `Start` need a started run that is not over.
@@ -32,11 +30,7 @@ impl Step<'_> {
                 sequence: meta.sequence.clone(),
             });
         }
-        self.emit(Event::RunStarted {
-            meta: meta.clone(),
-            data: data.clone(),
-            at: self.now(),
-        });
+        self.emit(Event::RunStarted { meta: meta.clone(), data: data.clone(), at: self.now() });
         self.advance();
         Ok(())
     }
@@ -66,13 +60,8 @@ impl Step<'_> {
                         });
                     }
                 }
-                TaskPhase::Backoff => self.cancel_timer(TimerKind::Retry {
-                    task: name,
-                    attempt,
-                }),
-                TaskPhase::AwaitingApproval => {
-                    self.cancel_timer(TimerKind::ApprovalTimeout { task: name })
-                }
+                TaskPhase::Backoff => self.cancel_timer(TimerKind::Retry { task: name, attempt }),
+                TaskPhase::AwaitingApproval => self.cancel_timer(TimerKind::ApprovalTimeout { task: name }),
             }
             self.end_task(i, TaskStatus::Cancelled, TaskResult::Fail, Value::Null);
         }
@@ -120,23 +109,12 @@ impl Step<'_> {
     /// A person decides a manual approval.
     pub fn approve(&mut self, task: &str, approved: bool, by: &str) -> Result<(), Error> {
         self.live()?;
-        let i = self
-            .st
-            .index(task)
-            .ok_or_else(|| Error::UnknownTask(task.to_string()))?;
+        let i = self.st.index(task).ok_or_else(|| Error::UnknownTask(task.to_string()))?;
         if self.task(i).phase != TaskPhase::AwaitingApproval {
-            return Err(Error::NotAwaitingApproval {
-                task: task.to_string(),
-            });
+            return Err(Error::NotAwaitingApproval { task: task.to_string() });
         }
-        self.cancel_timer(TimerKind::ApprovalTimeout {
-            task: task.to_string(),
-        });
-        let result = if approved {
-            TaskResult::Pass
-        } else {
-            TaskResult::Fail
-        };
+        self.cancel_timer(TimerKind::ApprovalTimeout { task: task.to_string() });
+        let result = if approved { TaskResult::Pass } else { TaskResult::Fail };
         let output = json!({"approval": {"approved": approved, "by": by}});
         self.end_task(i, TaskStatus::Finished, result, output);
         self.advance();

@@ -6,9 +6,7 @@ use serde_json::{Map, Value};
 
 use super::state::TaskPhase;
 use super::step::Step;
-use super::types::{
-    Effect, Event, NextSequence, RunStatus, TaskResult, TaskStatus, TimerKind, WorkerMessage,
-};
+use super::types::{Effect, Event, NextSequence, RunStatus, TaskResult, TaskStatus, TimerKind, WorkerMessage};
 use crate::definition::model::{ConditionSubject, Definition, Selector};
 use crate::duration::parse_duration;
 
@@ -23,12 +21,7 @@ impl Step<'_> {
             if self.st.is_over() {
                 return;
             }
-            if self
-                .st
-                .tasks
-                .iter()
-                .all(|t| matches!(t.phase, TaskPhase::Ended(_)))
-            {
+            if self.st.tasks.iter().all(|t| matches!(t.phase, TaskPhase::Ended(_))) {
                 self.finish_run();
                 return;
             }
@@ -66,22 +59,17 @@ impl Step<'_> {
             return false;
         };
         self.st.tasks[i].phase == TaskPhase::Pending
-            && spec.depends_on.iter().all(|d| {
-                self.st
-                    .index(d)
-                    .is_some_and(|j| matches!(self.st.tasks[j].phase, TaskPhase::Ended(_)))
-            })
+            && spec
+                .depends_on
+                .iter()
+                .all(|d| self.st.index(d).is_some_and(|j| matches!(self.st.tasks[j].phase, TaskPhase::Ended(_))))
     }
 
     fn start_task(&mut self, i: usize) {
         let spec = self.spec(i);
         if let Some(delay) = spec.triggered_after {
             let until = self.now().plus(delay);
-            self.emit(Event::TaskDelayed {
-                task: spec.name.clone(),
-                until,
-                at: self.now(),
-            });
+            self.emit(Event::TaskDelayed { task: spec.name.clone(), until, at: self.now() });
             self.set_timer(TimerKind::Delay { task: spec.name }, until);
         } else {
             self.begin(i);
@@ -103,13 +91,7 @@ impl Step<'_> {
         let now = self.now();
         let auction = spec.dispatch == DispatchMode::Auction;
         let bid_deadline = auction.then(|| now.plus(spec.timeouts.bid_window));
-        self.emit(Event::TaskOffered {
-            task: spec.name.clone(),
-            attempt,
-            offer,
-            bid_deadline,
-            at: now,
-        });
+        self.emit(Event::TaskOffered { task: spec.name.clone(), attempt, offer, bid_deadline, at: now });
         let meta = self.meta();
         let offer_msg = TaskOffer {
             attempt: self.attempt_ref(i),
@@ -129,31 +111,14 @@ impl Step<'_> {
         let task = spec.name.clone();
         // One schedule-to-start timer covers every re-offer of the attempt.
         if let (1, Some(limit)) = (offer, spec.timeouts.schedule_to_start) {
-            let kind = TimerKind::ScheduleToStart {
-                task: task.clone(),
-                attempt,
-            };
+            let kind = TimerKind::ScheduleToStart { task: task.clone(), attempt };
             self.set_timer(kind, now.plus(limit));
         }
         match bid_deadline {
-            Some(deadline) => self.set_timer(
-                TimerKind::BidWindow {
-                    task,
-                    attempt,
-                    offer,
-                },
-                deadline,
-            ),
+            Some(deadline) => self.set_timer(TimerKind::BidWindow { task, attempt, offer }, deadline),
             None => {
                 let wait = super::attempt::backoff(&spec.retry, offer, self.ctx.random);
-                self.set_timer(
-                    TimerKind::Reoffer {
-                        task,
-                        attempt,
-                        offer,
-                    },
-                    now.plus(wait),
-                );
+                self.set_timer(TimerKind::Reoffer { task, attempt, offer }, now.plus(wait));
             }
         }
     }
@@ -165,13 +130,7 @@ impl Step<'_> {
         let (attempt, offer) = (self.task(i).attempt, self.task(i).offer);
         let token = self.st.last_token + 1;
         let worker_id = worker.id.clone();
-        self.emit(Event::TaskAwarded {
-            task: spec.name.clone(),
-            attempt,
-            worker,
-            token,
-            at: self.now(),
-        });
+        self.emit(Event::TaskAwarded { task: spec.name.clone(), attempt, worker, token, at: self.now() });
         let award = Award {
             attempt: self.attempt_ref(i),
             worker_id: worker_id.clone(),
@@ -184,25 +143,11 @@ impl Step<'_> {
         self.send(&worker_id, WorkerMessage::Award(award));
         if first {
             if spec.dispatch == DispatchMode::Auction {
-                self.cancel_timer(TimerKind::BidWindow {
-                    task: spec.name.clone(),
-                    attempt,
-                    offer,
-                });
+                self.cancel_timer(TimerKind::BidWindow { task: spec.name.clone(), attempt, offer });
             }
-            self.cancel_timer(TimerKind::Reoffer {
-                task: spec.name.clone(),
-                attempt,
-                offer,
-            });
+            self.cancel_timer(TimerKind::Reoffer { task: spec.name.clone(), attempt, offer });
             if let Some(limit) = spec.timeouts.start_to_close {
-                self.set_timer(
-                    TimerKind::StartToClose {
-                        task: spec.name,
-                        attempt,
-                    },
-                    self.now().plus(limit),
-                );
+                self.set_timer(TimerKind::StartToClose { task: spec.name, attempt }, self.now().plus(limit));
             }
         }
     }
@@ -222,16 +167,10 @@ impl Step<'_> {
             TaskResult::Fail => None,
         };
         if mode.and_then(Value::as_str) == Some("manual") {
-            self.emit(Event::ApprovalRequested {
-                task: spec.name.clone(),
-                at: self.now(),
-            });
+            self.emit(Event::ApprovalRequested { task: spec.name.clone(), at: self.now() });
             let timeout = spec.properties.get("timeout").and_then(Value::as_str);
             if let Some(limit) = timeout.and_then(|t| parse_duration(t).ok()) {
-                self.set_timer(
-                    TimerKind::ApprovalTimeout { task: spec.name },
-                    self.now().plus(limit),
-                );
+                self.set_timer(TimerKind::ApprovalTimeout { task: spec.name }, self.now().plus(limit));
             }
         } else {
             self.end_task(i, TaskStatus::Finished, before, Value::Null);
@@ -240,13 +179,7 @@ impl Step<'_> {
 
     /// Records the end of a task.
     pub fn end_task(&mut self, i: usize, status: TaskStatus, result: TaskResult, output: Value) {
-        self.emit(Event::TaskEnded {
-            task: self.name(i),
-            status,
-            result,
-            output,
-            at: self.now(),
-        });
+        self.emit(Event::TaskEnded { task: self.name(i), status, result, output, at: self.now() });
     }
 
     /// Tasks that never got under way end `Skipped`; their pending timers become moot.
@@ -256,9 +189,7 @@ impl Step<'_> {
             match self.task(i).phase {
                 TaskPhase::Pending => {}
                 TaskPhase::Delayed => self.cancel_timer(TimerKind::Delay { task: name }),
-                TaskPhase::AwaitingApproval => {
-                    self.cancel_timer(TimerKind::ApprovalTimeout { task: name })
-                }
+                TaskPhase::AwaitingApproval => self.cancel_timer(TimerKind::ApprovalTimeout { task: name }),
                 _ => continue,
             }
             self.end_task(i, TaskStatus::Skipped, TaskResult::Fail, Value::Null);
@@ -272,11 +203,7 @@ impl Step<'_> {
         for (i, t) in self.st.tasks.iter().enumerate() {
             let counted = match (t.phase, t.result) {
                 (TaskPhase::Ended(TaskStatus::Cancelled | TaskStatus::Skipped), _) => None,
-                (_, Some(TaskResult::Fail))
-                    if self.st.spec(i).is_some_and(|s| s.continue_on_failure) =>
-                {
-                    None
-                }
+                (_, Some(TaskResult::Fail)) if self.st.spec(i).is_some_and(|s| s.continue_on_failure) => None,
                 (_, r) => r,
             };
             result = counted.map_or(result, |r| result.worst(r));
@@ -290,17 +217,11 @@ impl Step<'_> {
         let meta = self.meta();
         let def = self.st.def.clone();
         let results = |name: &str| self.st.index(name).and_then(|j| self.st.tasks[j].result);
-        let next: Vec<NextSequence> =
-            followers(&def, &meta.stage, &meta.sequence, result, &results)
-                .into_iter()
-                .map(|(stage, sequence)| NextSequence { stage, sequence })
-                .collect();
-        self.emit(Event::RunFinished {
-            status: RunStatus::Finished,
-            result,
-            next: next.clone(),
-            at: self.now(),
-        });
+        let next: Vec<NextSequence> = followers(&def, &meta.stage, &meta.sequence, result, &results)
+            .into_iter()
+            .map(|(stage, sequence)| NextSequence { stage, sequence })
+            .collect();
+        self.emit(Event::RunFinished { status: RunStatus::Finished, result, next: next.clone(), at: self.now() });
         let data = self.carried_data(0..self.st.tasks.len());
         for n in next {
             self.effect(Effect::StartRun {
@@ -336,12 +257,7 @@ impl Step<'_> {
         let mut ancestors = vec![false; self.st.tasks.len()];
         let mut stack = vec![i];
         while let Some(k) = stack.pop() {
-            for d in self
-                .st
-                .spec(k)
-                .map(|s| s.depends_on.as_slice())
-                .unwrap_or(&[])
-            {
+            for d in self.st.spec(k).map(|s| s.depends_on.as_slice()).unwrap_or(&[]) {
                 if let Some(j) = self.st.index(d).filter(|&j| !ancestors[j]) {
                     ancestors[j] = true;
                     stack.push(j);
@@ -385,11 +301,10 @@ pub(super) fn followers(
     let mut next = Vec::new();
     for s in &def.stages {
         for q in &s.sequences {
-            let fires = q.triggered_on.iter().any(|t| {
-                t.stage == stage
-                    && t.sequence == sequence
-                    && selects(&t.selector, run_result, task_results)
-            });
+            let fires = q
+                .triggered_on
+                .iter()
+                .any(|t| t.stage == stage && t.sequence == sequence && selects(&t.selector, run_result, task_results));
             if fires {
                 next.push((s.name.clone(), q.name.clone()));
             }
@@ -398,11 +313,7 @@ pub(super) fn followers(
     next
 }
 
-fn selects(
-    selector: &Selector,
-    run_result: TaskResult,
-    task_results: &dyn Fn(&str) -> Option<TaskResult>,
-) -> bool {
+fn selects(selector: &Selector, run_result: TaskResult, task_results: &dyn Fn(&str) -> Option<TaskResult>) -> bool {
     if selector.conditions.is_empty() {
         return run_result != TaskResult::Fail;
     }

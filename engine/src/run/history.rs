@@ -19,64 +19,25 @@ pub fn render_history(events: &[Event]) -> String {
 fn render(event: &Event) -> String {
     match event {
         Event::RunStarted { meta, at, .. } => {
-            format!(
-                "@{} run-started {} {}.{}",
-                at.0, meta.run_id, meta.stage, meta.sequence
-            )
+            format!("@{} run-started {} {}.{}", at.0, meta.run_id, meta.stage, meta.sequence)
         }
         Event::TaskDelayed { task, until, at } => {
             format!("@{} task-delayed {task} until={}", at.0, until.0)
         }
-        Event::TaskOffered {
-            task,
-            attempt,
-            offer,
-            at,
-            ..
-        } => {
+        Event::TaskOffered { task, attempt, offer, at, .. } => {
             format!("@{} task-offered {task}#{attempt} offer={offer}", at.0)
         }
-        Event::BidRecorded {
-            task,
-            attempt,
-            bid,
-            at,
-        } => format!(
+        Event::BidRecorded { task, attempt, bid, at } => format!(
             "@{} bid-recorded {task}#{attempt} worker={} cost={} estimate={}ms free={}",
             at.0, bid.worker.id, bid.cost, bid.estimated_ms, bid.free_slots
         ),
-        Event::TaskAwarded {
-            task,
-            attempt,
-            worker,
-            token,
-            at,
-        } => {
-            format!(
-                "@{} task-awarded {task}#{attempt} worker={} token={token}",
-                at.0, worker.id
-            )
+        Event::TaskAwarded { task, attempt, worker, token, at } => {
+            format!("@{} task-awarded {task}#{attempt} worker={} token={token}", at.0, worker.id)
         }
-        Event::TaskStarted {
-            task,
-            attempt,
-            worker_id,
-            token,
-            at,
-        } => {
-            format!(
-                "@{} task-started {task}#{attempt} worker={worker_id} token={token}",
-                at.0
-            )
+        Event::TaskStarted { task, attempt, worker_id, token, at } => {
+            format!("@{} task-started {task}#{attempt} worker={worker_id} token={token}", at.0)
         }
-        Event::AttemptEnded {
-            task,
-            attempt,
-            worker_id,
-            outcome,
-            retry_at,
-            at,
-        } => {
+        Event::AttemptEnded { task, attempt, worker_id, outcome, retry_at, at } => {
             let mut s = format!("@{} attempt-ended {task}#{attempt}", at.0);
             if let Some(w) = worker_id {
                 s += &format!(" worker={w}");
@@ -88,13 +49,7 @@ fn render(event: &Event) -> String {
             s
         }
         Event::ApprovalRequested { task, at } => format!("@{} approval-requested {task}", at.0),
-        Event::TaskEnded {
-            task,
-            status,
-            result,
-            at,
-            ..
-        } => {
+        Event::TaskEnded { task, status, result, at, .. } => {
             let text = status_text(*status);
             if *status == TaskStatus::Skipped {
                 format!("@{} task-ended {task} {text}", at.0)
@@ -102,13 +57,7 @@ fn render(event: &Event) -> String {
                 format!("@{} task-ended {task} {text} {}", at.0, result.as_str())
             }
         }
-        Event::InputRejected {
-            input,
-            task,
-            worker_id,
-            reason,
-            at,
-        } => format!(
+        Event::InputRejected { input, task, worker_id, reason, at } => format!(
             "@{} input-rejected {input} task={} worker={}: {reason}",
             at.0,
             task.as_deref().unwrap_or("-"),
@@ -116,12 +65,7 @@ fn render(event: &Event) -> String {
         ),
         Event::RunPaused { at } => format!("@{} run-paused", at.0),
         Event::RunResumed { at } => format!("@{} run-resumed", at.0),
-        Event::RunFinished {
-            status,
-            result,
-            next,
-            at,
-        } => {
+        Event::RunFinished { status, result, next, at } => {
             let status = match status {
                 super::types::RunStatus::Finished => "finished",
                 super::types::RunStatus::Cancelled => "cancelled",
@@ -137,11 +81,7 @@ fn render(event: &Event) -> String {
 
 fn outcome_text(outcome: &AttemptOutcome) -> String {
     match outcome {
-        AttemptOutcome::Finished {
-            result,
-            error: Some(e),
-            ..
-        } => {
+        AttemptOutcome::Finished { result, error: Some(e), .. } => {
             format!("{} error={}", result.as_str(), e.kind)
         }
         AttemptOutcome::Finished { result, .. } => result.as_str().to_string(),

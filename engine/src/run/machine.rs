@@ -34,14 +34,18 @@
 //! | ended | any timer | ended | - |
 //!
 //! `tests/table.rs` walks every row.
+//!
+//! Fanout attempts have several holders but one set of attempt timers (keys are per attempt):
+//! start-to-close runs from the first award, any holder's heartbeat pushes the heartbeat timer,
+//! and a timeout ends the parts of every holder still open. Pause only holds back new attempts
+//! (first offers, retries, delays, approvals); an attempt already on offer keeps its bid window
+//! and re-offers so that it can still be awarded.
 
 use capstan_proto::{AttemptRef, Bid, Claim, DispatchMode, Finished, Progress};
 
 use super::state::{RunState, TaskPhase};
 use super::step::Step;
-use super::types::{
-    AttemptOutcome, Ctx, Decision, Error, Event, Input, RecordedBid, TimeoutKind, TimerKind,
-};
+use super::types::{AttemptOutcome, Ctx, Decision, Error, Event, Input, RecordedBid, TimeoutKind, TimerKind};
 use crate::definition::model::{AwardPolicy, Task};
 
 impl RunState {
@@ -55,21 +59,11 @@ impl RunState {
             Input::Pause => step.pause()?,
             Input::Resume => step.resume()?,
             Input::Approve { task, approved, by } => step.approve(task, *approved, by)?,
-            Input::Bid(bid) => {
-                step.with_task(&bid.attempt, &bid.worker.id, |s, i| s.on_bid(i, bid))?
-            }
-            Input::Claim(claim) => step.with_task(&claim.attempt, &claim.worker.id, |s, i| {
-                s.on_claim(i, claim)
-            })?,
-            Input::Started(p) => {
-                step.with_task(&p.attempt, &p.worker_id, |s, i| s.on_started(i, p))?
-            }
-            Input::Heartbeat(p) => {
-                step.with_task(&p.attempt, &p.worker_id, |s, i| s.on_heartbeat(i, p))?
-            }
-            Input::Finished(f) => {
-                step.with_task(&f.attempt, &f.worker_id, |s, i| s.on_finished(i, f))?
-            }
+            Input::Bid(bid) => step.with_task(&bid.attempt, &bid.worker.id, |s, i| s.on_bid(i, bid))?,
+            Input::Claim(claim) => step.with_task(&claim.attempt, &claim.worker.id, |s, i| s.on_claim(i, claim))?,
+            Input::Started(p) => step.with_task(&p.attempt, &p.worker_id, |s, i| s.on_started(i, p))?,
+            Input::Heartbeat(p) => step.with_task(&p.attempt, &p.worker_id, |s, i| s.on_heartbeat(i, p))?,
+            Input::Finished(f) => step.with_task(&f.attempt, &f.worker_id, |s, i| s.on_finished(i, f))?,
             Input::Timer(kind) => step.on_timer(kind)?,
         }
         Ok(step.finish())
@@ -77,10 +71,7 @@ impl RunState {
 }
 
 /// Whether a worker's labels meet a task's requirements: every required key with an equal value.
-pub fn meets_requirements(
-    task: &Task,
-    labels: &std::collections::BTreeMap<String, String>,
-) -> bool {
+pub fn meets_requirements(task: &Task, labels: &std::collections::BTreeMap<String, String>) -> bool {
     task.requires.iter().all(|(k, v)| labels.get(k) == Some(v))
 }
 
@@ -96,10 +87,7 @@ impl Step<'_> {
         if self.st.meta.is_none() {
             return Err(Error::NotStarted);
         }
-        let i = self
-            .st
-            .index(&attempt.task)
-            .ok_or_else(|| Error::UnknownTask(attempt.task.clone()))?;
+        let i = self.st.index(&attempt.task).ok_or_else(|| Error::UnknownTask(attempt.task.clone()))?;
         if self.st.is_over() {
             self.reject(attempt, worker_id, "the run is over");
         } else {
@@ -136,12 +124,7 @@ impl Step<'_> {
             estimated_ms: bid.estimated_ms,
             free_slots: bid.free_slots,
         };
-        self.emit(Event::BidRecorded {
-            task: spec.name,
-            attempt: t.attempt,
-            bid: recorded,
-            at: self.now(),
-        });
+        self.emit(Event::BidRecorded { task: spec.name, attempt: t.attempt, bid: recorded, at: self.now() });
     }
 
     /// Awards the best kept bid and tells the others they lost.
@@ -149,17 +132,12 @@ impl Step<'_> {
         let policy = self.spec(i).award;
         let mut bids = self.task(i).bids.clone();
         bids.sort_by(|a, b| {
-            let (cost, time) = (
-                a.cost.total_cmp(&b.cost),
-                a.estimated_ms.cmp(&b.estimated_ms),
-            );
+            let (cost, time) = (a.cost.total_cmp(&b.cost), a.estimated_ms.cmp(&b.estimated_ms));
             let metric = match policy {
                 AwardPolicy::EarliestFinish => time.then(cost),
                 AwardPolicy::First | AwardPolicy::LowestCost => cost.then(time),
             };
-            metric
-                .then(b.free_slots.cmp(&a.free_slots))
-                .then(a.worker.id.cmp(&b.worker.id))
+            metric.then(b.free_slots.cmp(&a.free_slots)).then(a.worker.id.cmp(&b.worker.id))
         });
         let mut bids = bids.into_iter();
         let Some(winner) = bids.next() else { return };
@@ -195,24 +173,13 @@ impl Step<'_> {
 
     /// Checks that a report comes from an open holder of the current attempt; refuses it
     /// for the record otherwise.
-    fn admit(
-        &mut self,
-        i: usize,
-        input: &str,
-        attempt: &AttemptRef,
-        worker_id: &str,
-        token: u64,
-    ) -> bool {
+    fn admit(&mut self, i: usize, input: &str, attempt: &AttemptRef, worker_id: &str, token: u64) -> bool {
         let t = self.task(i);
         let current = t.attempt == attempt.attempt && t.attempt_open();
         if current && t.open_holder(worker_id, token).is_some() {
             return true;
         }
-        let reason = if current {
-            "stale or unknown fencing token"
-        } else {
-            "the attempt is no longer open"
-        };
+        let reason = if current { "stale or unknown fencing token" } else { "the attempt is no longer open" };
         self.refuse_report(input, attempt, worker_id, reason);
         false
     }
@@ -221,10 +188,7 @@ impl Step<'_> {
         if !self.admit(i, "started", &p.attempt, &p.worker_id, p.token) {
             return;
         }
-        let already = self
-            .task(i)
-            .open_holder(&p.worker_id, p.token)
-            .is_some_and(|h| h.started);
+        let already = self.task(i).open_holder(&p.worker_id, p.token).is_some_and(|h| h.started);
         if already {
             // A repeated `started` is as good as a heartbeat.
             self.on_heartbeat(i, p);
@@ -241,19 +205,10 @@ impl Step<'_> {
             at: self.now(),
         });
         if first && spec.timeouts.schedule_to_start.is_some() {
-            self.cancel_timer(TimerKind::ScheduleToStart {
-                task: spec.name.clone(),
-                attempt,
-            });
+            self.cancel_timer(TimerKind::ScheduleToStart { task: spec.name.clone(), attempt });
         }
         if let Some(limit) = spec.timeouts.heartbeat {
-            self.set_timer(
-                TimerKind::Heartbeat {
-                    task: spec.name,
-                    attempt,
-                },
-                self.now().plus(limit),
-            );
+            self.set_timer(TimerKind::Heartbeat { task: spec.name, attempt }, self.now().plus(limit));
         }
     }
 
@@ -262,19 +217,10 @@ impl Step<'_> {
             return;
         }
         let spec = self.spec(i);
-        let started = self
-            .task(i)
-            .open_holder(&p.worker_id, p.token)
-            .is_some_and(|h| h.started);
+        let started = self.task(i).open_holder(&p.worker_id, p.token).is_some_and(|h| h.started);
         if let (Some(limit), true) = (spec.timeouts.heartbeat, started) {
             let attempt = self.task(i).attempt;
-            self.set_timer(
-                TimerKind::Heartbeat {
-                    task: spec.name,
-                    attempt,
-                },
-                self.now().plus(limit),
-            );
+            self.set_timer(TimerKind::Heartbeat { task: spec.name, attempt }, self.now().plus(limit));
         }
     }
 
@@ -282,16 +228,8 @@ impl Step<'_> {
         if !self.admit(i, "finished", &f.attempt, &f.worker_id, f.token) {
             return;
         }
-        let outcome = AttemptOutcome::Finished {
-            result: f.result,
-            output: f.output.clone(),
-            error: f.error.clone(),
-        };
-        let others_open = self
-            .task(i)
-            .holders
-            .iter()
-            .any(|h| h.token != f.token && h.outcome.is_none());
+        let outcome = AttemptOutcome::Finished { result: f.result, output: f.output.clone(), error: f.error.clone() };
+        let others_open = self.task(i).holders.iter().any(|h| h.token != f.token && h.outcome.is_none());
         if others_open {
             // Fanout: the task waits for every holder; this one's part is recorded now.
             let attempt = self.task(i).attempt;
@@ -323,10 +261,7 @@ impl Step<'_> {
             | TimerKind::Delay { task }
             | TimerKind::ApprovalTimeout { task } => task,
         };
-        let i = self
-            .st
-            .index(name)
-            .ok_or_else(|| Error::UnknownTask(name.clone()))?;
+        let i = self.st.index(name).ok_or_else(|| Error::UnknownTask(name.clone()))?;
         if self.st.is_over() {
             return Ok(());
         }
@@ -336,12 +271,8 @@ impl Step<'_> {
             TimerKind::ScheduleToStart { attempt, .. } => {
                 self.on_timeout(i, *attempt, TimeoutKind::ScheduleToStart, kind)
             }
-            TimerKind::StartToClose { attempt, .. } => {
-                self.on_timeout(i, *attempt, TimeoutKind::StartToClose, kind)
-            }
-            TimerKind::Heartbeat { attempt, .. } => {
-                self.on_timeout(i, *attempt, TimeoutKind::Heartbeat, kind)
-            }
+            TimerKind::StartToClose { attempt, .. } => self.on_timeout(i, *attempt, TimeoutKind::StartToClose, kind),
+            TimerKind::Heartbeat { attempt, .. } => self.on_timeout(i, *attempt, TimeoutKind::Heartbeat, kind),
             TimerKind::Retry { attempt, .. } => self.on_retry(i, *attempt),
             TimerKind::Delay { .. } => self.on_delay(i),
             TimerKind::ApprovalTimeout { .. } => self.on_approval_timeout(i),
@@ -361,13 +292,6 @@ impl Step<'_> {
         }
         let spec = self.spec(i);
         let wait = super::attempt::backoff(&spec.retry, offer, self.ctx.random);
-        self.set_timer(
-            TimerKind::Reoffer {
-                task: spec.name,
-                attempt,
-                offer,
-            },
-            self.now().plus(wait),
-        );
+        self.set_timer(TimerKind::Reoffer { task: spec.name, attempt, offer }, self.now().plus(wait));
     }
 }

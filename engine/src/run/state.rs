@@ -8,9 +8,7 @@ use std::sync::Arc;
 
 use serde_json::Value;
 
-use super::types::{
-    AttemptOutcome, Event, RecordedBid, RunMeta, RunStatus, TaskResult, TaskStatus,
-};
+use super::types::{AttemptOutcome, Event, RecordedBid, RunMeta, RunStatus, TaskResult, TaskStatus};
 use crate::definition::model::{Definition, Sequence, Task};
 use crate::duration::Timestamp;
 
@@ -97,10 +95,7 @@ impl TaskState {
 
     /// Whether a worker may still report on the current attempt.
     pub fn attempt_open(&self) -> bool {
-        matches!(
-            self.phase,
-            TaskPhase::Offered | TaskPhase::Awarded | TaskPhase::Running
-        )
+        matches!(self.phase, TaskPhase::Offered | TaskPhase::Awarded | TaskPhase::Running)
     }
 
     /// Whether work for this task is under way (it keeps a failing run from ending yet).
@@ -110,9 +105,7 @@ impl TaskState {
 
     /// The holder with that worker id and token, if it still owns an open part of the attempt.
     pub fn open_holder(&self, worker_id: &str, token: u64) -> Option<&Holder> {
-        self.holders
-            .iter()
-            .find(|h| h.token == token && h.worker_id == worker_id && h.outcome.is_none())
+        self.holders.iter().find(|h| h.token == token && h.worker_id == worker_id && h.outcome.is_none())
     }
 }
 
@@ -226,12 +219,7 @@ impl RunState {
                     t.until = Some(*until);
                 }
             }
-            Event::TaskOffered {
-                task,
-                attempt,
-                offer,
-                ..
-            } => {
+            Event::TaskOffered { task, attempt, offer, .. } => {
                 if let Some(t) = self.task_mut(task) {
                     if t.attempt != *attempt {
                         t.attempt = *attempt;
@@ -248,12 +236,7 @@ impl RunState {
                     t.bids.push(bid.clone());
                 }
             }
-            Event::TaskAwarded {
-                task,
-                worker,
-                token,
-                ..
-            } => {
+            Event::TaskAwarded { task, worker, token, .. } => {
                 self.last_token = self.last_token.max(*token);
                 if let Some(t) = self.task_mut(task) {
                     t.holders.push(Holder {
@@ -276,13 +259,7 @@ impl RunState {
                     t.phase = TaskPhase::Running;
                 }
             }
-            Event::AttemptEnded {
-                task,
-                worker_id,
-                outcome,
-                retry_at,
-                ..
-            } => {
+            Event::AttemptEnded { task, worker_id, outcome, retry_at, .. } => {
                 if let Some(t) = self.task_mut(task) {
                     for h in t.holders.iter_mut().filter(|h| h.outcome.is_none()) {
                         if worker_id.as_ref().is_none_or(|w| *w == h.worker_id) {
@@ -300,13 +277,7 @@ impl RunState {
                     t.phase = TaskPhase::AwaitingApproval;
                 }
             }
-            Event::TaskEnded {
-                task,
-                status,
-                result,
-                output,
-                ..
-            } => {
+            Event::TaskEnded { task, status, result, output, .. } => {
                 if let Some(t) = self.task_mut(task) {
                     t.phase = TaskPhase::Ended(*status);
                     t.until = None;
@@ -326,12 +297,7 @@ impl RunState {
         self.data = data.clone();
         self.at = self.def.stages.iter().enumerate().find_map(|(si, s)| {
             (s.name == meta.stage)
-                .then(|| {
-                    s.sequences
-                        .iter()
-                        .position(|q| q.name == meta.sequence)
-                        .map(|qi| (si, qi))
-                })
+                .then(|| s.sequences.iter().position(|q| q.name == meta.sequence).map(|qi| (si, qi)))
                 .flatten()
         });
         let count = self.sequence().map_or(0, |s| s.tasks.len());

@@ -19,11 +19,7 @@ pub(super) struct Step<'c> {
 impl<'c> Step<'c> {
     /// Starts a decision from the current state.
     pub fn new(state: &RunState, ctx: &'c Ctx) -> Self {
-        Step {
-            st: state.clone(),
-            ctx,
-            out: Decision::default(),
-        }
+        Step { st: state.clone(), ctx, out: Decision::default() }
     }
 
     /// Records an event and folds it into the scratch state.
@@ -54,30 +50,18 @@ impl<'c> Step<'c> {
 
     /// Sends a message to one worker.
     pub fn send(&mut self, worker_id: &str, message: WorkerMessage) {
-        self.effect(Effect::Send {
-            worker_id: worker_id.to_string(),
-            message,
-        });
+        self.effect(Effect::Send { worker_id: worker_id.to_string(), message });
     }
 
     /// Tells a worker its bid, claim or report was refused (no event).
     pub fn reject(&mut self, attempt: &AttemptRef, worker_id: &str, reason: &str) {
-        let rejection = Rejection {
-            attempt: attempt.clone(),
-            worker_id: worker_id.to_string(),
-            reason: reason.to_string(),
-        };
+        let rejection =
+            Rejection { attempt: attempt.clone(), worker_id: worker_id.to_string(), reason: reason.to_string() };
         self.send(worker_id, WorkerMessage::Rejection(rejection));
     }
 
     /// Refuses a report for the record (`InputRejected`) and tells the worker.
-    pub fn refuse_report(
-        &mut self,
-        input: &str,
-        attempt: &AttemptRef,
-        worker_id: &str,
-        reason: &str,
-    ) {
+    pub fn refuse_report(&mut self, input: &str, attempt: &AttemptRef, worker_id: &str, reason: &str) {
         self.emit(Event::InputRejected {
             input: input.to_string(),
             task: Some(attempt.task.clone()),
@@ -91,19 +75,11 @@ impl<'c> Step<'c> {
     /// Tells every holder of the task's current attempt that has not finished to stop.
     pub fn cancel_holders(&mut self, i: usize, reason: &str) {
         let attempt = self.attempt_ref(i);
-        let open: Vec<String> = self
-            .task(i)
-            .holders
-            .iter()
-            .filter(|h| h.outcome.is_none())
-            .map(|h| h.worker_id.clone())
-            .collect();
+        let open: Vec<String> =
+            self.task(i).holders.iter().filter(|h| h.outcome.is_none()).map(|h| h.worker_id.clone()).collect();
         for worker_id in open {
-            let cancel = TaskCancel {
-                attempt: attempt.clone(),
-                worker_id: Some(worker_id.clone()),
-                reason: reason.to_string(),
-            };
+            let cancel =
+                TaskCancel { attempt: attempt.clone(), worker_id: Some(worker_id.clone()), reason: reason.to_string() };
             self.send(&worker_id, WorkerMessage::Cancel(cancel));
         }
     }
@@ -142,19 +118,12 @@ impl<'c> Step<'c> {
     /// The definition of task `i` (a cheap clone of the shared definition handle keeps the
     /// borrow off `self`, so callers may emit while holding it).
     pub fn spec(&self, i: usize) -> Task {
-        self.st
-            .spec(i)
-            .cloned()
-            .unwrap_or_else(|| placeholder_task(&self.name(i)))
+        self.st.spec(i).cloned().unwrap_or_else(|| placeholder_task(&self.name(i)))
     }
 
     /// The name of task `i`.
     pub fn name(&self, i: usize) -> String {
-        self.st
-            .sequence()
-            .and_then(|s| s.tasks.get(i))
-            .map(|t| t.name.clone())
-            .unwrap_or_default()
+        self.st.sequence().and_then(|s| s.tasks.get(i)).map(|t| t.name.clone()).unwrap_or_default()
     }
 
     /// The timers that may still be pending for the current attempt of task `i`.
@@ -165,37 +134,20 @@ impl<'c> Step<'c> {
         let mut timers = Vec::new();
         let started = t.holders.iter().any(|h| h.started);
         if spec.timeouts.schedule_to_start.is_some() && !started {
-            timers.push(TimerKind::ScheduleToStart {
-                task: task.clone(),
-                attempt,
-            });
+            timers.push(TimerKind::ScheduleToStart { task: task.clone(), attempt });
         }
         if spec.timeouts.start_to_close.is_some() && !t.holders.is_empty() {
-            timers.push(TimerKind::StartToClose {
-                task: task.clone(),
-                attempt,
-            });
+            timers.push(TimerKind::StartToClose { task: task.clone(), attempt });
         }
         if spec.timeouts.heartbeat.is_some() && started {
-            timers.push(TimerKind::Heartbeat {
-                task: task.clone(),
-                attempt,
-            });
+            timers.push(TimerKind::Heartbeat { task: task.clone(), attempt });
         }
         if t.holders.is_empty() {
             let offer = t.offer;
             if spec.dispatch == capstan_proto::DispatchMode::Auction {
-                timers.push(TimerKind::BidWindow {
-                    task: task.clone(),
-                    attempt,
-                    offer,
-                });
+                timers.push(TimerKind::BidWindow { task: task.clone(), attempt, offer });
             }
-            timers.push(TimerKind::Reoffer {
-                task,
-                attempt,
-                offer,
-            });
+            timers.push(TimerKind::Reoffer { task, attempt, offer });
         }
         timers
     }

@@ -52,11 +52,7 @@ pub enum Input {
     /// Undo `Pause`.
     Resume,
     /// A person approves or rejects a manual approval task.
-    Approve {
-        task: String,
-        approved: bool,
-        by: String,
-    },
+    Approve { task: String, approved: bool, by: String },
 }
 
 /// The context of one `decide` call: the clock and a random draw (for jitter), both from outside.
@@ -283,9 +279,7 @@ impl TimerKind {
         match self {
             TimerKind::BidWindow { task, attempt, .. } => format!("bid-window/{task}/{attempt}"),
             TimerKind::Reoffer { task, attempt, .. } => format!("reoffer/{task}/{attempt}"),
-            TimerKind::ScheduleToStart { task, attempt } => {
-                format!("schedule-to-start/{task}/{attempt}")
-            }
+            TimerKind::ScheduleToStart { task, attempt } => format!("schedule-to-start/{task}/{attempt}"),
             TimerKind::StartToClose { task, attempt } => format!("start-to-close/{task}/{attempt}"),
             TimerKind::Heartbeat { task, attempt } => format!("heartbeat/{task}/{attempt}"),
             TimerKind::Retry { task, attempt } => format!("retry/{task}/{attempt}"),
@@ -313,10 +307,7 @@ pub enum Effect {
     /// competing for queue, as `offer.dispatch` says).
     Offer(TaskOffer),
     /// Send a message to one worker.
-    Send {
-        worker_id: String,
-        message: WorkerMessage,
-    },
+    Send { worker_id: String, message: WorkerMessage },
     /// Ask for `Input::Timer(kind)` at `at` (replaces an earlier timer with the same key).
     SetTimer { kind: TimerKind, at: Timestamp },
     /// The timer is moot.
@@ -352,11 +343,7 @@ pub enum Error {
     #[error("run {0} has already started")]
     AlreadyStarted(String),
     #[error("sequence `{sequence}` of stage `{stage}` is not in definition `{definition}`")]
-    UnknownSequence {
-        definition: String,
-        stage: String,
-        sequence: String,
-    },
+    UnknownSequence { definition: String, stage: String, sequence: String },
     #[error("task `{0}` is not part of this run's sequence")]
     UnknownTask(String),
     #[error("task `{task}` is not waiting for an approval")]

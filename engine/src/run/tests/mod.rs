@@ -14,8 +14,7 @@ use serde_json::{Value, json};
 
 use super::*;
 use crate::definition::model::{
-    AwardPolicy, Definition, DispatchMode, Flavor, RetryPolicy, Sequence, Stage, Task, Timeouts,
-    Trigger,
+    AwardPolicy, Definition, DispatchMode, Flavor, RetryPolicy, Sequence, Stage, Task, Timeouts, Trigger,
 };
 use crate::duration::Timestamp;
 
@@ -38,26 +37,12 @@ fn task(name: &str, deps: &[&str]) -> Task {
 }
 
 fn sequence(name: &str, triggered_on: Vec<Trigger>, tasks: Vec<Task>) -> Sequence {
-    Sequence {
-        name: name.into(),
-        triggered_on,
-        tasks,
-    }
+    Sequence { name: name.into(), triggered_on, tasks }
 }
 
 fn definition(stages: Vec<(&str, Vec<Sequence>)>) -> Arc<Definition> {
-    let stages = stages
-        .into_iter()
-        .map(|(name, sequences)| Stage {
-            name: name.into(),
-            sequences,
-        })
-        .collect();
-    Arc::new(Definition {
-        flavor: Flavor::Capstan,
-        name: "shop".into(),
-        stages,
-    })
+    let stages = stages.into_iter().map(|(name, sequences)| Stage { name: name.into(), sequences }).collect();
+    Arc::new(Definition { flavor: Flavor::Capstan, name: "shop".into(), stages })
 }
 
 /// One stage `dev` with one sequence `delivery`.
@@ -80,56 +65,28 @@ fn meta(stage: &str, sequence: &str) -> RunMeta {
 }
 
 fn worker(id: &str, labels: &[(&str, &str)]) -> WorkerInfo {
-    let labels = labels
-        .iter()
-        .map(|(k, v)| (k.to_string(), v.to_string()))
-        .collect();
-    WorkerInfo {
-        id: id.into(),
-        labels,
-    }
+    let labels = labels.iter().map(|(k, v)| (k.to_string(), v.to_string())).collect();
+    WorkerInfo { id: id.into(), labels }
 }
 
 fn aref(task: &str, attempt: u32) -> AttemptRef {
-    AttemptRef {
-        project: "p".into(),
-        run_id: "r1".into(),
-        task: task.into(),
-        attempt,
-    }
+    AttemptRef { project: "p".into(), run_id: "r1".into(), task: task.into(), attempt }
 }
 
 fn bid(task: &str, attempt: u32, w: WorkerInfo, cost: f64, estimated_ms: u64, free: u32) -> Input {
-    Input::Bid(Bid {
-        attempt: aref(task, attempt),
-        worker: w,
-        cost,
-        estimated_ms,
-        free_slots: free,
-    })
+    Input::Bid(Bid { attempt: aref(task, attempt), worker: w, cost, estimated_ms, free_slots: free })
 }
 
 fn claim(task: &str, attempt: u32, w: &str) -> Input {
-    Input::Claim(Claim {
-        attempt: aref(task, attempt),
-        worker: worker(w, &[]),
-    })
+    Input::Claim(Claim { attempt: aref(task, attempt), worker: worker(w, &[]) })
 }
 
 fn started(task: &str, attempt: u32, w: &str, token: u64) -> Input {
-    Input::Started(Progress {
-        attempt: aref(task, attempt),
-        worker_id: w.into(),
-        token,
-    })
+    Input::Started(Progress { attempt: aref(task, attempt), worker_id: w.into(), token })
 }
 
 fn heartbeat(task: &str, attempt: u32, w: &str, token: u64) -> Input {
-    Input::Heartbeat(Progress {
-        attempt: aref(task, attempt),
-        worker_id: w.into(),
-        token,
-    })
+    Input::Heartbeat(Progress { attempt: aref(task, attempt), worker_id: w.into(), token })
 }
 
 fn finished(task: &str, attempt: u32, w: &str, token: u64, result: TaskResult) -> Input {
@@ -137,19 +94,8 @@ fn finished(task: &str, attempt: u32, w: &str, token: u64, result: TaskResult) -
 }
 
 fn failed(task: &str, attempt: u32, w: &str, token: u64, kind: &str) -> Input {
-    let error = TaskError {
-        kind: kind.into(),
-        message: "boom".into(),
-    };
-    finished_with(
-        task,
-        attempt,
-        w,
-        token,
-        TaskResult::Fail,
-        Value::Null,
-        Some(error),
-    )
+    let error = TaskError { kind: kind.into(), message: "boom".into() };
+    finished_with(task, attempt, w, token, TaskResult::Fail, Value::Null, Some(error))
 }
 
 fn finished_with(
@@ -161,14 +107,7 @@ fn finished_with(
     output: Value,
     error: Option<TaskError>,
 ) -> Input {
-    Input::Finished(Finished {
-        attempt: aref(task, attempt),
-        worker_id: w.into(),
-        token,
-        result,
-        output,
-        error,
-    })
+    Input::Finished(Finished { attempt: aref(task, attempt), worker_id: w.into(), token, result, output, error })
 }
 
 fn timer(kind: TimerKind) -> Input {
@@ -185,29 +124,18 @@ struct Run {
 
 impl Run {
     fn new(def: Arc<Definition>) -> Self {
-        Run {
-            state: RunState::new(def),
-            events: Vec::new(),
-            now: 0,
-            random: 0,
-        }
+        Run { state: RunState::new(def), events: Vec::new(), now: 0, random: 0 }
     }
 
     /// A started run of stage `dev`, sequence `delivery`.
     fn start(def: Arc<Definition>, data: Value) -> (Self, Decision) {
         let mut run = Run::new(def);
-        let d = run.apply(Input::Start {
-            meta: meta("dev", "delivery"),
-            data,
-        });
+        let d = run.apply(Input::Start { meta: meta("dev", "delivery"), data });
         (run, d)
     }
 
     fn try_apply(&mut self, input: Input) -> Result<Decision, Error> {
-        let ctx = Ctx {
-            now: Timestamp(self.now),
-            random: self.random,
-        };
+        let ctx = Ctx { now: Timestamp(self.now), random: self.random };
         let d = self.state.decide(&input, &ctx)?;
         for e in &d.events {
             self.state.evolve(e);
@@ -229,10 +157,7 @@ impl Run {
     }
 
     fn phase(&self, task: &str) -> TaskPhase {
-        self.state
-            .task(task)
-            .map(|t| t.status)
-            .unwrap_or(TaskPhase::Pending)
+        self.state.task(task).map(|t| t.status).unwrap_or(TaskPhase::Pending)
     }
 
     fn history(&self) -> String {
@@ -260,10 +185,7 @@ fn effects(d: &Decision) -> Vec<String> {
 
 fn effect_line(e: &Effect) -> String {
     match e {
-        Effect::Offer(o) => format!(
-            "offer {}#{} {:?}",
-            o.attempt.task, o.attempt.attempt, o.dispatch
-        ),
+        Effect::Offer(o) => format!("offer {}#{} {:?}", o.attempt.task, o.attempt.attempt, o.dispatch),
         Effect::Send { worker_id, message } => match message {
             WorkerMessage::Award(a) => format!("award {worker_id} token={}", a.token),
             WorkerMessage::Rejection(r) => format!("reject {worker_id}: {}", r.reason),
@@ -271,9 +193,7 @@ fn effect_line(e: &Effect) -> String {
         },
         Effect::SetTimer { kind, at } => format!("set {} @{}", kind.key(), at.0),
         Effect::CancelTimer { kind } => format!("unset {}", kind.key()),
-        Effect::StartRun {
-            stage, sequence, ..
-        } => format!("start-run {stage}.{sequence}"),
+        Effect::StartRun { stage, sequence, .. } => format!("start-run {stage}.{sequence}"),
         Effect::Notify(n) => format!("notify {}", n.result.as_str()),
     }
 }

@@ -15,25 +15,12 @@ type Gen = (u16, u8, u8, u32, bool, bool, u8, bool, u8);
 
 fn build(gens: &[Gen]) -> Arc<Definition> {
     let mut tasks = Vec::new();
-    for (i, &(deps, dispatch, award, attempts, idempotent, cof, timing, requires, kind)) in
-        gens.iter().enumerate()
-    {
-        let deps: Vec<String> = (0..i)
-            .filter(|j| deps & (1 << j) != 0)
-            .map(|j| format!("t{j}"))
-            .collect();
+    for (i, &(deps, dispatch, award, attempts, idempotent, cof, timing, requires, kind)) in gens.iter().enumerate() {
+        let deps: Vec<String> = (0..i).filter(|j| deps & (1 << j) != 0).map(|j| format!("t{j}")).collect();
         let deps: Vec<&str> = deps.iter().map(String::as_str).collect();
         let mut t = task(&format!("t{i}"), &deps);
-        t.dispatch = [
-            DispatchMode::Auction,
-            DispatchMode::Queue,
-            DispatchMode::Fanout,
-        ][dispatch as usize % 3];
-        t.award = [
-            AwardPolicy::First,
-            AwardPolicy::LowestCost,
-            AwardPolicy::EarliestFinish,
-        ][award as usize % 3];
+        t.dispatch = [DispatchMode::Auction, DispatchMode::Queue, DispatchMode::Fanout][dispatch as usize % 3];
+        t.award = [AwardPolicy::First, AwardPolicy::LowestCost, AwardPolicy::EarliestFinish][award as usize % 3];
         t.retry = RetryPolicy {
             max_attempts: attempts,
             initial_interval: 100,
@@ -107,16 +94,9 @@ const WORKERS: [(&str, &str); 3] = [("w0", "eu"), ("w1", "us"), ("w2", "eu")];
 
 impl Sim {
     fn step(&mut self, input: Input) {
-        let ctx = Ctx {
-            now: Timestamp(self.run.now),
-            random: self.rng.next(),
-        };
+        let ctx = Ctx { now: Timestamp(self.run.now), random: self.rng.next() };
         let decided = self.run.state.decide(&input, &ctx);
-        assert_eq!(
-            decided,
-            self.run.state.decide(&input, &ctx),
-            "decide is deterministic"
-        );
+        assert_eq!(decided, self.run.state.decide(&input, &ctx), "decide is deterministic");
         let d = match (decided, &input) {
             (Ok(d), _) => d,
             (Err(Error::NotAwaitingApproval { .. }), Input::Approve { .. }) => return,
@@ -127,12 +107,7 @@ impl Sim {
             self.run.state.evolve(e);
             self.run.events.push(e.clone());
         }
-        if let Input::Bid(_)
-        | Input::Claim(_)
-        | Input::Started(_)
-        | Input::Heartbeat(_)
-        | Input::Finished(_) = input
-        {
+        if let Input::Bid(_) | Input::Claim(_) | Input::Started(_) | Input::Heartbeat(_) | Input::Finished(_) = input {
             self.delivered.push(input);
         }
         for effect in d.effects {
@@ -145,85 +120,42 @@ impl Sim {
         let st = &self.run.state;
         assert!(!st.is_over(), "no event after the run ended: {e:?}");
         let deps_ended = |task: &str| {
-            let spec = st
-                .sequence()
-                .and_then(|s| s.task(task))
-                .expect("known task");
-            spec.depends_on
-                .iter()
-                .all(|d| matches!(st.task(d).map(|t| t.status), Some(TaskPhase::Ended(_))))
+            let spec = st.sequence().and_then(|s| s.task(task)).expect("known task");
+            spec.depends_on.iter().all(|d| matches!(st.task(d).map(|t| t.status), Some(TaskPhase::Ended(_))))
         };
         match e {
-            Event::TaskOffered {
-                task,
-                attempt: 1,
-                offer: 1,
-                ..
-            }
+            Event::TaskOffered { task, attempt: 1, offer: 1, .. }
             | Event::TaskDelayed { task, .. }
             | Event::ApprovalRequested { task, .. } => {
-                assert!(
-                    deps_ended(task),
-                    "{task} started before its dependencies ended"
-                );
+                assert!(deps_ended(task), "{task} started before its dependencies ended");
             }
             Event::TaskOffered { task, attempt, .. } => {
                 if let Some(s) = self.started.get(task) {
-                    let idempotent = st
-                        .sequence()
-                        .and_then(|q| q.task(task))
-                        .is_some_and(|t| t.idempotent);
-                    assert!(
-                        idempotent || attempt <= s,
-                        "{task} offered again after it started"
-                    );
+                    let idempotent = st.sequence().and_then(|q| q.task(task)).is_some_and(|t| t.idempotent);
+                    assert!(idempotent || attempt <= s, "{task} offered again after it started");
                 }
             }
-            Event::TaskAwarded {
-                task,
-                attempt,
-                token,
-                ..
-            } => {
+            Event::TaskAwarded { task, attempt, token, .. } => {
                 assert!(*token > self.last_token, "tokens strictly increase");
                 self.last_token = *token;
-                let fanout = st
-                    .sequence()
-                    .and_then(|q| q.task(task))
-                    .is_some_and(|t| t.dispatch == DispatchMode::Fanout);
-                assert!(
-                    fanout || self.awarded.insert((task.clone(), *attempt)),
-                    "{task}#{attempt} awarded twice"
-                );
+                let fanout =
+                    st.sequence().and_then(|q| q.task(task)).is_some_and(|t| t.dispatch == DispatchMode::Fanout);
+                assert!(fanout || self.awarded.insert((task.clone(), *attempt)), "{task}#{attempt} awarded twice");
             }
             Event::TaskStarted { task, attempt, .. } => {
                 self.started.entry(task.clone()).or_insert(*attempt);
             }
-            Event::AttemptEnded {
-                task,
-                attempt,
-                worker_id: Some(w),
-                ..
-            } => {
-                assert!(
-                    self.accepted.insert((task.clone(), *attempt, w.clone())),
-                    "result accepted twice"
-                );
+            Event::AttemptEnded { task, attempt, worker_id: Some(w), .. } => {
+                assert!(self.accepted.insert((task.clone(), *attempt, w.clone())), "result accepted twice");
             }
             Event::TaskEnded { task, .. } => {
                 assert!(self.ended.insert(task.clone()), "{task} ended twice")
             }
             Event::RunFinished { .. } => {
-                assert!(
-                    st.tasks().all(|t| matches!(t.status, TaskPhase::Ended(_))),
-                    "run ended with open tasks"
-                );
+                assert!(st.tasks().all(|t| matches!(t.status, TaskPhase::Ended(_))), "run ended with open tasks");
             }
             Event::InputRejected { .. } => {
-                assert!(matches!(
-                    input,
-                    Input::Started(_) | Input::Heartbeat(_) | Input::Finished(_)
-                ));
+                assert!(matches!(input, Input::Started(_) | Input::Heartbeat(_) | Input::Finished(_)));
             }
             _ => {}
         }
@@ -242,29 +174,15 @@ impl Sim {
                         DispatchMode::Auction => {
                             let cost = self.rng.below(4) as f64;
                             let est = self.rng.below(3) as u64;
-                            bid(
-                                &o.attempt.task,
-                                o.attempt.attempt,
-                                w,
-                                cost,
-                                est,
-                                self.rng.below(3) as u32,
-                            )
+                            bid(&o.attempt.task, o.attempt.attempt, w, cost, est, self.rng.below(3) as u32)
                         }
-                        _ => Input::Claim(Claim {
-                            attempt: o.attempt.clone(),
-                            worker: w,
-                        }),
+                        _ => Input::Claim(Claim { attempt: o.attempt.clone(), worker: w }),
                     };
                     self.inbox.push(input);
                 }
             }
-            Effect::Send {
-                message: WorkerMessage::Award(a),
-                ..
-            } => {
-                let (task, n, w, token) =
-                    (&a.attempt.task, a.attempt.attempt, &a.worker_id, a.token);
+            Effect::Send { message: WorkerMessage::Award(a), .. } => {
+                let (task, n, w, token) = (&a.attempt.task, a.attempt.attempt, &a.worker_id, a.token);
                 if !self.rng.chance(5) {
                     self.inbox.push(started(task, n, w, token));
                     if self.rng.chance(30) {
@@ -295,11 +213,7 @@ impl Sim {
     }
 
     fn awaiting(&self) -> Option<String> {
-        self.run
-            .state
-            .tasks()
-            .find(|t| t.status == TaskPhase::AwaitingApproval)
-            .map(|t| t.name)
+        self.run.state.tasks().find(|t| t.status == TaskPhase::AwaitingApproval).map(|t| t.name)
     }
 
     /// One random action: a message in any order, a timer firing early, a duplicate, a stale
@@ -311,11 +225,7 @@ impl Sim {
                 self.step(input);
             }
             50..65 if !self.timers.is_empty() => {
-                let key = self
-                    .timers
-                    .keys()
-                    .nth(self.rng.below(self.timers.len()))
-                    .cloned();
+                let key = self.timers.keys().nth(self.rng.below(self.timers.len())).cloned();
                 self.fire(&key.unwrap_or_default());
             }
             65..72 if !self.delivered.is_empty() => {
@@ -324,31 +234,17 @@ impl Sim {
             }
             72..76 if !self.awards.is_empty() => {
                 let a = self.awards[self.rng.below(self.awards.len())].clone();
-                let input = finished(
-                    &a.attempt.task,
-                    a.attempt.attempt,
-                    &a.worker_id,
-                    a.token,
-                    TaskResult::Pass,
-                );
+                let input = finished(&a.attempt.task, a.attempt.attempt, &a.worker_id, a.token, TaskResult::Pass);
                 self.step(input);
             }
             76..80 => {
-                let input = if self.run.state.is_paused() {
-                    Input::Resume
-                } else {
-                    Input::Pause
-                };
+                let input = if self.run.state.is_paused() { Input::Resume } else { Input::Pause };
                 self.step(input);
             }
             80..85 => {
                 if let Some(task) = self.awaiting() {
                     let approved = self.rng.chance(70);
-                    self.step(Input::Approve {
-                        task,
-                        approved,
-                        by: "sim".into(),
-                    });
+                    self.step(Input::Approve { task, approved, by: "sim".into() });
                 }
             }
             _ => self.run.now += self.rng.below(400) as u64,
@@ -360,26 +256,14 @@ impl Sim {
         if self.run.state.is_paused() {
             self.step(Input::Resume);
         } else if let Some(task) = self.awaiting() {
-            self.step(Input::Approve {
-                task,
-                approved: true,
-                by: "sim".into(),
-            });
+            self.step(Input::Approve { task, approved: true, by: "sim".into() });
         } else if !self.inbox.is_empty() {
             let input = self.inbox.remove(0);
             self.step(input);
-        } else if let Some(key) = self
-            .timers
-            .iter()
-            .min_by_key(|(_, (_, at))| *at)
-            .map(|(k, _)| k.clone())
-        {
+        } else if let Some(key) = self.timers.iter().min_by_key(|(_, (_, at))| *at).map(|(k, _)| k.clone()) {
             self.fire(&key);
         } else {
-            panic!(
-                "nothing left to do but the run is not over\n{}",
-                self.run.history()
-            );
+            panic!("nothing left to do but the run is not over\n{}", self.run.history());
         }
     }
 }
@@ -399,19 +283,12 @@ fn simulate(gens: &[Gen], seed: u64, chaos_steps: usize) {
         ended: BTreeSet::new(),
         started: BTreeMap::new(),
     };
-    sim.step(Input::Start {
-        meta: meta("dev", "delivery"),
-        data: json!({"seed": seed}),
-    });
+    sim.step(Input::Start { meta: meta("dev", "delivery"), data: json!({"seed": seed}) });
     let mut steps = 0;
     while !sim.run.state.is_over() {
         steps += 1;
         assert!(steps < 20_000, "the run did not end\n{}", sim.run.history());
-        if steps < chaos_steps {
-            sim.chaos()
-        } else {
-            sim.drain()
-        }
+        if steps < chaos_steps { sim.chaos() } else { sim.drain() }
     }
     // Reports after the end are answered without growing the log.
     for input in sim.delivered.clone().into_iter().take(5) {

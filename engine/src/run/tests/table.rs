@@ -138,13 +138,7 @@ fn rows() -> Vec<Row> {
             row: "offered | timer BidWindow, bids kept | awarded",
             def: || one_with(|a| a.award = AwardPolicy::EarliestFinish),
             setup: |run| _ = run.apply(bid("a", 1, worker("w1", &[]), 1.0, 1, 1)),
-            input: |_| {
-                timer(TimerKind::BidWindow {
-                    task: "a".into(),
-                    attempt: 1,
-                    offer: 1,
-                })
-            },
+            input: |_| timer(TimerKind::BidWindow { task: "a".into(), attempt: 1, offer: 1 }),
             task: "a",
             phase: Awarded,
             events: &["task-awarded"],
@@ -153,13 +147,7 @@ fn rows() -> Vec<Row> {
             row: "offered | timer BidWindow, no bid | offered",
             def: one,
             setup: nothing,
-            input: |_| {
-                timer(TimerKind::BidWindow {
-                    task: "a".into(),
-                    attempt: 1,
-                    offer: 1,
-                })
-            },
+            input: |_| timer(TimerKind::BidWindow { task: "a".into(), attempt: 1, offer: 1 }),
             task: "a",
             phase: Offered,
             events: &[],
@@ -168,13 +156,7 @@ fn rows() -> Vec<Row> {
             row: "offered | timer Reoffer | offered",
             def: one,
             setup: nothing,
-            input: |_| {
-                timer(TimerKind::Reoffer {
-                    task: "a".into(),
-                    attempt: 1,
-                    offer: 1,
-                })
-            },
+            input: |_| timer(TimerKind::Reoffer { task: "a".into(), attempt: 1, offer: 1 }),
             task: "a",
             phase: Offered,
             events: &["task-offered"],
@@ -192,12 +174,7 @@ fn rows() -> Vec<Row> {
             row: "offered / awarded | timer ScheduleToStart | backoff",
             def: one,
             setup: awarded,
-            input: |_| {
-                timer(TimerKind::ScheduleToStart {
-                    task: "a".into(),
-                    attempt: 1,
-                })
-            },
+            input: |_| timer(TimerKind::ScheduleToStart { task: "a".into(), attempt: 1 }),
             task: "a",
             phase: Backoff,
             events: &["attempt-ended"],
@@ -206,12 +183,7 @@ fn rows() -> Vec<Row> {
             row: "offered | timer ScheduleToStart, no retry left | ended(timed-out)",
             def: || one_with(|a| a.retry.max_attempts = 1),
             setup: nothing,
-            input: |_| {
-                timer(TimerKind::ScheduleToStart {
-                    task: "a".into(),
-                    attempt: 1,
-                })
-            },
+            input: |_| timer(TimerKind::ScheduleToStart { task: "a".into(), attempt: 1 }),
             task: "a",
             phase: Ended(TaskStatus::TimedOut),
             events: ATTEMPT_END,
@@ -281,12 +253,7 @@ fn rows() -> Vec<Row> {
             row: "awarded / running | timer StartToClose | backoff",
             def: one,
             setup: running,
-            input: |_| {
-                timer(TimerKind::StartToClose {
-                    task: "a".into(),
-                    attempt: 1,
-                })
-            },
+            input: |_| timer(TimerKind::StartToClose { task: "a".into(), attempt: 1 }),
             task: "a",
             phase: Backoff,
             events: &["attempt-ended"],
@@ -309,12 +276,7 @@ fn rows() -> Vec<Row> {
                 })
             },
             setup: running,
-            input: |_| {
-                timer(TimerKind::Heartbeat {
-                    task: "a".into(),
-                    attempt: 1,
-                })
-            },
+            input: |_| timer(TimerKind::Heartbeat { task: "a".into(), attempt: 1 }),
             task: "a",
             phase: Ended(TaskStatus::OutcomeUnknown),
             events: ATTEMPT_END,
@@ -335,12 +297,7 @@ fn rows() -> Vec<Row> {
                 running(run);
                 run.apply(failed("a", 1, "w1", 1, "exit-code"));
             },
-            input: |_| {
-                timer(TimerKind::Retry {
-                    task: "a".into(),
-                    attempt: 1,
-                })
-            },
+            input: |_| timer(TimerKind::Retry { task: "a".into(), attempt: 1 }),
             task: "a",
             phase: Offered,
             events: &["task-offered"],
@@ -349,11 +306,7 @@ fn rows() -> Vec<Row> {
             row: "awaiting-approval | Approve | ended(finished)",
             def: || one_with(manual_approval),
             setup: nothing,
-            input: |_| Input::Approve {
-                task: "a".into(),
-                approved: true,
-                by: "ann".into(),
-            },
+            input: |_| Input::Approve { task: "a".into(), approved: true, by: "ann".into() },
             task: "a",
             phase: Ended(TaskStatus::Finished),
             events: &["task-ended", "run-finished"],
@@ -371,9 +324,7 @@ fn rows() -> Vec<Row> {
             row: "offered / awarded / running / backoff / awaiting | Cancel | ended(cancelled)",
             def: one,
             setup: running,
-            input: |_| Input::Cancel {
-                reason: "stop".into(),
-            },
+            input: |_| Input::Cancel { reason: "stop".into() },
             task: "a",
             phase: Ended(TaskStatus::Cancelled),
             events: ATTEMPT_END,
@@ -382,9 +333,7 @@ fn rows() -> Vec<Row> {
             row: "pending / delayed | Cancel | ended(skipped)",
             def: || chain_with(|_| {}),
             setup: nothing,
-            input: |_| Input::Cancel {
-                reason: "stop".into(),
-            },
+            input: |_| Input::Cancel { reason: "stop".into() },
             task: "b",
             phase: Ended(TaskStatus::Skipped),
             events: &["task-ended", "task-ended", "run-finished"],
@@ -393,12 +342,7 @@ fn rows() -> Vec<Row> {
             row: "ended | any timer | ended",
             def: || chain_with(|_| {}),
             setup: |run| _ = run.complete("a", 1, "w1", TaskResult::Pass),
-            input: |_| {
-                timer(TimerKind::StartToClose {
-                    task: "a".into(),
-                    attempt: 1,
-                })
-            },
+            input: |_| timer(TimerKind::StartToClose { task: "a".into(), attempt: 1 }),
             task: "a",
             phase: Ended(TaskStatus::Finished),
             events: &[],
@@ -421,37 +365,13 @@ fn walks_every_row_of_the_transition_table() {
         (row.setup)(&mut run);
         let input = (row.input)(&run);
         let d = run.apply(input);
-        assert_eq!(
-            run.phase(row.task),
-            row.phase,
-            "row `{}`\n{}",
-            row.row,
-            run.history()
-        );
-        assert_eq!(
-            kinds(&d),
-            row.events,
-            "row `{}`\n{}",
-            row.row,
-            run.history()
-        );
+        assert_eq!(run.phase(row.task), row.phase, "row `{}`\n{}", row.row, run.history());
+        assert_eq!(kinds(&d), row.events, "row `{}`\n{}", row.row, run.history());
         // Every row named here is a row (or a narrowing of a row) of the documented table.
         let state = row.row.split(" | ").next().unwrap_or_default();
-        assert!(
-            table.contains(&format!("//! | {state}")),
-            "row `{}` not in the table",
-            row.row
-        );
+        assert!(table.contains(&format!("//! | {state}")), "row `{}` not in the table", row.row);
     }
-    let documented = table
-        .lines()
-        .filter(|l| l.starts_with("//! | ") && !l.contains("---"))
-        .count();
+    let documented = table.lines().filter(|l| l.starts_with("//! | ") && !l.contains("---")).count();
     // The header line is not a row; every documented row has a walked counterpart.
-    assert!(
-        rows.len() >= documented - 1,
-        "{} rows walked, {} documented",
-        rows.len(),
-        documented - 1
-    );
+    assert!(rows.len() >= documented - 1, "{} rows walked, {} documented", rows.len(), documented - 1);
 }
