@@ -11,7 +11,7 @@ pub fn render_history(events: &[Event]) -> String {
     for (n, event) in events.iter().enumerate() {
         let line = render(event);
         // Writing into a String cannot fail.
-        let _ = writeln!(out, "{:>3} {line}", n + 1);
+        let _ = writeln!(out, "{} {line}", n + 1);
     }
     out
 }

@@ -34,6 +34,12 @@
 //! | ended | any timer | ended | - |
 //!
 //! `tests/table.rs` walks every row.
+//!
+//! Fanout attempts have several holders but one set of attempt timers (keys are per attempt):
+//! start-to-close runs from the first award, any holder's heartbeat pushes the heartbeat timer,
+//! and a timeout ends the parts of every holder still open. Pause only holds back new attempts
+//! (first offers, retries, delays, approvals); an attempt already on offer keeps its bid window
+//! and re-offers so that it can still be awarded.
 
 use capstan_proto::{AttemptRef, Bid, Claim, DispatchMode, Finished, Progress};
 

@@ -15,7 +15,6 @@
 //! - Every timer the state machine relies on is requested with `Effect::SetTimer`, and cancelled
 //!   with `Effect::CancelTimer` once moot. A fired timer that is moot yields an empty decision.
 //! - Heartbeats record no event: they only push the heartbeat timer (`SetTimer` with a later time).
-
 //! - A worker's message about a task of a run that is over gets a `Rejection` and no event.
 //! - Commands (`Cancel`, `Pause`, `Resume`, `Approve`) on a run that is over are
 //!   `Err(Error::RunOver)`; `Pause` on a paused run and `Resume` on a running one change nothing.

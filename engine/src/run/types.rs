@@ -279,9 +279,7 @@ impl TimerKind {
         match self {
             TimerKind::BidWindow { task, attempt, .. } => format!("bid-window/{task}/{attempt}"),
             TimerKind::Reoffer { task, attempt, .. } => format!("reoffer/{task}/{attempt}"),
-            TimerKind::ScheduleToStart { task, attempt } => {
-                format!("schedule-to-start/{task}/{attempt}")
-            }
+            TimerKind::ScheduleToStart { task, attempt } => format!("schedule-to-start/{task}/{attempt}"),
             TimerKind::StartToClose { task, attempt } => format!("start-to-close/{task}/{attempt}"),
             TimerKind::Heartbeat { task, attempt } => format!("heartbeat/{task}/{attempt}"),
             TimerKind::Retry { task, attempt } => format!("retry/{task}/{attempt}"),

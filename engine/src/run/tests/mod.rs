@@ -2,6 +2,7 @@
 //! lives elsewhere) and a driver that folds each decision's events like the runtime does.
 
 mod features;
+mod flows;
 mod sim;
 mod table;
 
