@@ -7,7 +7,6 @@ use serde_json::{Map, Value};
 use super::state::TaskPhase;
 use super::step::Step;
 use super::types::{Effect, Event, NextSequence, RunStatus, TaskResult, TaskStatus, TimerKind, WorkerMessage};
-use crate::definition::model::{ConditionSubject, Definition, Selector};
 use crate::duration::parse_duration;
 
 /// The task type the engine handles itself, without a worker.
@@ -217,9 +216,10 @@ impl Step<'_> {
         let meta = self.meta();
         let def = self.st.def.clone();
         let results = |name: &str| self.st.index(name).and_then(|j| self.st.tasks[j].result);
-        let next: Vec<NextSequence> = followers(&def, &meta.stage, &meta.sequence, result, &results)
+        let next: Vec<NextSequence> = def
+            .followers(&meta.stage, &meta.sequence, result, &results)
             .into_iter()
-            .map(|(stage, sequence)| NextSequence { stage, sequence })
+            .map(|(stage, sequence)| NextSequence { stage: stage.name.clone(), sequence: sequence.name.clone() })
             .collect();
         self.emit(Event::RunFinished { status: RunStatus::Finished, result, next: next.clone(), at: self.now() });
         let data = self.carried_data(0..self.st.tasks.len());
@@ -287,41 +287,4 @@ fn merge(map: &mut Map<String, Value>, value: &Value) {
     if let Value::Object(o) = value {
         map.extend(o.clone());
     }
-}
-
-/// The sequences triggered by `stage.sequence` finishing with `run_result`, in file order.
-/// An empty selector fires on pass or warning; otherwise every condition must hold.
-pub(super) fn followers(
-    def: &Definition,
-    stage: &str,
-    sequence: &str,
-    run_result: TaskResult,
-    task_results: &dyn Fn(&str) -> Option<TaskResult>,
-) -> Vec<(String, String)> {
-    let mut next = Vec::new();
-    for s in &def.stages {
-        for q in &s.sequences {
-            let fires = q
-                .triggered_on
-                .iter()
-                .any(|t| t.stage == stage && t.sequence == sequence && selects(&t.selector, run_result, task_results));
-            if fires {
-                next.push((s.name.clone(), q.name.clone()));
-            }
-        }
-    }
-    next
-}
-
-fn selects(selector: &Selector, run_result: TaskResult, task_results: &dyn Fn(&str) -> Option<TaskResult>) -> bool {
-    if selector.conditions.is_empty() {
-        return run_result != TaskResult::Fail;
-    }
-    selector.conditions.iter().all(|c| {
-        let got = match &c.subject {
-            ConditionSubject::Run => Some(run_result),
-            ConditionSubject::Task(name) => task_results(name),
-        };
-        got.is_some_and(|r| c.any_of.contains(&r))
-    })
 }
