@@ -34,7 +34,7 @@ spec:
             - {name: package, type: work, dependsOn: [unit, lint], timeouts: {startToClose: 1s, heartbeat: 400ms, scheduleToStart: 1s}, retry: {maxAttempts: 10, initialInterval: 50ms, maxInterval: 200ms}}
 "#;
 
-const RUNS: usize = 12;
+const RUNS: usize = 24;
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn runs_survive_crashes_at_random_points() {
@@ -72,9 +72,9 @@ async fn runs_survive_crashes_at_random_points() {
         }
         assert!(started.elapsed() < Duration::from_secs(120), "runs did not finish; crashes so far: {crashes:?}");
         // The last incarnations run without faults so that the test always terminates.
-        let faulty = incarnation <= 25;
+        let faulty = incarnation <= 40;
         let faults =
-            if faulty { Faults::with(Arc::new(RandomFaults::new(incarnation * 7919, 0.01))) } else { Faults::none() };
+            if faulty { Faults::with(Arc::new(RandomFaults::new(incarnation * 7919, 0.03))) } else { Faults::none() };
         let config = RuntimeConfig { faults, ..RuntimeConfig::default() };
         let (rt, broker) = engine(store.clone(), config).await;
         let workers = scripted_worker(broker, "w", BTreeMap::new(), &["work"], script.clone(), log.clone()).await;
@@ -92,7 +92,7 @@ async fn runs_survive_crashes_at_random_points() {
         }
     }
     let total: usize = crashes.values().sum();
-    assert!(total >= 5, "too few crashes were injected to mean anything: {crashes:?}");
+    assert!(total >= 10, "too few crashes were injected to mean anything: {crashes:?}");
 
     for run_id in &run_ids {
         let events = history(&*store, run_id).await;
