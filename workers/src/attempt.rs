@@ -1,0 +1,213 @@
+//! The worker's voice and the life of one awarded attempt: `started`, heartbeats while the
+//! handler runs, then `finished` with the fencing token (nothing after a cancellation, which the
+//! engine decided and needs no report of).
+
+use std::sync::Arc;
+use std::time::Duration;
+
+use capstan_brokers::{Broker, Error as BrokerError, Message};
+use capstan_proto::{
+    AttemptRef, Award, Finished, Progress, TaskError, TaskResult, WorkerInfo, ext, topics, types,
+};
+use serde::Serialize;
+use serde_json::{Value, json};
+use tokio::sync::mpsc;
+use tokio::time::{Instant, MissedTickBehavior};
+
+use crate::handler::{CancelSignal, Handler, Outcome, TaskContext};
+
+/// Builds and sends the worker's CloudEvents to the engine.
+#[derive(Clone)]
+pub(crate) struct Emitter {
+    broker: Arc<dyn Broker>,
+    worker: WorkerInfo,
+    source: String,
+}
+
+impl Emitter {
+    pub(crate) fn new(broker: Arc<dyn Broker>, worker: WorkerInfo) -> Self {
+        let source = format!("capstan/worker/{}", worker.id);
+        Emitter {
+            broker,
+            worker,
+            source,
+        }
+    }
+
+    pub(crate) fn worker(&self) -> &WorkerInfo {
+        &self.worker
+    }
+
+    /// An engine input about `attempt`, keyed by its run id, with the protocol's extensions.
+    pub(crate) fn message(
+        &self,
+        ty: &str,
+        attempt: &AttemptRef,
+        token: Option<u64>,
+        data: &impl Serialize,
+    ) -> crate::Result<Message> {
+        let mut event =
+            capstan_proto::CloudEvent::new(uuid::Uuid::new_v4().to_string(), &self.source, ty)
+                .with_data(serde_json::to_value(data)?)
+                .with_ext(ext::PROJECT, &attempt.project)
+                .with_ext(ext::RUN, &attempt.run_id)
+                .with_ext(ext::TASK, &attempt.task)
+                .with_ext(ext::ATTEMPT, attempt.attempt)
+                .with_ext(ext::WORKER, &self.worker.id);
+        if let Some(token) = token {
+            event = event.with_ext(ext::TOKEN, token);
+        }
+        event.subject = Some(attempt.task.clone());
+        Ok(Message {
+            topic: topics::ENGINE_INPUTS.to_string(),
+            key: attempt.run_id.clone(),
+            event,
+        })
+    }
+
+    /// Sends one engine input.
+    pub(crate) async fn send(
+        &self,
+        ty: &str,
+        attempt: &AttemptRef,
+        token: Option<u64>,
+        data: &impl Serialize,
+    ) -> crate::Result<()> {
+        let message = self.message(ty, attempt, token, data)?;
+        self.broker.publish(vec![message]).await?;
+        Ok(())
+    }
+
+    /// Sends `finished`, retrying while the broker is unavailable: losing a result costs the
+    /// engine a whole timeout and the task a retry. An output over the broker's limit is replaced
+    /// by an `output-too-large` error so the engine still learns how the attempt ended.
+    async fn send_finished(&self, mut finished: Finished) {
+        let mut backoff = Duration::from_millis(100);
+        for _ in 0..5 {
+            match self
+                .send(
+                    types::TASK_FINISHED,
+                    &finished.attempt.clone(),
+                    Some(finished.token),
+                    &finished,
+                )
+                .await
+            {
+                Ok(()) => return,
+                Err(crate::Error::Broker(BrokerError::TooLarge { size, limit })) => {
+                    tracing::warn!(size, limit, task = %finished.attempt.task, "output too large for the broker");
+                    finished.result = TaskResult::Fail;
+                    finished.output = Value::Null;
+                    finished.error = Some(TaskError {
+                        kind: "output-too-large".into(),
+                        message: format!(
+                            "the result of {size} bytes exceeds the broker's limit of {limit}"
+                        ),
+                    });
+                }
+                Err(e) => {
+                    tracing::warn!(error = %e, task = %finished.attempt.task, "could not send finished; retrying");
+                    tokio::time::sleep(backoff).await;
+                    backoff *= 4;
+                }
+            }
+        }
+        tracing::error!(task = %finished.attempt.task, run = %finished.attempt.run_id, "gave up sending finished");
+    }
+}
+
+/// Tells the worker's loop that an attempt ended, even if its task panicked or was aborted.
+pub(crate) struct DoneGuard {
+    pub(crate) tx: mpsc::UnboundedSender<AttemptRef>,
+    pub(crate) attempt: AttemptRef,
+}
+
+impl Drop for DoneGuard {
+    fn drop(&mut self) {
+        // The loop is gone only when the worker stopped; then nobody needs to know.
+        let _ = self.tx.send(self.attempt.clone());
+    }
+}
+
+/// Runs an awarded attempt to its end; meant to be spawned, one task per attempt.
+pub(crate) async fn run_attempt(
+    emitter: Emitter,
+    handler: Arc<dyn Handler>,
+    award: Award,
+    cancel: CancelSignal,
+    cancel_grace: Duration,
+    done: DoneGuard,
+) {
+    let attempt = award.attempt.clone();
+    let token = award.token;
+    let worker_id = emitter.worker().id.clone();
+    let progress = Progress {
+        attempt: attempt.clone(),
+        worker_id: worker_id.clone(),
+        token,
+    };
+    if let Err(e) = emitter
+        .send(types::TASK_STARTED, &attempt, Some(token), &progress)
+        .await
+    {
+        // The handler still runs: the engine hears of the attempt through heartbeats or finished,
+        // or times it out and fences it off, which makes the result moot but harmless.
+        tracing::warn!(error = %e, task = %attempt.task, "could not send started");
+    }
+    let heartbeat = award
+        .heartbeat_ms
+        .map(|ms| Duration::from_millis((ms / 3).max(1)));
+    let ctx = TaskContext::new(award, worker_id.clone(), cancel.clone());
+    // The handler runs in its own task so that a panic in it becomes a reported error and an
+    // abort after the cancel grace really stops it (dropping a child process with it).
+    let mut task = tokio::spawn({
+        let handler = Arc::clone(&handler);
+        async move { handler.handle(ctx).await }
+    });
+    let far = Duration::from_secs(86_400 * 365);
+    let period = heartbeat.unwrap_or(far);
+    let mut ticks = tokio::time::interval_at(Instant::now() + period, period);
+    ticks.set_missed_tick_behavior(MissedTickBehavior::Delay);
+    let joined = loop {
+        tokio::select! {
+            joined = &mut task => break Some(joined),
+            _ = ticks.tick(), if heartbeat.is_some() => {
+                if let Err(e) = emitter.send(types::TASK_HEARTBEAT, &attempt, Some(token), &progress).await {
+                    tracing::warn!(error = %e, task = %attempt.task, "could not send heartbeat");
+                }
+            }
+            _ = cancel.cancelled() => {
+                if tokio::time::timeout(cancel_grace, &mut task).await.is_err() {
+                    tracing::warn!(task = %attempt.task, "handler ignored cancellation; aborting it");
+                    task.abort();
+                }
+                break None;
+            }
+        }
+    };
+    // A handler that returned because of the cancellation (or just as it came) reports
+    // nothing: the engine ended the attempt and would only reject the result.
+    let Some(joined) = joined.filter(|_| !cancel.is_cancelled()) else {
+        tracing::info!(task = %attempt.task, run = %attempt.run_id, "attempt cancelled");
+        drop(done);
+        return;
+    };
+    let outcome = joined.unwrap_or_else(|e| {
+        tracing::error!(error = %e, task = %attempt.task, "handler panicked");
+        Outcome::error("panic", format!("the handler panicked: {e}"))
+    });
+    let (result, output, error) = match outcome {
+        Outcome::Finished { result, output } => (result, output, None),
+        Outcome::Error(error) => (TaskResult::Fail, json!(null), Some(error)),
+    };
+    let finished = Finished {
+        attempt,
+        worker_id,
+        token,
+        result,
+        output,
+        error,
+    };
+    emitter.send_finished(finished).await;
+    drop(done);
+}

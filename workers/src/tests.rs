@@ -1,0 +1,506 @@
+//! The worker SDK against the in-memory broker and a tiny fake engine that offers tasks, awards
+//! the first bid or claim, and reads what the worker reports.
+
+use std::collections::{BTreeMap, HashSet};
+use std::sync::Arc;
+use std::time::Duration;
+
+use async_trait::async_trait;
+use capstan_brokers::{Broker, MemoryBroker, Message, Subscription, SubscriptionMode};
+use capstan_proto::{
+    AttemptRef, Award, Bid, Claim, CloudEvent, DispatchMode, Finished, Progress, Rejection,
+    TaskCancel, TaskOffer, TaskResult, ext, topics, types,
+};
+use serde::Serialize;
+use serde_json::json;
+use tokio::sync::{mpsc, oneshot};
+use tokio::task::JoinHandle;
+
+use crate::{EchoConfig, EchoWorker, Error, Handler, Outcome, TaskContext, Worker, WorkerConfig};
+
+const PATIENCE: Duration = Duration::from_secs(60);
+const QUIET: Duration = Duration::from_secs(30);
+
+/// The engine's side of the protocol, reduced to what the tests need.
+struct Engine {
+    broker: MemoryBroker,
+    inputs: Box<dyn Subscription>,
+}
+
+impl Engine {
+    async fn new(broker: &MemoryBroker) -> Engine {
+        let mode = SubscriptionMode::Competing {
+            group: "engine".into(),
+        };
+        let inputs = broker
+            .subscribe(topics::ENGINE_INPUTS, mode)
+            .await
+            .expect("subscribe inputs");
+        Engine {
+            broker: broker.clone(),
+            inputs,
+        }
+    }
+
+    async fn send(&self, topic: String, ty: &str, run: &str, data: &impl Serialize) {
+        let event = CloudEvent::new(uuid::Uuid::new_v4().to_string(), "capstan/engine", ty)
+            .with_data(serde_json::to_value(data).expect("encode"));
+        let message = Message {
+            topic,
+            key: run.into(),
+            event,
+        };
+        self.broker.publish(vec![message]).await.expect("publish");
+    }
+
+    async fn offer(&self, offer: &TaskOffer) {
+        let topic = match offer.dispatch {
+            DispatchMode::Queue => topics::queue(&offer.task_type),
+            _ => topics::tasks(&offer.task_type),
+        };
+        self.send(topic, types::TASK_OFFERED, &offer.attempt.run_id, offer)
+            .await;
+    }
+
+    async fn award(&self, offer: &TaskOffer, worker: &str, token: u64) {
+        let award = Award {
+            attempt: offer.attempt.clone(),
+            worker_id: worker.into(),
+            token,
+            task_type: offer.task_type.clone(),
+            input: offer.input.clone(),
+            heartbeat_ms: offer.heartbeat_ms,
+            start_to_close_ms: offer.start_to_close_ms,
+        };
+        self.send(
+            topics::worker(worker),
+            types::TASK_AWARDED,
+            &offer.attempt.run_id,
+            &award,
+        )
+        .await;
+    }
+
+    async fn reject(&self, offer: &TaskOffer, worker: &str) {
+        let r = Rejection {
+            attempt: offer.attempt.clone(),
+            worker_id: worker.into(),
+            reason: "lost".into(),
+        };
+        self.send(
+            topics::worker(worker),
+            types::TASK_REJECTED,
+            &offer.attempt.run_id,
+            &r,
+        )
+        .await;
+    }
+
+    async fn cancel(&self, offer: &TaskOffer, worker: &str) {
+        let c = TaskCancel {
+            attempt: offer.attempt.clone(),
+            worker_id: Some(worker.into()),
+            reason: "run cancelled".into(),
+        };
+        self.send(
+            topics::worker(worker),
+            types::TASK_CANCELLED,
+            &offer.attempt.run_id,
+            &c,
+        )
+        .await;
+    }
+
+    /// The next input from a worker, of the expected type.
+    async fn expect(&mut self, ty: &str) -> CloudEvent {
+        let d = tokio::time::timeout(PATIENCE, self.inputs.next())
+            .await
+            .unwrap_or_else(|_| panic!("no {ty} within {PATIENCE:?}"))
+            .expect("inputs subscription");
+        d.ack().await.expect("ack");
+        assert_eq!(
+            d.message.event.ty, ty,
+            "unexpected input {:?}",
+            d.message.event.data
+        );
+        assert_eq!(
+            d.message.key,
+            d.message.event.ext(ext::RUN).unwrap_or_default(),
+            "keyed by run id"
+        );
+        d.message.event
+    }
+
+    async fn expect_quiet(&mut self, quiet: Duration) {
+        if let Ok(d) = tokio::time::timeout(quiet, self.inputs.next()).await {
+            panic!("unexpected input: {:?}", d.map(|d| d.message.event));
+        }
+    }
+}
+
+fn offer(run: &str, task_type: &str, dispatch: DispatchMode) -> TaskOffer {
+    TaskOffer {
+        attempt: AttemptRef {
+            project: "shop".into(),
+            run_id: run.into(),
+            task: "deploy".into(),
+            attempt: 1,
+        },
+        context_id: "ctx".into(),
+        stage: "production".into(),
+        sequence: "delivery".into(),
+        service: Some("cart".into()),
+        task_type: task_type.into(),
+        dispatch,
+        input: json!({"properties": {"strategy": "blue-green"}}),
+        requires: BTreeMap::new(),
+        bid_deadline_ms: None,
+        heartbeat_ms: None,
+        start_to_close_ms: None,
+    }
+}
+
+struct Running {
+    stop: oneshot::Sender<()>,
+    task: JoinHandle<crate::Result<()>>,
+}
+
+/// Starts a worker and waits until all its subscriptions exist.
+async fn start(broker: &MemoryBroker, worker: Worker) -> Running {
+    let config = worker.config().clone();
+    let (stop, stopped) = oneshot::channel::<()>();
+    let shared: Arc<dyn Broker> = Arc::new(broker.clone());
+    let task = tokio::spawn(worker.run(shared, async move {
+        let _ = stopped.await;
+    }));
+    while broker.members(&topics::worker(&config.id), &config.id) == 0 {
+        tokio::time::sleep(Duration::from_millis(1)).await;
+    }
+    Running { stop, task }
+}
+
+impl Running {
+    async fn stop(self) {
+        let _ = self.stop.send(());
+        self.task
+            .await
+            .expect("worker task")
+            .expect("worker ended cleanly");
+    }
+}
+
+fn echo(id: &str) -> Worker {
+    Worker::new(WorkerConfig::new(id, ["deployment"]), EchoWorker::new())
+}
+
+#[tokio::test(start_paused = true)]
+async fn only_workers_whose_labels_match_bid() {
+    let broker = MemoryBroker::new();
+    let mut engine = Engine::new(&broker).await;
+    let certified = WorkerConfig::new("w-cert", ["deployment"]).label("certified", "production");
+    let a = start(&broker, Worker::new(certified, EchoWorker::new())).await;
+    let b = start(&broker, echo("w-plain")).await;
+    let mut o = offer("run-1", "deployment", DispatchMode::Auction);
+    o.requires.insert("certified".into(), "production".into());
+    engine.offer(&o).await;
+    let bid: Bid = engine.expect(types::TASK_BID).await.payload().expect("bid");
+    assert_eq!(bid.worker.id, "w-cert");
+    assert_eq!((bid.free_slots, bid.cost), (1, 0.0));
+    assert_eq!(
+        bid.worker.labels.get("certified").map(String::as_str),
+        Some("production")
+    );
+    engine.expect_quiet(QUIET).await;
+    a.stop().await;
+    b.stop().await;
+}
+
+#[tokio::test(start_paused = true)]
+async fn an_award_runs_with_its_token_heartbeats_and_finishes() {
+    let broker = MemoryBroker::new();
+    let mut engine = Engine::new(&broker).await;
+    let handler = EchoWorker::with_config(EchoConfig {
+        delay: Duration::from_secs(1),
+        ..EchoConfig::default()
+    });
+    let w = start(
+        &broker,
+        Worker::new(WorkerConfig::new("w1", ["deployment"]), handler),
+    )
+    .await;
+    let mut o = offer("run-2", "deployment", DispatchMode::Auction);
+    o.heartbeat_ms = Some(900);
+    engine.offer(&o).await;
+    let bid_event = engine.expect(types::TASK_BID).await;
+    assert_eq!(bid_event.ext(ext::TOKEN), None, "a bid has no token yet");
+    engine.award(&o, "w1", 42).await;
+
+    let mut events = vec![bid_event, engine.expect(types::TASK_STARTED).await];
+    let started: Progress = events[1].payload().expect("progress");
+    assert_eq!((started.token, started.worker_id.as_str()), (42, "w1"));
+    let mut heartbeats = 0;
+    let finished = loop {
+        let ev = tokio::time::timeout(PATIENCE, engine.inputs.next())
+            .await
+            .expect("input")
+            .expect("sub");
+        ev.ack().await.expect("ack");
+        let ev = ev.message.event;
+        events.push(ev.clone());
+        match ev.ty.as_str() {
+            types::TASK_HEARTBEAT => {
+                heartbeats += 1;
+                assert_eq!(ev.payload::<Progress>().expect("progress").token, 42);
+            }
+            types::TASK_FINISHED => break ev.payload::<Finished>().expect("finished"),
+            other => panic!("unexpected {other}"),
+        }
+    };
+    // 1 s of work with a heartbeat every 300 ms.
+    assert_eq!(heartbeats, 3);
+    assert_eq!((finished.token, finished.result), (42, TaskResult::Pass));
+    assert_eq!(
+        finished.output,
+        json!({"echo": true, "worker": "w1", "attempt": 1})
+    );
+    let mut ids = HashSet::new();
+    for ev in &events {
+        assert!(ids.insert(ev.id.clone()), "event ids are unique");
+        assert_eq!(ev.source, "capstan/worker/w1");
+        assert_eq!(ev.ext(ext::PROJECT), Some("shop"));
+        assert_eq!(ev.ext(ext::RUN), Some("run-2"));
+        assert_eq!(ev.ext(ext::TASK), Some("deploy"));
+        assert_eq!(ev.ext(ext::ATTEMPT), Some("1"));
+        assert_eq!(ev.ext(ext::WORKER), Some("w1"));
+        if ev.ty != types::TASK_BID {
+            assert_eq!(
+                ev.ext(ext::TOKEN),
+                Some("42"),
+                "{} carries the token",
+                ev.ty
+            );
+        }
+    }
+    w.stop().await;
+}
+
+/// Reports when it starts and when it sees the cancellation; otherwise works forever.
+struct Blocker {
+    events: mpsc::UnboundedSender<&'static str>,
+}
+
+#[async_trait]
+impl Handler for Blocker {
+    async fn handle(&self, task: TaskContext) -> Outcome {
+        let _ = self.events.send("started");
+        task.cancelled().await;
+        let _ = self.events.send("cancelled");
+        Outcome::error("cancelled", "stopped")
+    }
+}
+
+#[tokio::test(start_paused = true)]
+async fn cancellation_stops_the_handler_and_frees_the_slot() {
+    let broker = MemoryBroker::new();
+    let mut engine = Engine::new(&broker).await;
+    let (tx, mut seen) = mpsc::unbounded_channel();
+    let w = start(
+        &broker,
+        Worker::new(WorkerConfig::new("w1", ["test"]), Blocker { events: tx }),
+    )
+    .await;
+    let o = offer("run-3", "test", DispatchMode::Auction);
+    engine.offer(&o).await;
+    engine.expect(types::TASK_BID).await;
+    engine.award(&o, "w1", 7).await;
+    engine.expect(types::TASK_STARTED).await;
+    assert_eq!(seen.recv().await, Some("started"));
+
+    // Busy: the single slot is taken, so no bid for another offer.
+    let other = offer("run-4", "test", DispatchMode::Auction);
+    engine.offer(&other).await;
+    engine.expect_quiet(QUIET).await;
+
+    engine.cancel(&o, "w1").await;
+    assert_eq!(seen.recv().await, Some("cancelled"));
+    engine.expect_quiet(QUIET).await; // no finished for a cancelled attempt
+    engine
+        .offer(&offer("run-5", "test", DispatchMode::Auction))
+        .await;
+    let bid: Bid = engine.expect(types::TASK_BID).await.payload().expect("bid");
+    assert_eq!(bid.attempt.run_id, "run-5", "the slot is free again");
+    w.stop().await;
+}
+
+#[tokio::test(start_paused = true)]
+async fn queue_offers_are_claimed_and_run() {
+    let broker = MemoryBroker::new();
+    let mut engine = Engine::new(&broker).await;
+    let w = start(&broker, echo("w1")).await;
+    let o = offer("run-6", "deployment", DispatchMode::Queue);
+    engine.offer(&o).await;
+    let claim: Claim = engine
+        .expect(types::TASK_CLAIM)
+        .await
+        .payload()
+        .expect("claim");
+    assert_eq!(
+        (claim.worker.id.as_str(), &claim.attempt),
+        ("w1", &o.attempt)
+    );
+    engine.award(&o, "w1", 9).await;
+    engine.expect(types::TASK_STARTED).await;
+    let finished: Finished = engine
+        .expect(types::TASK_FINISHED)
+        .await
+        .payload()
+        .expect("finished");
+    assert_eq!((finished.token, finished.result), (9, TaskResult::Pass));
+    assert_eq!(
+        broker.backlog(&topics::queue("deployment"), "capstan-workers-deployment"),
+        Some(0)
+    );
+    w.stop().await;
+}
+
+#[tokio::test(start_paused = true)]
+async fn fanout_offers_are_claimed() {
+    let broker = MemoryBroker::new();
+    let mut engine = Engine::new(&broker).await;
+    let a = start(&broker, echo("w1")).await;
+    let b = start(&broker, echo("w2")).await;
+    engine
+        .offer(&offer("run-7", "deployment", DispatchMode::Fanout))
+        .await;
+    let mut claimants = HashSet::new();
+    for _ in 0..2 {
+        let claim: Claim = engine
+            .expect(types::TASK_CLAIM)
+            .await
+            .payload()
+            .expect("claim");
+        claimants.insert(claim.worker.id);
+    }
+    assert_eq!(
+        claimants,
+        HashSet::from(["w1".to_string(), "w2".to_string()])
+    );
+    a.stop().await;
+    b.stop().await;
+}
+
+#[tokio::test(start_paused = true)]
+async fn a_rejection_or_no_award_releases_the_reserved_slot() {
+    let broker = MemoryBroker::new();
+    let mut engine = Engine::new(&broker).await;
+    let w = start(&broker, echo("w1")).await;
+    let first = offer("run-8", "deployment", DispatchMode::Auction);
+    engine.offer(&first).await;
+    engine.expect(types::TASK_BID).await;
+    engine
+        .offer(&offer("run-9", "deployment", DispatchMode::Auction))
+        .await;
+    engine.expect_quiet(Duration::from_secs(1)).await; // the only slot is reserved
+    engine.reject(&first, "w1").await;
+    let second = offer("run-10", "deployment", DispatchMode::Auction);
+    engine.offer(&second).await;
+    engine.expect(types::TASK_BID).await;
+    // No award for the second bid: the reservation lapses after the award timeout.
+    let before = tokio::time::Instant::now();
+    engine
+        .offer(&offer("run-11", "deployment", DispatchMode::Auction))
+        .await;
+    engine.expect_quiet(Duration::from_secs(5)).await;
+    let mut later = offer("run-12", "deployment", DispatchMode::Auction);
+    later.bid_deadline_ms = Some(0); // already closed: only the grace is waited for
+    tokio::time::sleep_until(before + Duration::from_secs(11)).await;
+    engine.offer(&later).await;
+    engine.expect(types::TASK_BID).await;
+    w.stop().await;
+}
+
+#[tokio::test(start_paused = true)]
+async fn a_custom_bid_function_decides_and_a_panic_is_reported() {
+    struct Panics;
+    #[async_trait]
+    impl Handler for Panics {
+        async fn handle(&self, _task: TaskContext) -> Outcome {
+            panic!("handler bug")
+        }
+    }
+    let broker = MemoryBroker::new();
+    let mut engine = Engine::new(&broker).await;
+    let worker = Worker::new(WorkerConfig::new("w1", ["deployment"]).slots(4), Panics).bid_with(
+        |offer, free| {
+            (offer.stage != "production").then_some(crate::BidTerms {
+                cost: 10.0 / f64::from(free),
+                estimated_ms: 500,
+            })
+        },
+    );
+    let w = start(&broker, worker).await;
+    engine
+        .offer(&offer("run-13", "deployment", DispatchMode::Auction))
+        .await;
+    engine.expect_quiet(QUIET).await;
+    let mut staging = offer("run-14", "deployment", DispatchMode::Auction);
+    staging.stage = "staging".into();
+    engine.offer(&staging).await;
+    let bid: Bid = engine.expect(types::TASK_BID).await.payload().expect("bid");
+    assert_eq!((bid.cost, bid.estimated_ms, bid.free_slots), (2.5, 500, 4));
+    engine.award(&staging, "w1", 3).await;
+    engine.expect(types::TASK_STARTED).await;
+    let finished: Finished = engine
+        .expect(types::TASK_FINISHED)
+        .await
+        .payload()
+        .expect("finished");
+    assert_eq!(finished.result, TaskResult::Fail);
+    assert_eq!(finished.error.map(|e| e.kind), Some("panic".to_string()));
+    w.stop().await;
+}
+
+#[tokio::test(start_paused = true)]
+async fn shutdown_cancels_running_attempts_and_broker_close_ends_the_worker() {
+    let broker = MemoryBroker::new();
+    let mut engine = Engine::new(&broker).await;
+    let (tx, mut seen) = mpsc::unbounded_channel();
+    let w = start(
+        &broker,
+        Worker::new(WorkerConfig::new("w1", ["test"]), Blocker { events: tx }),
+    )
+    .await;
+    let o = offer("run-15", "test", DispatchMode::Auction);
+    engine.offer(&o).await;
+    engine.expect(types::TASK_BID).await;
+    engine.award(&o, "w1", 1).await;
+    assert_eq!(seen.recv().await, Some("started"));
+    w.stop().await;
+    assert_eq!(seen.recv().await, Some("cancelled"));
+
+    let w = start(&broker, echo("w2")).await;
+    broker.close();
+    let ended = w.task.await.expect("worker task");
+    assert!(
+        matches!(ended, Err(Error::Broker(capstan_brokers::Error::Closed))),
+        "{ended:?}"
+    );
+}
+
+#[tokio::test]
+async fn a_bad_configuration_lists_every_problem() {
+    let config = WorkerConfig {
+        max_concurrency: 0,
+        ..WorkerConfig::new("", Vec::<String>::new())
+    };
+    let err = echo("x").config().clone();
+    assert!(err.validate().is_ok());
+    let broker: Arc<dyn Broker> = Arc::new(MemoryBroker::new());
+    let Err(Error::Config(problems)) = Worker::new(config, EchoWorker::new())
+        .run(broker, async {})
+        .await
+    else {
+        panic!("expected a configuration error");
+    };
+    assert_eq!(problems.len(), 3, "{problems:?}");
+}

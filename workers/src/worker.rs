@@ -1,0 +1,495 @@
+//! The [`Worker`]: configuration, subscriptions and the loop that answers the engine.
+//!
+//! How the loop reacts (a slot is free when reservations + running attempts < max_concurrency):
+//!
+//! | message                    | condition                                   | reaction                          |
+//! |----------------------------|---------------------------------------------|-----------------------------------|
+//! | offer (auction)            | a slot free and the bid function bids       | reserve a slot, send `bid`        |
+//! | offer (auction)            | otherwise                                   | nothing (a decline is silence)    |
+//! | offer (queue / fanout)     | a slot free and the bid function would bid  | reserve a slot, send `claim`      |
+//! | offer (queue)              | otherwise                                   | nack: another member may take it  |
+//! | award for this worker      | reserved, or a slot free                    | start the attempt                 |
+//! | award                      | already running that attempt                | nothing (a redelivered award)     |
+//! | rejection                  | reserved / running                          | release the slot / cancel it      |
+//! | cancellation               | running / reserved                          | cancel it / release the slot      |
+//! | reservation past its time  | no award came (bid window + grace)          | release the slot                  |
+//! | attempt ended              |                                             | free its slot                     |
+//! | shutdown or broker closed  |                                             | cancel running attempts, return   |
+//!
+//! Every delivery is acked once handled (queue offers the worker cannot take are nacked).
+
+use std::collections::{BTreeMap, HashMap};
+use std::future::Future;
+use std::sync::Arc;
+use std::time::{Duration, SystemTime, UNIX_EPOCH};
+
+use capstan_brokers::{Broker, Delivery, SubscriptionMode};
+use capstan_proto::{
+    AttemptRef, Award, Bid, Claim, DispatchMode, Rejection, TaskCancel, TaskOffer, WorkerInfo,
+    topics, types,
+};
+use tokio::sync::mpsc;
+use tokio::task::JoinSet;
+use tokio::time::Instant;
+
+use crate::attempt::{DoneGuard, Emitter, run_attempt};
+use crate::handler::{BidTerms, CancelSignal, CancelSwitch, Handler};
+use crate::{Error, Result};
+
+/// A worker's identity, capacity and timings.
+#[derive(Debug, Clone)]
+pub struct WorkerConfig {
+    /// The worker id, unique among the workers of a deployment.
+    pub id: String,
+    /// Labels the engine matches against a task's `requires`.
+    pub labels: BTreeMap<String, String>,
+    /// The task types this worker performs.
+    pub task_types: Vec<String>,
+    /// How many attempts it runs (and bids for) at once.
+    pub max_concurrency: u32,
+    /// How long a claim, or a bid without a bid deadline, waits for its award.
+    pub award_timeout: Duration,
+    /// Added to an offer's bid deadline before a reservation is given up.
+    pub award_grace: Duration,
+    /// How long a cancelled handler may take to return before it is dropped.
+    pub cancel_grace: Duration,
+    /// When a queue offer cannot be taken, after how long it comes back.
+    pub queue_retry_delay: Duration,
+}
+
+impl WorkerConfig {
+    /// A configuration with one slot, no labels and default timings.
+    pub fn new(
+        id: impl Into<String>,
+        task_types: impl IntoIterator<Item = impl Into<String>>,
+    ) -> Self {
+        WorkerConfig {
+            id: id.into(),
+            labels: BTreeMap::new(),
+            task_types: task_types.into_iter().map(Into::into).collect(),
+            max_concurrency: 1,
+            award_timeout: Duration::from_secs(10),
+            award_grace: Duration::from_secs(2),
+            cancel_grace: Duration::from_secs(5),
+            queue_retry_delay: Duration::from_secs(1),
+        }
+    }
+
+    /// Adds a label.
+    pub fn label(mut self, key: impl Into<String>, value: impl Into<String>) -> Self {
+        self.labels.insert(key.into(), value.into());
+        self
+    }
+
+    /// Sets the number of slots.
+    pub fn slots(mut self, max_concurrency: u32) -> Self {
+        self.max_concurrency = max_concurrency;
+        self
+    }
+
+    /// Every problem of the configuration.
+    pub fn validate(&self) -> Result<()> {
+        let mut problems = Vec::new();
+        if self.id.trim().is_empty() {
+            problems.push("id: must not be empty".to_string());
+        }
+        if self.task_types.is_empty() {
+            problems.push("task_types: at least one task type is needed".to_string());
+        }
+        for (i, t) in self.task_types.iter().enumerate() {
+            if t.trim().is_empty() {
+                problems.push(format!("task_types[{i}]: must not be empty"));
+            }
+        }
+        if self.max_concurrency == 0 {
+            problems.push("max_concurrency: must be at least 1".to_string());
+        }
+        if problems.is_empty() {
+            Ok(())
+        } else {
+            Err(Error::Config(problems))
+        }
+    }
+
+    /// Whether the labels meet an offer's requirements.
+    pub fn meets(&self, requires: &BTreeMap<String, String>) -> bool {
+        requires.iter().all(|(k, v)| self.labels.get(k) == Some(v))
+    }
+}
+
+/// Decides whether and how to bid for an offer, given the free slots (at least 1).
+pub type BidFn = Arc<dyn Fn(&TaskOffer, u32) -> Option<BidTerms> + Send + Sync>;
+
+/// A worker: configuration, bid function and handler. Run it with [`Worker::run`].
+pub struct Worker {
+    config: WorkerConfig,
+    handler: Arc<dyn Handler>,
+    bid: Option<BidFn>,
+}
+
+impl std::fmt::Debug for Worker {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("Worker")
+            .field("config", &self.config)
+            .finish_non_exhaustive()
+    }
+}
+
+/// Where a delivery came from.
+#[derive(Debug, Clone, Copy, PartialEq)]
+enum Source {
+    Offers,
+    Queue,
+    Inbox,
+}
+
+struct Running {
+    token: u64,
+    cancel: CancelSwitch,
+}
+
+impl Worker {
+    /// A worker with the default bid function: bid when a slot is free and the labels meet the
+    /// offer's requirements, with cost = busy slots.
+    pub fn new(config: WorkerConfig, handler: impl Handler) -> Self {
+        Worker {
+            config,
+            handler: Arc::new(handler),
+            bid: None,
+        }
+    }
+
+    /// Replaces the bid function; it is only asked when a slot is free.
+    pub fn bid_with(
+        mut self,
+        bid: impl Fn(&TaskOffer, u32) -> Option<BidTerms> + Send + Sync + 'static,
+    ) -> Self {
+        self.bid = Some(Arc::new(bid));
+        self
+    }
+
+    /// The configuration.
+    pub fn config(&self) -> &WorkerConfig {
+        &self.config
+    }
+
+    /// Subscribes and answers the engine until `shutdown` completes (then `Ok`) or the broker
+    /// fails or closes (then `Err`). Running attempts are cancelled when it returns.
+    pub async fn run(
+        self,
+        broker: Arc<dyn Broker>,
+        shutdown: impl Future<Output = ()> + Send,
+    ) -> Result<()> {
+        self.config.validate()?;
+        let cap = 2 * self.config.max_concurrency as usize + 16;
+        let (tx, mut rx) =
+            mpsc::channel::<std::result::Result<(Source, Delivery), capstan_brokers::Error>>(cap);
+        // One pump per subscription feeds the loop; dropping the set at return aborts them and
+        // drops the subscriptions, so whatever they held goes back to the broker.
+        let mut pumps = JoinSet::new();
+        let mut subscriptions = Vec::new();
+        for t in &self.config.task_types {
+            subscriptions.push((
+                topics::tasks(t),
+                SubscriptionMode::Broadcast,
+                Source::Offers,
+            ));
+            subscriptions.push((
+                topics::queue(t),
+                SubscriptionMode::Competing {
+                    group: format!("capstan-workers-{t}"),
+                },
+                Source::Queue,
+            ));
+        }
+        // The inbox comes last: once it has a member, the worker hears everything (nothing is
+        // answered before the loop runs, so no award can precede it).
+        subscriptions.push((
+            topics::worker(&self.config.id),
+            SubscriptionMode::Competing {
+                group: self.config.id.clone(),
+            },
+            Source::Inbox,
+        ));
+        for (topic, mode, source) in subscriptions {
+            let mut sub = broker.subscribe(&topic, mode).await?;
+            let tx = tx.clone();
+            pumps.spawn(async move {
+                loop {
+                    let next = sub.next().await;
+                    let stop = next.is_err();
+                    if tx.send(next.map(|d| (source, d))).await.is_err() || stop {
+                        return;
+                    }
+                }
+            });
+        }
+        drop(tx);
+        tracing::info!(worker = %self.config.id, types = ?self.config.task_types, "worker running");
+
+        let (done_tx, mut done_rx) = mpsc::unbounded_channel();
+        let info = WorkerInfo {
+            id: self.config.id.clone(),
+            labels: self.config.labels.clone(),
+        };
+        let mut state = LoopState {
+            emitter: Emitter::new(broker, info),
+            reserved: HashMap::new(),
+            running: HashMap::new(),
+            done_tx,
+            worker: &self,
+        };
+        tokio::pin!(shutdown);
+        let outcome = loop {
+            let expiry = state.reserved.values().min().copied();
+            tokio::select! {
+                _ = &mut shutdown => break Ok(()),
+                next = rx.recv() => match next {
+                    Some(Ok((source, delivery))) => state.handle(source, delivery).await,
+                    Some(Err(e)) => break Err(Error::Broker(e)),
+                    None => break Err(Error::Broker(capstan_brokers::Error::Closed)),
+                },
+                Some(attempt) = done_rx.recv() => {
+                    state.running.remove(&attempt);
+                }
+                _ = sleep_until_opt(expiry) => {
+                    let now = Instant::now();
+                    state.reserved.retain(|a, at| {
+                        let keep = *at > now;
+                        if !keep {
+                            tracing::debug!(task = %a.task, run = %a.run_id, "no award came; slot released");
+                        }
+                        keep
+                    });
+                }
+            }
+        };
+        state.stop(&mut done_rx).await;
+        tracing::info!(worker = %self.config.id, "worker stopped");
+        outcome
+    }
+}
+
+async fn sleep_until_opt(at: Option<Instant>) {
+    match at {
+        Some(at) => tokio::time::sleep_until(at).await,
+        None => std::future::pending().await,
+    }
+}
+
+/// The loop's state: reservations (with their expiry) and running attempts.
+struct LoopState<'w> {
+    emitter: Emitter,
+    reserved: HashMap<AttemptRef, Instant>,
+    running: HashMap<AttemptRef, Running>,
+    done_tx: mpsc::UnboundedSender<AttemptRef>,
+    worker: &'w Worker,
+}
+
+impl LoopState<'_> {
+    fn free_slots(&self) -> u32 {
+        let busy = self.reserved.len() + self.running.len();
+        (self.worker.config.max_concurrency as usize).saturating_sub(busy) as u32
+    }
+
+    fn terms(&self, offer: &TaskOffer, free: u32) -> Option<BidTerms> {
+        if free == 0 {
+            return None;
+        }
+        match &self.worker.bid {
+            Some(bid) => bid(offer, free),
+            None => self.worker.config.meets(&offer.requires).then(|| BidTerms {
+                cost: f64::from(self.worker.config.max_concurrency - free),
+                estimated_ms: 0,
+            }),
+        }
+    }
+
+    async fn handle(&mut self, source: Source, delivery: Delivery) {
+        let event = &delivery.message.event;
+        let settle = match (source, event.ty.as_str()) {
+            (Source::Offers | Source::Queue, types::TASK_OFFERED) => {
+                match event.payload::<TaskOffer>() {
+                    Ok(offer) => self.on_offer(source, offer).await,
+                    Err(e) => bad_payload(event, &e),
+                }
+            }
+            (Source::Inbox, types::TASK_AWARDED) => match event.payload::<Award>() {
+                Ok(award) => self.on_award(award).await,
+                Err(e) => bad_payload(event, &e),
+            },
+            (Source::Inbox, types::TASK_REJECTED) => match event.payload::<Rejection>() {
+                Ok(r) => self.release(&r.attempt, &r.reason),
+                Err(e) => bad_payload(event, &e),
+            },
+            (Source::Inbox, types::TASK_CANCELLED) => match event.payload::<TaskCancel>() {
+                Ok(c)
+                    if c.worker_id
+                        .as_ref()
+                        .is_none_or(|w| *w == self.worker.config.id) =>
+                {
+                    self.release(&c.attempt, &c.reason)
+                }
+                Ok(_) => Settle::Ack,
+                Err(e) => bad_payload(event, &e),
+            },
+            (_, other) => {
+                tracing::debug!(ty = other, ?source, "ignoring an event of no concern");
+                Settle::Ack
+            }
+        };
+        let settled = match settle {
+            Settle::Ack => delivery.ack().await,
+            Settle::Retry => delivery.nack(self.worker.config.queue_retry_delay).await,
+        };
+        if let Err(e) = settled {
+            tracing::warn!(error = %e, "could not settle a delivery");
+        }
+    }
+
+    async fn on_offer(&mut self, source: Source, offer: TaskOffer) -> Settle {
+        let a = offer.attempt.clone();
+        if self.reserved.contains_key(&a) || self.running.contains_key(&a) {
+            return Settle::Ack; // a re-offer of what we already answered
+        }
+        let free = self.free_slots();
+        let Some(terms) = self.terms(&offer, free) else {
+            tracing::debug!(task = %a.task, run = %a.run_id, free, "not bidding");
+            return if source == Source::Queue {
+                Settle::Retry
+            } else {
+                Settle::Ack
+            };
+        };
+        let worker = self.emitter.worker().clone();
+        let sent = match offer.dispatch {
+            DispatchMode::Auction => {
+                let bid = Bid {
+                    attempt: a.clone(),
+                    worker,
+                    cost: terms.cost,
+                    estimated_ms: terms.estimated_ms,
+                    free_slots: free,
+                };
+                self.emitter.send(types::TASK_BID, &a, None, &bid).await
+            }
+            DispatchMode::Queue | DispatchMode::Fanout => {
+                self.emitter
+                    .send(
+                        types::TASK_CLAIM,
+                        &a,
+                        None,
+                        &Claim {
+                            attempt: a.clone(),
+                            worker,
+                        },
+                    )
+                    .await
+            }
+        };
+        if let Err(e) = sent {
+            tracing::warn!(error = %e, task = %a.task, "could not send a bid or claim");
+            return if source == Source::Queue {
+                Settle::Retry
+            } else {
+                Settle::Ack
+            };
+        }
+        let wait = match (offer.dispatch, offer.bid_deadline_ms) {
+            (DispatchMode::Auction, Some(deadline)) => {
+                until_epoch_ms(deadline) + self.worker.config.award_grace
+            }
+            _ => self.worker.config.award_timeout,
+        };
+        self.reserved.insert(a, Instant::now() + wait);
+        Settle::Ack
+    }
+
+    async fn on_award(&mut self, award: Award) -> Settle {
+        let a = award.attempt.clone();
+        if award.worker_id != self.worker.config.id {
+            tracing::warn!(to = %award.worker_id, task = %a.task, "award addressed to another worker");
+            return Settle::Ack;
+        }
+        if let Some(r) = self.running.get(&a) {
+            if r.token != award.token {
+                tracing::warn!(task = %a.task, running = r.token, awarded = award.token, "second award of a running attempt");
+            }
+            return Settle::Ack;
+        }
+        // A late award (after the reservation expired) is still taken while a slot is free.
+        if self.reserved.remove(&a).is_none() && self.free_slots() == 0 {
+            tracing::warn!(task = %a.task, run = %a.run_id, "award without a free slot; left to time out");
+            return Settle::Ack;
+        }
+        let (switch, signal) = CancelSignal::new();
+        self.running.insert(
+            a.clone(),
+            Running {
+                token: award.token,
+                cancel: switch,
+            },
+        );
+        let done = DoneGuard {
+            tx: self.done_tx.clone(),
+            attempt: a,
+        };
+        tokio::spawn(run_attempt(
+            self.emitter.clone(),
+            Arc::clone(&self.worker.handler),
+            award,
+            signal,
+            self.worker.config.cancel_grace,
+            done,
+        ));
+        Settle::Ack
+    }
+
+    /// A rejection or cancellation: give up the reservation or stop the attempt.
+    fn release(&mut self, a: &AttemptRef, reason: &str) -> Settle {
+        if self.reserved.remove(a).is_some() {
+            tracing::debug!(task = %a.task, run = %a.run_id, reason, "reservation released");
+        }
+        if let Some(r) = self.running.get(a) {
+            tracing::info!(task = %a.task, run = %a.run_id, reason, "cancelling attempt");
+            r.cancel.cancel();
+        }
+        Settle::Ack
+    }
+
+    /// Cancels every running attempt and waits for them to end (bounded by the cancel grace).
+    async fn stop(&mut self, done_rx: &mut mpsc::UnboundedReceiver<AttemptRef>) {
+        for r in self.running.values() {
+            r.cancel.cancel();
+        }
+        let deadline =
+            Instant::now() + self.worker.config.cancel_grace + Duration::from_millis(100);
+        while !self.running.is_empty() {
+            match tokio::time::timeout_at(deadline, done_rx.recv()).await {
+                Ok(Some(a)) => {
+                    self.running.remove(&a);
+                }
+                _ => break,
+            }
+        }
+    }
+}
+
+enum Settle {
+    Ack,
+    Retry,
+}
+
+fn bad_payload(event: &capstan_proto::CloudEvent, e: &serde_json::Error) -> Settle {
+    // Redelivering a malformed message would only fail again.
+    tracing::warn!(id = %event.id, ty = %event.ty, error = %e, "dropping a message with a bad payload");
+    Settle::Ack
+}
+
+/// Time left until a wall-clock deadline in ms since the Unix epoch (zero if past).
+fn until_epoch_ms(deadline_ms: u64) -> Duration {
+    let now = SystemTime::now()
+        .duration_since(UNIX_EPOCH)
+        .unwrap_or_default();
+    Duration::from_millis(deadline_ms).saturating_sub(now)
+}
