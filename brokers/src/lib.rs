@@ -18,6 +18,8 @@ use capstan_proto::CloudEvent;
 
 pub mod binding;
 pub mod memory;
+#[cfg(feature = "nats")]
+pub mod nats;
 #[cfg(any(test, feature = "testing"))]
 pub mod testing;
 
