@@ -18,6 +18,8 @@ use capstan_proto::CloudEvent;
 
 pub mod binding;
 pub mod memory;
+#[cfg(feature = "amqp")]
+pub mod amqp;
 #[cfg(feature = "nats")]
 pub mod nats;
 #[cfg(any(test, feature = "testing"))]
