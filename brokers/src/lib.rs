@@ -16,10 +16,10 @@ use std::time::Duration;
 use async_trait::async_trait;
 use capstan_proto::CloudEvent;
 
-pub mod binding;
-pub mod memory;
 #[cfg(feature = "amqp")]
 pub mod amqp;
+pub mod binding;
+pub mod memory;
 #[cfg(feature = "nats")]
 pub mod nats;
 #[cfg(any(test, feature = "testing"))]

@@ -256,10 +256,10 @@ async fn pull(mut source: Source, mut consumer: PullConsumer, tx: mpsc::Sender<j
                             if let Ok(info) = msg.info() {
                                 source.last_seq = info.stream_sequence;
                             }
-                            if let Err(mpsc::error::SendError(msg)) = tx.send(msg).await {
-                                if let Some(reply) = msg.reply.clone() {
-                                    settle(&msg.context.client(), reply, AckKind::Nak(None)).await.ok();
-                                }
+                            if let Err(mpsc::error::SendError(msg)) = tx.send(msg).await
+                                && let Some(reply) = msg.reply.clone()
+                            {
+                                settle(&msg.context.client(), reply, AckKind::Nak(None)).await.ok();
                             }
                         }
                         Err(e) => {
