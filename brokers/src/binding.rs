@@ -1,7 +1,9 @@
 //! CloudEvents binary-mode mapping for the protocol bindings: attributes and extensions travel
 //! as headers (`ce_id`, `ce-type`, `cloudEvents:source`...), `datacontenttype` as the content
-//! type, and `data` as the body. Only JSON data (or none) is mapped; an event carrying
-//! `data_base64` should be sent in structured mode ([`CloudEvent::to_json`]).
+//! type, and `data` as the body. JSON data travels as JSON; a string under a non-JSON content
+//! type (`text/plain`) travels as its raw bytes. An event carrying `data_base64` is sent in
+//! structured mode instead ([`encode`] picks the mode), and [`decode`] reads either mode, so
+//! a producer such as the Python CloudEvents SDK may send structured JSON.
 
 use capstan_proto::{CloudEvent, SPEC_VERSION};
 
@@ -18,7 +20,12 @@ impl HeaderPrefix {
     pub const KAFKA: HeaderPrefix = HeaderPrefix("ce_");
     /// AMQP 0-9-1 (RabbitMQ): `cloudEvents:id`.
     pub const AMQP: HeaderPrefix = HeaderPrefix("cloudEvents:");
+    /// AMQP for JMS-friendly clients: `cloudEvents_id` (the binding allows both).
+    pub const AMQP_UNDERSCORE: HeaderPrefix = HeaderPrefix("cloudEvents_");
 }
+
+/// The content type of a structured-mode CloudEvent in JSON.
+pub const STRUCTURED_CONTENT_TYPE: &str = "application/cloudevents+json";
 
 /// The header that carries `datacontenttype`.
 pub const CONTENT_TYPE: &str = "content-type";
@@ -61,6 +68,9 @@ pub fn to_binary(event: &CloudEvent, prefix: HeaderPrefix) -> Result<BinaryMessa
         headers.push((CONTENT_TYPE.to_string(), ct.clone()));
     }
     let body = match &event.data {
+        Some(serde_json::Value::String(text)) if !is_json_content_type(event.datacontenttype.as_deref()) => {
+            text.clone().into_bytes()
+        }
         Some(data) => serde_json::to_vec(data).map_err(|e| Error::Invalid(format!("data: {e}")))?,
         None => Vec::new(),
     };
@@ -76,9 +86,11 @@ pub fn from_binary<'a>(
 ) -> Result<CloudEvent> {
     let p = prefix.0.to_ascii_lowercase();
     let mut map = serde_json::Map::new();
+    let mut content_type = None;
     for (name, value) in headers {
         let lower = name.to_ascii_lowercase();
         if lower == CONTENT_TYPE {
+            content_type = Some(value.to_string());
             map.insert("datacontenttype".into(), value.into());
         } else if let Some(attr) = lower.strip_prefix(&p) {
             // The data travels in the body; extension names are checked by `from_value`.
@@ -89,11 +101,100 @@ pub fn from_binary<'a>(
         }
     }
     if !body.is_empty() {
-        let data: serde_json::Value =
-            serde_json::from_slice(body).map_err(|e| Error::Invalid(format!("body is not JSON: {e}")))?;
-        map.insert("data".into(), data);
+        if is_json_content_type(content_type.as_deref()) {
+            let data: serde_json::Value =
+                serde_json::from_slice(body).map_err(|e| Error::Invalid(format!("body is not JSON: {e}")))?;
+            map.insert("data".into(), data);
+        } else if let Ok(text) = std::str::from_utf8(body) {
+            map.insert("data".into(), text.into());
+        } else {
+            map.insert("data_base64".into(), base64(body).into());
+        }
     }
     CloudEvent::from_value(serde_json::Value::Object(map)).map_err(|e| Error::Invalid(e.to_string()))
+}
+
+/// A message in whichever mode suits the event: headers, body and the content type.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Encoded {
+    /// Attribute headers (binary mode) or none (structured mode); never `content-type`.
+    pub headers: Vec<(String, String)>,
+    /// The data (binary mode) or the whole event as JSON (structured mode).
+    pub body: Vec<u8>,
+    /// The message's content type: `datacontenttype`, or the structured-mode type.
+    pub content_type: Option<String>,
+}
+
+/// Encodes in binary mode when the event allows it, else in structured mode. The content type
+/// is returned apart so that AMQP can put it in its own property and NATS in a header.
+pub fn encode(event: &CloudEvent, prefix: HeaderPrefix) -> Result<Encoded> {
+    if !binary_encodable(event) {
+        return Ok(Encoded {
+            headers: Vec::new(),
+            body: event.to_json(),
+            content_type: Some(STRUCTURED_CONTENT_TYPE.to_string()),
+        });
+    }
+    let BinaryMessage { headers, body } = to_binary(event, prefix)?;
+    let (content, headers): (Vec<_>, Vec<_>) = headers.into_iter().partition(|(k, _)| k == CONTENT_TYPE);
+    Ok(Encoded { headers, body, content_type: content.into_iter().next().map(|(_, v)| v) })
+}
+
+/// Decodes either mode: a structured content type means the body is the whole event, anything
+/// else is binary mode. `content_type` is the message's content type when the protocol keeps it
+/// outside the headers (AMQP); NATS passes `None` and a `content-type` header.
+pub fn decode<'a>(
+    headers: impl IntoIterator<Item = (&'a str, &'a str)>,
+    content_type: Option<&'a str>,
+    body: &[u8],
+    prefix: HeaderPrefix,
+) -> Result<CloudEvent> {
+    let mut all: Vec<(&str, &str)> = headers.into_iter().collect();
+    if let Some(ct) = content_type {
+        all.retain(|(k, _)| !k.eq_ignore_ascii_case(CONTENT_TYPE));
+        all.push((CONTENT_TYPE, ct));
+    }
+    let ct = all.iter().find(|(k, _)| k.eq_ignore_ascii_case(CONTENT_TYPE)).map(|(_, v)| *v);
+    match ct.map(media_type) {
+        Some(t) if t == STRUCTURED_CONTENT_TYPE => {
+            CloudEvent::from_json(body).map_err(|e| Error::Invalid(format!("structured event: {e}")))
+        }
+        Some(t) if t.starts_with("application/cloudevents") => {
+            Err(Error::Invalid(format!("content type {t} is not supported (only single events in JSON)")))
+        }
+        _ => from_binary(all, body, prefix),
+    }
+}
+
+/// Whether a content type carries JSON: none, `application/json`, `text/json` or `*+json`.
+pub fn is_json_content_type(content_type: Option<&str>) -> bool {
+    content_type.is_none_or(|ct| {
+        let t = media_type(ct);
+        t == "application/json" || t == "text/json" || t.ends_with("+json")
+    })
+}
+
+/// The media type without parameters, lower-cased (`Application/JSON; charset=utf-8` ->
+/// `application/json`).
+fn media_type(content_type: &str) -> String {
+    content_type.split(';').next().unwrap_or_default().trim().to_ascii_lowercase()
+}
+
+/// Standard base64 with padding, for binary data that arrives under a non-text content type.
+fn base64(bytes: &[u8]) -> String {
+    const ALPHABET: &[u8; 64] = b"ABCDEFGHIJKLMNOPQRSTUVWXYZabcdefghijklmnopqrstuvwxyz0123456789+/";
+    let mut out = String::with_capacity(bytes.len().div_ceil(3) * 4);
+    for chunk in bytes.chunks(3) {
+        let n = chunk.iter().enumerate().fold(0u32, |acc, (i, b)| acc | (u32::from(*b) << (16 - 8 * i)));
+        for i in 0..4 {
+            if i <= chunk.len() {
+                out.push(char::from(ALPHABET[(n >> (18 - 6 * i)) as usize & 63]));
+            } else {
+                out.push('=');
+            }
+        }
+    }
+    out
 }
 
 #[cfg(test)]
@@ -137,5 +238,63 @@ mod tests {
         let bad = [("ce-id", "1"), ("ce-source", "s"), ("ce-type", "t"), ("ce-data", "x")];
         assert!(matches!(from_binary(bad, b"", HeaderPrefix::HTTP), Err(Error::Invalid(_))));
         assert_eq!(from_binary(ok, b"", HeaderPrefix::HTTP).expect("decodes").id, "1");
+    }
+
+    #[test]
+    fn encode_picks_the_mode_and_decode_reads_both() {
+        let m = encode(&event(), HeaderPrefix::HTTP).expect("encodes");
+        assert_eq!(m.content_type.as_deref(), Some("application/json"));
+        assert!(m.headers.iter().all(|(k, _)| k != CONTENT_TYPE));
+        let headers = m.headers.iter().map(|(k, v)| (k.as_str(), v.as_str()));
+        let back = decode(headers, m.content_type.as_deref(), &m.body, HeaderPrefix::HTTP);
+        assert_eq!(back.expect("decodes"), event());
+
+        let mut binary_data = event();
+        binary_data.data = None;
+        binary_data.datacontenttype = Some("application/octet-stream".into());
+        binary_data.data_base64 = Some("AAE=".into());
+        let m = encode(&binary_data, HeaderPrefix::AMQP).expect("encodes");
+        assert_eq!(m.content_type.as_deref(), Some(STRUCTURED_CONTENT_TYPE));
+        assert!(m.headers.is_empty());
+        let back = decode([], m.content_type.as_deref(), &m.body, HeaderPrefix::AMQP);
+        assert_eq!(back.expect("decodes"), binary_data);
+    }
+
+    #[test]
+    fn reads_a_structured_event_as_the_python_sdk_sends_it() {
+        // What `cloudevents.conversion.to_structured` produces, content type with a charset.
+        let body = br#"{"specversion": "1.0", "id": "A234-1234", "source": "https://example.com/event-producer",
+            "type": "com.example.someevent", "datacontenttype": "application/json",
+            "time": "2018-04-05T17:31:00Z", "comexampleextension1": "value", "data": {"message": "Hello"}}"#;
+        let headers = [("content-type", "application/cloudevents+json; charset=UTF-8")];
+        let ev = decode(headers, None, body, HeaderPrefix::HTTP).expect("decodes");
+        assert_eq!(ev.id, "A234-1234");
+        assert_eq!(ev.ext("comexampleextension1"), Some("value"));
+        assert_eq!(ev.data, Some(json!({"message": "Hello"})));
+        let missing = br#"{"specversion": "1.0", "source": "s", "type": "t"}"#;
+        let err = decode(headers, None, missing, HeaderPrefix::HTTP).expect_err("no id");
+        assert!(err.to_string().contains("`id`"), "{err}");
+        let batch = [("content-type", "application/cloudevents-batch+json")];
+        assert!(matches!(decode(batch, None, b"[]", HeaderPrefix::HTTP), Err(Error::Invalid(_))));
+    }
+
+    #[test]
+    fn text_and_bytes_under_other_content_types() {
+        let mut ev = CloudEvent::new("t1", "s", "t");
+        ev.datacontenttype = Some("text/plain".into());
+        ev.data = Some(json!("hello, world"));
+        let m = encode(&ev, HeaderPrefix::AMQP_UNDERSCORE).expect("encodes");
+        assert_eq!(m.body, b"hello, world");
+        assert!(m.headers.contains(&("cloudEvents_id".to_string(), "t1".to_string())));
+        let headers = m.headers.iter().map(|(k, v)| (k.as_str(), v.as_str()));
+        let back = decode(headers, m.content_type.as_deref(), &m.body, HeaderPrefix::AMQP_UNDERSCORE);
+        assert_eq!(back.expect("decodes"), ev);
+
+        let headers = [("ce-specversion", "1.0"), ("ce-id", "b"), ("ce-source", "s"), ("ce-type", "t")];
+        let back = decode(headers, Some("application/octet-stream"), &[0, 1, 0xff], HeaderPrefix::HTTP);
+        assert_eq!(back.expect("decodes").data_base64.as_deref(), Some("AAH/"));
+        assert_eq!(base64(b"Man"), "TWFu");
+        assert_eq!(base64(b"Ma"), "TWE=");
+        assert_eq!(base64(b"M"), "TQ==");
     }
 }

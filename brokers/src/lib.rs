@@ -16,8 +16,12 @@ use std::time::Duration;
 use async_trait::async_trait;
 use capstan_proto::CloudEvent;
 
+#[cfg(feature = "amqp")]
+pub mod amqp;
 pub mod binding;
 pub mod memory;
+#[cfg(feature = "nats")]
+pub mod nats;
 #[cfg(any(test, feature = "testing"))]
 pub mod testing;
 

@@ -1,0 +1,183 @@
+//! The conformance suite and RabbitMQ-specific behaviour against the RabbitMQ on 127.0.0.1:5672
+//! (started by `deploy/local/services.sh rabbitmq`): structured input, dead letters, and a
+//! subscription surviving a broker restart (`rabbitmqctl stop_app` / `start_app`).
+//!
+//! The restart test takes an exclusive file lock and every other test here a shared one, so
+//! that no test sees the shared broker vanish mid-case, under `cargo test` and `cargo nextest`.
+
+use std::collections::BTreeSet;
+use std::fs::File;
+use std::time::Duration;
+
+use async_trait::async_trait;
+use serde_json::json;
+use tokio::time::{Instant, timeout};
+
+use super::{AmqpBroker, AmqpConfig};
+use crate::testing::{Options, expect_quiet, message, recv, unique_topic};
+use crate::{Broker, Message, Result, Subscription, SubscriptionMode};
+
+const URL: &str = "amqp://guest:guest@127.0.0.1:5672/%2f";
+const PATIENCE: Duration = Duration::from_secs(60);
+
+fn config() -> AmqpConfig {
+    AmqpConfig { exchange: "capstan-test".into(), ..AmqpConfig::default() }
+}
+
+/// Serializes the restart test against every other test of the shared broker.
+fn broker_lock(exclusive: bool) -> File {
+    let path = std::env::temp_dir().join("capstan-rabbitmq.lock");
+    let file = File::create(&path).unwrap_or_else(|e| panic!("lock file {path:?}: {e}"));
+    let locked = if exclusive { file.lock() } else { file.lock_shared() };
+    locked.unwrap_or_else(|e| panic!("lock {path:?}: {e}"));
+    file
+}
+
+async fn connect() -> AmqpBroker {
+    match AmqpBroker::connect(URL, config()).await {
+        Ok(b) => b,
+        Err(e) => panic!("RabbitMQ is needed at {URL} ({e}); start it with deploy/local/services.sh rabbitmq"),
+    }
+}
+
+/// A broker holding the shared lock for as long as the test uses it.
+struct Locked {
+    broker: AmqpBroker,
+    _lock: File,
+}
+
+#[async_trait]
+impl Broker for Locked {
+    async fn publish(&self, messages: Vec<Message>) -> Result<()> {
+        self.broker.publish(messages).await
+    }
+
+    async fn subscribe(&self, topic: &str, mode: SubscriptionMode) -> Result<Box<dyn Subscription>> {
+        self.broker.subscribe(topic, mode).await
+    }
+}
+
+async fn locked() -> Locked {
+    let lock = broker_lock(false);
+    Locked { broker: connect().await, _lock: lock }
+}
+
+fn options() -> Options {
+    Options { max_payload: config().max_payload, patience: PATIENCE, quiet: Duration::from_millis(500) }
+}
+
+mod conformance {
+    use super::*;
+
+    crate::conformance_tests! {
+        #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+        make = locked,
+        options = options(),
+    }
+}
+
+fn group(name: &str) -> SubscriptionMode {
+    SubscriptionMode::Competing { group: name.into() }
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn reads_structured_events_and_dead_letters_garbage() -> anyhow::Result<()> {
+    use lapin::options::{BasicGetOptions, BasicPublishOptions};
+    use lapin::types::{AMQPValue, FieldTable};
+
+    let b = locked().await;
+    let topic = unique_topic("amqp-modes");
+    let mut s = b.subscribe(&topic, group("g")).await?;
+    let (_, channel) = b.broker.inner.link().await?;
+    let mut garbage = FieldTable::default();
+    garbage.insert("cloudEvents:id".into(), AMQPValue::LongString("only-an-id".into()));
+    let structured = message(&topic, "", "structured-1", json!({"from": "python"}));
+    let sends = [
+        (lapin::BasicProperties::default().with_headers(garbage), b"{}".to_vec()),
+        (
+            lapin::BasicProperties::default().with_content_type("application/cloudevents+json".into()),
+            structured.event.to_json(),
+        ),
+    ];
+    for (props, body) in sends {
+        channel
+            .basic_publish("capstan-test".into(), topic.as_str().into(), BasicPublishOptions::default(), &body, props)
+            .await?
+            .await?;
+    }
+    let d = recv(&mut s, PATIENCE, "the structured event after the garbage").await;
+    assert_eq!(d.message.event, structured.event);
+    d.ack().await?;
+    expect_quiet(&mut s, Duration::from_millis(500), "garbage is not delivered").await;
+
+    // The dead-letter queue is shared by all tests: look for this test's message.
+    let mut found = None;
+    while let Some(m) = channel.basic_get(b.broker.dead_letter_queue().into(), BasicGetOptions { no_ack: true }).await?
+    {
+        if m.delivery.routing_key.as_str() == topic {
+            found = m.delivery.properties.headers().clone();
+            break;
+        }
+    }
+    let reason = found.and_then(|h| h.inner().get("capstan-dead-reason").and_then(super::subscription::text_of));
+    assert!(reason.as_deref().is_some_and(|r| r.contains("missing")), "the dead letter says why: {reason:?}");
+    Ok(())
+}
+
+/// Starts the RabbitMQ application again when dropped, so that a failing test leaves it up.
+struct Restarter;
+
+impl Drop for Restarter {
+    fn drop(&mut self) {
+        rabbitmqctl("start_app");
+    }
+}
+
+fn rabbitmqctl(command: &str) {
+    match std::process::Command::new("rabbitmqctl").arg(command).output() {
+        Ok(out) if out.status.success() => {}
+        other => panic!("rabbitmqctl {command} failed: {other:?} (see deploy/local/services.sh rabbitmq)"),
+    }
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn subscriptions_survive_a_broker_restart() -> anyhow::Result<()> {
+    let _lock = broker_lock(true);
+    let b = connect().await;
+    let topic = unique_topic("amqp-restart");
+    let mut worker = b.subscribe(&topic, group("g")).await?;
+    let mut watcher = b.subscribe(&topic, SubscriptionMode::Broadcast).await?;
+    let before: Vec<Message> = (0..3).map(|i| message(&topic, "k", &format!("before-{i}"), json!(i))).collect();
+    b.publish(before).await?;
+    for s in [&mut worker, &mut watcher] {
+        for _ in 0..3 {
+            recv(s, PATIENCE, "before the restart").await.ack().await?;
+        }
+    }
+    {
+        let _restarter = Restarter;
+        rabbitmqctl("stop_app");
+    }
+    let after: Vec<Message> = (0..3).map(|i| message(&topic, "k", &format!("after-{i}"), json!(i))).collect();
+    // Give the subscriptions time to reopen their queues: a broadcast queue is a new one, and
+    // only gets what is published after it exists.
+    let deadline = Instant::now() + PATIENCE;
+    loop {
+        match b.publish(after.clone()).await {
+            Ok(()) => break,
+            Err(e) => assert!(Instant::now() < deadline, "publish after the restart: {e}"),
+        }
+        tokio::time::sleep(Duration::from_millis(500)).await;
+    }
+    let mut ids = BTreeSet::new();
+    while ids.len() < 3 {
+        let next = timeout(PATIENCE, worker.next()).await;
+        let d = next
+            .map_err(|_| anyhow::anyhow!("competing: nothing after the restart"))?
+            .map_err(|e| anyhow::anyhow!("competing: {e}"))?;
+        assert!(d.message.event.id.starts_with("after-"), "{}", d.message.event.id);
+        ids.insert(d.message.event.id.clone());
+        d.ack().await?;
+    }
+    Ok(())
+}

@@ -1,0 +1,291 @@
+//! NATS JetStream implementation of the [`Broker`] trait (feature `nats`), for servers 2.9 and
+//! later: only the 2.9 JetStream API is used (one filter subject per consumer, no metadata).
+//!
+//! Topology, created idempotently by [`NatsBroker::connect`]:
+//! - one stream (`NatsConfig::stream`, file storage, interest retention) holding the subjects
+//!   `<subject_prefix>.>`; a topic `a.b` is the subject `<subject_prefix>.a.b`;
+//! - one dead-letter stream (`<stream>_DEAD`, limits retention) holding
+//!   `<subject_prefix>-dead.>` for messages that arrive but cannot be decoded.
+//!
+//! A competing group is a durable pull consumer shared by its members; a broadcast subscription
+//! an ephemeral pull consumer delivering only what is published after it was created. Messages
+//! use the CloudEvents NATS binding in binary mode (`ce-*` headers, `content-type`, data as the
+//! payload); structured mode is accepted on input. The key travels in the `capstan-key` header,
+//! and `Nats-Msg-Id` (topic and event id) lets JetStream drop a republished duplicate within
+//! the stream's duplicate window.
+
+mod subscription;
+#[cfg(test)]
+mod tests;
+
+use std::sync::Arc;
+use std::time::Duration;
+
+use async_nats::HeaderMap;
+use async_nats::jetstream::{self, message::PublishMessage, stream};
+use async_trait::async_trait;
+
+use crate::binding::{self, HeaderPrefix};
+use crate::{Broker, Error, Message, Result, Subscription, SubscriptionMode};
+use subscription::{ConsumerSpec, NatsSubscription};
+
+/// The header carrying [`Message::key`].
+pub const KEY_HEADER: &str = "capstan-key";
+/// The header a dead-lettered message carries: why it could not be decoded.
+pub const DEAD_REASON_HEADER: &str = "capstan-dead-reason";
+/// JetStream's deduplication header.
+const MSG_ID_HEADER: &str = "Nats-Msg-Id";
+
+/// Settings of a [`NatsBroker`].
+#[derive(Debug, Clone)]
+pub struct NatsConfig {
+    /// The JetStream stream's name (no dots or spaces).
+    pub stream: String,
+    /// The first subject token: topics live under `<subject_prefix>.`.
+    pub subject_prefix: String,
+    /// How long a delivery may stay unsettled before JetStream redelivers it.
+    pub ack_wait: Duration,
+    /// The largest message (headers and payload) to publish; the server's own limit wins when
+    /// it is lower.
+    pub max_payload: usize,
+    /// How many messages one subscription pulls ahead of its consumer.
+    pub prefetch: usize,
+    /// How long one pull request waits on the server for messages.
+    pub pull_expires: Duration,
+    /// How long the stream keeps a message nobody settles.
+    pub max_age: Duration,
+    /// The window within which JetStream drops a message republished with the same id.
+    pub duplicate_window: Duration,
+    /// Stream replicas (1 for a single server, 3 in a cluster).
+    pub replicas: usize,
+    /// How long the server keeps a broadcast consumer that stopped pulling.
+    pub broadcast_inactive: Duration,
+}
+
+impl Default for NatsConfig {
+    fn default() -> Self {
+        NatsConfig {
+            stream: "CAPSTAN".into(),
+            subject_prefix: "capstan".into(),
+            ack_wait: Duration::from_secs(30),
+            max_payload: 1024 * 1024,
+            prefetch: 64,
+            pull_expires: Duration::from_secs(5),
+            max_age: Duration::from_secs(7 * 24 * 3600),
+            duplicate_window: Duration::from_secs(120),
+            replicas: 1,
+            broadcast_inactive: Duration::from_secs(300),
+        }
+    }
+}
+
+/// A [`Broker`] on NATS JetStream; clones share one connection.
+#[derive(Clone)]
+pub struct NatsBroker {
+    client: async_nats::Client,
+    js: jetstream::Context,
+    config: Arc<NatsConfig>,
+    limit: usize,
+}
+
+impl std::fmt::Debug for NatsBroker {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("NatsBroker").field("config", &self.config).field("limit", &self.limit).finish_non_exhaustive()
+    }
+}
+
+impl NatsBroker {
+    /// Connects (e.g. to `nats://127.0.0.1:4222`) and creates the streams if they are missing.
+    /// The client reconnects by itself, without limit, after the connection is lost.
+    pub async fn connect(url: &str, config: NatsConfig) -> Result<Self> {
+        check_name("stream", &config.stream)?;
+        check_name("subject prefix", &config.subject_prefix)?;
+        let client = async_nats::ConnectOptions::new()
+            .name("capstan")
+            .event_callback(|event| async move {
+                tracing::info!(%event, "nats connection event");
+            })
+            .connect(url)
+            .await
+            .map_err(|e| Error::Unavailable(format!("connect to {url}: {e}")))?;
+        let limit = config.max_payload.min(client.server_info().max_payload);
+        let js = jetstream::new(client.clone());
+        let broker = NatsBroker { client, js, config: Arc::new(config), limit };
+        broker.ensure_streams().await?;
+        Ok(broker)
+    }
+
+    /// The largest message `publish` accepts, in bytes (headers and payload).
+    pub fn max_payload(&self) -> usize {
+        self.limit
+    }
+
+    /// The dead-letter stream's name.
+    pub fn dead_letter_stream(&self) -> String {
+        format!("{}_DEAD", self.config.stream)
+    }
+
+    /// The NATS client, for operations beyond the trait (health checks, tests).
+    pub fn client(&self) -> &async_nats::Client {
+        &self.client
+    }
+
+    async fn ensure_streams(&self) -> Result<()> {
+        let c = &self.config;
+        let main = stream::Config {
+            name: c.stream.clone(),
+            subjects: vec![format!("{}.>", c.subject_prefix)],
+            storage: stream::StorageType::File,
+            retention: stream::RetentionPolicy::Interest,
+            max_age: c.max_age,
+            duplicate_window: c.duplicate_window,
+            num_replicas: c.replicas,
+            max_message_size: i32::try_from(self.limit).unwrap_or(i32::MAX),
+            ..Default::default()
+        };
+        let dead = stream::Config {
+            name: self.dead_letter_stream(),
+            subjects: vec![format!("{}-dead.>", c.subject_prefix)],
+            storage: stream::StorageType::File,
+            retention: stream::RetentionPolicy::Limits,
+            max_age: c.max_age,
+            num_replicas: c.replicas,
+            ..Default::default()
+        };
+        for config in [main, dead] {
+            let name = config.name.clone();
+            self.js
+                .get_or_create_stream(config)
+                .await
+                .map_err(|e| Error::Unavailable(format!("stream {name}: {e}")))?;
+        }
+        Ok(())
+    }
+
+    fn subject(&self, topic: &str) -> Result<String> {
+        check_topic(topic)?;
+        Ok(format!("{}.{topic}", self.config.subject_prefix))
+    }
+}
+
+#[async_trait]
+impl Broker for NatsBroker {
+    async fn publish(&self, messages: Vec<Message>) -> Result<()> {
+        // Everything is encoded and checked before the first message leaves, so that a bad
+        // batch is refused whole.
+        let mut prepared = Vec::with_capacity(messages.len());
+        for m in &messages {
+            let subject = self.subject(&m.topic)?;
+            let (headers, payload) = encode(m)?;
+            let size = header_bytes(&headers) + payload.len();
+            if size > self.limit {
+                return Err(Error::TooLarge { size, limit: self.limit });
+            }
+            prepared.push((subject, headers, payload));
+        }
+        // Pipelined: send all, then wait for every PubAck.
+        let mut acks = Vec::with_capacity(prepared.len());
+        for (subject, headers, payload) in prepared {
+            let publish = PublishMessage::build().payload(payload.into()).headers(headers);
+            let ack = self
+                .js
+                .send_publish(subject, publish)
+                .await
+                .map_err(|e| Error::Unavailable(format!("publish: {e}")))?;
+            acks.push(ack);
+        }
+        for ack in acks {
+            ack.await.map_err(|e| Error::Unavailable(format!("publish not confirmed: {e}")))?;
+        }
+        Ok(())
+    }
+
+    async fn subscribe(&self, topic: &str, mode: SubscriptionMode) -> Result<Box<dyn Subscription>> {
+        let subject = self.subject(topic)?;
+        let spec = match mode {
+            SubscriptionMode::Competing { group } => {
+                if group.is_empty() {
+                    return Err(Error::Invalid("group name is empty".into()));
+                }
+                ConsumerSpec::Durable(durable_name(&group, topic))
+            }
+            SubscriptionMode::Broadcast => {
+                ConsumerSpec::Broadcast(format!("capstan-b-{}", self.client.new_inbox().replace('.', "")))
+            }
+        };
+        let sub = NatsSubscription::start(
+            self.js.clone(),
+            Arc::clone(&self.config),
+            subject,
+            format!("{}-dead.{topic}", self.config.subject_prefix),
+            spec,
+        )
+        .await?;
+        Ok(Box::new(sub))
+    }
+}
+
+/// Binary-mode headers and payload of a message.
+fn encode(m: &Message) -> Result<(HeaderMap, Vec<u8>)> {
+    let encoded = binding::encode(&m.event, HeaderPrefix::HTTP)?;
+    let mut headers = HeaderMap::new();
+    for (name, value) in encoded.headers {
+        headers.insert(name.as_str(), value);
+    }
+    if let Some(ct) = encoded.content_type {
+        headers.insert(binding::CONTENT_TYPE, ct);
+    }
+    headers.insert(KEY_HEADER, m.key.as_str());
+    headers.insert(MSG_ID_HEADER, format!("{}:{}", m.topic, m.event.id));
+    Ok((headers, encoded.body))
+}
+
+/// The bytes headers take on the wire (`NATS/1.0\r\n`, `name: value\r\n` each, `\r\n`):
+/// the server's max_payload counts them.
+fn header_bytes(headers: &HeaderMap) -> usize {
+    let lines: usize = headers
+        .iter()
+        .map(|(name, values)| values.iter().map(|v| name.to_string().len() + v.as_str().len() + 4).sum::<usize>())
+        .sum();
+    10 + lines + 2
+}
+
+/// Topics are subject tokens joined by dots: no empty token, no wildcard, no whitespace.
+fn check_topic(topic: &str) -> Result<()> {
+    let bad = topic.is_empty()
+        || topic.split('.').any(|t| t.is_empty() || t == "*" || t == ">")
+        || topic.chars().any(|c| c.is_whitespace() || c.is_control());
+    if bad {
+        return Err(Error::Invalid(format!("topic {topic:?} is not a NATS subject")));
+    }
+    Ok(())
+}
+
+fn check_name(what: &str, name: &str) -> Result<()> {
+    if name.is_empty() || name.contains(['.', '*', '>', ' ', '\t', '/', '\\']) {
+        return Err(Error::Invalid(format!("{what} {name:?} is not a valid NATS name")));
+    }
+    Ok(())
+}
+
+/// The durable consumer of a group on a topic. Consumer names may not hold dots, so both are
+/// sanitized for reading and a stable hash of the exact pair keeps distinct pairs apart.
+fn durable_name(group: &str, topic: &str) -> String {
+    let clean = |s: &str| -> String {
+        s.chars().map(|c| if c.is_ascii_alphanumeric() || c == '-' || c == '_' { c } else { '_' }).take(48).collect()
+    };
+    format!("{}--{}--{:016x}", clean(group), clean(topic), fnv1a(&[group, topic]))
+}
+
+/// FNV-1a over the parts, each followed by a zero byte: stable across Rust releases, unlike
+/// `DefaultHasher`, because the name must stay the same across restarts and versions.
+fn fnv1a(parts: &[&str]) -> u64 {
+    let mut hash: u64 = 0xcbf2_9ce4_8422_2325;
+    for part in parts {
+        for b in part.bytes().chain(std::iter::once(0)) {
+            hash ^= u64::from(b);
+            hash = hash.wrapping_mul(0x0000_0100_0000_01b3);
+        }
+    }
+    hash
+}

@@ -1,0 +1,346 @@
+//! A NATS subscription: a task pulls batches from its JetStream consumer into a channel, and
+//! `next` decodes them. The task, not `next`, owns the pull requests, so a `next` cancelled by a
+//! timeout loses nothing.
+//!
+//! What is handed back early rather than left to `ack_wait`: a delivery dropped unsettled, the
+//! unsettled deliveries and the buffered messages of a dropped subscription, and whatever the
+//! pull task still receives after the subscription is gone. Each is NAKed, so another member
+//! of the group gets it at once.
+
+use std::sync::{Arc, Mutex, Weak};
+use std::time::Duration;
+
+use async_nats::jetstream::consumer::{self, AckPolicy, DeliverPolicy, PullConsumer};
+use async_nats::jetstream::{self, AckKind};
+use async_nats::{HeaderMap, Subject};
+use async_trait::async_trait;
+use bytes::Bytes;
+use futures::StreamExt;
+use tokio::sync::mpsc;
+
+use super::{DEAD_REASON_HEADER, KEY_HEADER, NatsConfig};
+use crate::binding::{self, HeaderPrefix};
+use crate::{Acker, Delivery, Error, Message, Result, Subscription};
+
+/// Which consumer a subscription reads.
+#[derive(Debug, Clone)]
+pub(super) enum ConsumerSpec {
+    /// A durable consumer shared by a competing group.
+    Durable(String),
+    /// An ephemeral consumer of one broadcast subscriber.
+    Broadcast(String),
+}
+
+impl ConsumerSpec {
+    fn name(&self) -> &str {
+        match self {
+            ConsumerSpec::Durable(n) | ConsumerSpec::Broadcast(n) => n,
+        }
+    }
+}
+
+/// Where the pull task reads from, and how it recreates its consumer after the server lost it.
+struct Source {
+    js: jetstream::Context,
+    config: Arc<NatsConfig>,
+    subject: String,
+    spec: ConsumerSpec,
+    /// The last stream sequence seen: a recreated broadcast consumer resumes after it.
+    last_seq: u64,
+}
+
+impl Source {
+    fn consumer_config(&self) -> consumer::pull::Config {
+        let c = &self.config;
+        let mut config = consumer::pull::Config {
+            filter_subject: self.subject.clone(),
+            ack_policy: AckPolicy::Explicit,
+            ack_wait: c.ack_wait,
+            max_deliver: -1,
+            max_ack_pending: -1,
+            ..Default::default()
+        };
+        match &self.spec {
+            ConsumerSpec::Durable(name) => {
+                config.durable_name = Some(name.clone());
+                config.deliver_policy = DeliverPolicy::New;
+            }
+            ConsumerSpec::Broadcast(name) => {
+                config.name = Some(name.clone());
+                config.inactive_threshold = c.broadcast_inactive;
+                config.deliver_policy = if self.last_seq == 0 {
+                    DeliverPolicy::New
+                } else {
+                    DeliverPolicy::ByStartSequence { start_sequence: self.last_seq + 1 }
+                };
+            }
+        }
+        config
+    }
+
+    /// Creates the consumer, or binds to it when it exists (a durable of the group).
+    async fn ensure(&self) -> Result<PullConsumer> {
+        let stream = &self.config.stream;
+        let created = self.js.create_consumer_on_stream(self.consumer_config(), stream).await;
+        match created {
+            Ok(c) => Ok(c),
+            Err(create) => {
+                // An existing durable created with other settings (say another ack_wait) is
+                // still the group's consumer: use it as it is rather than fail.
+                let existing: std::result::Result<PullConsumer, _> =
+                    self.js.get_consumer_from_stream(self.spec.name(), stream).await;
+                existing.map_err(|get| Error::Unavailable(format!("consumer {}: {create}; {get}", self.spec.name())))
+            }
+        }
+    }
+}
+
+/// A subscription to one JetStream consumer.
+pub(super) struct NatsSubscription {
+    rx: mpsc::Receiver<jetstream::Message>,
+    client: async_nats::Client,
+    js: jetstream::Context,
+    stream: String,
+    spec: ConsumerSpec,
+    dead_subject: String,
+    handed_out: Vec<Weak<Pending>>,
+}
+
+impl NatsSubscription {
+    /// Creates (or binds to) the consumer and starts the pull task.
+    pub(super) async fn start(
+        js: jetstream::Context,
+        config: Arc<NatsConfig>,
+        subject: String,
+        dead_subject: String,
+        spec: ConsumerSpec,
+    ) -> Result<Self> {
+        let source = Source { js: js.clone(), config: Arc::clone(&config), subject, spec: spec.clone(), last_seq: 0 };
+        let consumer = source.ensure().await?;
+        let (tx, rx) = mpsc::channel(config.prefetch.max(1));
+        tokio::spawn(pull(source, consumer, tx));
+        Ok(NatsSubscription {
+            rx,
+            client: js.client(),
+            js,
+            stream: config.stream.clone(),
+            spec,
+            dead_subject,
+            handed_out: Vec::new(),
+        })
+    }
+
+    /// Moves an undecodable message to the dead-letter stream with the reason, then ends its
+    /// redelivery (TERM), so it neither blocks the consumer nor vanishes.
+    async fn dead_letter(&self, msg: &jetstream::Message, reason: &str) {
+        tracing::warn!(subject = %msg.subject, reason, "undecodable message moved to dead letters");
+        let mut headers = msg.headers.clone().unwrap_or_default();
+        headers.insert(DEAD_REASON_HEADER, reason);
+        let sent = self.js.publish_with_headers(self.dead_subject.clone(), headers, msg.payload.clone()).await;
+        match sent {
+            Ok(ack) => {
+                if let Err(e) = ack.await {
+                    tracing::error!(error = %e, "dead letter not confirmed; leaving it to redelivery");
+                    return;
+                }
+            }
+            Err(e) => {
+                tracing::error!(error = %e, "dead letter not sent; leaving it to redelivery");
+                return;
+            }
+        }
+        if let Err(e) = msg.ack_with(AckKind::Term).await {
+            tracing::warn!(error = %e, "term of a dead-lettered message failed");
+        }
+    }
+}
+
+#[async_trait]
+impl Subscription for NatsSubscription {
+    async fn next(&mut self) -> Result<Delivery> {
+        loop {
+            let msg = self.rx.recv().await.ok_or(Error::Closed)?;
+            let (redeliveries, topic) = match msg.info() {
+                Ok(info) => (
+                    u32::try_from(info.delivered.saturating_sub(1)).unwrap_or(u32::MAX),
+                    msg.subject.as_str().split_once('.').map_or("", |(_, t)| t).to_string(),
+                ),
+                Err(e) => {
+                    tracing::warn!(error = %e, "a message without JetStream metadata was skipped");
+                    continue;
+                }
+            };
+            let empty = HeaderMap::new();
+            let headers = msg.headers.as_ref().unwrap_or(&empty);
+            let key = headers.get(KEY_HEADER).map(|v| v.as_str().to_string()).unwrap_or_default();
+            let pairs: Vec<(String, &str)> = headers
+                .iter()
+                .flat_map(|(name, values)| values.iter().map(move |v| (name.to_string(), v.as_str())))
+                .collect();
+            let decoded =
+                binding::decode(pairs.iter().map(|(k, v)| (k.as_str(), *v)), None, &msg.payload, HeaderPrefix::HTTP);
+            let event = match decoded {
+                Ok(event) => event,
+                Err(e) => {
+                    self.dead_letter(&msg, &e.to_string()).await;
+                    continue;
+                }
+            };
+            let Some(reply) = msg.reply.clone() else {
+                continue;
+            };
+            let pending = Arc::new(Pending { client: self.client.clone(), reply: Mutex::new(Some(reply)) });
+            // Forget settled or dropped deliveries now and then, so the list stays short.
+            if self.handed_out.len() >= 64 {
+                self.handed_out.retain(|w| w.strong_count() > 0);
+            }
+            self.handed_out.push(Arc::downgrade(&pending));
+            return Ok(Delivery {
+                message: Message { topic, key, event },
+                redeliveries,
+                acker: Box::new(NatsAcker(pending)),
+            });
+        }
+    }
+}
+
+impl Drop for NatsSubscription {
+    fn drop(&mut self) {
+        self.rx.close();
+        let Ok(runtime) = tokio::runtime::Handle::try_current() else {
+            return;
+        };
+        let mut replies: Vec<Subject> = Vec::new();
+        while let Ok(msg) = self.rx.try_recv() {
+            replies.extend(msg.reply.clone());
+        }
+        for pending in self.handed_out.iter().filter_map(Weak::upgrade) {
+            replies.extend(pending.take());
+        }
+        let client = self.client.clone();
+        let delete = match &self.spec {
+            ConsumerSpec::Broadcast(name) => Some((self.js.clone(), self.stream.clone(), name.clone())),
+            ConsumerSpec::Durable(_) => None,
+        };
+        runtime.spawn(async move {
+            for reply in replies {
+                settle(&client, reply, AckKind::Nak(None)).await.ok();
+            }
+            // A broadcast consumer serves only this subscriber; the inactivity threshold
+            // would remove it too, later.
+            if let Some((js, stream, name)) = delete
+                && let Err(e) = js.delete_consumer_from_stream(&name, &stream).await
+            {
+                tracing::debug!(error = %e, consumer = name, "broadcast consumer not deleted");
+            }
+        });
+    }
+}
+
+/// The pull loop: one batch request at a time, each message into the channel. After the
+/// subscription is gone it keeps draining the open request, NAKing what still arrives.
+async fn pull(mut source: Source, mut consumer: PullConsumer, tx: mpsc::Sender<jetstream::Message>) {
+    let config = Arc::clone(&source.config);
+    let mut backoff = Duration::from_millis(100);
+    loop {
+        if tx.is_closed() {
+            return;
+        }
+        let batch = consumer.batch().max_messages(config.prefetch.max(1)).expires(config.pull_expires).messages().await;
+        let mut failed = match batch {
+            Ok(mut batch) => {
+                let mut failed = false;
+                while let Some(item) = batch.next().await {
+                    match item {
+                        Ok(msg) => {
+                            if let Ok(info) = msg.info() {
+                                source.last_seq = info.stream_sequence;
+                            }
+                            if let Err(mpsc::error::SendError(msg)) = tx.send(msg).await
+                                && let Some(reply) = msg.reply.clone()
+                            {
+                                settle(&msg.context.client(), reply, AckKind::Nak(None)).await.ok();
+                            }
+                        }
+                        Err(e) => {
+                            tracing::warn!(error = %e, consumer = source.spec.name(), "pull failed");
+                            failed = true;
+                            break;
+                        }
+                    }
+                }
+                failed
+            }
+            Err(e) => {
+                tracing::warn!(error = %e, consumer = source.spec.name(), "pull request failed");
+                true
+            }
+        };
+        while failed && !tx.is_closed() {
+            // The server may have restarted and lost the consumer (ephemeral ones are not
+            // kept): wait, then create it again, resuming a broadcast after the last message.
+            tokio::time::sleep(backoff).await;
+            backoff = (backoff * 2).min(Duration::from_secs(5));
+            match source.ensure().await {
+                Ok(c) => {
+                    consumer = c;
+                    failed = false;
+                }
+                Err(e) => tracing::warn!(error = %e, "consumer not recreated yet"),
+            }
+        }
+        if !failed {
+            backoff = Duration::from_millis(100);
+        }
+    }
+}
+
+/// The reply subject of one delivery, taken by whichever settles it first.
+struct Pending {
+    client: async_nats::Client,
+    reply: Mutex<Option<Subject>>,
+}
+
+impl Pending {
+    fn take(&self) -> Option<Subject> {
+        self.reply.lock().unwrap_or_else(|p| p.into_inner()).take()
+    }
+}
+
+async fn settle(client: &async_nats::Client, reply: Subject, kind: AckKind) -> Result<()> {
+    client.publish(reply, Bytes::from(kind)).await.map_err(|e| Error::Unavailable(format!("settle: {e}")))
+}
+
+/// Settles one NATS delivery. A second settle is a no-op; dropping it unsettled NAKs it.
+struct NatsAcker(Arc<Pending>);
+
+#[async_trait]
+impl Acker for NatsAcker {
+    async fn ack(&self) -> Result<()> {
+        match self.0.take() {
+            Some(reply) => settle(&self.0.client, reply, AckKind::Ack).await,
+            None => Ok(()),
+        }
+    }
+
+    async fn nack(&self, delay: Duration) -> Result<()> {
+        // JetStream (2.7+) holds a NAKed message back for the delay itself.
+        let kind = AckKind::Nak((!delay.is_zero()).then_some(delay));
+        match self.0.take() {
+            Some(reply) => settle(&self.0.client, reply, kind).await,
+            None => Ok(()),
+        }
+    }
+}
+
+impl Drop for NatsAcker {
+    fn drop(&mut self) {
+        let Some(reply) = self.0.take() else {
+            return;
+        };
+        if let Ok(runtime) = tokio::runtime::Handle::try_current() {
+            let client = self.0.client.clone();
+            runtime.spawn(async move { settle(&client, reply, AckKind::Nak(None)).await.ok() });
+        }
+    }
+}

@@ -1,0 +1,239 @@
+//! The conformance suite and NATS-specific behaviour against the NATS server on 127.0.0.1:4222
+//! (started by `deploy/local/services.sh nats`): structured input, dead letters, and a
+//! subscription surviving a server restart.
+//!
+//! The restart test takes an exclusive file lock and every other test here a shared one, so
+//! that no test sees the shared server vanish mid-case, whether tests run as threads
+//! (`cargo test`) or as processes (`cargo nextest`).
+
+use std::collections::BTreeSet;
+use std::fs::File;
+use std::time::Duration;
+
+use async_trait::async_trait;
+use serde_json::json;
+use tokio::time::{Instant, timeout};
+
+use super::{DEAD_REASON_HEADER, NatsBroker, NatsConfig, check_name, check_topic, durable_name};
+use crate::Error;
+use crate::testing::{Options, expect_quiet, message, recv, unique_topic};
+use crate::{Broker, Message, Result, Subscription, SubscriptionMode};
+
+const URL: &str = "nats://127.0.0.1:4222";
+const PATIENCE: Duration = Duration::from_secs(60);
+
+fn config() -> NatsConfig {
+    NatsConfig {
+        stream: "CAPSTAN_TEST".into(),
+        subject_prefix: "capstantest".into(),
+        ack_wait: Duration::from_secs(10),
+        // Leftovers of test runs expire by themselves.
+        max_age: Duration::from_secs(3600),
+        ..NatsConfig::default()
+    }
+}
+
+/// Serializes the restart test against every other test of the shared server.
+fn server_lock(exclusive: bool) -> File {
+    let path = std::env::temp_dir().join("capstan-nats-server.lock");
+    let file = File::create(&path).unwrap_or_else(|e| panic!("lock file {path:?}: {e}"));
+    let locked = if exclusive { file.lock() } else { file.lock_shared() };
+    locked.unwrap_or_else(|e| panic!("lock {path:?}: {e}"));
+    file
+}
+
+async fn connect() -> NatsBroker {
+    match NatsBroker::connect(URL, config()).await {
+        Ok(b) => b,
+        Err(e) => panic!("NATS with JetStream is needed at {URL} ({e}); start it with deploy/local/services.sh nats"),
+    }
+}
+
+/// A broker holding the shared server lock for as long as the test uses it.
+struct Locked {
+    broker: NatsBroker,
+    _lock: File,
+}
+
+#[async_trait]
+impl Broker for Locked {
+    async fn publish(&self, messages: Vec<Message>) -> Result<()> {
+        self.broker.publish(messages).await
+    }
+
+    async fn subscribe(&self, topic: &str, mode: SubscriptionMode) -> Result<Box<dyn Subscription>> {
+        self.broker.subscribe(topic, mode).await
+    }
+}
+
+async fn locked() -> Locked {
+    let lock = server_lock(false);
+    Locked { broker: connect().await, _lock: lock }
+}
+
+fn options() -> Options {
+    Options { max_payload: 1024 * 1024, patience: PATIENCE, quiet: Duration::from_millis(500) }
+}
+
+mod conformance {
+    use super::*;
+
+    crate::conformance_tests! {
+        #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+        make = locked,
+        options = options(),
+    }
+}
+
+fn group(name: &str) -> SubscriptionMode {
+    SubscriptionMode::Competing { group: name.into() }
+}
+
+#[tokio::test]
+async fn reads_structured_events_and_dead_letters_garbage() -> anyhow::Result<()> {
+    let b = locked().await;
+    let topic = unique_topic("nats-modes");
+    let mut s = b.subscribe(&topic, group("g")).await?;
+    let subject = format!("capstantest.{topic}");
+    let js = async_nats::jetstream::new(b.broker.client().clone());
+
+    let mut garbage = async_nats::HeaderMap::new();
+    garbage.insert("ce-id", "no-source-no-type");
+    js.publish_with_headers(subject.clone(), garbage, "{}".into()).await?.await?;
+    let structured = message(&topic, "", "structured-1", json!({"from": "python"}));
+    let mut headers = async_nats::HeaderMap::new();
+    headers.insert("content-type", "application/cloudevents+json; charset=utf-8");
+    js.publish_with_headers(subject.clone(), headers, structured.event.to_json().into()).await?.await?;
+
+    let d = recv(&mut s, PATIENCE, "the structured event after the garbage").await;
+    assert_eq!(d.message.event, structured.event);
+    assert_eq!(d.message.topic, topic);
+    d.ack().await?;
+    expect_quiet(&mut s, Duration::from_millis(500), "garbage is not delivered").await;
+
+    let dead = js.get_stream(b.broker.dead_letter_stream()).await?;
+    let kept = dead.get_last_raw_message_by_subject(&format!("capstantest-dead.{topic}")).await?;
+    let reason = kept.headers.get(DEAD_REASON_HEADER).map(|v| v.as_str().to_string());
+    assert!(reason.as_deref().is_some_and(|r| r.contains("missing")), "the dead letter says why: {reason:?}");
+    Ok(())
+}
+
+#[tokio::test]
+async fn unsettled_deliveries_of_a_dropped_subscription_go_to_the_next_member() -> anyhow::Result<()> {
+    let b = locked().await;
+    let topic = unique_topic("nats-drop-buffered");
+    let mut first = b.subscribe(&topic, group("g")).await?;
+    let sent: Vec<Message> = (0..10).map(|i| message(&topic, "k", &format!("b{i}"), json!(i))).collect();
+    b.publish(sent).await?;
+    // Hold one delivery while the rest sit in the subscription's buffer, then drop both.
+    let held = recv(&mut first, PATIENCE, "first delivery").await;
+    let mut second = b.subscribe(&topic, group("g")).await?;
+    drop(first);
+    let started = Instant::now();
+    let mut ids = BTreeSet::new();
+    while ids.len() < 10 {
+        let d = recv(&mut second, PATIENCE, "redelivery to the second member").await;
+        ids.insert(d.message.event.id.clone());
+        d.ack().await?;
+    }
+    held.ack().await?;
+    assert!(started.elapsed() < config().ack_wait, "handed back at once, not after ack_wait ({:?})", started.elapsed());
+    Ok(())
+}
+
+/// Starts nats-server again when dropped, so that a failing test leaves the server up.
+struct Restarter;
+
+impl Restarter {
+    fn stop(&self) {
+        run("start-stop-daemon", &["--stop", "--retry", "10", "--exec", "/usr/sbin/nats-server"]);
+    }
+}
+
+impl Drop for Restarter {
+    fn drop(&mut self) {
+        std::fs::create_dir_all("/var/lib/nats-server").ok();
+        run(
+            "start-stop-daemon",
+            &[
+                "--start",
+                "--oknodo",
+                "--background",
+                "--exec",
+                "/usr/sbin/nats-server",
+                "--",
+                "-a",
+                "127.0.0.1",
+                "-p",
+                "4222",
+                "-js",
+                "-sd",
+                "/var/lib/nats-server",
+                "-l",
+                "/var/log/nats-server.log",
+            ],
+        );
+    }
+}
+
+fn run(program: &str, args: &[&str]) {
+    match std::process::Command::new(program).args(args).status() {
+        Ok(status) if status.success() => {}
+        other => panic!("{program} {args:?} failed: {other:?} (see deploy/local/services.sh nats)"),
+    }
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn subscriptions_survive_a_server_restart() -> anyhow::Result<()> {
+    let _lock = server_lock(true);
+    let b = connect().await;
+    let topic = unique_topic("nats-restart");
+    let mut worker = b.subscribe(&topic, group("g")).await?;
+    let mut watcher = b.subscribe(&topic, SubscriptionMode::Broadcast).await?;
+    let before: Vec<Message> = (0..3).map(|i| message(&topic, "k", &format!("before-{i}"), json!(i))).collect();
+    b.publish(before).await?;
+    for s in [&mut worker, &mut watcher] {
+        for _ in 0..3 {
+            recv(s, PATIENCE, "before the restart").await.ack().await?;
+        }
+    }
+
+    {
+        let restarter = Restarter;
+        restarter.stop();
+    }
+
+    // Publishing fails until the client has reconnected; a retry of a batch that did reach
+    // the stream is dropped as a duplicate (Nats-Msg-Id).
+    let after: Vec<Message> = (0..3).map(|i| message(&topic, "k", &format!("after-{i}"), json!(i))).collect();
+    let deadline = Instant::now() + PATIENCE;
+    while let Err(e) = b.publish(after.clone()).await {
+        assert!(Instant::now() < deadline, "publish after the restart: {e}");
+        tokio::time::sleep(Duration::from_millis(250)).await;
+    }
+    for (name, s) in [("competing", &mut worker), ("broadcast", &mut watcher)] {
+        let mut ids = BTreeSet::new();
+        while ids.len() < 3 {
+            let next = timeout(PATIENCE, s.next()).await;
+            let d = next
+                .map_err(|_| anyhow::anyhow!("{name}: nothing after the restart"))?
+                .map_err(|e| anyhow::anyhow!("{name}: {e}"))?;
+            assert!(d.message.event.id.starts_with("after-"), "{name}: {}", d.message.event.id);
+            ids.insert(d.message.event.id.clone());
+            d.ack().await?;
+        }
+    }
+    Ok(())
+}
+
+#[test]
+fn names_are_valid_and_stable() {
+    let name = durable_name("g.x", "conformance.order.1-2-3");
+    assert_eq!(name, durable_name("g.x", "conformance.order.1-2-3"));
+    assert!(check_name("consumer", &name).is_ok(), "{name}");
+    assert_ne!(name, durable_name("g_x", "conformance.order.1-2-3"));
+    assert!(check_topic("dev.capstan.task").is_ok());
+    for bad in ["", "a..b", "a.*", ">", "a b", ".a"] {
+        assert!(matches!(check_topic(bad), Err(Error::Invalid(_))), "{bad:?}");
+    }
+}
