@@ -18,12 +18,19 @@
 mod attempt;
 mod echo;
 mod handler;
+mod scope;
 mod shell;
+pub mod template;
+#[cfg(test)]
+mod test_server;
+mod webhook;
 pub mod worker;
 
 pub use echo::{EchoConfig, EchoWorker};
 pub use handler::{BidTerms, CancelSignal, Handler, Outcome, TaskContext};
+pub use scope::{Scope, ScopedFiles};
 pub use shell::{ShellConfig, ShellWorker};
+pub use webhook::{Guard, GuardError, WebhookConfig, WebhookWorker};
 pub use worker::{Worker, WorkerConfig};
 
 /// What went wrong in a worker.
