@@ -18,8 +18,11 @@
 mod attempt;
 mod echo;
 mod handler;
+mod prometheus;
 mod scope;
 mod shell;
+pub mod sli;
+mod static_sli;
 pub mod template;
 #[cfg(test)]
 mod test_server;
@@ -29,7 +32,9 @@ pub mod worker;
 pub use echo::{EchoConfig, EchoWorker};
 pub use handler::{BidTerms, CancelSignal, Handler, Outcome, TaskContext};
 pub use scope::{Scope, ScopedFiles};
+pub use prometheus::{PrometheusConfig, PrometheusSliWorker};
 pub use shell::{ShellConfig, ShellWorker};
+pub use static_sli::StaticSliWorker;
 pub use webhook::{Guard, GuardError, WebhookConfig, WebhookWorker};
 pub use worker::{Worker, WorkerConfig};
 
