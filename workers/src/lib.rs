@@ -17,6 +17,7 @@
 
 mod attempt;
 mod echo;
+mod evaluation;
 mod handler;
 mod prometheus;
 mod scope;
@@ -30,6 +31,7 @@ mod webhook;
 pub mod worker;
 
 pub use echo::{EchoConfig, EchoWorker};
+pub use evaluation::{EvaluationConfig, EvaluationWorker};
 pub use handler::{BidTerms, CancelSignal, Handler, Outcome, TaskContext};
 pub use scope::{Scope, ScopedFiles};
 pub use prometheus::{PrometheusConfig, PrometheusSliWorker};
