@@ -19,8 +19,6 @@
 //! top-level `result` on purpose: carried into a later evaluation's input, it would read as
 //! an earlier task's verdict.
 
-use std::collections::BTreeMap;
-
 use async_trait::async_trait;
 use capstan_engine::slo::{self, PreviousResult};
 use capstan_proto::TaskResult;
@@ -28,7 +26,7 @@ use serde_json::{Value, json};
 
 use crate::handler::{Handler, Outcome, TaskContext};
 use crate::scope::{Scope, ScopedFiles};
-use crate::sli::number;
+use crate::sli::{SliReport, number};
 
 /// Where the evaluation worker finds `slo.yaml` files.
 #[derive(Debug, Clone, Default)]
@@ -68,7 +66,9 @@ impl Handler for EvaluationWorker {
             Ok(Some(text)) => text,
             Ok(None) => {
                 tracing::info!(run = %task.run_id(), "no slo.yaml for this task; passing without a gate");
-                return Outcome::pass(json!({"evaluation": null, "score": null, "skipped": "no slo.yaml is configured or given"}));
+                return Outcome::pass(
+                    json!({"evaluation": null, "score": null, "skipped": "no slo.yaml is configured or given"}),
+                );
             }
             Err(message) => return Outcome::error("bad-input", message),
         };
@@ -76,8 +76,8 @@ impl Handler for EvaluationWorker {
             Ok(slo) => slo,
             Err(e) => return Outcome::error("bad-input", e.to_string()),
         };
-        let (values, ignored) = match sli_values(task.input()) {
-            Ok(parts) => parts,
+        let SliReport { values, errors: ignored } = match sli_values(task.input()) {
+            Ok(report) => report,
             Err(message) => return Outcome::error("bad-input", message),
         };
         let previous: Vec<PreviousResult> = match task.input().get("previousEvaluations") {
@@ -109,27 +109,26 @@ impl Handler for EvaluationWorker {
     }
 }
 
-/// The SLI values of the input, and the entries that were not numbers (with why).
-fn sli_values(input: &Value) -> Result<(BTreeMap<String, f64>, BTreeMap<String, String>), String> {
-    let mut values = BTreeMap::new();
-    let mut ignored = BTreeMap::new();
+/// The SLI values of the input, and the entries that were not numbers (with why) as errors.
+fn sli_values(input: &Value) -> Result<SliReport, String> {
+    let mut report = SliReport::default();
     match input.get("sli") {
         None | Some(Value::Null) => {}
         Some(Value::Object(map)) => {
             for (name, v) in map {
                 match number(v) {
                     Ok(n) => {
-                        values.insert(name.clone(), n);
+                        report.values.insert(name.clone(), n);
                     }
                     Err(why) => {
-                        ignored.insert(name.clone(), why);
+                        report.errors.insert(name.clone(), why);
                     }
                 }
             }
         }
         Some(_) => return Err("sli: must be an object of indicator values".into()),
     }
-    Ok((values, ignored))
+    Ok(report)
 }
 
 #[cfg(test)]

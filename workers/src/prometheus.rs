@@ -94,7 +94,11 @@ impl PrometheusSliWorker {
         if let Some(Value::Object(inline)) = task.property("indicators") {
             let indicators = inline
                 .iter()
-                .map(|(k, v)| v.as_str().map(|q| (k.clone(), q.to_string())).ok_or(format!("indicators.{k}: must be a query string")))
+                .map(|(k, v)| {
+                    v.as_str()
+                        .map(|q| (k.clone(), q.to_string()))
+                        .ok_or(format!("indicators.{k}: must be a query string"))
+                })
                 .collect::<Result<_, _>>()?;
             return Ok(SliFile { spec_version: String::new(), indicators });
         }
@@ -112,7 +116,8 @@ impl PrometheusSliWorker {
 
     /// Runs one instant query at `time` and returns its single value.
     async fn query(&self, promql: &str, time: f64) -> Result<f64, QueryError> {
-        let mut request = self.client.get(self.endpoint.clone()).query(&[("query", promql), ("time", &format!("{time:.3}"))]);
+        let mut request =
+            self.client.get(self.endpoint.clone()).query(&[("query", promql), ("time", &format!("{time:.3}"))]);
         if let Some((user, password)) = &self.config.basic_auth {
             request = request.basic_auth(user, Some(password));
         }
@@ -148,7 +153,9 @@ fn sample(data: &Value) -> Result<f64, String> {
         Some("vector") => match data["result"].as_array().map(Vec::as_slice) {
             Some([]) => return Err("no data: the query returned no series".into()),
             Some([one]) => &one["value"],
-            Some(many) => return Err(format!("the query returned {} series; an SLI query must return one", many.len())),
+            Some(many) => {
+                return Err(format!("the query returned {} series; an SLI query must return one", many.len()));
+            }
             None => return Err("malformed vector result".into()),
         },
         other => return Err(format!("unsupported result type {other:?}; use an instant vector or scalar")),

@@ -72,7 +72,11 @@ impl TimeFrame {
             (None, None) => TimeFrame { start: now - length, end: now },
         };
         if frame.end <= frame.start {
-            return Err(format!("the time frame is empty: start {} is not before end {}", rfc3339(frame.start), rfc3339(frame.end)));
+            return Err(format!(
+                "the time frame is empty: start {} is not before end {}",
+                rfc3339(frame.start),
+                rfc3339(frame.end)
+            ));
         }
         Ok(frame)
     }
@@ -86,7 +90,8 @@ impl TimeFrame {
 /// The placeholder values of a query: `$PROJECT`, `$STAGE`, `$SERVICE`, `$DEPLOYMENT` and
 /// `$DURATION_SECONDS` (as `300s`, so that Keptn's `[$DURATION_SECONDS]` windows work).
 pub fn placeholders(task: &TaskContext, scope: &Scope, frame: &TimeFrame) -> BTreeMap<&'static str, String> {
-    let mut vars = BTreeMap::from([("PROJECT", scope.project.clone()), ("DURATION_SECONDS", format!("{}s", frame.seconds()))]);
+    let mut vars =
+        BTreeMap::from([("PROJECT", scope.project.clone()), ("DURATION_SECONDS", format!("{}s", frame.seconds()))]);
     if let Some(stage) = &scope.stage {
         vars.insert("STAGE", stage.clone());
     }
@@ -153,7 +158,9 @@ pub fn requested(task: &TaskContext, defined: impl Iterator<Item = String>) -> R
     match task.property("indicators") {
         Some(Value::Array(names)) => names
             .iter()
-            .map(|n| n.as_str().map(str::to_string).ok_or_else(|| "indicators: every name must be a string".to_string()))
+            .map(|n| {
+                n.as_str().map(str::to_string).ok_or_else(|| "indicators: every name must be a string".to_string())
+            })
             .collect(),
         Some(Value::Object(_)) | None => Ok(defined.collect()),
         Some(_) => Err("indicators: must be a list of names (or, for queries, an object)".into()),

@@ -32,7 +32,10 @@ impl Handler for StaticSliWorker {
             (Some(_), _) => return Outcome::error("bad-input", "sli: must be an object of indicator values"),
             (None, Some(_)) => return Outcome::error("bad-input", "values: must be an object of indicator values"),
             (None, None) => {
-                return Outcome::error("bad-input", "no SLI values: give an `sli` or `values` object in the trigger data");
+                return Outcome::error(
+                    "bad-input",
+                    "no SLI values: give an `sli` or `values` object in the trigger data",
+                );
             }
         };
         let names = match requested(&task, given.keys().cloned()) {

@@ -92,7 +92,8 @@ fn resolve<'a>(placeholder: &str, data: &'a Value) -> Result<&'a Value, Template
         None if path.is_empty() => "",
         _ => return Err(malformed()),
     };
-    lookup(data, path).ok_or_else(|| TemplateError::Missing { path: format!("data.{path}").trim_end_matches('.').into() })
+    lookup(data, path)
+        .ok_or_else(|| TemplateError::Missing { path: format!("data.{path}").trim_end_matches('.').into() })
 }
 
 #[cfg(test)]
@@ -127,7 +128,10 @@ mod tests {
     fn a_missing_or_null_key_is_an_error_naming_the_path() {
         let missing = render("x {{.data.deployment.image}}", &input()).unwrap_err();
         assert_eq!(missing, TemplateError::Missing { path: "data.deployment.image".into() });
-        assert_eq!(missing.to_string(), "placeholder {{.data.deployment.image}}: the task input has no value at data.deployment.image");
+        assert_eq!(
+            missing.to_string(),
+            "placeholder {{.data.deployment.image}}: the task input has no value at data.deployment.image"
+        );
         assert!(matches!(render("{{.data.empty}}", &input()), Err(TemplateError::Missing { .. })));
         assert!(matches!(render("{{.data.deployment.uri.7}}", &input()), Err(TemplateError::Missing { .. })));
     }

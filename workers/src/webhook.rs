@@ -193,7 +193,8 @@ impl Handler for WebhookWorker {
             Value::String(s) => s.chars().take(256).collect(),
             other => other.to_string().chars().take(256).collect(),
         };
-        let kind = if (400..500).contains(&status) && status != 408 && status != 429 { "bad-input" } else { "http-status" };
+        let kind =
+            if (400..500).contains(&status) && status != 408 && status != 429 { "bad-input" } else { "http-status" };
         tracing::info!(%method, %url, status, kind, "webhook answered with an unexpected status");
         Outcome::error(kind, format!("{method} {url} answered {status}: {snippet}"))
     }
@@ -232,7 +233,8 @@ fn build_call(task: &TaskContext) -> Result<Call, String> {
                     Value::String(s) => render(s, input).map_err(|e| format!("headers.{name}: {e}"))?,
                     other => other.to_string(),
                 };
-                let name_ok = HeaderName::from_bytes(name.as_bytes()).map_err(|_| format!("headers.{name}: bad name"))?;
+                let name_ok =
+                    HeaderName::from_bytes(name.as_bytes()).map_err(|_| format!("headers.{name}: bad name"))?;
                 let value_ok = HeaderValue::from_str(&value).map_err(|_| format!("headers.{name}: bad value"))?;
                 headers.insert(name_ok, value_ok);
             }
@@ -272,7 +274,12 @@ fn parse_expect(v: &Value) -> Result<Expect, String> {
             let s = s.trim().to_ascii_lowercase();
             match s.as_bytes() {
                 [d @ b'1'..=b'5', b'x', b'x'] => Ok(Expect::Class(u16::from(d - b'0'))),
-                _ => s.parse::<u16>().ok().filter(|c| (100..600).contains(c)).map(|c| Expect::Codes(vec![c])).ok_or_else(bad),
+                _ => s
+                    .parse::<u16>()
+                    .ok()
+                    .filter(|c| (100..600).contains(c))
+                    .map(|c| Expect::Codes(vec![c]))
+                    .ok_or_else(bad),
             }
         }
         _ => Err(bad()),
@@ -282,10 +289,11 @@ fn parse_expect(v: &Value) -> Result<Expect, String> {
 /// JSON when the response says JSON and parses completely; else (lossy) text.
 fn decode_body(body: &[u8], truncated: bool, content_type: Option<&str>) -> Value {
     let json_type = content_type.is_some_and(|t| t.starts_with("application/json") || t.contains("+json"));
-    if json_type && !truncated {
-        if let Ok(v) = serde_json::from_slice(body) {
-            return v;
-        }
+    if json_type
+        && !truncated
+        && let Ok(v) = serde_json::from_slice(body)
+    {
+        return v;
     }
     Value::String(String::from_utf8_lossy(body).into_owned())
 }

@@ -96,8 +96,7 @@ async fn a_failed_earlier_task_fails_the_gate_keptns_rule() {
 
 #[tokio::test]
 async fn an_earlier_evaluation_output_serves_as_a_baseline() {
-    let (_, first) =
-        finished(gate().handle(task("evaluation", json!({"sli": {"response_time_p95": 400.0}}))).await);
+    let (_, first) = finished(gate().handle(task("evaluation", json!({"sli": {"response_time_p95": 400.0}}))).await);
     let input = json!({"sli": {"response_time_p95": 430.0}, "previousEvaluations": [first["evaluation"]]});
     let (result, output) = finished(gate().handle(task("evaluation", input)).await);
     assert_eq!(result, TaskResult::Pass, "+7.5 % is within +10 %");
@@ -114,8 +113,9 @@ async fn without_any_slo_the_task_passes_unscored() {
 
 #[tokio::test]
 async fn malformed_slo_and_inputs_are_bad_input() {
-    let missing_file =
-        EvaluationWorker::new(EvaluationConfig { slo_files: ScopedFiles::new().with("sockshop", "/nonexistent/slo.yaml") });
+    let missing_file = EvaluationWorker::new(EvaluationConfig {
+        slo_files: ScopedFiles::new().with("sockshop", "/nonexistent/slo.yaml"),
+    });
     let Outcome::Error(e) = missing_file.handle(task("evaluation", json!({}))).await else { panic!() };
     assert_eq!(e.kind, "bad-input");
     assert!(e.message.contains("/nonexistent/slo.yaml"), "{}", e.message);

@@ -9,8 +9,11 @@ use crate::test_server::{Recorded, Reply, TestServer, task};
 const FIXTURE: &str = include_str!("../../../engine/tests/fixtures/keptn/sli-config-prometheus.yaml");
 
 fn vector(values: &[&str]) -> Value {
-    let result: Vec<Value> =
-        values.iter().enumerate().map(|(i, v)| json!({"metric": {"pod": i.to_string()}, "value": [1714564800.0, v]})).collect();
+    let result: Vec<Value> = values
+        .iter()
+        .enumerate()
+        .map(|(i, v)| json!({"metric": {"pod": i.to_string()}, "value": [1714564800.0, v]}))
+        .collect();
     json!({"status": "success", "data": {"resultType": "vector", "result": result}})
 }
 
@@ -64,9 +67,15 @@ async fn queries_every_fixture_indicator_with_keptn_placeholders_at_the_end_of_t
         "sliFile": FIXTURE
     });
     let output = passed(worker(&server).handle(task("get-sli", input)).await);
-    assert_eq!(output["sli"], json!({"response_time_p50": 212.5, "response_time_p90": 480.0, "response_time_p95": 590.25}));
+    assert_eq!(
+        output["sli"],
+        json!({"response_time_p50": 212.5, "response_time_p90": 480.0, "response_time_p95": 590.25})
+    );
     assert_eq!(output["sliErrors"], json!({}));
-    assert_eq!((output["start"].as_str(), output["end"].as_str()), (Some("2024-05-01T11:50:00.000Z"), Some("2024-05-01T12:00:00.000Z")));
+    assert_eq!(
+        (output["start"].as_str(), output["end"].as_str()),
+        (Some("2024-05-01T11:50:00.000Z"), Some("2024-05-01T12:00:00.000Z"))
+    );
     let requests = server.requests();
     assert_eq!(requests.len(), 3);
     let p95 = requests.iter().map(|r| r.query("query").unwrap()).find(|q| q.contains("0.95")).unwrap();

@@ -16,7 +16,10 @@ fn at(secs: f64) -> SystemTime {
 fn parses_the_keptn_fixture_and_rejects_empty_files() {
     let file = SliFile::parse(FIXTURE).unwrap();
     assert_eq!(file.spec_version, "1.0");
-    assert_eq!(file.indicators.keys().collect::<Vec<_>>(), ["response_time_p50", "response_time_p90", "response_time_p95"]);
+    assert_eq!(
+        file.indicators.keys().collect::<Vec<_>>(),
+        ["response_time_p50", "response_time_p90", "response_time_p95"]
+    );
     assert!(SliFile::parse("spec_version: '1.0'\n").unwrap_err().contains("no indicators"));
     assert!(SliFile::parse("indicators: [1, 2]").unwrap_err().starts_with("sli.yaml is not valid"));
 }
@@ -60,7 +63,9 @@ fn rfc3339_round_trips_and_rejects_junk() {
     assert_eq!(parse_rfc3339("2000-02-29T23:59:59-01:00"), Some(951_872_399.0));
     assert_eq!(rfc3339(MAY_1 + 0.25), "2024-05-01T12:00:00.250Z");
     assert_eq!(rfc3339(951_872_399.0), "2000-03-01T00:59:59.000Z");
-    for junk in ["2024-05-01", "2024-13-01T00:00:00Z", "2024-05-01T12:00:00", "2024-05-01T12:00:00+2", "x024-05-01T12:00:00Z"] {
+    for junk in
+        ["2024-05-01", "2024-13-01T00:00:00Z", "2024-05-01T12:00:00", "2024-05-01T12:00:00+2", "x024-05-01T12:00:00Z"]
+    {
         assert_eq!(parse_rfc3339(junk), None, "{junk}");
     }
 }

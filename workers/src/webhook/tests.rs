@@ -111,9 +111,11 @@ async fn internal_targets_are_refused_unless_allowed() {
     let open = WebhookWorker::with_config(WebhookConfig { allow_private: true, ..WebhookConfig::default() }).unwrap();
     let outcome = open.handle(task("notify", json!({"url": format!("http://localhost:{port}/x")}))).await;
     assert!(matches!(outcome, Outcome::Finished { .. }), "{outcome:?}");
-    let by_name =
-        WebhookWorker::with_config(WebhookConfig { allowed_hosts: vec!["localhost".into()], ..WebhookConfig::default() })
-            .unwrap();
+    let by_name = WebhookWorker::with_config(WebhookConfig {
+        allowed_hosts: vec!["localhost".into()],
+        ..WebhookConfig::default()
+    })
+    .unwrap();
     let outcome = by_name.handle(task("notify", json!({"url": format!("http://localhost:{port}/y")}))).await;
     assert!(matches!(outcome, Outcome::Finished { .. }), "{outcome:?}");
     assert_eq!(server.requests().len(), 2);
