@@ -135,7 +135,7 @@ impl WebhookWorker {
         if let Some(body) = call.body {
             request = request.body(body);
         }
-        let mut response = request.send().await.map_err(|e| transport_error(&e))?;
+        let mut response = request.send().await.map_err(|e| transport_error(&e.without_url()))?;
         let status = response.status().as_u16();
         let content_type =
             response.headers().get(CONTENT_TYPE).and_then(|v| v.to_str().ok()).map(str::to_ascii_lowercase);
@@ -143,7 +143,7 @@ impl WebhookWorker {
         let mut body = Vec::new();
         let mut truncated = false;
         // Read chunk by chunk and stop at the limit: a huge or endless body costs nothing more.
-        while let Some(chunk) = response.chunk().await.map_err(|e| transport_error(&e))? {
+        while let Some(chunk) = response.chunk().await.map_err(|e| transport_error(&e.without_url()))? {
             let room = limit - body.len();
             if chunk.len() > room {
                 body.extend_from_slice(&chunk[..room]);
@@ -165,13 +165,15 @@ impl Handler for WebhookWorker {
         };
         if let Err(e) = self.guard.check(&call.url).await {
             let kind = if matches!(e, GuardError::Resolve { .. }) { "connect" } else { "bad-input" };
-            tracing::warn!(url = %call.url, error = %e, "webhook target refused");
+            tracing::warn!(error = %e, "webhook target refused");
             return Outcome::error(kind, e.to_string());
         }
         let limit = [call.timeout, task.start_to_close()].into_iter().flatten().min();
         let limit = limit.unwrap_or(self.config.default_timeout);
         let expect = call.expect.clone();
-        let (method, url) = (call.method.clone(), call.url.clone());
+        // Only the origin is logged and reported: webhook URLs often carry a secret in their
+        // path or query (Slack, GitHub hooks), and error messages end up in the event log.
+        let (method, url) = (call.method.clone(), call.url.origin().ascii_serialization());
         tracing::debug!(%method, %url, ?limit, "calling webhook");
         let exchanged = tokio::select! {
             r = tokio::time::timeout(limit, self.exchange(call)) => match r {
@@ -298,7 +300,7 @@ fn decode_body(body: &[u8], truncated: bool, content_type: Option<&str>) -> Valu
     Value::String(String::from_utf8_lossy(body).into_owned())
 }
 
-/// A failed exchange: refused by the resolver (a re-resolution that turned internal),
+/// A failed exchange (its URL already removed, see `handle`): refused by the resolver (a re-resolution that turned internal),
 /// timed out, or could not connect.
 fn transport_error(e: &reqwest::Error) -> Outcome {
     let mut source: Option<&(dyn std::error::Error + 'static)> = Some(e);

@@ -41,8 +41,8 @@ pub enum GuardError {
         /// What the resolver said.
         message: String,
     },
-    /// Only http and https URLs with a host are called.
-    #[error("unsupported URL {0}: only http and https URLs with a host are called")]
+    /// Only http and https URLs with a host are called (the scheme given).
+    #[error("unsupported URL scheme {0:?}: only http and https URLs with a host are called")]
     Scheme(String),
 }
 
@@ -68,7 +68,8 @@ impl Guard {
     pub async fn check(&self, url: &Url) -> Result<(), GuardError> {
         let host = match (url.scheme(), url.host_str()) {
             ("http" | "https", Some(host)) if !host.is_empty() => host,
-            _ => return Err(GuardError::Scheme(url.to_string())),
+            // Only the scheme is kept: the rest of a URL may hold a secret.
+            _ => return Err(GuardError::Scheme(url.scheme().to_string())),
         };
         if self.exempt(host) {
             return Ok(());

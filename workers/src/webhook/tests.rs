@@ -148,6 +148,7 @@ async fn statuses_map_to_results_and_error_kinds() {
     assert_eq!(error_kind(&call(200, Some(json!(201))).await), "http-status");
     let Outcome::Error(e) = call(500, None).await else { panic!() };
     assert!(e.message.contains("answered 500") && e.message.contains("\"error\":500"), "{}", e.message);
+    assert!(!e.message.contains("/500"), "the path (which may hold a secret) is not reported: {}", e.message);
 }
 
 #[tokio::test]
