@@ -17,13 +17,27 @@
 
 mod attempt;
 mod echo;
+mod evaluation;
 mod handler;
+mod prometheus;
+mod scope;
 mod shell;
+pub mod sli;
+mod static_sli;
+pub mod template;
+#[cfg(test)]
+mod test_server;
+mod webhook;
 pub mod worker;
 
 pub use echo::{EchoConfig, EchoWorker};
+pub use evaluation::{EvaluationConfig, EvaluationWorker};
 pub use handler::{BidTerms, CancelSignal, Handler, Outcome, TaskContext};
+pub use prometheus::{PrometheusConfig, PrometheusSliWorker};
+pub use scope::{Scope, ScopedFiles};
 pub use shell::{ShellConfig, ShellWorker};
+pub use static_sli::StaticSliWorker;
+pub use webhook::{Guard, GuardError, WebhookConfig, WebhookWorker};
 pub use worker::{Worker, WorkerConfig};
 
 /// What went wrong in a worker.
