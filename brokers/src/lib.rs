@@ -16,11 +16,20 @@ use std::time::Duration;
 use async_trait::async_trait;
 use capstan_proto::CloudEvent;
 
+pub mod memory;
+#[cfg(any(test, feature = "testing"))]
+pub mod testing;
+
+pub use memory::{MemoryBroker, MemoryConfig};
+
 /// A message: a CloudEvent on a topic, with a partition / ordering key (the run id).
 #[derive(Debug, Clone, PartialEq)]
 pub struct Message {
+    /// Where it goes (see `capstan_proto::topics`).
     pub topic: String,
+    /// The ordering / partition key: the run id.
     pub key: String,
+    /// The CloudEvent carried; its id is what consumers deduplicate by.
     pub event: CloudEvent,
 }
 
@@ -30,7 +39,10 @@ pub enum SubscriptionMode {
     /// Every broadcast subscriber gets every message.
     Broadcast,
     /// Members of the same group compete: each message goes to one of them.
-    Competing { group: String },
+    Competing {
+        /// The group name; the group is per topic.
+        group: String,
+    },
 }
 
 /// What went wrong; each variant tells the caller what to do.
@@ -38,7 +50,12 @@ pub enum SubscriptionMode {
 pub enum Error {
     /// The message is larger than the broker accepts: do not retry.
     #[error("message of {size} bytes exceeds the limit of {limit} bytes")]
-    TooLarge { size: usize, limit: usize },
+    TooLarge {
+        /// The encoded size of the message.
+        size: usize,
+        /// The largest size accepted.
+        limit: usize,
+    },
     /// The broker is unreachable or refused: retry later.
     #[error("broker unavailable: {0}")]
     Unavailable(String),
@@ -59,7 +76,8 @@ pub trait Broker: Send + Sync + 'static {
     /// Publishes messages and waits until the broker confirmed all of them.
     async fn publish(&self, messages: Vec<Message>) -> Result<()>;
     /// Subscribes to a topic. The subscription exists once this returns.
-    async fn subscribe(&self, topic: &str, mode: SubscriptionMode) -> Result<Box<dyn Subscription>>;
+    async fn subscribe(&self, topic: &str, mode: SubscriptionMode)
+    -> Result<Box<dyn Subscription>>;
 }
 
 /// A stream of deliveries.
@@ -72,6 +90,7 @@ pub trait Subscription: Send {
 /// Acknowledges or rejects one delivery.
 #[async_trait]
 pub trait Acker: Send + Sync {
+    /// Settles the message for good.
     async fn ack(&self) -> Result<()>;
     /// Gives the message back for redelivery after `delay`.
     async fn nack(&self, delay: Duration) -> Result<()>;
@@ -79,9 +98,11 @@ pub trait Acker: Send + Sync {
 
 /// One delivered message and the means to settle it.
 pub struct Delivery {
+    /// The message as published.
     pub message: Message,
     /// How many times this message was delivered before (0 on first delivery).
     pub redeliveries: u32,
+    /// Settles this delivery (see [`Delivery::ack`] and [`Delivery::nack`]).
     pub acker: Box<dyn Acker>,
 }
 

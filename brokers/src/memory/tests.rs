@@ -1,0 +1,170 @@
+//! The conformance suite and the in-memory broker's own semantics (ack deadline, close,
+//! group lifetime).
+
+use std::time::Duration;
+
+use serde_json::json;
+use tokio::time::Instant;
+
+use super::{MemoryBroker, MemoryConfig};
+use crate::testing::{Options, expect_quiet, message, recv};
+use crate::{Broker, Error, SubscriptionMode};
+
+mod conformance {
+    use super::*;
+
+    crate::conformance_tests! {
+        #[tokio::test(start_paused = true)]
+        make = || async { MemoryBroker::new() },
+        options = Options::default(),
+    }
+}
+
+fn group(name: &str) -> SubscriptionMode {
+    SubscriptionMode::Competing { group: name.into() }
+}
+
+const PATIENCE: Duration = Duration::from_secs(120);
+
+#[tokio::test(start_paused = true)]
+async fn whole_suite_runs_through_one_call() {
+    crate::testing::suite(|| async { MemoryBroker::new() }, Options::default()).await;
+}
+
+#[tokio::test(start_paused = true)]
+async fn unacked_delivery_comes_back_after_the_ack_deadline() -> anyhow::Result<()> {
+    let deadline = Duration::from_secs(5);
+    let broker = MemoryBroker::with_config(MemoryConfig {
+        ack_deadline: deadline,
+        ..MemoryConfig::default()
+    });
+    let mut s = broker.subscribe("t", group("g")).await?;
+    broker
+        .publish(vec![message("t", "k", "slow", json!(null))])
+        .await?;
+    let first = recv(&mut s, PATIENCE, "first").await;
+    let at = Instant::now();
+    let again = recv(&mut s, PATIENCE, "after the deadline").await;
+    assert_eq!(at.elapsed(), deadline);
+    assert_eq!(
+        (again.message.event.id.as_str(), again.redeliveries),
+        ("slow", 1)
+    );
+    // The first holder's late ack settles the message for everyone.
+    first.ack().await?;
+    expect_quiet(&mut s, Duration::from_secs(60), "settled by the late ack").await;
+    assert_eq!(broker.backlog("t", "g"), Some(0));
+    Ok(())
+}
+
+#[tokio::test(start_paused = true)]
+async fn a_group_keeps_messages_while_it_has_no_member() -> anyhow::Result<()> {
+    let broker = MemoryBroker::new();
+    // No group yet: nobody keeps the message.
+    broker
+        .publish(vec![message("t", "k", "lost", json!(null))])
+        .await?;
+    let s = broker.subscribe("t", group("g")).await?;
+    drop(s);
+    assert_eq!(broker.members("t", "g"), 0);
+    broker
+        .publish(vec![message("t", "k", "kept", json!(null))])
+        .await?;
+    assert_eq!(broker.backlog("t", "g"), Some(1));
+    let mut s = broker.subscribe("t", group("g")).await?;
+    let d = recv(&mut s, PATIENCE, "kept for the group").await;
+    assert_eq!(d.message.event.id, "kept");
+    d.ack().await?;
+    assert_eq!(broker.backlog("t", "g"), Some(0));
+    assert_eq!(broker.backlog("t", "nope"), None);
+    Ok(())
+}
+
+#[tokio::test(start_paused = true)]
+async fn a_dropped_broadcast_subscription_keeps_nothing() -> anyhow::Result<()> {
+    let broker = MemoryBroker::new();
+    let s = broker.subscribe("t", SubscriptionMode::Broadcast).await?;
+    drop(s);
+    broker
+        .publish(vec![message("t", "k", "x", json!(null))])
+        .await?;
+    let topic = broker
+        .read_topics()
+        .get("t")
+        .cloned()
+        .expect("topic exists");
+    assert!(
+        topic.all().is_empty(),
+        "the private group left with its subscription"
+    );
+    Ok(())
+}
+
+#[tokio::test(start_paused = true)]
+async fn close_ends_waiting_subscriptions_and_refuses_publishing() -> anyhow::Result<()> {
+    let broker = MemoryBroker::new();
+    let mut s = broker.subscribe("t", SubscriptionMode::Broadcast).await?;
+    let waiting = tokio::spawn(async move { s.next().await.map(|d| d.message.event.id) });
+    tokio::task::yield_now().await;
+    broker.close();
+    assert!(broker.is_closed());
+    assert!(matches!(waiting.await?, Err(Error::Closed)));
+    assert!(matches!(
+        broker
+            .publish(vec![message("t", "k", "x", json!(null))])
+            .await,
+        Err(Error::Closed)
+    ));
+    assert!(matches!(
+        broker.subscribe("t", group("g")).await,
+        Err(Error::Closed)
+    ));
+    Ok(())
+}
+
+#[tokio::test(start_paused = true)]
+async fn bad_names_and_oversized_batches_are_refused_whole() -> anyhow::Result<()> {
+    let broker = MemoryBroker::with_config(MemoryConfig {
+        max_payload: 1000,
+        ..MemoryConfig::default()
+    });
+    assert!(matches!(
+        broker.subscribe("", SubscriptionMode::Broadcast).await,
+        Err(Error::Invalid(_))
+    ));
+    assert!(matches!(
+        broker.subscribe("t", group("")).await,
+        Err(Error::Invalid(_))
+    ));
+    let mut s = broker.subscribe("t", group("g")).await?;
+    let batch = vec![
+        message("t", "k", "small", json!(1)),
+        message("t", "k", "big", json!("z".repeat(1000))),
+    ];
+    let err = broker
+        .publish(batch)
+        .await
+        .expect_err("the batch holds an oversized message");
+    assert!(matches!(err, Error::TooLarge { limit: 1000, .. }), "{err}");
+    expect_quiet(&mut s, Duration::from_secs(1), "nothing of a refused batch").await;
+    Ok(())
+}
+
+#[tokio::test(start_paused = true)]
+async fn clones_share_topics() -> anyhow::Result<()> {
+    let broker = MemoryBroker::new();
+    let clone = broker.clone();
+    let mut s = clone.subscribe("t", SubscriptionMode::Broadcast).await?;
+    broker
+        .publish(vec![message("t", "k", "shared", json!(null))])
+        .await?;
+    assert_eq!(
+        recv(&mut s, PATIENCE, "via the clone")
+            .await
+            .message
+            .event
+            .id,
+        "shared"
+    );
+    Ok(())
+}
