@@ -16,6 +16,8 @@ use std::time::Duration;
 use async_trait::async_trait;
 use capstan_proto::CloudEvent;
 
+#[cfg(feature = "kafka")]
+pub mod kafka;
 pub mod memory;
 #[cfg(any(test, feature = "testing"))]
 pub mod testing;
