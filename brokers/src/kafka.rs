@@ -232,14 +232,16 @@ impl Shared {
         }
     }
 
-    /// Fixes what failed a send: a fatal producer is replaced, lost topics are created again.
+    /// Fixes what failed a send: the producer is replaced (after a broker restart the old one
+    /// keeps retrying under a producer id and metadata the broker forgot, or failed fatally), and
+    /// the topics are created again in case the broker lost them.
     async fn repair(&self, failed: &[(&Outgoing, KafkaError)]) {
         if let Some((code, reason)) = self.producer().client().fatal_error() {
-            warn!(?code, reason, "the producer failed fatally; replacing it");
-            match new_producer(&self.config) {
-                Ok(p) => *self.producer.write().unwrap_or_else(|p| p.into_inner()) = p,
-                Err(e) => warn!(error = %e, "could not replace the producer"),
-            }
+            warn!(?code, reason, "the producer failed fatally");
+        }
+        match new_producer(&self.config) {
+            Ok(p) => *self.producer.write().unwrap_or_else(|p| p.into_inner()) = p,
+            Err(e) => warn!(error = %e, "could not replace the producer"),
         }
         let topics: HashSet<&str> = failed.iter().map(|(o, _)| o.topic.as_str()).collect();
         for topic in topics {

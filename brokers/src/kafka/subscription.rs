@@ -3,7 +3,7 @@
 //! undecodable ones, holds back records whose `capstan-not-before` lies ahead, and commits what
 //! acks freed. [`KafkaSubscription::next`] hands out what the reader queued.
 
-use std::collections::VecDeque;
+use std::collections::{HashMap, VecDeque};
 use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::{Arc, Mutex, Weak};
 use std::time::{Duration, SystemTime, UNIX_EPOCH};
@@ -39,6 +39,10 @@ struct Incoming {
 /// State shared by the reader, the subscription, the rebalance callbacks and the ackers.
 struct State {
     tracker: Mutex<Tracker>,
+    /// Delivered to the application and not yet settled, by (partition, offset): what a dropped
+    /// subscription hands back to its group. Kept here because Kafka has no per-record redelivery
+    /// and some brokers (Tansu) drop the commit metadata that would otherwise count it.
+    outstanding: Mutex<HashMap<(i32, i64), (Message, u32)>>,
     /// Broadcast nacks come back to this subscriber's reader (no other subscriber wants them).
     retry: mpsc::UnboundedSender<(Instant, Incoming)>,
 }
@@ -46,6 +50,15 @@ struct State {
 impl State {
     fn tracker(&self) -> std::sync::MutexGuard<'_, Tracker> {
         self.tracker.lock().unwrap_or_else(|p| p.into_inner())
+    }
+
+    fn outstanding(&self) -> std::sync::MutexGuard<'_, HashMap<(i32, i64), (Message, u32)>> {
+        self.outstanding.lock().unwrap_or_else(|p| p.into_inner())
+    }
+
+    fn settle(&self, partition: i32, offset: i64, generation: u64) {
+        self.outstanding().remove(&(partition, offset));
+        self.tracker().settle(partition, offset, generation);
     }
 }
 
@@ -103,12 +116,13 @@ pub(super) async fn subscribe(
     mode: SubscriptionMode,
 ) -> Result<Box<dyn Subscription>> {
     let (retry, retry_rx) = mpsc::unbounded_channel();
-    let state = Arc::new(State { tracker: Mutex::default(), retry });
+    let state = Arc::new(State { tracker: Mutex::default(), outstanding: Mutex::default(), retry });
     let (assigned, mut assigned_rx) = watch::channel(0);
     let config = &shared.config;
     let competing = matches!(mode, SubscriptionMode::Competing { .. });
     let group = match &mode {
-        SubscriptionMode::Competing { group } => group.clone(),
+        // Kafka group ids are cluster-wide, Capstan's groups are per topic.
+        SubscriptionMode::Competing { group } => format!("capstan.{topic}.{group}"),
         // Never joined: broadcast assigns partitions itself. librdkafka still wants an id.
         SubscriptionMode::Broadcast => format!("capstan-broadcast-{}", unique()),
     };
@@ -227,17 +241,46 @@ impl Reader {
                     let raw = received.map(|m| Raw::from(&m));
                     match raw {
                         Ok(raw) => self.on_record(raw, &mut shutdown).await,
-                        Err(e) => self.on_error(e).await,
+                        Err(e) => self.on_error(e, &consumer).await,
                     }
                 }
             }
             self.flow_control(&consumer);
         }
         if self.competing {
+            self.hand_back().await;
             self.commit(&consumer, CommitMode::Sync);
         }
         // Closing leaves the group cleanly (the others rebalance at once) but blocks.
         tokio::task::spawn_blocking(move || drop(consumer));
+    }
+
+    /// Re-publishes what the application held unsettled when it dropped the subscription, counted
+    /// as a redelivery, and settles the originals, so the group gets them at once and counted.
+    async fn hand_back(&self) {
+        let held: Vec<_> = self.state.outstanding().drain().collect();
+        if held.is_empty() {
+            return;
+        }
+        let copies = held
+            .iter()
+            .map(|(_, (m, redeliveries))| {
+                let mut record = binding::encode(&m.event);
+                record.headers.push((REDELIVERIES.into(), (redeliveries + 1).to_string().into_bytes()));
+                Outgoing { topic: m.topic.clone(), key: m.key.clone(), record }
+            })
+            .collect();
+        match self.shared.send(copies).await {
+            Ok(()) => {
+                let mut tracker = self.state.tracker();
+                let generation = tracker.generation();
+                for ((partition, offset), _) in held {
+                    tracker.settle(partition, offset, generation);
+                }
+            }
+            // Uncommitted, they still reach the group, only not counted as redeliveries.
+            Err(e) => warn!(topic = self.topic, error = %e, "handing back unsettled deliveries failed"),
+        }
     }
 
     fn commit(&self, consumer: &StreamConsumer<Context>, mode: CommitMode) {
@@ -305,22 +348,37 @@ impl Reader {
 
     fn settle_now(&self, partition: i32, offset: i64) {
         if self.competing {
-            let mut tracker = self.state.tracker();
-            let generation = tracker.generation();
-            tracker.settle(partition, offset, generation);
+            let generation = self.state.tracker().generation();
+            self.state.settle(partition, offset, generation);
         }
     }
 
-    async fn on_error(&mut self, e: KafkaError) {
+    async fn on_error(&mut self, e: KafkaError, consumer: &StreamConsumer<Context>) {
         warn!(topic = self.topic, error = %e, "consumer error");
         if e.rdkafka_error_code() == Some(rdkafka::types::RDKafkaErrorCode::UnknownTopicOrPartition) {
             // The broker lost the topic (memory storage restarted): create it again so the group
             // can carry on with new messages.
             if let Err(e) = self.shared.ensure_topic(&self.topic, true).await {
                 warn!(topic = self.topic, error = %e, "could not create the topic again");
+            } else if !self.competing {
+                // Broadcast offsets pointed into the lost topic; the new one holds only messages
+                // published since, so read it from its start.
+                self.assign_from_start(consumer);
             }
         }
         tokio::time::sleep(Duration::from_millis(100)).await;
+    }
+
+    fn assign_from_start(&self, consumer: &StreamConsumer<Context>) {
+        let mut tpl = TopicPartitionList::new();
+        for p in 0..self.shared.config.partitions {
+            if let Err(e) = tpl.add_partition_offset(&self.topic, p, Offset::Beginning) {
+                warn!(error = %e, "bad partition");
+            }
+        }
+        if let Err(e) = consumer.assign(&tpl) {
+            warn!(topic = self.topic, error = %e, "re-assigning after topic loss failed");
+        }
     }
 
     fn release_due(&mut self) {
@@ -391,6 +449,8 @@ impl Subscription for KafkaSubscription {
                     None => continue,
                     Some(by_previous_owner) => redeliveries += u32::from(by_previous_owner),
                 }
+                let entry = (item.message.clone(), redeliveries);
+                self.state.outstanding().insert((item.partition, item.offset), entry);
             }
             let message = item.message.clone();
             let acker = KafkaAcker {
@@ -417,7 +477,7 @@ struct KafkaAcker {
 impl KafkaAcker {
     fn settle(&self) {
         if let Some(state) = self.state.upgrade() {
-            state.tracker().settle(self.item.partition, self.item.offset, self.item.generation);
+            state.settle(self.item.partition, self.item.offset, self.item.generation);
         }
     }
 }

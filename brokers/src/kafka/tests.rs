@@ -185,3 +185,4 @@ async fn survives_a_broker_restart_for_new_messages() {
     }
     tansu("stop", PORT);
 }
+
