@@ -269,9 +269,7 @@ fn future_record(o: &Outgoing) -> FutureRecord<'_, str, [u8]> {
 fn client_config(config: &KafkaConfig) -> ClientConfig {
     let mut c = ClientConfig::new();
     c.set("bootstrap.servers", &config.bootstrap)
-        .set("socket.timeout.ms", config.request_timeout.as_millis().to_string())
-        // Find a topic that was created again (broker restart) within seconds, not 5 minutes.
-        .set("topic.metadata.refresh.interval.ms", "2000");
+        .set("socket.timeout.ms", config.request_timeout.as_millis().to_string());
     c
 }
 

@@ -31,10 +31,7 @@ pub(crate) struct Record {
 impl Record {
     /// The first header called `name`.
     pub fn header(&self, name: &str) -> Option<&[u8]> {
-        self.headers
-            .iter()
-            .find(|(k, _)| k.eq_ignore_ascii_case(name))
-            .map(|(_, v)| v.as_slice())
+        self.headers.iter().find(|(k, _)| k.eq_ignore_ascii_case(name)).map(|(_, v)| v.as_slice())
     }
 
     /// Bytes this record takes on the wire, near enough for the size limit: value plus headers.

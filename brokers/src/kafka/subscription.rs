@@ -65,6 +65,7 @@ impl State {
 /// Rebalance callbacks: keep the tracker in step with the assignment.
 struct Context {
     state: Arc<State>,
+    shared: Arc<Shared>,
     assigned: watch::Sender<u64>,
     request_timeout: Duration,
 }
@@ -74,13 +75,26 @@ impl ClientContext for Context {}
 impl ConsumerContext for Context {
     fn pre_rebalance(&self, consumer: &BaseConsumer<Self>, rebalance: &Rebalance<'_>) {
         if let Rebalance::Revoke(list) = rebalance {
+            let revoked: Vec<i32> = list.elements().iter().map(|e| e.partition()).collect();
+            // What the application holds from these partitions goes back to the group counted
+            // as a redelivery (the new owner cannot tell otherwise where commit metadata is
+            // dropped, as Tansu does). The callback is synchronous, hence block_on; the send
+            // waits on librdkafka's own threads.
+            let copies = take_outstanding(&self.state, |p| revoked.contains(&p));
+            if !copies.is_empty() {
+                let count = copies.len();
+                match futures::executor::block_on(hand_back(&self.shared, &self.state, copies)) {
+                    Ok(()) => debug!(count, "handed back unsettled deliveries of revoked partitions"),
+                    Err(e) => warn!(error = %e, "handing back unsettled deliveries failed"),
+                }
+            }
             // Commit now, while the partitions are still ours, so the next owner sees how far
             // this member delivered.
             let commits = self.state.tracker().take_commits();
-            if let Some(tpl) = commit_list(list.elements().first().map(|e| e.topic()), &commits) {
-                if let Err(e) = consumer.commit(&tpl, CommitMode::Sync) {
-                    debug!(error = %e, "commit before revocation failed");
-                }
+            if let Some(tpl) = commit_list(list.elements().first().map(|e| e.topic()), &commits)
+                && let Err(e) = consumer.commit(&tpl, CommitMode::Sync)
+            {
+                debug!(error = %e, "commit before revocation failed");
             }
             self.state.tracker().revoke(list.elements().iter().map(|e| e.partition()));
         }
@@ -126,7 +140,12 @@ pub(super) async fn subscribe(
         // Never joined: broadcast assigns partitions itself. librdkafka still wants an id.
         SubscriptionMode::Broadcast => format!("capstan-broadcast-{}", unique()),
     };
-    let context = Context { state: Arc::clone(&state), assigned, request_timeout: config.request_timeout };
+    let context = Context {
+        state: Arc::clone(&state),
+        shared: Arc::clone(&shared),
+        assigned,
+        request_timeout: config.request_timeout,
+    };
     let consumer: StreamConsumer<Context> = client_config(config)
         .set("group.id", &group)
         .set("enable.auto.commit", "false")
@@ -248,48 +267,24 @@ impl Reader {
             self.flow_control(&consumer);
         }
         if self.competing {
-            self.hand_back().await;
+            let copies = take_outstanding(&self.state, |_| true);
+            if let Err(e) = hand_back(&self.shared, &self.state, copies).await {
+                // Uncommitted, they still reach the group, only not counted as redeliveries.
+                warn!(topic = self.topic, error = %e, "handing back unsettled deliveries failed");
+            }
             self.commit(&consumer, CommitMode::Sync);
         }
         // Closing leaves the group cleanly (the others rebalance at once) but blocks.
         tokio::task::spawn_blocking(move || drop(consumer));
     }
 
-    /// Re-publishes what the application held unsettled when it dropped the subscription, counted
-    /// as a redelivery, and settles the originals, so the group gets them at once and counted.
-    async fn hand_back(&self) {
-        let held: Vec<_> = self.state.outstanding().drain().collect();
-        if held.is_empty() {
-            return;
-        }
-        let copies = held
-            .iter()
-            .map(|(_, (m, redeliveries))| {
-                let mut record = binding::encode(&m.event);
-                record.headers.push((REDELIVERIES.into(), (redeliveries + 1).to_string().into_bytes()));
-                Outgoing { topic: m.topic.clone(), key: m.key.clone(), record }
-            })
-            .collect();
-        match self.shared.send(copies).await {
-            Ok(()) => {
-                let mut tracker = self.state.tracker();
-                let generation = tracker.generation();
-                for ((partition, offset), _) in held {
-                    tracker.settle(partition, offset, generation);
-                }
-            }
-            // Uncommitted, they still reach the group, only not counted as redeliveries.
-            Err(e) => warn!(topic = self.topic, error = %e, "handing back unsettled deliveries failed"),
-        }
-    }
-
     fn commit(&self, consumer: &StreamConsumer<Context>, mode: CommitMode) {
         let commits = self.state.tracker().take_commits();
-        if let Some(tpl) = commit_list(Some(&self.topic), &commits) {
-            if let Err(e) = consumer.commit(&tpl, mode) {
-                // A lost commit only means those records come again.
-                debug!(topic = self.topic, error = %e, "commit failed");
-            }
+        // A lost commit only means those records come again.
+        if let Some(tpl) = commit_list(Some(&self.topic), &commits)
+            && let Err(e) = consumer.commit(&tpl, mode)
+        {
+            debug!(topic = self.topic, error = %e, "commit failed");
         }
     }
 
@@ -393,9 +388,8 @@ impl Reader {
         let want_pause = self.ready.len() >= READ_AHEAD;
         let want_resume = self.paused && self.ready.len() < READ_AHEAD / 4;
         if (want_pause && !self.paused) || want_resume {
-            let result = consumer.assignment().and_then(|a| {
-                if want_resume { consumer.resume(&a) } else { consumer.pause(&a) }
-            });
+            let result =
+                consumer.assignment().and_then(|a| if want_resume { consumer.resume(&a) } else { consumer.pause(&a) });
             match result {
                 Ok(()) => self.paused = !want_resume,
                 Err(e) => debug!(error = %e, "pause/resume failed"),
@@ -518,6 +512,38 @@ impl Acker for KafkaAcker {
         self.settle();
         Ok(())
     }
+}
+
+/// Unsettled deliveries of the partitions `which` selects, removed from the outstanding set.
+type Held = Vec<((i32, i64), (Message, u32))>;
+
+fn take_outstanding(state: &State, which: impl Fn(i32) -> bool) -> Held {
+    let mut outstanding = state.outstanding();
+    let keys: Vec<(i32, i64)> = outstanding.keys().filter(|(p, _)| which(*p)).copied().collect();
+    keys.into_iter().filter_map(|k| outstanding.remove(&k).map(|v| (k, v))).collect()
+}
+
+/// Re-publishes unsettled deliveries counted as a redelivery and settles the originals, so the
+/// group gets them at once, and counted, when their holder goes away.
+async fn hand_back(shared: &Shared, state: &State, held: Held) -> Result<()> {
+    if held.is_empty() {
+        return Ok(());
+    }
+    let copies = held
+        .iter()
+        .map(|(_, (m, redeliveries))| {
+            let mut record = binding::encode(&m.event);
+            record.headers.push((REDELIVERIES.into(), (redeliveries + 1).to_string().into_bytes()));
+            Outgoing { topic: m.topic.clone(), key: m.key.clone(), record }
+        })
+        .collect();
+    shared.send(copies).await?;
+    let mut tracker = state.tracker();
+    let generation = tracker.generation();
+    for ((partition, offset), _) in held {
+        tracker.settle(partition, offset, generation);
+    }
+    Ok(())
 }
 
 /// The commits as a partition list for `topic`.

@@ -98,10 +98,10 @@ impl Tracker {
 
     /// Settles an offset (acked, re-published by nack, or dead-lettered). Stale settles are no-ops.
     pub fn settle(&mut self, partition: i32, offset: i64, generation: u64) {
-        if let Some(t) = self.owned(partition, generation) {
-            if t.unsettled.remove(&offset) {
-                t.dirty = true;
-            }
+        if let Some(t) = self.owned(partition, generation)
+            && t.unsettled.remove(&offset)
+        {
+            t.dirty = true;
         }
     }
 
