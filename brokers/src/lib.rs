@@ -19,6 +19,8 @@ use capstan_proto::CloudEvent;
 #[cfg(feature = "amqp")]
 pub mod amqp;
 pub mod binding;
+#[cfg(feature = "kafka")]
+pub mod kafka;
 pub mod memory;
 #[cfg(feature = "nats")]
 pub mod nats;

@@ -1,7 +1,8 @@
 #!/usr/bin/env bash
 # Makes sure the services Capstan's tests need are up on this machine: starts PostgreSQL, NATS
 # (JetStream) and RabbitMQ when they are installed but stopped, and fails loudly when one is
-# missing. Usage: deploy/local/services.sh [postgres] [nats] [rabbitmq]  (default: postgres)
+# missing; Kafka (Tansu) it installs and starts through deploy/local/kafka.sh.
+# Usage: deploy/local/services.sh [postgres] [nats] [rabbitmq] [kafka]  (default: postgres)
 set -euo pipefail
 
 want=("$@")
@@ -46,6 +47,9 @@ for svc in "${want[@]}"; do
         rabbitmq-server -detached
         wait_port RabbitMQ 5672
       fi
+      ;;
+    kafka)
+      "$(dirname "$0")/kafka.sh" start
       ;;
     *) echo "error: unknown service $svc" >&2; exit 1 ;;
   esac

@@ -1,0 +1,238 @@
+//! Tests against a real Kafka-protocol broker: Tansu on 127.0.0.1:9092, started by
+//! `deploy/local/services.sh kafka`. They fail (never skip) when it is not running. The restart
+//! test runs its own Tansu on 127.0.0.1:9093 so that stopping it disturbs no other test.
+
+use std::path::PathBuf;
+use std::time::Duration;
+
+use rdkafka::consumer::{BaseConsumer, Consumer};
+use rdkafka::message::{Header, Headers, Message as _, OwnedHeaders};
+use rdkafka::producer::{FutureProducer, FutureRecord};
+use rdkafka::{ClientConfig, Offset, TopicPartitionList};
+use serde_json::json;
+
+use super::{KafkaBroker, KafkaConfig};
+use crate::testing::{Options, message, recv, unique_topic};
+use crate::{Broker, SubscriptionMode};
+
+const ADDRESS: &str = "127.0.0.1:9092";
+
+fn config(bootstrap: &str) -> KafkaConfig {
+    KafkaConfig {
+        // Tansu (calfkit build) holds a new group's first join for half the session timeout.
+        session_timeout: Duration::from_millis(2000),
+        heartbeat_interval: Duration::from_millis(500),
+        request_timeout: Duration::from_secs(5),
+        partitions: 4,
+        ..KafkaConfig::new(bootstrap)
+    }
+}
+
+async fn broker_at(bootstrap: &str) -> KafkaBroker {
+    match KafkaBroker::connect(config(bootstrap)).await {
+        Ok(b) => b,
+        Err(e) => panic!(
+            "Kafka (Tansu) is not reachable at {bootstrap}: {e}. Start it with `deploy/local/services.sh kafka`."
+        ),
+    }
+}
+
+async fn broker() -> KafkaBroker {
+    broker_at(ADDRESS).await
+}
+
+fn options() -> Options {
+    Options { max_payload: config(ADDRESS).max_message_bytes, patience: Duration::from_secs(30), ..Options::default() }
+}
+
+/// The conformance suite runs on single-partition topics: its `competing_members_share` case
+/// expects one group member to see *all* keys in publish order, which Kafka promises only within
+/// a partition. `two_members_share_a_topic` below covers sharing across partitions.
+async fn conformance_broker() -> KafkaBroker {
+    let config = KafkaConfig { partitions: 1, ..config(ADDRESS) };
+    match KafkaBroker::connect(config).await {
+        Ok(b) => b,
+        Err(e) => {
+            panic!("Kafka (Tansu) is not reachable at {ADDRESS}: {e}. Start it with `deploy/local/services.sh kafka`.")
+        }
+    }
+}
+
+crate::conformance_tests! {
+    #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+    make = conformance_broker,
+    options = options(),
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn two_members_share_a_topic() {
+    let b = broker().await;
+    let topic = unique_topic("share");
+    let group = competing("share");
+    let mut members =
+        [b.subscribe(&topic, group.clone()).await.expect("a"), b.subscribe(&topic, group).await.expect("b")];
+    let n = 40;
+    let sent = (0..n).map(|i| message(&topic, &format!("run-{}", i % 8), &format!("s{i}"), json!({"i": i}))).collect();
+    b.publish(sent).await.expect("publish");
+    let mut seen = std::collections::HashMap::new();
+    let mut last: std::collections::HashMap<String, i64> = std::collections::HashMap::new();
+    let mut per_member = [0, 0];
+    let deadline = tokio::time::Instant::now() + Duration::from_secs(30);
+    while seen.len() < n {
+        assert!(tokio::time::Instant::now() < deadline, "only {} of {n} arrived", seen.len());
+        for (which, m) in members.iter_mut().enumerate() {
+            let Ok(Ok(d)) = tokio::time::timeout(Duration::from_millis(200), m.next()).await else { continue };
+            let i = d.message.event.data.as_ref().and_then(|v| v["i"].as_i64()).unwrap_or(-1);
+            assert!(seen.insert(d.message.event.id.clone(), which).is_none(), "{} twice", d.message.event.id);
+            let prev = last.insert(d.message.key.clone(), i);
+            assert!(prev.is_none_or(|p| p < i), "key {} got {i} after {prev:?}", d.message.key);
+            per_member[which] += 1;
+            d.ack().await.expect("ack");
+        }
+    }
+    assert!(per_member.iter().all(|&c| c > 0), "both members got a share: {per_member:?}");
+}
+
+fn competing(group: &str) -> SubscriptionMode {
+    SubscriptionMode::Competing { group: format!("{group}-{}", unique_topic("g")) }
+}
+
+/// A record as another Kafka client would write it.
+async fn produce_raw(topic: &str, value: &[u8], headers: &[(&str, &str)]) {
+    let producer: FutureProducer = ClientConfig::new().set("bootstrap.servers", ADDRESS).create().expect("producer");
+    let mut h = OwnedHeaders::new();
+    for (key, value) in headers {
+        h = h.insert(Header { key, value: Some(*value) });
+    }
+    let record = FutureRecord::to(topic).key("raw").payload(value).headers(h);
+    if let Err((e, _)) = producer.send(record, Duration::from_secs(5)).await {
+        panic!("raw produce to {topic} failed: {e}");
+    }
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn structured_mode_is_accepted() {
+    let b = broker().await;
+    let topic = unique_topic("structured");
+    let mut s = b.subscribe(&topic, competing("structured")).await.expect("subscribe");
+    let event = message(&topic, "raw", "structured-1", json!({"x": 1})).event;
+    produce_raw(&topic, &event.to_json(), &[("content-type", "application/cloudevents+json")]).await;
+    let d = recv(&mut s, Duration::from_secs(30), "structured record").await;
+    assert_eq!(d.message.event, event);
+    d.ack().await.expect("ack");
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn undecodable_records_go_to_the_dead_letter_topic() {
+    let b = broker().await;
+    let topic = unique_topic("poison");
+    let mut s = b.subscribe(&topic, competing("poison")).await.expect("subscribe");
+    produce_raw(&topic, b"not a cloudevent", &[]).await;
+    let good = message(&topic, "k", "after-poison", json!(null));
+    b.publish(vec![good.clone()]).await.expect("publish");
+    let d = recv(&mut s, Duration::from_secs(30), "the record after the poison one").await;
+    assert_eq!(d.message, good, "the poison record does not block the partition");
+    d.ack().await.expect("ack");
+
+    // Read the dead-letter topic as raw records: find the poison record and its reason.
+    let dlq = &b.config().dead_letter_topic;
+    let consumer: BaseConsumer = ClientConfig::new()
+        .set("bootstrap.servers", ADDRESS)
+        .set("group.id", unique_topic("dlq-reader"))
+        .set("enable.auto.commit", "false")
+        .create()
+        .expect("consumer");
+    let metadata = consumer.fetch_metadata(Some(dlq), Duration::from_secs(5)).expect("metadata");
+    let mut tpl = TopicPartitionList::new();
+    for p in metadata.topics().iter().flat_map(|t| t.partitions()) {
+        tpl.add_partition_offset(dlq, p.id(), Offset::Beginning).expect("partition");
+    }
+    consumer.assign(&tpl).expect("assign");
+    let origin_prefix = format!("{topic}/");
+    let deadline = std::time::Instant::now() + Duration::from_secs(20);
+    loop {
+        assert!(std::time::Instant::now() < deadline, "the poison record never reached {dlq}");
+        let Some(Ok(m)) = consumer.poll(Duration::from_millis(200)) else { continue };
+        let Some(headers) = m.headers() else { continue };
+        let header = |name: &str| {
+            headers
+                .iter()
+                .find(|h| h.key == name)
+                .and_then(|h| h.value)
+                .map(|v| String::from_utf8_lossy(v).into_owned())
+        };
+        if header("capstan-dead-letter-origin").is_some_and(|o| o.starts_with(&origin_prefix)) {
+            assert_eq!(m.payload(), Some(&b"not a cloudevent"[..]), "the record is kept as it was");
+            let reason = header("capstan-dead-letter-reason").unwrap_or_default();
+            assert!(reason.contains("neither binary"), "the reason is given: {reason}");
+            break;
+        }
+    }
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn nack_republishes_with_the_count_and_delay() {
+    let b = broker().await;
+    let topic = unique_topic("nack-count");
+    let mut s = b.subscribe(&topic, competing("nack")).await.expect("subscribe");
+    b.publish(vec![message(&topic, "k", "n1", json!(1))]).await.expect("publish");
+    let mut d = recv(&mut s, Duration::from_secs(30), "first").await;
+    for expected in 1..=2 {
+        let at = tokio::time::Instant::now();
+        d.nack(Duration::from_millis(400)).await.expect("nack");
+        d = recv(&mut s, Duration::from_secs(30), "redelivery").await;
+        assert!(at.elapsed() >= Duration::from_millis(400), "not before the delay");
+        assert_eq!((d.message.event.id.as_str(), d.redeliveries), ("n1", expected));
+    }
+    d.ack().await.expect("ack");
+}
+
+/// Runs `deploy/local/kafka.sh` for the Tansu on `port`.
+fn tansu(action: &str, port: u16) {
+    let script = PathBuf::from(env!("CARGO_MANIFEST_DIR")).join("../deploy/local/kafka.sh");
+    let out = std::process::Command::new("bash")
+        .arg(&script)
+        .arg(action)
+        .env("CAPSTAN_KAFKA_PORT", port.to_string())
+        .output()
+        .unwrap_or_else(|e| panic!("running {} failed: {e}", script.display()));
+    assert!(
+        out.status.success(),
+        "{} {action} (port {port}) failed: {}",
+        script.display(),
+        String::from_utf8_lossy(&out.stderr)
+    );
+}
+
+/// Clients are dropped before the restart and made anew after it: librdkafka 2.12.1 (bundled by
+/// rdkafka 0.39) crashes (SIGSEGV in `rd_kafka_metadata_cache_find`) when a live client refreshes
+/// metadata against a Tansu that restarted with memory storage; see docs/brokers-kafka.md.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn survives_a_broker_restart_for_new_messages() {
+    const PORT: u16 = 9093;
+    tansu("start", PORT);
+    let address = format!("127.0.0.1:{PORT}");
+    let topic = unique_topic("restart");
+    let group = competing("restart");
+    {
+        let b = broker_at(&address).await;
+        let mut s = b.subscribe(&topic, group.clone()).await.expect("subscribe");
+        b.publish(vec![message(&topic, "k", "before", json!(0))]).await.expect("publish");
+        let d = recv(&mut s, Duration::from_secs(30), "before the restart").await;
+        d.ack().await.expect("ack");
+    }
+    // Memory storage: the restarted broker has no topics, groups or offsets.
+    tansu("stop", PORT);
+    tansu("start", PORT);
+    let b = broker_at(&address).await;
+    let mut s = b.subscribe(&topic, group).await.expect("subscribe after the restart");
+    let mut watcher = b.subscribe(&topic, SubscriptionMode::Broadcast).await.expect("subscribe after");
+    b.publish(vec![message(&topic, "k", "after", json!(1))]).await.expect("publish after the restart");
+    for (name, s) in [("group", &mut s), ("broadcast", &mut watcher)] {
+        let d = recv(s, Duration::from_secs(30), name).await;
+        assert_eq!(d.message.event.id, "after", "{name} carries on with new messages");
+        d.ack().await.expect("ack");
+    }
+    drop((s, watcher, b));
+    tansu("stop", PORT);
+}
