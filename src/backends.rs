@@ -82,16 +82,52 @@ async fn open_postgres(_: &str) -> Result<Arc<dyn Store>, BackendError> {
     Err(BackendError::NotBuilt("PostgreSQL", "postgres"))
 }
 
-/// Connects to the broker of that kind (`url` may be empty for `memory`).
+/// Connects to the broker of that kind (`url` may be empty for `memory` and the defaults
+/// `nats://127.0.0.1:4222`, `127.0.0.1:9092`, `amqp://guest:guest@127.0.0.1:5672/%2f`).
 pub async fn connect_broker(kind: &str, url: &str) -> Result<Arc<dyn Broker>, BackendError> {
-    let _ = url;
     match kind {
         "memory" => Ok(Arc::new(MemoryBroker::new())),
-        "nats" => Err(BackendError::NotBuilt("NATS", "nats")),
-        "kafka" => Err(BackendError::NotBuilt("Kafka", "kafka")),
-        "rabbitmq" | "amqp" => Err(BackendError::NotBuilt("RabbitMQ", "amqp")),
+        "nats" => connect_nats(if url.is_empty() { "nats://127.0.0.1:4222" } else { url }).await,
+        "kafka" => connect_kafka(if url.is_empty() { "127.0.0.1:9092" } else { url }).await,
+        "rabbitmq" | "amqp" => {
+            connect_amqp(if url.is_empty() { "amqp://guest:guest@127.0.0.1:5672/%2f" } else { url }).await
+        }
         other => Err(BackendError::UnknownBroker(other.to_string())),
     }
+}
+
+#[cfg(feature = "nats")]
+async fn connect_nats(url: &str) -> Result<Arc<dyn Broker>, BackendError> {
+    use capstan_brokers::nats::{NatsBroker, NatsConfig};
+    Ok(Arc::new(NatsBroker::connect(url, NatsConfig::default()).await?))
+}
+
+#[cfg(not(feature = "nats"))]
+async fn connect_nats(_: &str) -> Result<Arc<dyn Broker>, BackendError> {
+    Err(BackendError::NotBuilt("NATS", "nats"))
+}
+
+#[cfg(feature = "kafka")]
+async fn connect_kafka(bootstrap: &str) -> Result<Arc<dyn Broker>, BackendError> {
+    use capstan_brokers::kafka::{KafkaBroker, KafkaConfig};
+    let bootstrap = bootstrap.strip_prefix("kafka://").unwrap_or(bootstrap);
+    Ok(Arc::new(KafkaBroker::connect(KafkaConfig::new(bootstrap)).await?))
+}
+
+#[cfg(not(feature = "kafka"))]
+async fn connect_kafka(_: &str) -> Result<Arc<dyn Broker>, BackendError> {
+    Err(BackendError::NotBuilt("Kafka", "kafka"))
+}
+
+#[cfg(feature = "amqp")]
+async fn connect_amqp(url: &str) -> Result<Arc<dyn Broker>, BackendError> {
+    use capstan_brokers::amqp::{AmqpBroker, AmqpConfig};
+    Ok(Arc::new(AmqpBroker::connect(url, AmqpConfig::default()).await?))
+}
+
+#[cfg(not(feature = "amqp"))]
+async fn connect_amqp(_: &str) -> Result<Arc<dyn Broker>, BackendError> {
+    Err(BackendError::NotBuilt("RabbitMQ", "amqp"))
 }
 
 #[cfg(test)]

@@ -4,7 +4,7 @@
 set -euo pipefail
 cd "$(dirname "$0")/../.."
 
-deploy/local/services.sh postgres
+deploy/local/services.sh postgres nats rabbitmq kafka
 
 export CAPSTAN_TEST_POSTGRES_URL="${CAPSTAN_TEST_POSTGRES_URL:-postgres://postgres@127.0.0.1:5432/test?sslmode=disable}"
 

@@ -1,7 +1,7 @@
 //! The command line: one module per command.
 
 pub mod demo;
-mod demo_workers;
+pub mod demo_workers;
 mod dev;
 mod evaluate;
 pub mod progress;
