@@ -28,6 +28,9 @@ use crate::runtime::TriggerRequest;
 const WATCH_MIN_POLL: Duration = Duration::from_millis(20);
 const WATCH_MAX_POLL: Duration = Duration::from_millis(500);
 
+/// The largest message tonic decodes at all.
+const HARD_DECODING_LIMIT: usize = 8 * 1024 * 1024;
+
 /// The services of `capstan.v1`, sharing one [`Api`].
 #[derive(Clone)]
 pub struct Grpc {
@@ -45,8 +48,9 @@ impl Grpc {
     /// The router with every service, health and reflection.
     pub fn router(self) -> Result<tonic::service::Routes, tonic_reflection::server::Error> {
         // Decoding stops far above the configured limit; the limit itself is checked per request
-        // so that it can answer ResourceExhausted with the sizes.
-        let hard = self.api.limits.max_body_bytes().saturating_mul(4);
+        // so that it can answer ResourceExhausted with the sizes (tonic's own check answers
+        // OutOfRange).
+        let hard = self.api.limits.max_body_bytes().saturating_mul(4).max(HARD_DECODING_LIMIT);
         let reflection = tonic_reflection::server::Builder::configure()
             .register_encoded_file_descriptor_set(capstan_proto::grpc::FILE_DESCRIPTOR_SET)
             .register_encoded_file_descriptor_set(tonic_health::pb::FILE_DESCRIPTOR_SET)
