@@ -164,7 +164,11 @@ mod tests {
         };
         Auth::from_config(
             AuthMode::Tokens,
-            &[token("view-a", &["a"], Role::Viewer), token("op-a", &["a"], Role::Operator), token("root", &["*"], Role::Admin)],
+            &[
+                token("view-a", &["a"], Role::Viewer),
+                token("op-a", &["a"], Role::Operator),
+                token("root", &["*"], Role::Admin),
+            ],
         )
     }
 

@@ -100,7 +100,13 @@ pub fn run(r: RunRecord, tasks: Vec<TaskView>) -> pb::Run {
         updated_at_ms: r.updated_at_ms,
         tasks: tasks
             .into_iter()
-            .map(|t| pb::TaskState { name: t.name, state: t.state, result: t.result, attempt: t.attempt, worker: t.worker })
+            .map(|t| pb::TaskState {
+                name: t.name,
+                state: t.state,
+                result: t.result,
+                attempt: t.attempt,
+                worker: t.worker,
+            })
             .collect(),
     }
 }
@@ -159,7 +165,10 @@ mod tests {
                 ("n".to_string(), v(Kind::NumberValue(3.0))),
                 ("f".to_string(), v(Kind::NumberValue(0.5))),
                 ("s".to_string(), v(Kind::StringValue("x".into()))),
-                ("l".to_string(), v(Kind::ListValue(prost_types::ListValue { values: vec![v(Kind::BoolValue(true))] }))),
+                (
+                    "l".to_string(),
+                    v(Kind::ListValue(prost_types::ListValue { values: vec![v(Kind::BoolValue(true))] })),
+                ),
             ]),
         };
         assert_eq!(struct_to_json(&s), json!({"n": 3, "f": 0.5, "s": "x", "l": [true]}));

@@ -49,8 +49,8 @@ pub fn trigger_of(event: &CloudEvent, project: &str) -> Result<TriggerRequest, A
         return Err(ApiError::invalid("data", "must be a JSON object"));
     }
     let (stage, sequence, service, data, context, named_project) = if event.ty == types::SEQUENCE_TRIGGERED {
-        let t: SequenceTrigger =
-            serde_json::from_value(data).map_err(|e| ApiError::invalid("data", format!("not a sequence trigger: {e}")))?;
+        let t: SequenceTrigger = serde_json::from_value(data)
+            .map_err(|e| ApiError::invalid("data", format!("not a sequence trigger: {e}")))?;
         (t.stage, t.sequence, t.service, t.data, t.context_id, Some(t.project).filter(|p| !p.is_empty()))
     } else if let Some((stage, sequence)) = keptn_sequence(&event.ty) {
         let service = data.get("service").and_then(Value::as_str).map(str::to_string);
@@ -81,9 +81,8 @@ pub fn trigger_of(event: &CloudEvent, project: &str) -> Result<TriggerRequest, A
             None => chosen = Some(p),
         }
     }
-    let project = chosen.ok_or_else(|| {
-        ApiError::invalid("project", "no project: set data.project or the capstanproject extension")
-    })?;
+    let project = chosen
+        .ok_or_else(|| ApiError::invalid("project", "no project: set data.project or the capstanproject extension"))?;
     let context_id = context.or_else(|| event.ext(ext::KEPTN_CONTEXT).or(event.ext(ext::CONTEXT)).and_then(non_empty));
     Ok(TriggerRequest {
         project,

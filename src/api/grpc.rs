@@ -173,7 +173,8 @@ impl RunService for Grpc {
             service: r.service,
             status: r.status,
             context_id: r.context_id,
-            page_size: usize::try_from(r.page_size).map_err(|_| ApiError::invalid("page_size", "must not be negative"))?,
+            page_size: usize::try_from(r.page_size)
+                .map_err(|_| ApiError::invalid("page_size", "must not be negative"))?,
             page_token: r.page_token,
         };
         let (runs, next_page_token) = self.api.list(token.as_deref(), &query).await?;
@@ -290,7 +291,10 @@ impl EvaluationService for Grpc {
         let mut previous = Vec::new();
         for (i, p) in r.previous.into_iter().enumerate() {
             let result = serde_json::from_value(serde_json::Value::String(p.result.clone())).map_err(|_| {
-                ApiError::invalid(&format!("previous[{i}].result"), format!("`{}` is not pass, warning or fail", p.result))
+                ApiError::invalid(
+                    &format!("previous[{i}].result"),
+                    format!("`{}` is not pass, warning or fail", p.result),
+                )
             })?;
             previous.push(slo::PreviousResult { result, values: p.values.into_iter().collect() });
         }

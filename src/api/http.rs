@@ -53,7 +53,9 @@ async fn publish(State(api): State<Api>, headers: HeaderMap, body: Body) -> Resu
     let token = token(&headers)?;
     let content_type = header_str(&headers, header::CONTENT_TYPE.as_str())?.unwrap_or_default().to_ascii_lowercase();
     let event = if content_type.starts_with("application/cloudevents-batch") {
-        return Err(ApiError::UnsupportedMedia("batched CloudEvents are not accepted; send one event per request".into()));
+        return Err(ApiError::UnsupportedMedia(
+            "batched CloudEvents are not accepted; send one event per request".into(),
+        ));
     } else if content_type.starts_with("application/cloudevents") {
         structured(&bytes)?
     } else {
@@ -123,7 +125,8 @@ fn binary(headers: &HeaderMap, content_type: &str, bytes: &Bytes) -> Result<Clou
         if !content_type.is_empty() && !is_json(content_type) {
             return Err(ApiError::UnsupportedMedia(format!("data must be JSON, not `{content_type}`")));
         }
-        let text = std::str::from_utf8(bytes).map_err(|e| ApiError::invalid("data", format!("is not valid UTF-8: {e}")))?;
+        let text =
+            std::str::from_utf8(bytes).map_err(|e| ApiError::invalid("data", format!("is not valid UTF-8: {e}")))?;
         let data: Value =
             serde_json::from_str(text).map_err(|e| ApiError::invalid("data", format!("is not JSON: {e}")))?;
         map.insert("data".into(), data);
@@ -146,8 +149,13 @@ mod tests {
     #[test]
     fn binary_mode_reads_headers_and_json_body() {
         let mut headers = HeaderMap::new();
-        for (k, v) in [("ce-specversion", "1.0"), ("ce-id", "1"), ("ce-source", "s"), ("ce-type", "t"), ("ce-capstanproject", "p")]
-        {
+        for (k, v) in [
+            ("ce-specversion", "1.0"),
+            ("ce-id", "1"),
+            ("ce-source", "s"),
+            ("ce-type", "t"),
+            ("ce-capstanproject", "p"),
+        ] {
             headers.insert(k, HeaderValue::from_static(v));
         }
         let ev = binary(&headers, "application/json", &Bytes::from_static(br#"{"a":1}"#)).unwrap();
@@ -155,7 +163,10 @@ mod tests {
         assert_eq!(ev.data, Some(json!({"a": 1})));
         let err = binary(&headers, "application/json", &Bytes::from_static(b"{nope")).unwrap_err();
         assert!(matches!(err, ApiError::InvalidArgument { ref field, .. } if field == "data"), "{err}");
-        assert!(matches!(binary(&headers, "text/plain", &Bytes::from_static(b"x")), Err(ApiError::UnsupportedMedia(_))));
+        assert!(matches!(
+            binary(&headers, "text/plain", &Bytes::from_static(b"x")),
+            Err(ApiError::UnsupportedMedia(_))
+        ));
     }
 
     #[test]
@@ -164,8 +175,9 @@ mod tests {
         assert!(err.to_string().contains("UTF-8"), "{err}");
         let err = structured(&Bytes::from_static(br#"{"specversion":"1.0","source":"s","type":"t"}"#)).unwrap_err();
         assert!(matches!(err, ApiError::InvalidArgument { ref field, .. } if field == "id"), "{err}");
-        let err = structured(&Bytes::from_static(br#"{"specversion":"1.0","id":"1","source":"s","type":"t","data":"{x"}"#))
-            .unwrap_err();
+        let err =
+            structured(&Bytes::from_static(br#"{"specversion":"1.0","id":"1","source":"s","type":"t","data":"{x"}"#))
+                .unwrap_err();
         assert!(matches!(err, ApiError::InvalidArgument { ref field, .. } if field == "data"), "{err}");
     }
 }

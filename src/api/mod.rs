@@ -53,8 +53,10 @@ impl ApiServer {
             TcpListener::bind(grpc).await.map_err(|source| ServeError::Bind { what: "gRPC", addr: grpc, source })?;
         let http_listener =
             TcpListener::bind(http).await.map_err(|source| ServeError::Bind { what: "HTTP", addr: http, source })?;
-        let grpc_addr = grpc_listener.local_addr().map_err(|source| ServeError::Bind { what: "gRPC", addr: grpc, source })?;
-        let http_addr = http_listener.local_addr().map_err(|source| ServeError::Bind { what: "HTTP", addr: http, source })?;
+        let grpc_addr =
+            grpc_listener.local_addr().map_err(|source| ServeError::Bind { what: "gRPC", addr: grpc, source })?;
+        let http_addr =
+            http_listener.local_addr().map_err(|source| ServeError::Bind { what: "HTTP", addr: http, source })?;
         let (stop, stop_rx) = watch::channel(false);
         let routes = grpc::Grpc::new(api.clone(), stop_rx.clone()).router()?;
         let stopped = |mut rx: watch::Receiver<bool>| async move {

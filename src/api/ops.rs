@@ -245,7 +245,13 @@ impl Api {
     }
 
     /// Sends a command to a run (operator).
-    pub async fn command(&self, token: Option<&str>, project: &str, run_id: &str, input: Input) -> Result<Applied, ApiError> {
+    pub async fn command(
+        &self,
+        token: Option<&str>,
+        project: &str,
+        run_id: &str,
+        input: Input,
+    ) -> Result<Applied, ApiError> {
         let (record, _) = self.run(token, project, run_id, Role::Operator).await?;
         Ok(self.runtime.command(&record.project, run_id, input).await?)
     }
@@ -301,6 +307,8 @@ mod tests {
     fn page_tokens_round_trip_and_refuse_garbage() {
         let t = encode_page_token(1234, "run-1");
         assert_eq!(decode_page_token(&t).unwrap(), (1234, "run-1".to_string()));
-        assert!(matches!(decode_page_token("zz"), Err(ApiError::InvalidArgument { field, .. }) if field == "page_token"));
+        assert!(
+            matches!(decode_page_token("zz"), Err(ApiError::InvalidArgument { field, .. }) if field == "page_token")
+        );
     }
 }

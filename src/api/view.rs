@@ -28,41 +28,7 @@ pub fn task_views(events: &[StoredEvent]) -> Vec<TaskView> {
     let mut tasks: Vec<TaskView> = Vec::new();
     for stored in events {
         let Ok(event) = codec::decode_event(stored) else { continue };
-        let (name, update): (&str, Box<dyn FnOnce(&mut TaskView)>) = match &event {
-            Event::TaskDelayed { task, .. } => (task, Box::new(|t| t.state = "delayed".into())),
-            Event::TaskOffered { task, attempt, .. } => {
-                let a = *attempt;
-                (task, Box::new(move |t| {
-                    t.state = "offered".into();
-                    t.attempt = a;
-                }))
-            }
-            Event::TaskAwarded { task, worker, .. } => {
-                let w = worker.id.clone();
-                (task, Box::new(move |t| {
-                    t.state = "awarded".into();
-                    t.worker = w;
-                }))
-            }
-            Event::TaskStarted { task, .. } => (task, Box::new(|t| t.state = "running".into())),
-            Event::AttemptEnded { task, retry_at: Some(_), .. } => (task, Box::new(|t| t.state = "retrying".into())),
-            Event::ApprovalRequested { task, .. } => (task, Box::new(|t| t.state = "waiting-approval".into())),
-            Event::TaskEnded { task, status, result, .. } => {
-                let state = match status {
-                    TaskStatus::Finished => "ended",
-                    TaskStatus::TimedOut => "timed-out",
-                    TaskStatus::Cancelled => "cancelled",
-                    TaskStatus::Skipped => "skipped",
-                    TaskStatus::OutcomeUnknown => "outcome-unknown",
-                };
-                let r = result.as_str().to_string();
-                (task, Box::new(move |t| {
-                    t.state = state.into();
-                    t.result = r;
-                }))
-            }
-            _ => continue,
-        };
+        let Some(name) = task_of(&event) else { continue };
         let index = match tasks.iter().position(|t| t.name == name) {
             Some(i) => i,
             None => {
@@ -76,7 +42,47 @@ pub fn task_views(events: &[StoredEvent]) -> Vec<TaskView> {
                 tasks.len() - 1
             }
         };
-        update(&mut tasks[index]);
+        let t = &mut tasks[index];
+        match &event {
+            Event::TaskDelayed { .. } => t.state = "delayed".into(),
+            Event::TaskOffered { attempt, .. } => {
+                t.state = "offered".into();
+                t.attempt = *attempt;
+            }
+            Event::TaskAwarded { worker, .. } => {
+                t.state = "awarded".into();
+                t.worker = worker.id.clone();
+            }
+            Event::TaskStarted { .. } => t.state = "running".into(),
+            Event::AttemptEnded { retry_at: Some(_), .. } => t.state = "retrying".into(),
+            Event::ApprovalRequested { .. } => t.state = "waiting-approval".into(),
+            Event::TaskEnded { status, result, .. } => {
+                t.state = match status {
+                    TaskStatus::Finished => "ended",
+                    TaskStatus::TimedOut => "timed-out",
+                    TaskStatus::Cancelled => "cancelled",
+                    TaskStatus::Skipped => "skipped",
+                    TaskStatus::OutcomeUnknown => "outcome-unknown",
+                }
+                .into();
+                t.result = result.as_str().to_string();
+            }
+            _ => {}
+        }
     }
     tasks
+}
+
+/// The task an event changes the standing of, if any.
+fn task_of(event: &Event) -> Option<&str> {
+    match event {
+        Event::TaskDelayed { task, .. }
+        | Event::TaskOffered { task, .. }
+        | Event::TaskAwarded { task, .. }
+        | Event::TaskStarted { task, .. }
+        | Event::AttemptEnded { task, retry_at: Some(_), .. }
+        | Event::ApprovalRequested { task, .. }
+        | Event::TaskEnded { task, .. } => Some(task),
+        _ => None,
+    }
 }

@@ -249,8 +249,7 @@ pub async fn run(command: ClientCommand) -> anyhow::Result<ExitCode> {
     let out = conn.output;
     match command {
         ClientCommand::Apply { file, project, .. } => {
-            let source =
-                std::fs::read_to_string(&file).with_context(|| format!("cannot read {}", file.display()))?;
+            let source = std::fs::read_to_string(&file).with_context(|| format!("cannot read {}", file.display()))?;
             let r = definitions.apply(pb::ApplyDefinitionRequest { project: project.clone(), source }).await;
             let r = r.map_err(status)?.into_inner();
             match out {
@@ -302,7 +301,10 @@ pub async fn run(command: ClientCommand) -> anyhow::Result<ExitCode> {
             let list: Vec<RunOut> = r.runs.into_iter().map(run_out).collect();
             match out {
                 Output::Table => {
-                    println!("{:<36}  {:<12} {:<12} {:<14} {:<10} {:<8}", "RUN", "PROJECT", "STAGE", "SEQUENCE", "STATUS", "RESULT");
+                    println!(
+                        "{:<36}  {:<12} {:<12} {:<14} {:<10} {:<8}",
+                        "RUN", "PROJECT", "STAGE", "SEQUENCE", "STATUS", "RESULT"
+                    );
                     for r in &list {
                         println!(
                             "{:<36}  {:<12} {:<12} {:<14} {:<10} {:<8}",

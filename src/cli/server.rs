@@ -3,6 +3,7 @@
 //! SIGTERM stops intake first, then lets the runtime finish its batches.
 
 use std::collections::HashMap;
+use std::io::Write;
 use std::path::PathBuf;
 use std::process::ExitCode;
 use std::sync::Arc;
@@ -53,7 +54,8 @@ pub async fn run(args: ServerArgs) -> anyhow::Result<ExitCode> {
     println!("http: {}", server.http_addr());
     println!("ready; SIGTERM or Ctrl-C stops");
     dev::wait_for_signal().await;
-    println!("shutting down: no new requests; finishing the open batch");
+    // Whoever read stdout may be gone by now; a closed pipe must not stop the shutdown.
+    let _ = writeln!(std::io::stdout(), "shutting down: no new requests; finishing the open batch");
     server.stop().await;
     let _ = stop_workers.send(true);
     for w in workers {
@@ -67,7 +69,9 @@ pub async fn run(args: ServerArgs) -> anyhow::Result<ExitCode> {
 async fn open_store(config: &StoreConfig) -> anyhow::Result<Arc<dyn Store>> {
     match &config.schema {
         Some(schema) => open_postgres_schema(&config.url, schema).await,
-        None => backends::open_store(&config.url).await.with_context(|| format!("cannot open the store {}", config.url)),
+        None => {
+            backends::open_store(&config.url).await.with_context(|| format!("cannot open the store {}", config.url))
+        }
     }
 }
 

@@ -22,8 +22,12 @@ async fn every_method(c: &mut Clients, run_b: &str, want: Code) {
     denied("definition get", want, c.defs.get(get).await);
     let versions = pb::ListDefinitionVersionsRequest { project: "b".into(), name: "shop".into() };
     denied("list versions", want, c.defs.list_versions(versions).await);
-    let trigger =
-        pb::TriggerRunRequest { project: "b".into(), stage: "dev".into(), sequence: "quick".into(), ..Default::default() };
+    let trigger = pb::TriggerRunRequest {
+        project: "b".into(),
+        stage: "dev".into(),
+        sequence: "quick".into(),
+        ..Default::default()
+    };
     denied("trigger", want, c.runs.trigger(trigger).await);
     denied("get", want, c.runs.get(pb::GetRunRequest { project: String::new(), run_id: run_b.into() }).await);
     denied("get naming A", want, c.runs.get(pb::GetRunRequest { project: "a".into(), run_id: run_b.into() }).await);
@@ -33,7 +37,8 @@ async fn every_method(c: &mut Clients, run_b: &str, want: Code) {
     let r = pb::RunRef { project: String::new(), run_id: run_b.into() };
     denied("pause", want, c.runs.pause(r.clone()).await);
     denied("resume", want, c.runs.resume(r).await);
-    let approve = pb::ApproveRequest { project: String::new(), run_id: run_b.into(), task: "gate".into(), reject: false };
+    let approve =
+        pb::ApproveRequest { project: String::new(), run_id: run_b.into(), task: "gate".into(), reject: false };
     denied("approve", want, c.runs.approve(approve.clone()).await);
     denied("reject", want, c.runs.approve(pb::ApproveRequest { reject: true, ..approve }).await);
     let cancel = pb::CancelRunRequest { project: String::new(), run_id: run_b.into(), reason: "x".into() };
@@ -48,12 +53,13 @@ async fn every_method(c: &mut Clients, run_b: &str, want: Code) {
     };
     let publish = pb::PublishEventRequest { project: String::new(), event: Some(event.clone()) };
     denied("publish", want, c.events.publish(publish).await);
-    let ext = pb::CloudEvent {
-        data: None,
-        extensions: [("capstanproject".to_string(), "b".to_string())].into(),
-        ..event
-    };
-    denied("publish by extension", want, c.events.publish(pb::PublishEventRequest { project: String::new(), event: Some(ext) }).await);
+    let ext =
+        pb::CloudEvent { data: None, extensions: [("capstanproject".to_string(), "b".to_string())].into(), ..event };
+    denied(
+        "publish by extension",
+        want,
+        c.events.publish(pb::PublishEventRequest { project: String::new(), event: Some(ext) }).await,
+    );
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
@@ -114,15 +120,23 @@ async fn roles_limit_what_a_token_does_in_its_project() {
 
     let mut viewer = server.clients(Some("view-a")).await;
     viewer.wait_run(&run, |r| waiting(r, "gate")).await;
-    let trigger =
-        pb::TriggerRunRequest { project: "a".into(), stage: "dev".into(), sequence: "quick".into(), ..Default::default() };
+    let trigger = pb::TriggerRunRequest {
+        project: "a".into(),
+        stage: "dev".into(),
+        sequence: "quick".into(),
+        ..Default::default()
+    };
     denied("viewer trigger", Code::PermissionDenied, viewer.runs.trigger(trigger.clone()).await);
     let approve = pb::ApproveRequest { project: "a".into(), run_id: run.clone(), task: "gate".into(), reject: false };
     denied("viewer approve", Code::PermissionDenied, viewer.runs.approve(approve.clone()).await);
 
     let mut operator = server.clients(Some("op-a")).await;
     let source = super::SHIPYARD.to_string();
-    denied("operator apply", Code::PermissionDenied, operator.defs.apply(pb::ApplyDefinitionRequest { project: "a".into(), source }).await);
+    denied(
+        "operator apply",
+        Code::PermissionDenied,
+        operator.defs.apply(pb::ApplyDefinitionRequest { project: "a".into(), source }).await,
+    );
     operator.runs.trigger(trigger).await.expect("operators trigger");
     operator.runs.approve(pb::ApproveRequest { reject: true, ..approve }).await.expect("operators approve");
     let done = operator.wait_run(&run, |r| r.status == "finished").await;

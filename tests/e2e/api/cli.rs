@@ -43,7 +43,23 @@ async fn client_commands_drive_a_server() {
     let data = dir.path().join("data.json");
     std::fs::write(&data, r#"{"version": "1.2.3"}"#).unwrap();
     let data_arg = format!("@{}", data.display());
-    let run = ok(&server, "op-a", &["trigger", "--project", "a", "--stage", "dev", "--sequence", "delivery", "--service", "cart", "--data", &data_arg]);
+    let run = ok(
+        &server,
+        "op-a",
+        &[
+            "trigger",
+            "--project",
+            "a",
+            "--stage",
+            "dev",
+            "--sequence",
+            "delivery",
+            "--service",
+            "cart",
+            "--data",
+            &data_arg,
+        ],
+    );
     let mut c = server.clients(Some("view-a")).await;
     c.wait_run(&run, |r| super::waiting(r, "gate")).await;
     let got: serde_json::Value = serde_json::from_str(&ok(&server, "view-a", &["get", &run, "-o", "json"])).unwrap();

@@ -7,10 +7,10 @@ use capstan_proto::grpc::v1 as pb;
 use tonic::Code;
 use tonic_health::pb::health_check_response::ServingStatus;
 use tonic_health::pb::health_client::HealthClient;
+use tonic_reflection::pb::v1::ServerReflectionRequest;
 use tonic_reflection::pb::v1::server_reflection_client::ServerReflectionClient;
 use tonic_reflection::pb::v1::server_reflection_request::MessageRequest;
 use tonic_reflection::pb::v1::server_reflection_response::MessageResponse;
-use tonic_reflection::pb::v1::ServerReflectionRequest;
 
 use super::{SHIPYARD, Server, waiting};
 
@@ -20,7 +20,12 @@ fn code<T: std::fmt::Debug>(r: Result<tonic::Response<T>, tonic::Status>) -> (Co
 }
 
 fn trigger(project: &str, stage: &str, sequence: &str) -> pb::TriggerRunRequest {
-    pb::TriggerRunRequest { project: project.into(), stage: stage.into(), sequence: sequence.into(), ..Default::default() }
+    pb::TriggerRunRequest {
+        project: project.into(),
+        stage: stage.into(),
+        sequence: sequence.into(),
+        ..Default::default()
+    }
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
@@ -29,12 +34,14 @@ async fn definitions_and_their_errors() {
     let mut c = server.clients(Some("admin-a")).await;
     let bad = c.defs.apply(pb::ApplyDefinitionRequest { project: "a".into(), source: "spec: [".into() }).await;
     assert_eq!(code(bad).0, Code::InvalidArgument);
-    let (c0, msg) = code(c.defs.apply(pb::ApplyDefinitionRequest { project: String::new(), source: SHIPYARD.into() }).await);
+    let (c0, msg) =
+        code(c.defs.apply(pb::ApplyDefinitionRequest { project: String::new(), source: SHIPYARD.into() }).await);
     assert_eq!(c0, Code::InvalidArgument);
     assert!(msg.contains("project"), "{msg}");
     c.apply("a").await;
     let changed = format!("{SHIPYARD}\n# second version\n");
-    let v2 = c.defs.apply(pb::ApplyDefinitionRequest { project: "a".into(), source: changed }).await.unwrap().into_inner();
+    let v2 =
+        c.defs.apply(pb::ApplyDefinitionRequest { project: "a".into(), source: changed }).await.unwrap().into_inner();
     assert_eq!((v2.name.as_str(), v2.version), ("shop", 2));
     let get = pb::GetDefinitionRequest { project: "a".into(), name: String::new(), version: 1 };
     assert_eq!(c.defs.get(get).await.unwrap().into_inner().source, SHIPYARD);
@@ -42,7 +49,9 @@ async fn definitions_and_their_errors() {
     assert_eq!(versions.await.unwrap().into_inner().versions.len(), 2);
     let missing = pb::GetDefinitionRequest { project: "a".into(), name: "nope".into(), version: 0 };
     assert_eq!(code(c.defs.get(missing).await).0, Code::NotFound);
-    let v = c.defs.validate(pb::ValidateDefinitionRequest { source: "apiVersion: capstan.dev/v1\nkind: Shipyard\n".into() });
+    let v = c
+        .defs
+        .validate(pb::ValidateDefinitionRequest { source: "apiVersion: capstan.dev/v1\nkind: Shipyard\n".into() });
     let v = v.await.unwrap().into_inner();
     assert!(!v.valid && !v.problems.is_empty(), "{v:?}");
     let v = c.defs.validate(pb::ValidateDefinitionRequest { source: SHIPYARD.into() }).await.unwrap().into_inner();
@@ -58,7 +67,12 @@ async fn runs_end_to_end_with_error_codes() {
     let run = c.wait_run(&run_id, |r| waiting(r, "gate")).await;
     assert_eq!((run.project.as_str(), run.status.as_str()), ("a", "running"));
 
-    let approve = |task: &str| pb::ApproveRequest { project: String::new(), run_id: run_id.clone(), task: task.into(), reject: false };
+    let approve = |task: &str| pb::ApproveRequest {
+        project: String::new(),
+        run_id: run_id.clone(),
+        task: task.into(),
+        reject: false,
+    };
     let (c0, msg) = code(c.runs.approve(approve("build")).await);
     assert_eq!(c0, Code::FailedPrecondition, "{msg}");
     let (c0, msg) = code(c.runs.approve(approve("nope")).await);
@@ -121,7 +135,8 @@ async fn list_pages_and_filters() {
     let mut seen = Vec::new();
     let mut token = String::new();
     loop {
-        let request = pb::ListRunsRequest { project: "a".into(), page_size: 2, page_token: token, ..Default::default() };
+        let request =
+            pb::ListRunsRequest { project: "a".into(), page_size: 2, page_token: token, ..Default::default() };
         let page = c.runs.list(request).await.unwrap().into_inner();
         seen.extend(page.runs.into_iter().map(|r| r.run_id));
         if page.next_page_token.is_empty() {
@@ -158,7 +173,8 @@ async fn events_evaluations_limits_health_and_reflection() {
     let r = c.events.publish(publish(event("e1", "sh.keptn.event.dev.quick.triggered", r#"{"project":"a"}"#))).await;
     let r = r.unwrap().into_inner();
     assert_eq!(c.wait_run(&r.run_id, |r| r.status == "finished").await.result, "pass");
-    let again = c.events.publish(publish(event("e1", "sh.keptn.event.dev.quick.triggered", r#"{"project":"a"}"#))).await;
+    let again =
+        c.events.publish(publish(event("e1", "sh.keptn.event.dev.quick.triggered", r#"{"project":"a"}"#))).await;
     assert_eq!(code(again).0, Code::AlreadyExists);
     let (c0, msg) = code(c.events.publish(publish(event("e2", "sh.keptn.event.deployment.triggered", "{}"))).await);
     assert!(c0 == Code::InvalidArgument && msg.starts_with("type"), "{msg}");
@@ -175,12 +191,18 @@ async fn events_evaluations_limits_health_and_reflection() {
     big.data = Some(pb::trigger_run_request::Data::DataJson(blob(1024 * 1024)));
     assert_eq!(code(c.runs.trigger(big).await).0, Code::ResourceExhausted);
 
-    let slo = std::fs::read_to_string(concat!(env!("CARGO_MANIFEST_DIR"), "/engine/tests/fixtures/keptn/slo-quality-gates.yaml"))
-        .expect("slo fixture");
+    let slo = std::fs::read_to_string(concat!(
+        env!("CARGO_MANIFEST_DIR"),
+        "/engine/tests/fixtures/keptn/slo-quality-gates.yaml"
+    ))
+    .expect("slo fixture");
     let request = pb::EvaluateRequest {
         slo_yaml: slo,
         values: HashMap::from([("response_time_p95".to_string(), 500.0)]),
-        previous: vec![pb::PreviousResult { result: "pass".into(), values: HashMap::from([("response_time_p95".to_string(), 480.0)]) }],
+        previous: vec![pb::PreviousResult {
+            result: "pass".into(),
+            values: HashMap::from([("response_time_p95".to_string(), 480.0)]),
+        }],
     };
     let e = c.evals.evaluate(request).await.unwrap().into_inner();
     assert_eq!((e.result.as_str(), e.score), ("pass", 100.0), "{}", e.table);
@@ -193,14 +215,20 @@ async fn events_evaluations_limits_health_and_reflection() {
     let check = tonic_health::pb::HealthCheckRequest { service: "capstan.v1.RunService".into() };
     assert_eq!(health.check(check).await.unwrap().into_inner().status, ServingStatus::Serving as i32);
     let mut reflection = ServerReflectionClient::new(channel);
-    let ask = ServerReflectionRequest { host: String::new(), message_request: Some(MessageRequest::ListServices(String::new())) };
+    let ask = ServerReflectionRequest {
+        host: String::new(),
+        message_request: Some(MessageRequest::ListServices(String::new())),
+    };
     let mut answers = reflection.server_reflection_info(tokio_stream::iter(vec![ask])).await.unwrap().into_inner();
-    let Some(MessageResponse::ListServicesResponse(list)) = answers.message().await.unwrap().and_then(|m| m.message_response)
+    let Some(MessageResponse::ListServicesResponse(list)) =
+        answers.message().await.unwrap().and_then(|m| m.message_response)
     else {
         panic!("reflection did not list services");
     };
     let names: Vec<String> = list.service.into_iter().map(|s| s.name).collect();
-    for wanted in ["capstan.v1.RunService", "capstan.v1.DefinitionService", "capstan.v1.EventService", "grpc.health.v1.Health"] {
+    for wanted in
+        ["capstan.v1.RunService", "capstan.v1.DefinitionService", "capstan.v1.EventService", "grpc.health.v1.Health"]
+    {
         assert!(names.iter().any(|n| n == wanted), "{wanted} missing from {names:?}");
     }
     drop(c);

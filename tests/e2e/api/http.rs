@@ -20,6 +20,9 @@ async fn post(server: &Server, token: Option<&str>, headers: &[(&str, &str)], bo
     (status, body)
 }
 
+/// A bad request: what it is, its headers and body, the status and a word the error must say.
+type Case = (&'static str, Vec<(&'static str, &'static str)>, Vec<u8>, StatusCode, &'static str);
+
 const STRUCTURED: &[(&str, &str)] = &[("content-type", "application/cloudevents+json")];
 
 fn keptn(id: &str, sequence: &str, data: Value) -> Vec<u8> {
@@ -40,7 +43,8 @@ async fn cloudevents_start_sequences_and_errors_say_why() {
     let mut c = server.clients(Some("admin-a")).await;
     c.apply("a").await;
 
-    let (status, body) = post(&server, Some("op-a"), STRUCTURED, keptn("s1", "quick", json!({"project": "a", "service": "cart"}))).await;
+    let (status, body) =
+        post(&server, Some("op-a"), STRUCTURED, keptn("s1", "quick", json!({"project": "a", "service": "cart"}))).await;
     assert_eq!(status, StatusCode::ACCEPTED, "{body}");
     let run_id = body["runId"].as_str().expect("runId").to_string();
     let run = c.wait_run(&run_id, |r| r.status == "finished").await;
@@ -58,8 +62,14 @@ async fn cloudevents_start_sequences_and_errors_say_why() {
     let (status, body) = post(&server, Some("op-a"), &binary, br#"{"service":"web"}"#.to_vec()).await;
     assert_eq!(status, StatusCode::ACCEPTED, "{body}");
 
-    let cases: Vec<(&str, Vec<(&str, &str)>, Vec<u8>, StatusCode, &str)> = vec![
-        ("missing id", STRUCTURED.to_vec(), br#"{"specversion":"1.0","source":"s","type":"t"}"#.to_vec(), StatusCode::BAD_REQUEST, "id"),
+    let cases: Vec<Case> = vec![
+        (
+            "missing id",
+            STRUCTURED.to_vec(),
+            br#"{"specversion":"1.0","source":"s","type":"t"}"#.to_vec(),
+            StatusCode::BAD_REQUEST,
+            "id",
+        ),
         (
             "wrong specversion",
             STRUCTURED.to_vec(),
@@ -70,15 +80,39 @@ async fn cloudevents_start_sequences_and_errors_say_why() {
         ("not JSON", STRUCTURED.to_vec(), b"{nope".to_vec(), StatusCode::BAD_REQUEST, "JSON"),
         ("invalid UTF-8", STRUCTURED.to_vec(), b"\xff\xfe{}".to_vec(), StatusCode::BAD_REQUEST, "UTF-8"),
         ("binary data not JSON", binary.to_vec(), b"{nope".to_vec(), StatusCode::BAD_REQUEST, "data"),
-        ("unknown sequence", STRUCTURED.to_vec(), keptn("u1", "nope", json!({"project": "a"})), StatusCode::NOT_FOUND, "nope"),
+        (
+            "unknown sequence",
+            STRUCTURED.to_vec(),
+            keptn("u1", "nope", json!({"project": "a"})),
+            StatusCode::NOT_FOUND,
+            "nope",
+        ),
         ("no project", STRUCTURED.to_vec(), keptn("p1", "quick", json!({})), StatusCode::BAD_REQUEST, "project"),
-        ("task event", STRUCTURED.to_vec(), {
-            let mut e: Value = serde_json::from_slice(&keptn("t1", "quick", json!({"project": "a"}))).unwrap();
-            e["type"] = json!("sh.keptn.event.deployment.triggered");
-            serde_json::to_vec(&e).unwrap()
-        }, StatusCode::BAD_REQUEST, "type"),
-        ("no CloudEvent at all", vec![("content-type", "text/plain")], b"hello".to_vec(), StatusCode::UNSUPPORTED_MEDIA_TYPE, "ce-"),
-        ("replayed event id", STRUCTURED.to_vec(), keptn("s1", "quick", json!({"project": "a"})), StatusCode::CONFLICT, "already"),
+        (
+            "task event",
+            STRUCTURED.to_vec(),
+            {
+                let mut e: Value = serde_json::from_slice(&keptn("t1", "quick", json!({"project": "a"}))).unwrap();
+                e["type"] = json!("sh.keptn.event.deployment.triggered");
+                serde_json::to_vec(&e).unwrap()
+            },
+            StatusCode::BAD_REQUEST,
+            "type",
+        ),
+        (
+            "no CloudEvent at all",
+            vec![("content-type", "text/plain")],
+            b"hello".to_vec(),
+            StatusCode::UNSUPPORTED_MEDIA_TYPE,
+            "ce-",
+        ),
+        (
+            "replayed event id",
+            STRUCTURED.to_vec(),
+            keptn("s1", "quick", json!({"project": "a"})),
+            StatusCode::CONFLICT,
+            "already",
+        ),
     ];
     for (what, headers, body, want, mentions) in cases {
         let (status, answer) = post(&server, Some("op-a"), &headers, body).await;
@@ -118,6 +152,8 @@ async fn http_needs_a_token_for_the_events_project() {
     assert_eq!(status, StatusCode::FORBIDDEN, "{body}");
     let (status, body) = post(&server, Some("op-b"), STRUCTURED, event.clone()).await;
     assert_eq!(status, StatusCode::FORBIDDEN, "{body}");
-    let (status, body) = post(&server, Some("op-a"), &[("content-type", "application/cloudevents+json"), ("x-unused", "1")], event).await;
+    let (status, body) =
+        post(&server, Some("op-a"), &[("content-type", "application/cloudevents+json"), ("x-unused", "1")], event)
+            .await;
     assert_eq!(status, StatusCode::ACCEPTED, "{body}");
 }

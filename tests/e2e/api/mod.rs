@@ -119,10 +119,10 @@ impl Server {
         let stdout = child.stdout.take().expect("stdout");
         let (tx, rx) = std::sync::mpsc::channel();
         std::thread::spawn(move || {
+            // Keep draining after the addresses are known, so the server never writes to a
+            // closed pipe.
             for line in BufReader::new(stdout).lines().map_while(Result::ok) {
-                if tx.send(line).is_err() {
-                    break;
-                }
+                let _ = tx.send(line);
             }
         });
         let (mut grpc, mut http) = (None, None);
@@ -138,7 +138,10 @@ impl Server {
                 Err(_) => {
                     let _ = child.kill();
                     let log = std::fs::read_to_string(dir.path().join("stderr.log")).unwrap_or_default();
-                    panic!("capstan server did not become ready (is PostgreSQL running at {}?):\n{log}", postgres_url());
+                    panic!(
+                        "capstan server did not become ready (is PostgreSQL running at {}?):\n{log}",
+                        postgres_url()
+                    );
                 }
             }
         }
