@@ -51,10 +51,14 @@ impl Grpc {
         // so that it can answer ResourceExhausted with the sizes (tonic's own check answers
         // OutOfRange).
         let hard = self.api.limits.max_body_bytes().saturating_mul(4).max(HARD_DECODING_LIMIT);
-        let reflection = tonic_reflection::server::Builder::configure()
-            .register_encoded_file_descriptor_set(capstan_proto::grpc::FILE_DESCRIPTOR_SET)
-            .register_encoded_file_descriptor_set(tonic_health::pb::FILE_DESCRIPTOR_SET)
-            .build_v1()?;
+        // Both reflection versions: older grpcurl and grpcio clients only ask v1alpha.
+        let reflection = || {
+            tonic_reflection::server::Builder::configure()
+                .register_encoded_file_descriptor_set(capstan_proto::grpc::FILE_DESCRIPTOR_SET)
+                .register_encoded_file_descriptor_set(tonic_health::pb::FILE_DESCRIPTOR_SET)
+        };
+        let reflection_v1 = reflection().build_v1()?;
+        let reflection_v1alpha = reflection().build_v1alpha()?;
         let (reporter, health) = tonic_health::server::health_reporter();
         // Every service is served as soon as the router exists; tonic-health answers SERVING for
         // the empty name and for each named service registered here.
@@ -65,7 +69,8 @@ impl Grpc {
             reporter.set_serving::<EvaluationServiceServer<Grpc>>().await;
         });
         let routes = tonic::service::Routes::new(health)
-            .add_service(reflection)
+            .add_service(reflection_v1)
+            .add_service(reflection_v1alpha)
             .add_service(DefinitionServiceServer::new(self.clone()).max_decoding_message_size(hard))
             .add_service(RunServiceServer::new(self.clone()).max_decoding_message_size(hard))
             .add_service(EventServiceServer::new(self.clone()).max_decoding_message_size(hard))
