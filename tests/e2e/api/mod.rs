@@ -5,6 +5,7 @@ mod access;
 mod cli;
 mod grpc;
 mod http;
+mod python;
 
 use std::io::{BufRead, BufReader};
 use std::process::{Child, Command, Stdio};
