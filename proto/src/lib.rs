@@ -4,6 +4,8 @@
 //! This crate is plain data (serde only) so every other crate, the pure engine included, can share it.
 
 mod cloudevent;
+#[cfg(feature = "grpc")]
+pub mod grpc;
 mod payload;
 
 pub use cloudevent::{CloudEvent, DecodeError, SPEC_VERSION};

@@ -1,7 +1,8 @@
 //! `capstan dev`: the embedded engine as a long-running process (SQLite in a folder, in-memory
-//! broker, built-in workers), resuming unfinished runs at start and shutting down gracefully on
-//! SIGTERM or Ctrl-C.
+//! broker, built-in workers) serving the same gRPC and HTTP APIs as `capstan server` on loopback,
+//! without auth; it resumes unfinished runs at start and shuts down gracefully on SIGTERM or Ctrl-C.
 
+use std::net::SocketAddr;
 use std::path::PathBuf;
 use std::process::ExitCode;
 use std::sync::Arc;
@@ -13,6 +14,9 @@ use capstan_store::Store;
 use tokio::sync::watch;
 
 use super::demo_workers;
+use crate::api::auth::Auth;
+use crate::api::{Api, ApiServer};
+use crate::config::Limits;
 use crate::runtime::{Runtime, RuntimeConfig, SystemClock};
 
 /// Arguments of `capstan dev`.
@@ -27,6 +31,12 @@ pub struct DevArgs {
     /// The project the applied definitions belong to.
     #[arg(long, default_value = "default")]
     pub project: String,
+    /// gRPC address (loopback; port 0 picks a free port).
+    #[arg(long, default_value = "127.0.0.1:7233")]
+    pub grpc_addr: SocketAddr,
+    /// HTTP address (loopback; port 0 picks a free port).
+    #[arg(long, default_value = "127.0.0.1:8080")]
+    pub http_addr: SocketAddr,
 }
 
 /// Runs until SIGTERM / Ctrl-C.
@@ -45,14 +55,25 @@ pub async fn run(args: DevArgs) -> anyhow::Result<ExitCode> {
         let (name, version) = runtime.apply_definition(&args.project, &text).await?;
         println!("applied {name} v{version} to project {}", args.project);
     }
+    // Without auth, the APIs must not be reachable from other machines.
+    anyhow::ensure!(
+        args.grpc_addr.ip().is_loopback() && args.http_addr.ip().is_loopback(),
+        "capstan dev runs without auth and listens on loopback only; use capstan server for other addresses"
+    );
     let (stop, stop_rx) = watch::channel(false);
     let workers = demo_workers::spawn_builtin(broker.clone(), stop_rx);
     let unfinished = store.unfinished_runs().await?.len();
+    let api = Api { runtime: runtime.clone(), auth: Auth::disabled(), limits: Limits::default() };
+    let server = ApiServer::start(api, args.grpc_addr, args.http_addr).await?;
     println!("capstan dev: embedded engine, SQLite at {}, in-memory broker", db.display());
+    println!("auth: off (no tokens needed; loopback only)");
     println!("resumed {unfinished} unfinished run(s)");
+    println!("grpc: {}", server.grpc_addr());
+    println!("http: {}", server.http_addr());
     println!("ready; Ctrl-C or SIGTERM stops");
     wait_for_signal().await;
-    println!("shutting down: finishing the open batch");
+    println!("shutting down: no new requests; finishing the open batch");
+    server.stop().await;
     let _ = stop.send(true);
     runtime.shutdown().await;
     for w in workers {
@@ -61,7 +82,8 @@ pub async fn run(args: DevArgs) -> anyhow::Result<ExitCode> {
     Ok(ExitCode::SUCCESS)
 }
 
-async fn wait_for_signal() {
+/// Waits for SIGTERM or Ctrl-C.
+pub(super) async fn wait_for_signal() {
     #[cfg(unix)]
     {
         use tokio::signal::unix::{SignalKind, signal};

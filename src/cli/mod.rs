@@ -1,10 +1,12 @@
 //! The command line: one module per command.
 
+mod client;
 pub mod demo;
 pub mod demo_workers;
 mod dev;
 mod evaluate;
 pub mod progress;
+mod server;
 mod validate;
 
 use std::path::PathBuf;
@@ -35,8 +37,12 @@ pub enum Command {
     Evaluate(evaluate::EvaluateArgs),
     /// Run the bundled delivery example on the embedded engine (SQLite + in-memory broker).
     Demo(demo::DemoArgs),
-    /// Run the embedded engine as a long-running process with built-in workers.
+    /// Run the embedded engine with built-in workers, serving the gRPC and HTTP APIs on loopback.
     Dev(dev::DevArgs),
+    /// Run the server: configured store and broker, gRPC and HTTP APIs with tokens.
+    Server(server::ServerArgs),
+    #[command(flatten)]
+    Client(client::ClientCommand),
 }
 
 /// Logs go to stderr so that command output on stdout stays machine-readable.
@@ -58,5 +64,7 @@ pub async fn run(cli: Cli) -> anyhow::Result<ExitCode> {
         Command::Evaluate(args) => evaluate::run(&args),
         Command::Demo(args) => demo::run(args).await,
         Command::Dev(args) => dev::run(args).await,
+        Command::Server(args) => server::run(args).await,
+        Command::Client(command) => client::run(command).await,
     }
 }

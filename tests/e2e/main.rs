@@ -1,5 +1,6 @@
 //! End-to-end tests of the `capstan` runtime and binary: one test binary, a module per capability.
 
+mod api;
 mod brokers;
 mod cli;
 mod crash;
