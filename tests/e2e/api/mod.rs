@@ -85,17 +85,19 @@ pub struct Server {
     /// `http://127.0.0.1:PORT` of the HTTP API.
     pub http: String,
     dir: tempfile::TempDir,
+    schema: String,
 }
 
 impl Server {
     /// Starts a server with the test tokens, built-in workers and `extra` TOML at the top.
     pub fn start(extra: &str) -> Server {
         let dir = tempfile::tempdir().expect("temp dir");
+        let schema = fresh_schema();
         let mut config = format!(
             "builtin_workers = true\n{extra}\n[store]\nurl = \"{}\"\nschema = \"{}\"\n\
              [listen]\ngrpc = \"127.0.0.1:0\"\nhttp = \"127.0.0.1:0\"\n",
             postgres_url(),
-            fresh_schema()
+            schema
         );
         for (name, project, role) in TOKENS {
             config.push_str(&format!(
@@ -146,7 +148,7 @@ impl Server {
                 }
             }
         }
-        Server { child, grpc: grpc.unwrap_or_default(), http: http.unwrap_or_default(), dir }
+        Server { child, grpc: grpc.unwrap_or_default(), http: http.unwrap_or_default(), dir, schema }
     }
 
     /// gRPC clients presenting `token` (none for `None`).
@@ -178,6 +180,13 @@ impl Drop for Server {
     fn drop(&mut self) {
         let _ = self.child.kill();
         let _ = self.child.wait();
+        // Best-effort cleanup so test schemas do not pile up in the shared database.
+        let _ = Command::new("psql")
+            .arg(postgres_url())
+            .args(["-q", "-c", &format!("DROP SCHEMA IF EXISTS {} CASCADE", self.schema)])
+            .stdout(Stdio::null())
+            .stderr(Stdio::null())
+            .status();
     }
 }
 
