@@ -85,25 +85,41 @@ async fn open_postgres(_: &str) -> Result<Arc<dyn Store>, BackendError> {
 /// Connects to the broker of that kind (`url` may be empty for `memory` and the defaults
 /// `nats://127.0.0.1:4222`, `127.0.0.1:9092`, `amqp://guest:guest@127.0.0.1:5672/%2f`).
 pub async fn connect_broker(kind: &str, url: &str) -> Result<Arc<dyn Broker>, BackendError> {
+    connect_broker_in(kind, url, None).await
+}
+
+/// Like [`connect_broker`], inside a namespace: deployments (or tests) that share one NATS server
+/// or RabbitMQ vhost but must not see each other's messages use different namespaces (NATS: the
+/// stream name and subject prefix; RabbitMQ: the exchange). Kafka topics have no namespace yet.
+pub async fn connect_broker_in(
+    kind: &str,
+    url: &str,
+    namespace: Option<&str>,
+) -> Result<Arc<dyn Broker>, BackendError> {
     match kind {
         "memory" => Ok(Arc::new(MemoryBroker::new())),
-        "nats" => connect_nats(if url.is_empty() { "nats://127.0.0.1:4222" } else { url }).await,
+        "nats" => connect_nats(if url.is_empty() { "nats://127.0.0.1:4222" } else { url }, namespace).await,
         "kafka" => connect_kafka(if url.is_empty() { "127.0.0.1:9092" } else { url }).await,
         "rabbitmq" | "amqp" => {
-            connect_amqp(if url.is_empty() { "amqp://guest:guest@127.0.0.1:5672/%2f" } else { url }).await
+            connect_amqp(if url.is_empty() { "amqp://guest:guest@127.0.0.1:5672/%2f" } else { url }, namespace).await
         }
         other => Err(BackendError::UnknownBroker(other.to_string())),
     }
 }
 
 #[cfg(feature = "nats")]
-async fn connect_nats(url: &str) -> Result<Arc<dyn Broker>, BackendError> {
+async fn connect_nats(url: &str, namespace: Option<&str>) -> Result<Arc<dyn Broker>, BackendError> {
     use capstan_brokers::nats::{NatsBroker, NatsConfig};
-    Ok(Arc::new(NatsBroker::connect(url, NatsConfig::default()).await?))
+    let mut config = NatsConfig::default();
+    if let Some(ns) = namespace {
+        config.stream = ns.to_uppercase().replace(['.', ' ', '-'], "_");
+        config.subject_prefix = ns.to_lowercase().replace(['.', ' ', '-'], "_");
+    }
+    Ok(Arc::new(NatsBroker::connect(url, config).await?))
 }
 
 #[cfg(not(feature = "nats"))]
-async fn connect_nats(_: &str) -> Result<Arc<dyn Broker>, BackendError> {
+async fn connect_nats(_: &str, _: Option<&str>) -> Result<Arc<dyn Broker>, BackendError> {
     Err(BackendError::NotBuilt("NATS", "nats"))
 }
 
@@ -120,13 +136,17 @@ async fn connect_kafka(_: &str) -> Result<Arc<dyn Broker>, BackendError> {
 }
 
 #[cfg(feature = "amqp")]
-async fn connect_amqp(url: &str) -> Result<Arc<dyn Broker>, BackendError> {
+async fn connect_amqp(url: &str, namespace: Option<&str>) -> Result<Arc<dyn Broker>, BackendError> {
     use capstan_brokers::amqp::{AmqpBroker, AmqpConfig};
-    Ok(Arc::new(AmqpBroker::connect(url, AmqpConfig::default()).await?))
+    let mut config = AmqpConfig::default();
+    if let Some(ns) = namespace {
+        config.exchange = ns.to_string();
+    }
+    Ok(Arc::new(AmqpBroker::connect(url, config).await?))
 }
 
 #[cfg(not(feature = "amqp"))]
-async fn connect_amqp(_: &str) -> Result<Arc<dyn Broker>, BackendError> {
+async fn connect_amqp(_: &str, _: Option<&str>) -> Result<Arc<dyn Broker>, BackendError> {
     Err(BackendError::NotBuilt("RabbitMQ", "amqp"))
 }
 

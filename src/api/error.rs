@@ -95,6 +95,7 @@ impl From<RuntimeError> for ApiError {
             RuntimeError::Store(s) => s.into(),
             RuntimeError::Refused(r) => r.into(),
             RuntimeError::InvalidDefinition(text) => ApiError::invalid("source", text),
+            RuntimeError::InvalidTrigger(text) => ApiError::invalid("event", text),
             RuntimeError::NotFound(what) => ApiError::NotFound(format!("{what} not found")),
             RuntimeError::WrongProject { run_id } => {
                 ApiError::PermissionDenied(format!("run {run_id} belongs to another project"))

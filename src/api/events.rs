@@ -3,14 +3,13 @@
 //! `dev.capstan.sequence.triggered.v1` starts that sequence. The event id makes the start
 //! idempotent: publishing the same event twice never starts two runs.
 
-use capstan_proto::{CloudEvent, DecodeError, SequenceTrigger, ext, types};
-use serde_json::Value;
+use capstan_proto::{CloudEvent, DecodeError};
 use uuid::Uuid;
 
 use super::auth::Role;
 use super::error::ApiError;
 use super::ops::Api;
-use crate::runtime::TriggerRequest;
+use crate::runtime::{TriggerRequest, triggers};
 
 /// What publishing an event did.
 #[derive(Debug, Clone, PartialEq, Eq)]
@@ -41,71 +40,9 @@ impl Api {
     }
 }
 
-/// The trigger an event stands for. `project` (may be empty) must agree with the one the event
-/// names in `data.project` or the `capstanproject` extension.
+/// The trigger an event stands for (see `runtime::triggers`), as an API error when unusable.
 pub fn trigger_of(event: &CloudEvent, project: &str) -> Result<TriggerRequest, ApiError> {
-    let data = event.data.clone().unwrap_or(Value::Null);
-    if !(data.is_object() || data.is_null()) {
-        return Err(ApiError::invalid("data", "must be a JSON object"));
-    }
-    let (stage, sequence, service, data, context, named_project) = if event.ty == types::SEQUENCE_TRIGGERED {
-        let t: SequenceTrigger = serde_json::from_value(data)
-            .map_err(|e| ApiError::invalid("data", format!("not a sequence trigger: {e}")))?;
-        (t.stage, t.sequence, t.service, t.data, t.context_id, Some(t.project).filter(|p| !p.is_empty()))
-    } else if let Some((stage, sequence)) = keptn_sequence(&event.ty) {
-        let service = data.get("service").and_then(Value::as_str).map(str::to_string);
-        let named = data.get("project").and_then(Value::as_str).map(str::to_string);
-        (stage.to_string(), sequence.to_string(), service, data, None, named)
-    } else {
-        return Err(ApiError::invalid(
-            "type",
-            format!(
-                "`{}` is not an event that can be published: expected sh.keptn.event.<stage>.<sequence>.triggered \
-                 or {}",
-                event.ty,
-                types::SEQUENCE_TRIGGERED
-            ),
-        ));
-    };
-    let candidates = [non_empty(project), named_project, event.ext(ext::PROJECT).and_then(non_empty)];
-    let mut chosen: Option<String> = None;
-    for p in candidates.into_iter().flatten() {
-        match &chosen {
-            Some(c) if *c != p => {
-                return Err(ApiError::invalid(
-                    "project",
-                    format!("the event names project `{p}` but the request is for project `{c}`"),
-                ));
-            }
-            Some(_) => {}
-            None => chosen = Some(p),
-        }
-    }
-    let project = chosen
-        .ok_or_else(|| ApiError::invalid("project", "no project: set data.project or the capstanproject extension"))?;
-    let context_id = context.or_else(|| event.ext(ext::KEPTN_CONTEXT).or(event.ext(ext::CONTEXT)).and_then(non_empty));
-    Ok(TriggerRequest {
-        project,
-        definition: None,
-        stage,
-        sequence,
-        service,
-        data,
-        context_id,
-        request_id: Some(format!("event/{}", event.id)),
-    })
-}
-
-fn non_empty(s: &str) -> Option<String> {
-    (!s.is_empty()).then(|| s.to_string())
-}
-
-/// `(stage, sequence)` of `sh.keptn.event.<stage>.<sequence>.triggered`. Keptn's task events
-/// (`sh.keptn.event.<task>.triggered`) have one part fewer and are not sequence triggers.
-fn keptn_sequence(ty: &str) -> Option<(&str, &str)> {
-    let rest = ty.strip_prefix(types::KEPTN_PREFIX)?.strip_suffix(".triggered")?;
-    let (stage, sequence) = rest.split_once('.')?;
-    (!stage.is_empty() && !sequence.is_empty() && !sequence.contains('.')).then_some((stage, sequence))
+    triggers::trigger_of(event, project).map_err(|e| ApiError::invalid(&e.field, e.message))
 }
 
 /// The API error for an envelope that is not a valid CloudEvent, naming the attribute.
@@ -123,6 +60,8 @@ pub fn decode_error(e: DecodeError) -> ApiError {
 
 #[cfg(test)]
 mod tests {
+    use crate::runtime::triggers::keptn_sequence;
+    use serde_json::Value;
     use serde_json::json;
 
     use super::*;

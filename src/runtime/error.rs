@@ -24,6 +24,8 @@ pub enum RuntimeError {
     WrongProject { run_id: String },
     #[error("input {0} was already applied")]
     Duplicate(String),
+    #[error("not a usable sequence trigger: {0}")]
+    InvalidTrigger(String),
     #[error("the runtime is shutting down")]
     ShuttingDown,
 }

@@ -1,5 +1,5 @@
-//! Worker messages from the broker into the partitions. The delivery travels with the input and
-//! is acknowledged only after the input's batch is committed.
+//! Worker messages and sequence triggers from the broker into the partitions. The delivery
+//! travels with the input and is acknowledged only after the input's batch is committed.
 
 use capstan_brokers::{Broker, Subscription, SubscriptionMode};
 use capstan_proto::topics;
@@ -8,7 +8,8 @@ use tracing::{error, warn};
 
 use super::codec;
 use super::error::RuntimeError;
-use super::{Envelope, Reply, Router};
+use super::{Envelope, Reply, Router, Shared, triggers};
+use std::sync::Arc;
 
 /// The competing group all engine replicas share: each worker message reaches one of them.
 pub const ENGINE_GROUP: &str = "capstan-engine";
@@ -19,7 +20,12 @@ pub async fn subscribe(broker: &dyn Broker) -> Result<Box<dyn Subscription>, Run
 }
 
 /// Decodes and routes deliveries until shutdown.
-pub async fn run(mut subscription: Box<dyn Subscription>, router: Router, mut shutdown: watch::Receiver<bool>) {
+pub async fn run(
+    mut subscription: Box<dyn Subscription>,
+    shared: Arc<Shared>,
+    router: Router,
+    mut shutdown: watch::Receiver<bool>,
+) {
     loop {
         let delivery = tokio::select! {
             biased;
@@ -35,6 +41,37 @@ pub async fn run(mut subscription: Box<dyn Subscription>, router: Router, mut sh
                 continue;
             }
         };
+        if triggers::is_trigger(&delivery.message.event.ty) {
+            // A CloudEvents producer that is not Capstan (a pipeline, Keptn tooling) starts a
+            // sequence through the broker; the event id makes a redelivered trigger harmless.
+            let start = match triggers::trigger_of(&delivery.message.event, "") {
+                Ok(req) => {
+                    let project = req.project.clone();
+                    shared.start_input(req).await.map(|(run, input)| (run, project, input))
+                }
+                Err(e) => Err(super::RuntimeError::InvalidTrigger(e.to_string())),
+            };
+            match start {
+                Ok((run_id, project, input)) => {
+                    let env = Envelope {
+                        run_id,
+                        input_id: None,
+                        project: Some(project),
+                        input,
+                        consumed_timer: None,
+                        reply: Reply::Delivery(Box::new(delivery)),
+                    };
+                    if router.route(env).await.is_err() {
+                        return;
+                    }
+                }
+                Err(e) => {
+                    warn!(error = %e, id = %delivery.message.event.id, "unusable sequence trigger dropped");
+                    let _ = delivery.ack().await;
+                }
+            }
+            continue;
+        }
         let decoded = match codec::decode_input(&delivery.message.event) {
             Ok(d) => d,
             Err(e) => {

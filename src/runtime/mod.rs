@@ -18,6 +18,7 @@ mod ingest;
 mod outbox_relay;
 mod partition;
 mod timers;
+pub mod triggers;
 
 use std::collections::HashSet;
 use std::sync::atomic::{AtomicU64, Ordering};
@@ -140,6 +141,29 @@ pub struct Shared {
 }
 
 impl Shared {
+    /// The `Start` input (and its run id) for a trigger: the definition version is pinned now;
+    /// a request id makes the run id, and so the start, idempotent.
+    async fn start_input(&self, req: TriggerRequest) -> Result<(String, Input), RuntimeError> {
+        let (definition, version) = self.registry.get(&req.project, req.definition.as_deref(), None).await?;
+        let run_id = match &req.request_id {
+            Some(r) => Uuid::new_v5(&Uuid::NAMESPACE_OID, format!("{}/{r}", req.project).as_bytes()).to_string(),
+            None => Uuid::new_v4().to_string(),
+        };
+        let meta = RunMeta {
+            run_id: run_id.clone(),
+            context_id: req.context_id.clone().unwrap_or_else(|| Uuid::new_v4().to_string()),
+            project: req.project.clone(),
+            stage: req.stage,
+            sequence: req.sequence,
+            service: req.service,
+            definition: definition.name.clone(),
+            definition_version: u32::try_from(version).unwrap_or(u32::MAX),
+            triggered_by: None,
+        };
+        let data = if req.data.is_null() { Value::Object(Default::default()) } else { req.data };
+        Ok((run_id, Input::Start { meta, data }))
+    }
+
     fn timer_wake(&self, at_ms: i64) {
         self.next_timer_hint.fetch_min(at_ms.max(0) as u64, Ordering::Relaxed);
         self.timer_wake.notify_one();
@@ -216,7 +240,7 @@ impl Runtime {
         let senders = Arc::new(senders);
         let router = Router { senders: senders.clone() };
         let subscription = ingest::subscribe(&*shared.broker).await?;
-        tasks.push(tokio::spawn(ingest::run(subscription, router.clone(), shutdown_rx.clone())));
+        tasks.push(tokio::spawn(ingest::run(subscription, shared.clone(), router.clone(), shutdown_rx.clone())));
         tasks.push(tokio::spawn(timers::run(shared.clone(), router.clone(), shutdown_rx.clone())));
         tasks.push(tokio::spawn(outbox_relay::run(shared.clone(), config.outbox_batch, shutdown_rx.clone())));
         let unfinished = shared.store.unfinished_runs().await?.len();
@@ -268,24 +292,9 @@ impl RuntimeHandle {
 
     /// Starts a sequence; returns the new run's id once its start is committed.
     pub async fn trigger(&self, req: TriggerRequest) -> Result<String, RuntimeError> {
-        let (definition, version) = self.shared.registry.get(&req.project, req.definition.as_deref(), None).await?;
-        let run_id = match &req.request_id {
-            Some(r) => Uuid::new_v5(&Uuid::NAMESPACE_OID, format!("{}/{r}", req.project).as_bytes()).to_string(),
-            None => Uuid::new_v4().to_string(),
-        };
-        let meta = RunMeta {
-            run_id: run_id.clone(),
-            context_id: req.context_id.clone().unwrap_or_else(|| Uuid::new_v4().to_string()),
-            project: req.project.clone(),
-            stage: req.stage,
-            sequence: req.sequence,
-            service: req.service,
-            definition: definition.name.clone(),
-            definition_version: u32::try_from(version).unwrap_or(u32::MAX),
-            triggered_by: None,
-        };
-        let data = if req.data.is_null() { Value::Object(Default::default()) } else { req.data };
-        self.send(run_id.clone(), Some(req.project), Input::Start { meta, data }).await?;
+        let project = req.project.clone();
+        let (run_id, input) = self.shared.start_input(req).await?;
+        self.send(run_id.clone(), Some(project), input).await?;
         Ok(run_id)
     }
 

@@ -5,7 +5,7 @@
 use std::sync::Arc;
 use std::time::Duration;
 
-use capstan::backends::connect_broker;
+use capstan::backends::connect_broker_in;
 use capstan::cli::demo::{DEMO_PROJECT, DEMO_SHIPYARD};
 use capstan::cli::demo_workers;
 use capstan::runtime::{Runtime, RuntimeConfig, SystemClock, TriggerRequest};
@@ -26,7 +26,10 @@ async fn deliver_over(broker_kind: &str, url: &str) {
         panic!("PostgreSQL at {} is needed (deploy/local/services.sh postgres): {e}", postgres_url())
     });
     let store: Arc<dyn Store> = Arc::new(pg.clone());
-    let broker = connect_broker(broker_kind, url)
+    // A namespace of its own, so engines of tests running at the same time never take each
+    // other's messages from a shared NATS server or RabbitMQ vhost.
+    let namespace = format!("capstantest{}", uuid::Uuid::new_v4().simple());
+    let broker = connect_broker_in(broker_kind, url, Some(&namespace))
         .await
         .unwrap_or_else(|e| panic!("{broker_kind} is needed (deploy/local/services.sh {broker_kind}): {e}"));
     let rt = Runtime::start(RuntimeConfig::default(), store.clone(), broker.clone(), Arc::new(SystemClock))
