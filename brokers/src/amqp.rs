@@ -1,7 +1,7 @@
 //! RabbitMQ (AMQP 0-9-1) implementation of the [`Broker`] trait (feature `amqp`).
 //!
 //! Topology, declared idempotently: one durable topic exchange (`AmqpConfig::exchange`), the
-//! routing key being the topic; a competing group is the durable queue `<group>.<topic>` bound
+//! routing key being the topic; a competing group is the durable queue `<exchange>.<group>.<topic>` bound
 //! to it, read with manual acks and `basic_qos(prefetch)`; a broadcast subscriber gets an
 //! exclusive, auto-delete, server-named queue. Messages that cannot be decoded are republished
 //! with a reason header to the dead-letter exchange `<exchange>.dlx`, which routes everything
@@ -208,7 +208,10 @@ impl Broker for AmqpBroker {
             SubscriptionMode::Competing { group } if group.is_empty() => {
                 return Err(Error::Invalid("group name is empty".into()));
             }
-            SubscriptionMode::Competing { group } => QueueSpec::Durable(format!("{group}.{topic}")),
+            SubscriptionMode::Competing { group } => {
+                // The exchange name leads so that deployments sharing a vhost never share queues.
+                QueueSpec::Durable(format!("{}.{group}.{topic}", self.inner.config.exchange))
+            }
             SubscriptionMode::Broadcast => QueueSpec::Exclusive,
         };
         let sub = AmqpSubscription::start(Arc::clone(&self.inner), topic.to_string(), spec).await?;

@@ -9,6 +9,7 @@ use capstan::backends::connect_broker_in;
 use capstan::cli::demo::{DEMO_PROJECT, DEMO_SHIPYARD};
 use capstan::cli::demo_workers;
 use capstan::runtime::{Runtime, RuntimeConfig, SystemClock, TriggerRequest};
+use capstan_brokers::kafka::{KafkaBroker, KafkaConfig};
 use capstan_store::postgres::PostgresStore;
 use capstan_store::{RunFilter, Store};
 use serde_json::json;
@@ -29,9 +30,23 @@ async fn deliver_over(broker_kind: &str, url: &str) {
     // A namespace of its own, so engines of tests running at the same time never take each
     // other's messages from a shared NATS server or RabbitMQ vhost.
     let namespace = format!("capstantest{}", uuid::Uuid::new_v4().simple());
-    let broker = connect_broker_in(broker_kind, url, Some(&namespace))
-        .await
-        .unwrap_or_else(|e| panic!("{broker_kind} is needed (deploy/local/services.sh {broker_kind}): {e}"));
+    let broker = if broker_kind == "kafka" {
+        // Short group sessions, as the services README advises for Tansu, so consumer groups
+        // settle in seconds rather than tens of seconds.
+        let config = KafkaConfig {
+            session_timeout: Duration::from_secs(2),
+            heartbeat_interval: Duration::from_millis(500),
+            ..KafkaConfig::new(url)
+        };
+        let kafka = KafkaBroker::connect(config)
+            .await
+            .unwrap_or_else(|e| panic!("Kafka is needed (deploy/local/services.sh kafka): {e}"));
+        Arc::new(kafka) as Arc<dyn capstan_brokers::Broker>
+    } else {
+        connect_broker_in(broker_kind, url, Some(&namespace))
+            .await
+            .unwrap_or_else(|e| panic!("{broker_kind} is needed (deploy/local/services.sh {broker_kind}): {e}"))
+    };
     let rt = Runtime::start(RuntimeConfig::default(), store.clone(), broker.clone(), Arc::new(SystemClock))
         .await
         .expect("runtime starts");
