@@ -1,5 +1,6 @@
 //! The command line: one module per command.
 
+mod bench;
 pub mod demo;
 mod demo_workers;
 mod dev;
@@ -37,6 +38,8 @@ pub enum Command {
     Demo(demo::DemoArgs),
     /// Run the embedded engine as a long-running process with built-in workers.
     Dev(dev::DevArgs),
+    /// Measure throughput and latency of the whole engine in one process (store, broker, workers).
+    Bench(bench::BenchArgs),
 }
 
 /// Logs go to stderr so that command output on stdout stays machine-readable.
@@ -58,5 +61,6 @@ pub async fn run(cli: Cli) -> anyhow::Result<ExitCode> {
         Command::Evaluate(args) => evaluate::run(&args),
         Command::Demo(args) => demo::run(args).await,
         Command::Dev(args) => dev::run(args).await,
+        Command::Bench(args) => bench::run(args).await,
     }
 }
