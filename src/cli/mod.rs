@@ -1,5 +1,6 @@
 //! The command line: one module per command.
 
+mod bench;
 mod client;
 pub mod demo;
 pub mod demo_workers;
@@ -43,6 +44,8 @@ pub enum Command {
     Server(server::ServerArgs),
     #[command(flatten)]
     Client(client::ClientCommand),
+    /// Measure throughput and latency of the whole engine in one process (store, broker, workers).
+    Bench(bench::BenchArgs),
 }
 
 /// Logs go to stderr so that command output on stdout stays machine-readable.
@@ -66,5 +69,6 @@ pub async fn run(cli: Cli) -> anyhow::Result<ExitCode> {
         Command::Dev(args) => dev::run(args).await,
         Command::Server(args) => server::run(args).await,
         Command::Client(command) => client::run(command).await,
+        Command::Bench(args) => bench::run(args).await,
     }
 }

@@ -1,6 +1,7 @@
 //! End-to-end tests of the `capstan` runtime and binary: one test binary, a module per capability.
 
 mod api;
+mod bench;
 mod brokers;
 mod cli;
 mod crash;

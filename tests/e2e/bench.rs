@@ -1,0 +1,64 @@
+//! `capstan bench` as a user runs it: a tiny load on the embedded default and on the in-memory
+//! store, each ending with one valid JSON line. Speeds are reported, never asserted.
+
+use std::process::Command;
+
+use serde_json::Value;
+
+/// Runs the bench with `args` and returns its last stdout line as JSON.
+fn bench(args: &[&str]) -> Value {
+    let out = Command::new(env!("CARGO_BIN_EXE_capstan"))
+        .arg("bench")
+        .args(args)
+        .arg("--json")
+        .output()
+        .expect("capstan runs");
+    let stdout = String::from_utf8_lossy(&out.stdout);
+    let stderr = String::from_utf8_lossy(&out.stderr);
+    assert!(out.status.success(), "bench failed:\n{stdout}\n{stderr}");
+    let last = stdout.lines().last().unwrap_or_default();
+    serde_json::from_str(last).unwrap_or_else(|e| panic!("last line is not JSON ({e}): {last}\n{stdout}"))
+}
+
+fn assert_complete(report: &Value, runs: u64, tasks_per_run: u64) {
+    for key in ["tasks_per_s", "runs_per_s", "p50_ms", "p99_ms", "server_cpu_s", "peak_rss_mb", "inputs_per_commit"] {
+        assert!(report[key].is_number(), "`{key}` missing or not a number: {report}");
+    }
+    assert!(report["config"].is_object(), "{report}");
+    assert_eq!(report["runs"], runs, "{report}");
+    assert_eq!(report["tasks"], runs * tasks_per_run, "{report}");
+    assert_eq!(report["tasks_ended"], runs * tasks_per_run, "every task's end is in the log: {report}");
+    assert_eq!(report["not_passed"], 0, "{report}");
+    assert!(report["inputs_per_commit"].as_f64().unwrap_or(0.0) >= 1.0, "{report}");
+}
+
+#[test]
+fn bench_chain_on_the_embedded_default_prints_json_last() {
+    let report = bench(&["--runs", "12", "--tasks", "3", "--concurrency", "4"]);
+    assert_complete(&report, 12, 3);
+    assert_eq!(report["config"]["store"], "sqlite");
+    assert_eq!(report["config"]["dispatch"], "queue");
+    assert_eq!(report["latency_ms"]["step"]["count"], 12 * 2, "two steps per 3-task chain: {report}");
+}
+
+#[test]
+fn bench_fanout_auction_in_memory_prints_json_last() {
+    let report = bench(&[
+        "--store",
+        "memory:",
+        "--shape",
+        "fanout",
+        "--tasks",
+        "4",
+        "--dispatch",
+        "auction",
+        "--runs",
+        "6",
+        "--workers",
+        "3",
+    ]);
+    assert_complete(&report, 6, 4);
+    assert_eq!(report["config"]["shape"], "fanout");
+    // start -> (p1, p2) -> join: the parallel tasks and the join each wait for predecessors.
+    assert_eq!(report["latency_ms"]["step"]["count"], 6 * 3, "{report}");
+}
