@@ -4,6 +4,7 @@ mod api;
 mod brokers;
 mod cli;
 mod crash;
+mod faults;
 mod support;
 mod tidy;
 mod timeouts;
