@@ -221,11 +221,11 @@ fn check_run(
                 }
             }
             Event::TaskStarted { task, .. } => *started.entry(task.clone()).or_default() += 1,
-            Event::AttemptEnded { task, attempt, outcome, .. } => {
-                if attempt_ends.insert((task.clone(), *attempt), outcome.clone()).is_some() {
-                    rep.results.duplicated += 1;
-                    rep.problems.push(format!("run {run_id}: {task} attempt {attempt} ended twice"));
-                }
+            Event::AttemptEnded { task, attempt, outcome, .. }
+                if attempt_ends.insert((task.clone(), *attempt), outcome.clone()).is_some() =>
+            {
+                rep.results.duplicated += 1;
+                rep.problems.push(format!("run {run_id}: {task} attempt {attempt} ended twice"));
             }
             Event::TaskEnded { task, status, .. } => {
                 *task_ends.entry(task.clone()).or_default() += 1;

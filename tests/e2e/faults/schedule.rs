@@ -32,18 +32,18 @@ impl Mode {
         if std::env::var("CAPSTAN_FAULTS_LONG").is_ok_and(|v| v == "1") {
             Mode {
                 name: "long",
-                runs: 600,
-                trigger_every: Duration::from_millis(120),
-                min_server_kills: 30,
-                min_worker_kills: 30,
+                runs: 2000,
+                trigger_every: Duration::from_millis(60),
+                min_server_kills: 40,
+                min_worker_kills: 40,
                 nats_every: 30,
                 seed,
             }
         } else {
             Mode {
                 name: "short",
-                runs: 150,
-                trigger_every: Duration::from_millis(250),
+                runs: 500,
+                trigger_every: Duration::from_millis(90),
                 min_server_kills: 10,
                 min_worker_kills: 10,
                 nats_every: 1000,
@@ -166,13 +166,15 @@ pub fn inject(mut c: Cluster, mode: Mode, stop: Arc<AtomicBool>) -> (Counts, Vec
             c.proxy.cut(Duration::from_millis(1500));
             counts.db_cuts += 1;
         } else {
-            match rng.below(9) {
-                0..=3 => {
+            // Server and worker kills alternate so that both reach their minimums; every fifth
+            // fault is a worker stop, at a random worker.
+            match step % 5 {
+                0 | 2 => {
                     c.server.kill();
                     counts.server_kills += 1;
                     restart_server(&mut c);
                 }
-                4..=7 => {
+                1 | 3 => {
                     let i = rng.below(c.workers.len() as u64) as usize;
                     c.workers[i].kill();
                     counts.worker_kills += 1;
