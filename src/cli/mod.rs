@@ -9,6 +9,7 @@ mod evaluate;
 pub mod progress;
 mod server;
 mod validate;
+mod worker;
 
 use std::path::PathBuf;
 use std::process::ExitCode;
@@ -42,6 +43,8 @@ pub enum Command {
     Dev(dev::DevArgs),
     /// Run the server: configured store and broker, gRPC and HTTP APIs with tokens.
     Server(server::ServerArgs),
+    /// Run an echo worker over a real broker as its own process, with an optional action ledger.
+    Worker(worker::WorkerArgs),
     #[command(flatten)]
     Client(client::ClientCommand),
     /// Measure throughput and latency of the whole engine in one process (store, broker, workers).
@@ -68,6 +71,7 @@ pub async fn run(cli: Cli) -> anyhow::Result<ExitCode> {
         Command::Demo(args) => demo::run(args).await,
         Command::Dev(args) => dev::run(args).await,
         Command::Server(args) => server::run(args).await,
+        Command::Worker(args) => worker::run(args).await,
         Command::Client(command) => client::run(command).await,
         Command::Bench(args) => bench::run(args).await,
     }

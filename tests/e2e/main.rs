@@ -5,6 +5,7 @@ mod bench;
 mod brokers;
 mod cli;
 mod crash;
+mod faults;
 mod foreign;
 mod support;
 mod tidy;

@@ -1,0 +1,194 @@
+//! The fault suite: `capstan server` (PostgreSQL through a fault proxy, a private NATS JetStream)
+//! and four `capstan worker` processes with ledgers run a 6-task DAG (fan-out / fan-in, a
+//! deliberate failure retried, a start-to-close timeout whose late result must be refused, an
+//! automatic approval, a non-idempotent remediation) across 3 projects, while a fault thread
+//! kills the server (restarted each time), kills workers mid-task, stops a worker past its
+//! heartbeat lease and continues it, crashes NATS and cuts the database connections. The checker
+//! then compares the store with the ledgers (see `checker`).
+//!
+//! Short mode by default; `CAPSTAN_FAULTS_LONG=1` runs more runs and more faults.
+//! `CAPSTAN_FAULTS_SEED` replays a fault schedule.
+
+mod checker;
+mod procs;
+mod proxy;
+mod schedule;
+
+use std::collections::HashSet;
+use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::{Arc, Mutex};
+use std::time::{Duration, Instant};
+
+use capstan_proto::grpc::v1 as pb;
+use capstan_store::Store;
+use capstan_store::postgres::PostgresStore;
+use pb::definition_service_client::DefinitionServiceClient;
+use pb::run_service_client::RunServiceClient;
+
+use procs::{Nats, Server, WorkerProc};
+use proxy::FaultProxy;
+use schedule::{Cluster, Counts, Mode};
+
+const DAG: &str = r#"
+apiVersion: capstan.dev/v1
+kind: Shipyard
+metadata: {name: faulty}
+spec:
+  stages:
+    - name: dev
+      sequences:
+        - name: dag
+          tasks:
+            - {name: prepare, type: fw-work, dependsOn: [], timeouts: {scheduleToStart: 3s, startToClose: 5s, heartbeat: 1500ms}, retry: {maxAttempts: 12, initialInterval: 100ms, maxInterval: 500ms}}
+            - {name: build-a, type: fw-work, dependsOn: [prepare], properties: {failAttempts: 1}, timeouts: {scheduleToStart: 3s, startToClose: 5s, heartbeat: 1500ms}, retry: {maxAttempts: 12, initialInterval: 100ms, maxInterval: 500ms}}
+            - {name: build-b, type: fw-work, dependsOn: [prepare], timeouts: {scheduleToStart: 3s, startToClose: 5s, heartbeat: 1500ms}, retry: {maxAttempts: 12, initialInterval: 100ms, maxInterval: 500ms}}
+            - {name: slow, type: fw-work, dependsOn: [prepare], properties: {stallAttempts: 1, stallMs: 2500}, timeouts: {scheduleToStart: 3s, startToClose: 1s, heartbeat: 1500ms}, retry: {maxAttempts: 12, initialInterval: 100ms, maxInterval: 500ms}}
+            - {name: approve, type: approval, dependsOn: [build-a, build-b, slow], properties: {pass: automatic, warning: automatic}}
+            - {name: remediate, type: fw-action, dependsOn: [approve], idempotent: false, timeouts: {scheduleToStart: 3s, startToClose: 5s, heartbeat: 1500ms}, retry: {maxAttempts: 12, initialInterval: 100ms, maxInterval: 500ms}}
+"#;
+
+const PROJECTS: [&str; 3] = ["fp-alpha", "fp-beta", "fp-gamma"];
+const WORKERS: usize = 4;
+
+fn postgres_url() -> String {
+    std::env::var("CAPSTAN_TEST_POSTGRES_URL")
+        .unwrap_or_else(|_| "postgres://postgres@127.0.0.1:5432/test?sslmode=disable".to_string())
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn recorded_exactly_once_under_faults() {
+    let mode = Mode::from_env();
+    let dir = tempfile::tempdir().expect("tempdir");
+    let nats = Nats::start(dir.path());
+    let proxy = FaultProxy::start("127.0.0.1:5432".parse().expect("address")).await;
+    let schema = format!("faults_{}_{}", std::process::id(), procs::free_port());
+    let store_url = postgres_url().replace("127.0.0.1:5432", &proxy.addr.to_string());
+    let config = format!(
+        "auth = \"none\"\nbuiltin_workers = false\n[store]\nurl = \"{store_url}\"\nschema = \"{schema}\"\n\
+         [broker]\nkind = \"nats\"\nurl = \"{}\"\n[listen]\ngrpc = \"127.0.0.1:0\"\nhttp = \"127.0.0.1:0\"\n",
+        nats.url()
+    );
+    let mut server = Server::new(dir.path(), &config);
+    server.start_until_up();
+    let workers: Vec<WorkerProc> = (1..=WORKERS)
+        .map(|i| WorkerProc::start(dir.path(), &format!("fw-{i}"), &nats.url(), "fw-work,fw-action"))
+        .collect();
+    let ledgers: Vec<_> = workers.iter().map(|w| w.ledger.clone()).collect();
+    let worker_ids: HashSet<String> = workers.iter().map(|w| w.id.clone()).collect();
+    let grpc = Arc::new(Mutex::new(server.grpc.clone()));
+    for project in PROJECTS {
+        call(&grpc, |ch| async move {
+            let req = pb::ApplyDefinitionRequest { project: project.into(), source: DAG.into() };
+            DefinitionServiceClient::new(ch).apply(req).await.map(|_| ())
+        })
+        .await;
+    }
+
+    let stop = Arc::new(AtomicBool::new(false));
+    let cluster = Cluster { server, workers, nats, proxy, grpc: grpc.clone() };
+    let injector = {
+        let stop = stop.clone();
+        std::thread::spawn(move || schedule::inject(cluster, mode, stop))
+    };
+
+    let started = Instant::now();
+    let mut run_ids = Vec::new();
+    for i in 0..mode.runs {
+        let project = PROJECTS[i % PROJECTS.len()];
+        let run_id = call(&grpc, |ch| async move {
+            let req = pb::TriggerRunRequest {
+                project: project.into(),
+                stage: "dev".into(),
+                sequence: "dag".into(),
+                request_id: format!("faults-{i}"),
+                ..Default::default()
+            };
+            RunServiceClient::new(ch).trigger(req).await.map(|r| r.into_inner().run_id)
+        })
+        .await;
+        run_ids.push(run_id);
+        tokio::time::sleep(mode.trigger_every).await;
+    }
+    let triggered_in = started.elapsed();
+
+    let store: Arc<dyn Store> =
+        Arc::new(PostgresStore::connect_with_schema(&postgres_url(), &schema).await.expect("open the test schema"));
+    let deadline = Instant::now() + Duration::from_secs(240);
+    let mut open = run_ids.len();
+    while Instant::now() < deadline {
+        open = count_open(&*store, &run_ids).await;
+        if open == 0 {
+            break;
+        }
+        tokio::time::sleep(Duration::from_millis(250)).await;
+    }
+    stop.store(true, Ordering::SeqCst);
+    let (counts, faults_ms): (Counts, Vec<u64>) = injector.join().expect("the fault thread panicked");
+    let elapsed = started.elapsed();
+
+    let def = Arc::new(capstan_engine::parse(DAG).expect("the DAG parses"));
+    let actions = checker::read_ledgers(&ledgers);
+    let report = checker::check(&store, &def, &run_ids, &worker_ids, &actions, &faults_ms).await;
+    println!(
+        "fault suite ({}): {} runs triggered in {triggered_in:.1?}, all checked after {elapsed:.1?}",
+        mode.name,
+        run_ids.len()
+    );
+    println!("faults: {counts}");
+    println!(
+        "store: {} events; run results {:?}; {} input-rejected; {} outcome-unknown; {} ledger lines",
+        report.events,
+        report.run_results,
+        report.rejected_inputs,
+        report.outcome_unknown,
+        actions.len()
+    );
+    print!("{}", report.table());
+    assert_eq!(open, 0, "{open} runs never ended within the deadline; schema {schema} kept for inspection");
+    assert!(report.problems.is_empty(), "violations (schema {schema} kept):\n{}", report.problems.join("\n"));
+    counts.assert_minimums(&mode);
+    drop(store);
+    if let Ok(s) = PostgresStore::connect_with_schema(&postgres_url(), &schema).await {
+        let _ = s.drop_schema().await;
+    }
+}
+
+/// Calls the current server, reconnecting and retrying while it is down or restarting.
+async fn call<T, F, Fut>(grpc: &Arc<Mutex<String>>, f: F) -> T
+where
+    F: Fn(tonic::transport::Channel) -> Fut,
+    Fut: std::future::Future<Output = Result<T, tonic::Status>>,
+{
+    let deadline = Instant::now() + Duration::from_secs(60);
+    loop {
+        let addr = grpc.lock().expect("grpc address").clone();
+        let attempt = async {
+            let channel = tonic::transport::Channel::from_shared(addr.clone())
+                .map_err(|e| e.to_string())?
+                .connect_timeout(Duration::from_secs(2))
+                .timeout(Duration::from_secs(10))
+                .connect()
+                .await
+                .map_err(|e| e.to_string())?;
+            f(channel).await.map_err(|s| s.to_string())
+        };
+        match attempt.await {
+            Ok(v) => return v,
+            Err(e) => {
+                assert!(Instant::now() < deadline, "the server at {addr} kept failing: {e}");
+                tokio::time::sleep(Duration::from_millis(200)).await;
+            }
+        }
+    }
+}
+
+async fn count_open(store: &dyn Store, run_ids: &[String]) -> usize {
+    let mut open = 0;
+    for id in run_ids {
+        match store.get_run(id).await {
+            Ok(Some(r)) if r.is_over() => {}
+            _ => open += 1,
+        }
+    }
+    open
+}

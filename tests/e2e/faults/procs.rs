@@ -1,0 +1,254 @@
+//! The processes of the fault suite: a private `nats-server` with JetStream (so restarting it
+//! disturbs no other test), one `capstan server` at a time, and `capstan worker`s with ledgers.
+//! Each can be killed with SIGKILL, stopped and continued, and started again on the same data.
+
+use std::io::{BufRead, BufReader};
+use std::net::TcpListener;
+use std::path::{Path, PathBuf};
+use std::process::{Child, Command, Stdio};
+use std::time::{Duration, Instant};
+
+/// A free loopback port (free when asked; nothing else here binds fixed ports).
+pub fn free_port() -> u16 {
+    let l = TcpListener::bind("127.0.0.1:0").expect("bind a free port");
+    l.local_addr().expect("address").port()
+}
+
+fn log_file(path: &Path) -> std::fs::File {
+    std::fs::OpenOptions::new().create(true).append(true).open(path).expect("open a log file")
+}
+
+/// Sends a signal to a child by pid (`KILL`, `STOP`, `CONT`).
+pub fn signal(child: &Child, sig: &str) {
+    let status = Command::new("kill").arg(format!("-{sig}")).arg(child.id().to_string()).status();
+    assert!(status.is_ok_and(|s| s.success()) || sig == "KILL", "kill -{sig} {} failed", child.id());
+}
+
+/// A private JetStream server on its own port and store directory.
+pub struct Nats {
+    child: Option<Child>,
+    pub port: u16,
+    dir: PathBuf,
+}
+
+impl Nats {
+    pub fn start(dir: &Path) -> Nats {
+        let mut nats = Nats { child: None, port: free_port(), dir: dir.to_path_buf() };
+        nats.spawn();
+        nats
+    }
+
+    pub fn url(&self) -> String {
+        format!("nats://127.0.0.1:{}", self.port)
+    }
+
+    fn spawn(&mut self) {
+        let bin = ["/usr/sbin/nats-server", "/usr/bin/nats-server"]
+            .into_iter()
+            .find(|p| Path::new(p).exists())
+            .expect("nats-server is not installed (see /work/shared/services/README.md)");
+        let child = Command::new(bin)
+            .args(["-a", "127.0.0.1", "-p", &self.port.to_string(), "-js", "-sd"])
+            .arg(self.dir.join("js"))
+            .stdout(Stdio::null())
+            .stderr(log_file(&self.dir.join("nats.log")))
+            .spawn()
+            .expect("start nats-server");
+        self.child = Some(child);
+        let deadline = Instant::now() + Duration::from_secs(10);
+        while std::net::TcpStream::connect(("127.0.0.1", self.port)).is_err() {
+            assert!(Instant::now() < deadline, "nats-server did not listen on {}", self.port);
+            std::thread::sleep(Duration::from_millis(20));
+        }
+    }
+
+    /// SIGKILL, then start again on the same store after `down` (JetStream acks before fsync,
+    /// so this may lose acknowledged messages: exactly the fault to survive).
+    pub fn crash_restart(&mut self, down: Duration) {
+        self.kill();
+        std::thread::sleep(down);
+        self.spawn();
+    }
+
+    pub fn kill(&mut self) {
+        if let Some(mut c) = self.child.take() {
+            let _ = c.kill();
+            let _ = c.wait();
+        }
+    }
+}
+
+impl Drop for Nats {
+    fn drop(&mut self) {
+        self.kill();
+    }
+}
+
+/// `capstan server` from a config file; restarted after every kill.
+pub struct Server {
+    child: Option<Child>,
+    config: PathBuf,
+    log: PathBuf,
+    /// `http://127.0.0.1:PORT` of the current incarnation's gRPC API.
+    pub grpc: String,
+    pub starts: u32,
+}
+
+impl Server {
+    pub fn new(dir: &Path, config_text: &str) -> Server {
+        let config = dir.join("capstan.toml");
+        std::fs::write(&config, config_text).expect("write the server config");
+        Server { child: None, config, log: dir.join("server.log"), grpc: String::new(), starts: 0 }
+    }
+
+    /// Starts the server and waits for its gRPC address; false if it did not come up in time
+    /// (e.g. while its broker is down), in which case the caller tries again.
+    pub fn start(&mut self) -> bool {
+        let mut child = Command::new(env!("CARGO_BIN_EXE_capstan"))
+            .arg("server")
+            .arg("--config")
+            .arg(&self.config)
+            .env_remove("CAPSTAN_STORE")
+            .env_remove("CAPSTAN_GRPC_ADDR")
+            .env_remove("CAPSTAN_HTTP_ADDR")
+            .stdout(Stdio::piped())
+            .stderr(log_file(&self.log))
+            .spawn()
+            .expect("spawn capstan server");
+        let stdout = child.stdout.take().expect("stdout");
+        let (tx, rx) = std::sync::mpsc::channel();
+        std::thread::spawn(move || {
+            // Keep draining so the server never writes to a closed pipe.
+            for line in BufReader::new(stdout).lines().map_while(Result::ok) {
+                let _ = tx.send(line);
+            }
+        });
+        let deadline = Instant::now() + Duration::from_secs(20);
+        while Instant::now() < deadline {
+            match rx.recv_timeout(Duration::from_millis(100)) {
+                Ok(line) => {
+                    if let Some(a) = line.strip_prefix("grpc: ") {
+                        self.grpc = format!("http://{a}");
+                        self.child = Some(child);
+                        self.starts += 1;
+                        return true;
+                    }
+                }
+                Err(std::sync::mpsc::RecvTimeoutError::Timeout) => {}
+                Err(std::sync::mpsc::RecvTimeoutError::Disconnected) => break,
+            }
+        }
+        let _ = child.kill();
+        let _ = child.wait();
+        false
+    }
+
+    /// Starts until it is up (bounded), failing loudly with the log when it never comes up.
+    pub fn start_until_up(&mut self) {
+        for _ in 0..15 {
+            if self.start() {
+                return;
+            }
+            std::thread::sleep(Duration::from_millis(300));
+        }
+        let log = std::fs::read_to_string(&self.log).unwrap_or_default();
+        let tail: String =
+            log.lines().rev().take(40).collect::<Vec<_>>().into_iter().rev().collect::<Vec<_>>().join("\n");
+        panic!("capstan server never came up:\n{tail}");
+    }
+
+    /// Whether the current incarnation is gone (exited on its own).
+    pub fn exited(&mut self) -> bool {
+        match &mut self.child {
+            Some(c) => matches!(c.try_wait(), Ok(Some(_))),
+            None => true,
+        }
+    }
+
+    pub fn kill(&mut self) {
+        if let Some(mut c) = self.child.take() {
+            let _ = c.kill();
+            let _ = c.wait();
+        }
+    }
+}
+
+impl Drop for Server {
+    fn drop(&mut self) {
+        self.kill();
+    }
+}
+
+/// A `capstan worker` process with a ledger; restarted under the same id after a kill.
+pub struct WorkerProc {
+    pub id: String,
+    child: Option<Child>,
+    args: Vec<String>,
+    log: PathBuf,
+    pub ledger: PathBuf,
+}
+
+impl WorkerProc {
+    pub fn start(dir: &Path, id: &str, nats_url: &str, types: &str) -> WorkerProc {
+        let ledger = dir.join(format!("{id}.jsonl"));
+        let args = [
+            "worker",
+            "--broker",
+            "nats",
+            "--broker-url",
+            nats_url,
+            "--id",
+            id,
+            "--types",
+            types,
+            "--slots",
+            "8",
+            "--delay-ms",
+            "40",
+            "--ledger",
+        ]
+        .into_iter()
+        .map(String::from)
+        .chain([ledger.display().to_string()])
+        .collect();
+        let mut w = WorkerProc { id: id.into(), child: None, args, log: dir.join(format!("{id}.log")), ledger };
+        w.spawn();
+        w
+    }
+
+    pub fn spawn(&mut self) {
+        let child = Command::new(env!("CARGO_BIN_EXE_capstan"))
+            .args(&self.args)
+            .stdout(Stdio::null())
+            .stderr(log_file(&self.log))
+            .spawn()
+            .expect("spawn capstan worker");
+        self.child = Some(child);
+    }
+
+    pub fn exited(&mut self) -> bool {
+        match &mut self.child {
+            Some(c) => matches!(c.try_wait(), Ok(Some(_))),
+            None => true,
+        }
+    }
+
+    pub fn signal(&self, sig: &str) {
+        if let Some(c) = &self.child {
+            signal(c, sig);
+        }
+    }
+
+    pub fn kill(&mut self) {
+        if let Some(mut c) = self.child.take() {
+            let _ = c.kill();
+            let _ = c.wait();
+        }
+    }
+}
+
+impl Drop for WorkerProc {
+    fn drop(&mut self) {
+        self.kill();
+    }
+}
