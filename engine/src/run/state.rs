@@ -72,7 +72,9 @@ pub(super) struct TaskState {
     pub bids: Vec<RecordedBid>,
     /// Holders of the current attempt.
     pub holders: Vec<Holder>,
-    /// Whether any attempt was ever started: a non-idempotent task is then never offered again.
+    /// Whether any attempt was ever awarded: a non-idempotent task is then never offered again.
+    /// An award counts as a possible start because a worker acts as soon as it is awarded and its
+    /// `started` report can be lost with a crashed engine or broker (found by the fault suite).
     pub ever_started: bool,
     pub result: Option<TaskResult>,
     pub output: Value,
@@ -245,6 +247,7 @@ impl RunState {
                         started: false,
                         outcome: None,
                     });
+                    t.ever_started = true;
                     if t.phase == TaskPhase::Offered {
                         t.phase = TaskPhase::Awarded;
                     }

@@ -242,12 +242,12 @@ fn errors_retry_with_backoff_but_real_failures_and_non_retryable_kinds_do_not() 
 }
 
 #[test]
-fn non_idempotent_tasks_retry_only_before_they_started() {
+fn non_idempotent_tasks_retry_only_before_they_were_awarded() {
     let def = with(|a| a.idempotent = false);
+    // Nobody took the offer: no worker can have acted, so another attempt is safe.
     let (mut run, _) = Run::start(def.clone(), json!({}));
-    run.award("a", 1, "w1");
     run.apply(timer(TimerKind::ScheduleToStart { task: "a".into(), attempt: 1 }));
-    assert_eq!(run.phase("a"), TaskPhase::Backoff, "never started: may retry");
+    assert_eq!(run.phase("a"), TaskPhase::Backoff, "never awarded: may retry");
     run.apply(timer(TimerKind::Retry { task: "a".into(), attempt: 1 }));
     let t = run.award("a", 2, "w2");
     run.apply(started("a", 2, "w2", t));
@@ -255,6 +255,12 @@ fn non_idempotent_tasks_retry_only_before_they_started() {
     assert_eq!(run.phase("a"), TaskPhase::Ended(TaskStatus::OutcomeUnknown));
     assert!(effects(&d).contains(&"cancel w2: the attempt timed out".to_string()));
     assert_eq!(run.state.result(), Some(TaskResult::Fail));
+
+    // Awarded but its `started` never arrived: the worker may have acted, so no second attempt.
+    let (mut run, _) = Run::start(def, json!({}));
+    run.award("a", 1, "w1");
+    run.apply(timer(TimerKind::ScheduleToStart { task: "a".into(), attempt: 1 }));
+    assert_eq!(run.phase("a"), TaskPhase::Ended(TaskStatus::OutcomeUnknown), "awarded: never twice");
 }
 
 #[test]
