@@ -90,7 +90,7 @@ pub async fn connect_broker(kind: &str, url: &str) -> Result<Arc<dyn Broker>, Ba
 
 /// Like [`connect_broker`], inside a namespace: deployments (or tests) that share one NATS server
 /// or RabbitMQ vhost but must not see each other's messages use different namespaces (NATS: the
-/// stream name and subject prefix; RabbitMQ: the exchange). Kafka topics have no namespace yet.
+/// stream name and subject prefix; RabbitMQ: the exchange; Kafka: a topic prefix).
 pub async fn connect_broker_in(
     kind: &str,
     url: &str,
@@ -99,7 +99,13 @@ pub async fn connect_broker_in(
     match kind {
         "memory" => Ok(Arc::new(MemoryBroker::new())),
         "nats" => connect_nats(if url.is_empty() { "nats://127.0.0.1:4222" } else { url }, namespace).await,
-        "kafka" => connect_kafka(if url.is_empty() { "127.0.0.1:9092" } else { url }).await,
+        "kafka" => {
+            let kafka = connect_kafka(if url.is_empty() { "127.0.0.1:9092" } else { url }).await?;
+            Ok(match namespace {
+                Some(ns) => Arc::new(capstan_brokers::namespace::Namespaced::new(kafka, ns)),
+                None => kafka,
+            })
+        }
         "rabbitmq" | "amqp" => {
             connect_amqp(if url.is_empty() { "amqp://guest:guest@127.0.0.1:5672/%2f" } else { url }, namespace).await
         }

@@ -22,6 +22,7 @@ pub mod binding;
 #[cfg(feature = "kafka")]
 pub mod kafka;
 pub mod memory;
+pub mod namespace;
 #[cfg(feature = "nats")]
 pub mod nats;
 #[cfg(any(test, feature = "testing"))]
@@ -84,6 +85,18 @@ pub trait Broker: Send + Sync + 'static {
     async fn publish(&self, messages: Vec<Message>) -> Result<()>;
     /// Subscribes to a topic. The subscription exists once this returns.
     async fn subscribe(&self, topic: &str, mode: SubscriptionMode) -> Result<Box<dyn Subscription>>;
+}
+
+/// A shared broker is a broker, so wrappers (e.g. [`namespace::Namespaced`]) take either.
+#[async_trait]
+impl<B: Broker + ?Sized> Broker for std::sync::Arc<B> {
+    async fn publish(&self, messages: Vec<Message>) -> Result<()> {
+        (**self).publish(messages).await
+    }
+
+    async fn subscribe(&self, topic: &str, mode: SubscriptionMode) -> Result<Box<dyn Subscription>> {
+        (**self).subscribe(topic, mode).await
+    }
 }
 
 /// A stream of deliveries.

@@ -10,6 +10,7 @@ use capstan::cli::demo::{DEMO_PROJECT, DEMO_SHIPYARD};
 use capstan::cli::demo_workers;
 use capstan::runtime::{Runtime, RuntimeConfig, SystemClock, TriggerRequest};
 use capstan_brokers::kafka::{KafkaBroker, KafkaConfig};
+use capstan_brokers::namespace::Namespaced;
 use capstan_store::postgres::PostgresStore;
 use capstan_store::{RunFilter, Store};
 use serde_json::json;
@@ -41,7 +42,7 @@ async fn deliver_over(broker_kind: &str, url: &str) {
         let kafka = KafkaBroker::connect(config)
             .await
             .unwrap_or_else(|e| panic!("Kafka is needed (deploy/local/services.sh kafka): {e}"));
-        Arc::new(kafka) as Arc<dyn capstan_brokers::Broker>
+        Arc::new(Namespaced::new(kafka, &namespace)) as Arc<dyn capstan_brokers::Broker>
     } else {
         connect_broker_in(broker_kind, url, Some(&namespace))
             .await

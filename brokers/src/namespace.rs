@@ -1,0 +1,70 @@
+//! A namespace over any broker: every topic gets a prefix, so deployments (or test runs) that
+//! share one broker never see each other's messages, whatever the backend's own naming allows.
+
+use async_trait::async_trait;
+
+use crate::{Broker, Delivery, Message, Result, Subscription, SubscriptionMode};
+
+/// Prefixes every topic with `<namespace>.` on the way in and strips it on the way out.
+pub struct Namespaced<B> {
+    inner: B,
+    prefix: String,
+}
+
+impl<B: Broker> Namespaced<B> {
+    /// Wraps `inner`; `namespace` must itself be a valid topic segment.
+    pub fn new(inner: B, namespace: &str) -> Self {
+        Namespaced { inner, prefix: format!("{namespace}.") }
+    }
+}
+
+#[async_trait]
+impl<B: Broker> Broker for Namespaced<B> {
+    async fn publish(&self, messages: Vec<Message>) -> Result<()> {
+        let messages =
+            messages.into_iter().map(|m| Message { topic: format!("{}{}", self.prefix, m.topic), ..m }).collect();
+        self.inner.publish(messages).await
+    }
+
+    async fn subscribe(&self, topic: &str, mode: SubscriptionMode) -> Result<Box<dyn Subscription>> {
+        let inner = self.inner.subscribe(&format!("{}{topic}", self.prefix), mode).await?;
+        Ok(Box::new(Stripped { inner, prefix: self.prefix.clone() }))
+    }
+}
+
+struct Stripped {
+    inner: Box<dyn Subscription>,
+    prefix: String,
+}
+
+#[async_trait]
+impl Subscription for Stripped {
+    async fn next(&mut self) -> Result<Delivery> {
+        let mut d = self.inner.next().await?;
+        if let Some(rest) = d.message.topic.strip_prefix(&self.prefix) {
+            d.message.topic = rest.to_string();
+        }
+        Ok(d)
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::MemoryBroker;
+    use crate::testing;
+
+    #[tokio::test]
+    async fn namespaces_do_not_see_each_other() {
+        let shared = MemoryBroker::new();
+        let a = Namespaced::new(shared.clone(), "a");
+        let b = Namespaced::new(shared.clone(), "b");
+        let mut sub_a = a.subscribe("t", SubscriptionMode::Broadcast).await.unwrap();
+        let mut sub_b = b.subscribe("t", SubscriptionMode::Broadcast).await.unwrap();
+        b.publish(vec![testing::message("t", "k", "1", serde_json::json!({}))]).await.unwrap();
+        let got = sub_b.next().await.unwrap();
+        assert_eq!(got.message.topic, "t", "the prefix is stripped on delivery");
+        let quiet = tokio::time::timeout(std::time::Duration::from_millis(50), sub_a.next()).await;
+        assert!(quiet.is_err(), "namespace a saw a message of namespace b");
+    }
+}
