@@ -35,7 +35,10 @@ for svc in "${want[@]}"; do
         [ -x /usr/sbin/nats-server ] || { echo "error: nats-server is not installed (apt-get install nats-server)" >&2; exit 1; }
         echo "starting NATS with JetStream" >&2
         mkdir -p /var/lib/nats-server
-        start-stop-daemon --start --oknodo --background --exec /usr/sbin/nats-server -- \
+        # Matched by pid file, not executable: a private nats-server of a test must not make
+        # this start a no-op.
+        start-stop-daemon --start --oknodo --background --make-pidfile --pidfile /tmp/capstan-shared-nats.pid \
+          --startas /usr/sbin/nats-server -- \
           -a 127.0.0.1 -p 4222 -js -sd /var/lib/nats-server -l /var/log/nats-server.log
         wait_port NATS 4222
       fi

@@ -132,7 +132,8 @@ pub struct Shared {
     pub clock: Arc<dyn Clock>,
     pub metrics: Metrics,
     pub faults: Faults,
-    outbox_wake: Notify,
+    /// The rows of each commit, for the relay to publish from memory.
+    outbox_tx: mpsc::UnboundedSender<Vec<capstan_store::OutboxMessage>>,
     timer_wake: Notify,
     /// Earliest timer committed since the timer service last looked (ms), to cut its sleep short.
     next_timer_hint: AtomicU64,
@@ -216,6 +217,7 @@ impl Runtime {
         broker: Arc<dyn Broker>,
         clock: Arc<dyn Clock>,
     ) -> Result<RuntimeHandle, RuntimeError> {
+        let (outbox_tx, outbox_rx) = mpsc::unbounded_channel();
         let shared = Arc::new(Shared {
             registry: DefinitionRegistry::new(store.clone()),
             store,
@@ -223,7 +225,7 @@ impl Runtime {
             clock,
             metrics: Metrics::default(),
             faults: config.faults.clone(),
-            outbox_wake: Notify::new(),
+            outbox_tx,
             timer_wake: Notify::new(),
             next_timer_hint: AtomicU64::new(u64::MAX),
             inflight_timers: Mutex::new(HashSet::new()),
@@ -242,7 +244,12 @@ impl Runtime {
         let subscription = ingest::subscribe(&*shared.broker).await?;
         tasks.push(tokio::spawn(ingest::run(subscription, shared.clone(), router.clone(), shutdown_rx.clone())));
         tasks.push(tokio::spawn(timers::run(shared.clone(), router.clone(), shutdown_rx.clone())));
-        tasks.push(tokio::spawn(outbox_relay::run(shared.clone(), config.outbox_batch, shutdown_rx.clone())));
+        tasks.push(tokio::spawn(outbox_relay::run(
+            shared.clone(),
+            config.outbox_batch,
+            outbox_rx,
+            shutdown_rx.clone(),
+        )));
         let unfinished = shared.store.unfinished_runs().await?.len();
         if unfinished > 0 {
             info!(runs = unfinished, "resuming unfinished runs from the store");

@@ -47,6 +47,9 @@ struct Work {
     base_version: i64,
     created_at_ms: i64,
     status: &'static str,
+    /// Whether the run index row must be written (start, pause, resume, end). Other events do
+    /// not change it, and rewriting the heavily indexed row per event is the costliest write.
+    index_dirty: bool,
     events: Vec<capstan_store::NewEvent>,
 }
 
@@ -221,13 +224,20 @@ impl Partition {
                 let seq = w.base_version + w.events.len() as i64 + 1;
                 w.events.push(codec::encode_event(&env.run_id, seq, event, now_ms));
                 w.state.evolve(event);
-                match event {
-                    Event::RunStarted { .. } => w.created_at_ms = now_ms,
-                    Event::RunPaused { .. } => w.status = "paused",
-                    Event::RunResumed { .. } => w.status = "running",
-                    Event::RunFinished { status: RunStatus::Finished, .. } => w.status = "finished",
-                    Event::RunFinished { status: RunStatus::Cancelled, .. } => w.status = "cancelled",
-                    _ => {}
+                let status = match event {
+                    Event::RunStarted { .. } => {
+                        w.created_at_ms = now_ms;
+                        Some("running")
+                    }
+                    Event::RunPaused { .. } => Some("paused"),
+                    Event::RunResumed { .. } => Some("running"),
+                    Event::RunFinished { status: RunStatus::Finished, .. } => Some("finished"),
+                    Event::RunFinished { status: RunStatus::Cancelled, .. } => Some("cancelled"),
+                    _ => None,
+                };
+                if let Some(status) = status {
+                    w.status = status;
+                    w.index_dirty = true;
                 }
             }
             if !decision.events.is_empty()
@@ -294,20 +304,22 @@ impl Partition {
                 continue;
             }
             let meta = w.state.meta().expect("a run with events has started");
-            batch.runs.push(RunRecord {
-                run_id: run_id.clone(),
-                project: meta.project.clone(),
-                context_id: meta.context_id.clone(),
-                stage: meta.stage.clone(),
-                sequence: meta.sequence.clone(),
-                service: meta.service.clone(),
-                definition: meta.definition.clone(),
-                definition_version: i64::from(meta.definition_version),
-                status: w.status.to_string(),
-                result: w.state.result().map(|r| r.as_str().to_string()),
-                created_at_ms: w.created_at_ms,
-                updated_at_ms: now_ms,
-            });
+            if w.index_dirty {
+                batch.runs.push(RunRecord {
+                    run_id: run_id.clone(),
+                    project: meta.project.clone(),
+                    context_id: meta.context_id.clone(),
+                    stage: meta.stage.clone(),
+                    sequence: meta.sequence.clone(),
+                    service: meta.service.clone(),
+                    definition: meta.definition.clone(),
+                    definition_version: i64::from(meta.definition_version),
+                    status: w.status.to_string(),
+                    result: w.state.result().map(|r| r.as_str().to_string()),
+                    created_at_ms: w.created_at_ms,
+                    updated_at_ms: now_ms,
+                });
+            }
             batch.appends.push(StreamAppend {
                 run_id: run_id.clone(),
                 expected_version: w.base_version,
@@ -315,7 +327,7 @@ impl Partition {
             });
         }
 
-        let has_outbox = !batch.outbox.is_empty();
+        let outbox = batch.outbox.clone();
         let event_count: usize = batch.appends.iter().map(|a| a.events.len()).sum();
         self.shared.faults.point(FaultPoint::MidBatch).await;
         if !batch.is_empty() {
@@ -333,8 +345,9 @@ impl Partition {
                 );
             }
         }
-        if has_outbox {
-            self.shared.outbox_wake.notify_one();
+        if !outbox.is_empty() {
+            // The relay may be gone at shutdown; the rows are in the table for the next start.
+            let _ = self.shared.outbox_tx.send(outbox);
         }
         if let Some(at) = earliest_timer {
             self.shared.timer_wake(at);
@@ -350,6 +363,7 @@ impl Partition {
                 base_version: c.version,
                 created_at_ms: c.created_at_ms,
                 status: c.status,
+                index_dirty: false,
                 events: Vec::new(),
             });
         }
@@ -367,6 +381,7 @@ impl Partition {
                         base_version: 0,
                         created_at_ms: 0,
                         status: "running",
+                        index_dirty: false,
                         events: Vec::new(),
                     })
                 }
@@ -399,6 +414,7 @@ impl Partition {
             base_version: stored.len() as i64,
             created_at_ms: first.recorded_at_ms,
             status,
+            index_dirty: false,
             events: Vec::new(),
         })
     }

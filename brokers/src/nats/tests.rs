@@ -146,7 +146,13 @@ struct Restarter;
 
 impl Restarter {
     fn stop(&self) {
-        run("start-stop-daemon", &["--stop", "--retry", "10", "--exec", "/usr/sbin/nats-server"]);
+        // Only the shared server on 4222: other tests (the fault suite) run private nats-server
+        // processes from the same executable, which `start-stop-daemon --exec` would also stop.
+        run("pkill", &["-f", "nats-server -a 127.0.0.1 -p 4222"]);
+        let deadline = std::time::Instant::now() + Duration::from_secs(10);
+        while std::net::TcpStream::connect("127.0.0.1:4222").is_ok() && std::time::Instant::now() < deadline {
+            std::thread::sleep(Duration::from_millis(50));
+        }
     }
 }
 
@@ -159,7 +165,12 @@ impl Drop for Restarter {
                 "--start",
                 "--oknodo",
                 "--background",
-                "--exec",
+                // Matched by its own pid file, not by executable: a private nats-server of
+                // another test must not make this start a no-op.
+                "--make-pidfile",
+                "--pidfile",
+                "/tmp/capstan-shared-nats.pid",
+                "--startas",
                 "/usr/sbin/nats-server",
                 "--",
                 "-a",
