@@ -133,7 +133,18 @@ async fn connect_nats(_: &str, _: Option<&str>) -> Result<Arc<dyn Broker>, Backe
 async fn connect_kafka(bootstrap: &str) -> Result<Arc<dyn Broker>, BackendError> {
     use capstan_brokers::kafka::{KafkaBroker, KafkaConfig};
     let bootstrap = bootstrap.strip_prefix("kafka://").unwrap_or(bootstrap);
-    Ok(Arc::new(KafkaBroker::connect(KafkaConfig::new(bootstrap)).await?))
+    let mut config = KafkaConfig::new(bootstrap);
+    // Group timings are a deployment choice: short sessions let a group notice a dead member in
+    // seconds (tests, small fleets), long ones ride out pauses.
+    let ms =
+        |name: &str| std::env::var(name).ok().and_then(|v| v.parse::<u64>().ok()).map(std::time::Duration::from_millis);
+    if let Some(d) = ms("CAPSTAN_KAFKA_SESSION_TIMEOUT_MS") {
+        config.session_timeout = d;
+    }
+    if let Some(d) = ms("CAPSTAN_KAFKA_HEARTBEAT_MS") {
+        config.heartbeat_interval = d;
+    }
+    Ok(Arc::new(KafkaBroker::connect(config).await?))
 }
 
 #[cfg(not(feature = "kafka"))]

@@ -47,6 +47,9 @@ pub struct WorkerArgs {
     /// Append one fsynced JSON line per action to this file.
     #[arg(long)]
     pub ledger: Option<PathBuf>,
+    /// Share the broker with other deployments under this namespace (a topic prefix).
+    #[arg(long)]
+    pub namespace: Option<String>,
 }
 
 /// Runs until SIGTERM / Ctrl-C. A broker failure does not end it: the worker connects again,
@@ -63,7 +66,8 @@ pub async fn run(args: WorkerArgs) -> anyhow::Result<ExitCode> {
     tokio::pin!(signal);
     println!("worker {} ready for {}", args.id, args.types.join(","));
     loop {
-        let broker = match backends::connect_broker(&args.broker, &args.broker_url).await {
+        let broker = match backends::connect_broker_in(&args.broker, &args.broker_url, args.namespace.as_deref()).await
+        {
             Ok(b) => b,
             Err(e) => {
                 warn!(error = %e, "cannot reach the broker; trying again");

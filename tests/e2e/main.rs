@@ -6,6 +6,7 @@ mod brokers;
 mod cli;
 mod crash;
 mod faults;
+mod fleet;
 mod foreign;
 mod support;
 mod tidy;
