@@ -61,6 +61,8 @@ pub struct Config {
     pub auth: AuthMode,
     /// API tokens, stored as SHA-256 hashes.
     pub tokens: Vec<TokenConfig>,
+    /// TLS for both APIs (`[tls] cert = "..."`, `key = "..."`, PEM files); plain TCP without it.
+    pub tls: Option<crate::api::tls::TlsFiles>,
 }
 
 impl Default for Config {
@@ -73,6 +75,7 @@ impl Default for Config {
             builtin_workers: false,
             auth: AuthMode::Tokens,
             tokens: Vec::new(),
+            tls: None,
         }
     }
 }

@@ -13,9 +13,11 @@ mod events;
 pub mod grpc;
 pub mod http;
 pub mod ops;
+pub mod tls;
 mod view;
 
 use std::net::SocketAddr;
+use std::sync::Arc;
 use std::time::Duration;
 
 use tokio::net::TcpListener;
@@ -34,6 +36,8 @@ pub use ops::Api;
 pub enum ServeError {
     #[error("cannot listen on {addr} ({what}): {source}")]
     Bind { what: &'static str, addr: SocketAddr, source: std::io::Error },
+    #[error("TLS: {0}")]
+    Tls(String),
     #[error("cannot build gRPC reflection: {0}")]
     Reflection(#[from] tonic_reflection::server::Error),
 }
@@ -48,7 +52,13 @@ pub struct ApiServer {
 
 impl ApiServer {
     /// Binds both addresses and serves `api` on them until [`ApiServer::stop`].
-    pub async fn start(api: Api, grpc: SocketAddr, http: SocketAddr) -> Result<ApiServer, ServeError> {
+    pub async fn start(
+        api: Api,
+        grpc: SocketAddr,
+        http: SocketAddr,
+        tls: Option<&tls::TlsFiles>,
+    ) -> Result<ApiServer, ServeError> {
+        let tls = tls.map(tls::TlsMaterial::load).transpose().map_err(ServeError::Tls)?.map(Arc::new);
         let grpc_listener =
             TcpListener::bind(grpc).await.map_err(|source| ServeError::Bind { what: "gRPC", addr: grpc, source })?;
         let http_listener =
@@ -63,10 +73,14 @@ impl ApiServer {
             // The guard `wait_for` returns is not Send; keep only whether it happened.
             let _ = rx.wait_for(|s| *s).await.is_ok();
         };
+        let mut builder = tonic::transport::Server::builder();
+        if let Some(t) = &tls {
+            builder = builder.tls_config(t.grpc()).map_err(|e| ServeError::Tls(e.to_string()))?;
+        }
         let grpc_task = tokio::spawn({
             let stopped = stopped(stop_rx.clone());
             async move {
-                let result = tonic::transport::Server::builder()
+                let result = builder
                     .add_routes(routes)
                     .serve_with_incoming_shutdown(TcpListenerStream::new(grpc_listener), stopped)
                     .await;
@@ -78,9 +92,15 @@ impl ApiServer {
         let http_task = tokio::spawn({
             let stopped = stopped(stop_rx);
             async move {
-                let result = axum::serve(http_listener, http::router(api)).with_graceful_shutdown(stopped).await;
-                if let Err(e) = result {
-                    warn!(error = %e, "HTTP server stopped with an error");
+                match tls {
+                    Some(t) => t.serve_http(http_listener, http::router(api), stopped).await,
+                    None => {
+                        let result =
+                            axum::serve(http_listener, http::router(api)).with_graceful_shutdown(stopped).await;
+                        if let Err(e) = result {
+                            warn!(error = %e, "HTTP server stopped with an error");
+                        }
+                    }
                 }
             }
         });

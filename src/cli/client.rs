@@ -28,6 +28,9 @@ pub struct Conn {
     /// The API token (sent as `authorization: Bearer`).
     #[arg(long, env = "CAPSTAN_TOKEN", hide_env_values = true)]
     pub token: Option<String>,
+    /// CA certificate (PEM) that signed the server's TLS certificate, for `https://` servers.
+    #[arg(long, env = "CAPSTAN_CA_CERT")]
+    pub ca_cert: Option<std::path::PathBuf>,
     /// Output format.
     #[arg(long, short = 'o', value_enum, default_value = "table")]
     pub output: Output,
@@ -164,11 +167,14 @@ type Runs = RunServiceClient<InterceptedService<Channel, Bearer>>;
 type Definitions = DefinitionServiceClient<InterceptedService<Channel, Bearer>>;
 
 async fn connect(conn: &Conn) -> anyhow::Result<(Runs, Definitions)> {
-    let channel = Channel::from_shared(conn.server.clone())
-        .with_context(|| format!("`{}` is not a server address (e.g. http://127.0.0.1:7233)", conn.server))?
-        .connect()
-        .await
-        .with_context(|| format!("cannot reach the server at {}", conn.server))?;
+    let mut endpoint = Channel::from_shared(conn.server.clone())
+        .with_context(|| format!("`{}` is not a server address (e.g. http://127.0.0.1:7233)", conn.server))?;
+    if let Some(ca) = &conn.ca_cert {
+        let pem = std::fs::read(ca).with_context(|| format!("cannot read {}", ca.display()))?;
+        let tls = tonic::transport::ClientTlsConfig::new().ca_certificate(tonic::transport::Certificate::from_pem(pem));
+        endpoint = endpoint.tls_config(tls).context("TLS settings")?;
+    }
+    let channel = endpoint.connect().await.with_context(|| format!("cannot reach the server at {}", conn.server))?;
     let bearer = match &conn.token {
         Some(t) => Some(format!("Bearer {t}").parse().context("the token contains characters a header cannot carry")?),
         None => None,

@@ -64,7 +64,7 @@ pub async fn run(args: DevArgs) -> anyhow::Result<ExitCode> {
     let workers = demo_workers::spawn_builtin(broker.clone(), stop_rx);
     let unfinished = store.unfinished_runs().await?.len();
     let api = Api { runtime: runtime.clone(), auth: Auth::disabled(), limits: Limits::default() };
-    let server = ApiServer::start(api, args.grpc_addr, args.http_addr).await?;
+    let server = ApiServer::start(api, args.grpc_addr, args.http_addr, None).await?;
     println!("capstan dev: embedded engine, SQLite at {}, in-memory broker", db.display());
     println!("auth: off (no tokens needed; loopback only)");
     println!("resumed {unfinished} unfinished run(s)");

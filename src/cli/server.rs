@@ -49,7 +49,7 @@ pub async fn run(args: ServerArgs) -> anyhow::Result<ExitCode> {
         warn!("auth is on but no [[tokens]] are configured: every call will be refused");
     }
     let api = Api { runtime: runtime.clone(), auth, limits: config.limits };
-    let server = ApiServer::start(api, config.listen.grpc, config.listen.http).await?;
+    let server = ApiServer::start(api, config.listen.grpc, config.listen.http, config.tls.as_ref()).await?;
     println!("grpc: {}", server.grpc_addr());
     println!("http: {}", server.http_addr());
     println!("ready; SIGTERM or Ctrl-C stops");

@@ -6,6 +6,7 @@ mod cli;
 mod grpc;
 mod http;
 mod python;
+mod tls;
 
 use std::io::{BufRead, BufReader};
 use std::process::{Child, Command, Stdio};
