@@ -150,9 +150,19 @@ impl Restarter {
         // processes from the same executable, which `start-stop-daemon --exec` would also stop.
         run("pkill", &["-f", "nats-server -a 127.0.0.1 -p 4222"]);
         let deadline = std::time::Instant::now() + Duration::from_secs(10);
-        while std::net::TcpStream::connect("127.0.0.1:4222").is_ok() && std::time::Instant::now() < deadline {
+        // Wait for the process to be gone, not only its port: `start-stop-daemon --pidfile`
+        // would take a server still shutting down for a running one and start nothing.
+        let alive = || {
+            std::process::Command::new("pgrep")
+                .args(["-f", "nats-server -a 127.0.0.1 -p 4222"])
+                .stdout(std::process::Stdio::null())
+                .status()
+                .is_ok_and(|s| s.success())
+        };
+        while alive() && std::time::Instant::now() < deadline {
             std::thread::sleep(Duration::from_millis(50));
         }
+        let _ = std::fs::remove_file("/tmp/capstan-shared-nats.pid");
     }
 }
 
