@@ -128,7 +128,9 @@ impl From<run::Error> for ApiError {
             run::Error::AlreadyStarted(_) => ApiError::AlreadyExists(text),
             run::Error::UnknownSequence { .. } => ApiError::NotFound(text),
             run::Error::UnknownTask(_) => ApiError::invalid("task", text),
-            run::Error::NotAwaitingApproval { .. } | run::Error::RunOver => ApiError::FailedPrecondition(text),
+            run::Error::NotAwaitingApproval { .. } | run::Error::RunOver | run::Error::Queued => {
+                ApiError::FailedPrecondition(text)
+            }
             run::Error::WrongProject { .. } => ApiError::PermissionDenied(text),
         }
     }

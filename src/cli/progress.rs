@@ -94,6 +94,8 @@ fn describe(event: &Event) -> Option<String> {
             task.as_deref().unwrap_or("-"),
             worker_id.as_deref().unwrap_or("?")
         ),
+        Event::RunQueued { .. } => "run queued behind another run of this service".to_string(),
+        Event::RunAdmitted { .. } => "run admitted: its lane is free".to_string(),
         Event::RunPaused { .. } => "run paused".to_string(),
         Event::RunResumed { .. } => "run resumed".to_string(),
         Event::RunFinished { status, result, next, .. } => {

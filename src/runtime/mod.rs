@@ -15,6 +15,7 @@ mod definitions;
 mod error;
 pub mod faults;
 mod ingest;
+mod lanes;
 mod outbox_relay;
 mod partition;
 mod timers;
@@ -134,6 +135,8 @@ pub struct Shared {
     pub faults: Faults,
     /// The rows of each commit, for the relay to publish from memory.
     outbox_tx: mpsc::UnboundedSender<Vec<capstan_store::OutboxMessage>>,
+    /// Runs queued and ended in their lanes, for the lane service.
+    lane_tx: mpsc::UnboundedSender<lanes::LaneNote>,
     timer_wake: Notify,
     /// Earliest timer committed since the timer service last looked (ms), to cut its sleep short.
     next_timer_hint: AtomicU64,
@@ -218,6 +221,7 @@ impl Runtime {
         clock: Arc<dyn Clock>,
     ) -> Result<RuntimeHandle, RuntimeError> {
         let (outbox_tx, outbox_rx) = mpsc::unbounded_channel();
+        let (lane_tx, lane_rx) = mpsc::unbounded_channel();
         let shared = Arc::new(Shared {
             registry: DefinitionRegistry::new(store.clone()),
             store,
@@ -226,6 +230,7 @@ impl Runtime {
             metrics: Metrics::default(),
             faults: config.faults.clone(),
             outbox_tx,
+            lane_tx,
             timer_wake: Notify::new(),
             next_timer_hint: AtomicU64::new(u64::MAX),
             inflight_timers: Mutex::new(HashSet::new()),
@@ -244,6 +249,7 @@ impl Runtime {
         let subscription = ingest::subscribe(&*shared.broker).await?;
         tasks.push(tokio::spawn(ingest::run(subscription, shared.clone(), router.clone(), shutdown_rx.clone())));
         tasks.push(tokio::spawn(timers::run(shared.clone(), router.clone(), shutdown_rx.clone())));
+        tasks.push(tokio::spawn(lanes::run(shared.clone(), router.clone(), lane_rx, shutdown_rx.clone())));
         tasks.push(tokio::spawn(outbox_relay::run(
             shared.clone(),
             config.outbox_batch,

@@ -21,6 +21,7 @@ use super::cache::RunCache;
 use super::codec;
 use super::error::RuntimeError;
 use super::faults::{FaultPoint, Faults};
+use super::lanes::LaneNote;
 use super::{Envelope, Reply, Shared};
 
 /// What happened to one input.
@@ -183,6 +184,7 @@ impl Partition {
         // Last write wins per timer key, in effect order; None means "delete".
         let mut timers: BTreeMap<(String, String), Option<TimerRow>> = BTreeMap::new();
         let mut guarded: Vec<TimerCancel> = Vec::new();
+        let mut lane_notes: Vec<LaneNote> = Vec::new();
 
         for env in envs {
             if let Some(t) = &env.consumed_timer {
@@ -229,6 +231,8 @@ impl Partition {
                         w.created_at_ms = now_ms;
                         Some("running")
                     }
+                    Event::RunQueued { .. } => Some("queued"),
+                    Event::RunAdmitted { .. } => Some("running"),
                     Event::RunPaused { .. } => Some("paused"),
                     Event::RunResumed { .. } => Some("running"),
                     Event::RunFinished { status: RunStatus::Finished, .. } => Some("finished"),
@@ -238,6 +242,9 @@ impl Partition {
                 if let Some(status) = status {
                     w.status = status;
                     w.index_dirty = true;
+                }
+                if let Some(note) = lane_note(&w.state, event) {
+                    lane_notes.push(note);
                 }
             }
             if !decision.events.is_empty()
@@ -345,6 +352,10 @@ impl Partition {
                 );
             }
         }
+        for note in lane_notes {
+            // The lane service may be gone at shutdown; it rebuilds from the run index.
+            let _ = self.shared.lane_tx.send(note);
+        }
         if !outbox.is_empty() {
             // The relay may be gone at shutdown; the rows are in the table for the next start.
             let _ = self.shared.outbox_tx.send(outbox);
@@ -401,6 +412,8 @@ impl Partition {
         for s in &stored {
             let event = codec::decode_event(s)?;
             status = match &event {
+                Event::RunQueued { .. } => "queued",
+                Event::RunAdmitted { .. } => "running",
                 Event::RunPaused { .. } => "paused",
                 Event::RunResumed { .. } => "running",
                 Event::RunFinished { status: RunStatus::Finished, .. } => "finished",
@@ -426,6 +439,19 @@ impl Partition {
         z = (z ^ (z >> 30)).wrapping_mul(0xBF58_476D_1CE4_E5B9);
         z = (z ^ (z >> 27)).wrapping_mul(0x94D0_49BB_1331_11EB);
         z ^ (z >> 31)
+    }
+}
+
+/// What the lane service must hear of an event: a run with a service queued or ended.
+fn lane_note(state: &RunState, event: &Event) -> Option<LaneNote> {
+    let meta = state.meta()?;
+    let service = meta.service.as_ref()?;
+    let lane = (meta.project.clone(), meta.stage.clone(), service.clone());
+    let run_id = meta.run_id.clone();
+    match event {
+        Event::RunQueued { .. } => Some(LaneNote::Queued { lane, run_id }),
+        Event::RunFinished { .. } => Some(LaneNote::Ended { lane, run_id }),
+        _ => None,
     }
 }
 

@@ -158,6 +158,30 @@ pub struct TimerCancel {
     pub only_if_fire_at: Option<i64>,
 }
 
+/// The result of a quality gate (an `evaluation` task), kept so that later evaluations of the
+/// same project, stage and service can compare against it (Keptn's relative criteria).
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+pub struct EvaluationRecord {
+    /// The run whose task evaluated.
+    pub run_id: String,
+    /// The evaluation task's name in its sequence.
+    pub task: String,
+    /// The owning project.
+    pub project: String,
+    /// The stage evaluated.
+    pub stage: String,
+    /// The service evaluated, if any.
+    pub service: Option<String>,
+    /// `pass`, `warning` or `fail`.
+    pub result: String,
+    /// The score, 0 to 100, when the gate scored.
+    pub score: Option<f64>,
+    /// The whole evaluation as the gate reported it (every SLI value, score and criteria).
+    pub evaluation: Value,
+    /// When the evaluation was recorded (ms since the epoch).
+    pub created_at_ms: i64,
+}
+
 /// Everything one group commit writes, atomically: all or nothing.
 #[derive(Debug, Clone, PartialEq, Default)]
 pub struct Batch {
@@ -176,6 +200,8 @@ pub struct Batch {
     pub set_timers: Vec<TimerRow>,
     /// Timers to delete, applied before `set_timers`.
     pub cancel_timers: Vec<TimerCancel>,
+    /// Evaluation results to keep (unique by `(run_id, task)`; a repeat is ignored).
+    pub evaluations: Vec<EvaluationRecord>,
 }
 
 impl Batch {
@@ -187,6 +213,7 @@ impl Batch {
             && self.outbox.is_empty()
             && self.set_timers.is_empty()
             && self.cancel_timers.is_empty()
+            && self.evaluations.is_empty()
     }
 }
 
@@ -324,6 +351,20 @@ pub trait Definitions: Send + Sync {
     async fn list_definitions(&self, project: &str) -> Result<Vec<DefinitionRecord>>;
 }
 
+/// Results of earlier quality gates.
+#[async_trait]
+pub trait Evaluations: Send + Sync {
+    /// The last `limit` evaluations of a project, stage and service (`None`: runs without a
+    /// service), newest first.
+    async fn recent_evaluations(
+        &self,
+        project: &str,
+        stage: &str,
+        service: Option<&str>,
+        limit: usize,
+    ) -> Result<Vec<EvaluationRecord>>;
+}
+
 /// A whole store.
-pub trait Store: CommitLog + EventReader + Outbox + Timers + RunIndex + Definitions + 'static {}
-impl<T: CommitLog + EventReader + Outbox + Timers + RunIndex + Definitions + 'static> Store for T {}
+pub trait Store: CommitLog + EventReader + Outbox + Timers + RunIndex + Definitions + Evaluations + 'static {}
+impl<T: CommitLog + EventReader + Outbox + Timers + RunIndex + Definitions + Evaluations + 'static> Store for T {}

@@ -11,8 +11,8 @@ use async_trait::async_trait;
 
 use crate::plan::Plan;
 use crate::{
-    Batch, CommitLog, Committed, DefinitionRecord, Definitions, Error, EventReader, Outbox, OutboxMessage, OutboxRow,
-    Position, Result, RunFilter, RunIndex, RunRecord, StoredEvent, TimerRow, Timers,
+    Batch, CommitLog, Committed, DefinitionRecord, Definitions, Error, EvaluationRecord, Evaluations, EventReader,
+    Outbox, OutboxMessage, OutboxRow, Position, Result, RunFilter, RunIndex, RunRecord, StoredEvent, TimerRow, Timers,
 };
 
 /// An in-memory [`Store`](crate::Store). Cheap to create; everything is lost on drop.
@@ -33,6 +33,8 @@ struct Inner {
     outbox: BTreeMap<i64, OutboxMessage>,
     last_outbox_seq: i64,
     timers: BTreeMap<(String, String), TimerRow>,
+    /// Evaluation results in commit order, unique by `(run_id, task)`.
+    evaluations: Vec<EvaluationRecord>,
     /// Per `(project, name)`, the versions in order.
     definitions: BTreeMap<(String, String), Vec<DefinitionRecord>>,
 }
@@ -113,6 +115,11 @@ impl CommitLog for MemoryStore {
         }
         for timer in plan.set_timers {
             inner.timers.insert((timer.run_id.clone(), timer.key.clone()), timer);
+        }
+        for e in plan.evaluations {
+            if !inner.evaluations.iter().any(|x| x.run_id == e.run_id && x.task == e.task) {
+                inner.evaluations.push(e);
+            }
         }
         Ok(Committed { last_position, events })
     }
@@ -258,6 +265,27 @@ impl Definitions for MemoryStore {
             .iter()
             .filter(|((p, _), _)| p == project)
             .filter_map(|(_, versions)| versions.last().cloned())
+            .collect())
+    }
+}
+
+#[async_trait]
+impl Evaluations for MemoryStore {
+    async fn recent_evaluations(
+        &self,
+        project: &str,
+        stage: &str,
+        service: Option<&str>,
+        limit: usize,
+    ) -> Result<Vec<EvaluationRecord>> {
+        let inner = self.lock();
+        Ok(inner
+            .evaluations
+            .iter()
+            .rev()
+            .filter(|e| e.project == project && e.stage == stage && e.service.as_deref() == service)
+            .take(limit)
+            .cloned()
             .collect())
     }
 }

@@ -13,7 +13,9 @@
 
 use std::collections::{BTreeMap, HashMap, HashSet};
 
-use crate::{Batch, Error, NewEvent, OutboxMessage, Result, RunRecord, StreamAppend, TimerCancel, TimerRow};
+use crate::{
+    Batch, Error, EvaluationRecord, NewEvent, OutboxMessage, Result, RunRecord, StreamAppend, TimerCancel, TimerRow,
+};
 
 /// A validated batch, ready for any backend to write.
 #[derive(Debug)]
@@ -31,6 +33,8 @@ pub(crate) struct Plan {
     pub set_timers: Vec<TimerRow>,
     /// Timer cancels, sorted by key.
     pub cancel_timers: Vec<TimerCancel>,
+    /// Evaluation results, one per `(run_id, task)` (the first wins).
+    pub evaluations: Vec<EvaluationRecord>,
 }
 
 /// One event to insert, with its place in its stream.
@@ -70,6 +74,12 @@ impl Plan {
         let runs: BTreeMap<String, RunRecord> = batch.runs.into_iter().map(|r| (r.run_id.clone(), r)).collect();
         let set_timers: BTreeMap<(String, String), TimerRow> =
             batch.set_timers.into_iter().map(|t| ((t.run_id.clone(), t.key.clone()), t)).collect();
+        let mut seen_evaluations = HashSet::new();
+        let evaluations = batch
+            .evaluations
+            .into_iter()
+            .filter(|e| seen_evaluations.insert((e.run_id.clone(), e.task.clone())))
+            .collect();
         let mut cancel_timers = batch.cancel_timers;
         cancel_timers.sort_by(|a, b| (&a.run_id, &a.key).cmp(&(&b.run_id, &b.key)));
         Ok(Plan {
@@ -79,6 +89,7 @@ impl Plan {
             outbox: batch.outbox,
             set_timers: set_timers.into_values().collect(),
             cancel_timers,
+            evaluations,
         })
     }
 

@@ -18,7 +18,9 @@ impl Step<'_> {
         }
     }
 
-    /// `RunStarted`, then every task without dependencies.
+    /// `RunStarted`, then every task without dependencies; a run with a service queues first
+    /// (`RunQueued`): at most one run per project, stage and service runs at a time, and the
+    /// runtime admits the next one when the lane frees up.
     pub fn start(&mut self, meta: &RunMeta, data: &Value) -> Result<(), Error> {
         if let Some(m) = &self.st.meta {
             return Err(Error::AlreadyStarted(m.run_id.clone()));
@@ -31,7 +33,22 @@ impl Step<'_> {
             });
         }
         self.emit(Event::RunStarted { meta: meta.clone(), data: data.clone(), at: self.now() });
-        self.advance();
+        if meta.service.is_some() {
+            self.emit(Event::RunQueued { at: self.now() });
+        } else {
+            self.advance();
+        }
+        Ok(())
+    }
+
+    /// The lane is free: a queued run starts its tasks. Admitting a run that is not queued
+    /// (admitted already, or never queued) changes nothing, so the runtime may repeat it.
+    pub fn admit_run(&mut self) -> Result<(), Error> {
+        self.live()?;
+        if self.st.queued {
+            self.emit(Event::RunAdmitted { at: self.now() });
+            self.advance();
+        }
         Ok(())
     }
 
@@ -79,6 +96,9 @@ impl Step<'_> {
     /// Nothing new is offered until `Resume`; attempts under way go on. Pausing twice is a no-op.
     pub fn pause(&mut self) -> Result<(), Error> {
         self.live()?;
+        if self.st.queued {
+            return Err(Error::Queued);
+        }
         if !self.st.paused {
             self.emit(Event::RunPaused { at: self.now() });
         }
@@ -89,6 +109,9 @@ impl Step<'_> {
     /// were dropped by their timers, so they are re-armed (a past time fires at once).
     pub fn resume(&mut self) -> Result<(), Error> {
         self.live()?;
+        if self.st.queued {
+            return Err(Error::Queued);
+        }
         if !self.st.paused {
             return Ok(());
         }

@@ -17,7 +17,7 @@ impl Step<'_> {
     /// an automatic approval ends at once and may make the next task ready in the same decision.
     pub fn advance(&mut self) {
         loop {
-            if self.st.is_over() {
+            if self.st.is_over() || self.st.queued {
                 return;
             }
             if self.st.tasks.iter().all(|t| matches!(t.phase, TaskPhase::Ended(_))) {

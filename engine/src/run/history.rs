@@ -63,6 +63,8 @@ fn render(event: &Event) -> String {
             task.as_deref().unwrap_or("-"),
             worker_id.as_deref().unwrap_or("-")
         ),
+        Event::RunQueued { at } => format!("@{} run-queued", at.0),
+        Event::RunAdmitted { at } => format!("@{} run-admitted", at.0),
         Event::RunPaused { at } => format!("@{} run-paused", at.0),
         Event::RunResumed { at } => format!("@{} run-resumed", at.0),
         Event::RunFinished { status, result, next, at } => {

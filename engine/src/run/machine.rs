@@ -35,6 +35,10 @@
 //!
 //! `tests/table.rs` walks every row.
 //!
+//! Before any task: a run with a service starts queued (`RunQueued`, every task pending) and
+//! begins only on `Admit` (`RunAdmitted`), which the runtime sends when no other run of the same
+//! project, stage and service is running or paused. A queued run can be cancelled, not paused.
+//!
 //! Fanout attempts have several holders but one set of attempt timers (keys are per attempt):
 //! start-to-close runs from the first award, any holder's heartbeat pushes the heartbeat timer,
 //! and a timeout ends the parts of every holder still open. Pause only holds back new attempts
@@ -56,6 +60,7 @@ impl RunState {
         match input {
             Input::Start { meta, data } => step.start(meta, data)?,
             Input::Cancel { reason } => step.cancel(reason)?,
+            Input::Admit => step.admit_run()?,
             Input::Pause => step.pause()?,
             Input::Resume => step.resume()?,
             Input::Approve { task, approved, by } => step.approve(task, *approved, by)?,

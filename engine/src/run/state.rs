@@ -122,6 +122,8 @@ pub struct RunState {
     pub(super) at: Option<(usize, usize)>,
     pub(super) tasks: Vec<TaskState>,
     pub(super) paused: bool,
+    /// Waiting in its lane's queue (started, not admitted yet).
+    pub(super) queued: bool,
     pub(super) finished: Option<(RunStatus, TaskResult)>,
     /// The highest fencing token issued so far; the next award gets the one after it.
     pub(super) last_token: u64,
@@ -138,6 +140,7 @@ impl RunState {
             at: None,
             tasks: Vec::new(),
             paused: false,
+            queued: false,
             finished: None,
             last_token: 0,
         }
@@ -181,6 +184,11 @@ impl RunState {
     /// Whether the run is paused.
     pub fn is_paused(&self) -> bool {
         self.paused
+    }
+
+    /// Whether the run waits in its lane's queue.
+    pub fn is_queued(&self) -> bool {
+        self.queued
     }
 
     /// The tasks of the run's sequence in file order (empty before the start).
@@ -289,6 +297,8 @@ impl RunState {
                 }
             }
             Event::InputRejected { .. } => {}
+            Event::RunQueued { .. } => self.queued = true,
+            Event::RunAdmitted { .. } => self.queued = false,
             Event::RunPaused { .. } => self.paused = true,
             Event::RunResumed { .. } => self.paused = false,
             Event::RunFinished { status, result, .. } => self.finished = Some((*status, *result)),

@@ -31,8 +31,11 @@ pub struct RunMeta {
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
 #[serde(tag = "input", rename_all = "kebab-case")]
 pub enum Input {
-    /// Start the run with its trigger data.
+    /// Start the run with its trigger data. A run with a service waits in its lane's queue
+    /// (`RunQueued`) until the runtime admits it.
     Start { meta: RunMeta, data: Value },
+    /// The run's lane (project, stage, service) is free: a queued run begins its tasks.
+    Admit,
     /// A worker bids for an offered attempt (auction).
     Bid(Bid),
     /// A worker claims a queued attempt (queue) or joins a fanout task.
@@ -204,6 +207,14 @@ pub enum Event {
         reason: String,
         at: Timestamp,
     },
+    /// The run waits for its lane: another run of the same project, stage and service holds it.
+    RunQueued {
+        at: Timestamp,
+    },
+    /// The lane is the run's now: its first tasks start.
+    RunAdmitted {
+        at: Timestamp,
+    },
     RunPaused {
         at: Timestamp,
     },
@@ -350,6 +361,8 @@ pub enum Error {
     NotAwaitingApproval { task: String },
     #[error("run is already over")]
     RunOver,
+    #[error("run is queued behind another run of the same project, stage and service; cancel it or wait")]
+    Queued,
     #[error("project `{got}` does not own this run (it belongs to `{expected}`)")]
     WrongProject { expected: String, got: String },
 }

@@ -11,6 +11,7 @@
 //! race-free: under READ COMMITTED every statement after the increment sees all earlier commits.
 //! Commits that only touch inputs, outbox, timers or the run index do not take it.
 
+mod evaluations;
 mod read;
 
 use std::str::FromStr;
@@ -283,6 +284,7 @@ impl CommitLog for PostgresStore {
             }
         }
         write_rest(&mut tx, &plan).await?;
+        evaluations::insert(&mut tx, &plan.evaluations).await?;
         tx.commit().await.map_err(db_error)?;
         Ok(committed)
     }

@@ -12,6 +12,7 @@
 //! what workers already saw; FULL rules that out. [`SqliteConfig::synchronous_full`] trades it
 //! for throughput where that risk is acceptable.
 
+mod evaluations;
 mod read;
 
 use std::collections::HashMap;
@@ -265,6 +266,7 @@ impl CommitLog for SqliteStore {
             }
         }
         write_rest(&mut tx, &plan).await?;
+        evaluations::insert(&mut tx, &plan.evaluations).await?;
         tx.commit().await.map_err(db_error)?;
         Ok(committed)
     }

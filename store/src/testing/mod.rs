@@ -19,7 +19,7 @@ use std::pin::Pin;
 pub use streams::*;
 pub use tables::*;
 
-use crate::{Batch, NewEvent, OutboxMessage, RunRecord, Store, StreamAppend, TimerCancel, TimerRow};
+use crate::{Batch, EvaluationRecord, NewEvent, OutboxMessage, RunRecord, Store, StreamAppend, TimerCancel, TimerRow};
 
 /// A boxed conformance case, as handed to a runner.
 pub type CaseFuture = Pin<Box<dyn Future<Output = ()> + Send>>;
@@ -58,7 +58,8 @@ macro_rules! __store_cases {
             run_index_upsert_and_get,
             run_index_filters_and_paging,
             unfinished_runs_oldest_first,
-            definitions_versioning
+            definitions_versioning,
+            evaluations_newest_first_per_lane
         );
     };
     (@go tests ($run:path); $($case:ident),+) => {
@@ -147,4 +148,19 @@ pub fn timer(run_id: &str, key: &str, fire_at_ms: i64) -> TimerRow {
 /// A timer cancel, guarded by `only_if_fire_at` when given.
 pub fn cancel(run_id: &str, key: &str, only_if_fire_at: Option<i64>) -> TimerCancel {
     TimerCancel { run_id: run_id.to_owned(), key: key.to_owned(), only_if_fire_at }
+}
+
+/// An evaluation result of run `run_id`'s task `task` in project `p`, stage `dev`.
+pub fn evaluation(run_id: &str, task: &str, service: &str, at: i64) -> EvaluationRecord {
+    EvaluationRecord {
+        run_id: run_id.to_owned(),
+        task: task.to_owned(),
+        project: "p".to_owned(),
+        stage: "dev".to_owned(),
+        service: Some(service.to_owned()).filter(|s| !s.is_empty()),
+        result: if at % 2 == 0 { "pass" } else { "fail" }.to_owned(),
+        score: Some(at as f64),
+        evaluation: json!({ "score": at, "values": { "p90": at * 10 } }),
+        created_at_ms: at,
+    }
 }

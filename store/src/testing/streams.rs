@@ -60,6 +60,7 @@ pub async fn conflict_writes_nothing<S: Store>(store: Arc<S>) {
         outbox: vec![message("m1")],
         set_timers: vec![timer("r2", "new", 100)],
         cancel_timers: vec![cancel("r1", "keep", None)],
+        evaluations: vec![super::evaluation("r2", "gate", "cart", 1)],
     };
     let err = store.commit(batch).await.expect_err("stale version");
     match err {
@@ -74,6 +75,7 @@ pub async fn conflict_writes_nothing<S: Store>(store: Arc<S>) {
     assert!(store.outbox_pending(10).await.expect("outbox").is_empty());
     assert_eq!(store.timers_due(i64::MAX, 10).await.expect("timers"), vec![timer("r1", "keep", 500)]);
     assert!(store.get_run("r2").await.expect("run").is_none());
+    assert!(store.recent_evaluations("p", "dev", Some("cart"), 10).await.expect("evaluations").is_empty());
 }
 
 /// Two tasks appending to the same run at the same version: exactly one wins, every round.

@@ -2,7 +2,7 @@
 
 use std::sync::Arc;
 
-use super::{cancel, message, run_record, timer};
+use super::{cancel, evaluation, message, run_record, timer};
 use crate::{Batch, RunFilter, RunRecord, Store, TimerRow};
 
 fn with_timers(set: Vec<TimerRow>, cancels: Vec<crate::TimerCancel>) -> Batch {
@@ -202,4 +202,35 @@ pub async fn definitions_versioning<S: Store>(store: Arc<S>) {
         store.list_definitions("p").await.expect("list").into_iter().map(|d| (d.name, d.version)).collect();
     assert_eq!(listed, vec![("billing".to_owned(), 1), ("checkout".to_owned(), 3)]);
     assert!(store.list_definitions("none").await.expect("list").is_empty());
+}
+
+/// Evaluations are kept per project, stage and service, newest first; a repeat of
+/// `(run, task)` keeps the first; runs without a service form their own lane.
+pub async fn evaluations_newest_first_per_lane<S: Store>(store: Arc<S>) {
+    let none = store.recent_evaluations("p", "dev", Some("cart"), 10).await.expect("read empty");
+    assert!(none.is_empty());
+    let batch = |evaluations| Batch { evaluations, ..Batch::default() };
+    store
+        .commit(batch(vec![evaluation("r1", "gate", "cart", 1), evaluation("r1", "gate", "cart", 99)]))
+        .await
+        .expect("first");
+    store
+        .commit(batch(vec![evaluation("r2", "gate", "cart", 2), evaluation("o1", "gate", "orders", 3)]))
+        .await
+        .expect("second");
+    store
+        .commit(batch(vec![evaluation("r3", "gate", "", 4), evaluation("r1", "gate", "cart", 77)]))
+        .await
+        .expect("third");
+
+    let cart = store.recent_evaluations("p", "dev", Some("cart"), 10).await.expect("cart");
+    let runs: Vec<(&str, Option<f64>)> = cart.iter().map(|e| (e.run_id.as_str(), e.score)).collect();
+    assert_eq!(runs, vec![("r2", Some(2.0)), ("r1", Some(1.0))]);
+    assert_eq!(cart[0], evaluation("r2", "gate", "cart", 2));
+    let one = store.recent_evaluations("p", "dev", Some("cart"), 1).await.expect("limit");
+    assert_eq!(one.len(), 1);
+    let unnamed = store.recent_evaluations("p", "dev", None, 10).await.expect("no service");
+    assert_eq!(unnamed, vec![evaluation("r3", "gate", "", 4)]);
+    assert!(store.recent_evaluations("p", "prod", Some("cart"), 10).await.expect("other stage").is_empty());
+    assert!(store.recent_evaluations("q", "dev", Some("cart"), 10).await.expect("other project").is_empty());
 }

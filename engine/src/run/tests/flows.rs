@@ -258,3 +258,44 @@ fn history_renders_one_line_per_event() {
     let views: Vec<_> = run.state.tasks().map(|t| (t.name, t.status, t.attempt, t.worker)).collect();
     assert_eq!(views[0], ("a".into(), TaskPhase::Ended(TaskStatus::Finished), 2, Some("w2".into())));
 }
+
+#[test]
+fn a_run_with_a_service_waits_in_its_lane_until_admitted() {
+    let def = single(vec![task("a", &[]), task("b", &["a"])]);
+    let mut run = Run::new(def.clone());
+    let mut m = meta("dev", "delivery");
+    m.service = Some("cart".into());
+    let d = run.apply(Input::Start { meta: m.clone(), data: json!({}) });
+    assert!(effects(&d).is_empty(), "a queued run offers nothing: {:?}", effects(&d));
+    assert!(run.state.is_queued());
+    assert_eq!(run.try_apply(Input::Pause), Err(Error::Queued));
+    assert_eq!(run.try_apply(Input::Resume), Err(Error::Queued));
+    // Workers' messages for a queued run's tasks are refused, not applied.
+    run.apply(bid("a", 1, worker("w1", &[]), 1.0, 10, 1));
+    assert_eq!(run.phase("a"), TaskPhase::Pending);
+
+    let d = run.at(5).apply(Input::Admit);
+    assert!(!run.state.is_queued());
+    assert_eq!(effects(&d)[0], "offer a#1 Auction");
+    // Admitting again (a repeated admission after a crash) changes nothing.
+    assert!(run.apply(Input::Admit).events.is_empty());
+    run.complete("a", 1, "w1", TaskResult::Pass);
+    run.complete("b", 1, "w1", TaskResult::Pass);
+    assert_eq!(run.state.result(), Some(TaskResult::Pass));
+    assert_eq!(run.try_apply(Input::Admit), Err(Error::RunOver));
+
+    // A queued run can be cancelled: every task is skipped, nothing was ever offered.
+    let mut run = Run::new(def);
+    run.apply(Input::Start { meta: m, data: json!({}) });
+    let d = run.apply(Input::Cancel { reason: "superseded".into() });
+    assert_eq!(effects(&d), vec!["notify fail".to_string()]);
+    assert_eq!(run.state.status(), Some(RunStatus::Cancelled));
+    expect![[r#"
+        1 @0 run-started r1 dev.delivery
+        2 @0 run-queued
+        3 @0 task-ended a skipped
+        4 @0 task-ended b skipped
+        5 @0 run-finished cancelled fail
+    "#]]
+    .assert_eq(&run.history());
+}

@@ -57,7 +57,7 @@ fn meta(stage: &str, sequence: &str) -> RunMeta {
         project: "p".into(),
         stage: stage.into(),
         sequence: sequence.into(),
-        service: Some("cart".into()),
+        service: None,
         definition: "shop".into(),
         definition_version: 1,
         triggered_by: None,
