@@ -12,8 +12,10 @@ use std::sync::Arc;
 use std::time::Duration;
 
 use capstan_engine::Timestamp;
-use capstan_engine::run::{Ctx, Effect, Event, Input, RunMeta, RunState, RunStatus};
-use capstan_store::{Batch, RunRecord, StreamAppend, TimerCancel, TimerRow};
+use capstan_engine::run::{Ctx, Effect, Event, Input, RunMeta, RunState, RunStatus, TaskStatus, WorkerMessage};
+use capstan_engine::slo;
+use capstan_store::{Batch, EvaluationRecord, RunRecord, StreamAppend, TimerCancel, TimerRow};
+use serde_json::{Value, json};
 use tokio::sync::{mpsc, watch};
 use tracing::{debug, warn};
 
@@ -246,6 +248,9 @@ impl Partition {
                 if let Some(note) = lane_note(&w.state, event) {
                     lane_notes.push(note);
                 }
+                if let Some(record) = evaluation_record(&w.state, event, now_ms) {
+                    batch.evaluations.push(record);
+                }
             }
             if !decision.events.is_empty()
                 && let Some(id) = &env.input_id
@@ -280,7 +285,15 @@ impl Partition {
                         timers.insert((row.run_id.clone(), row.key.clone()), Some(row));
                     }
                     other => {
-                        if let Some(msg) = codec::outbox_message(&meta, other, &time) {
+                        let gate;
+                        let effect = if is_gate(other) {
+                            let previous = self.previous_evaluations(&meta, &batch.evaluations).await?;
+                            gate = with_previous(other, previous);
+                            &gate
+                        } else {
+                            other
+                        };
+                        if let Some(msg) = codec::outbox_message(&meta, effect, &time) {
                             batch.outbox.push(msg);
                         }
                     }
@@ -432,6 +445,37 @@ impl Partition {
         })
     }
 
+    /// Earlier gate results of the run's project, stage and service, oldest first, as the
+    /// evaluation worker reads them (`previousEvaluations`): the store's, then any this batch
+    /// records before them.
+    async fn previous_evaluations(&self, meta: &RunMeta, in_batch: &[EvaluationRecord]) -> Result<Value, RuntimeError> {
+        let stored = self
+            .shared
+            .store
+            .recent_evaluations(&meta.project, &meta.stage, meta.service.as_deref(), slo::PREVIOUS_EVALUATIONS)
+            .await?;
+        let same_lane =
+            |e: &&EvaluationRecord| e.project == meta.project && e.stage == meta.stage && e.service == meta.service;
+        let mut list: Vec<&EvaluationRecord> = stored.iter().rev().collect();
+        list.extend(in_batch.iter().filter(same_lane));
+        let skip = list.len().saturating_sub(slo::PREVIOUS_EVALUATIONS);
+        Ok(Value::Array(
+            list[skip..]
+                .iter()
+                .map(|e| {
+                    json!({
+                        "result": e.result,
+                        "values": e.evaluation.get("values").cloned().unwrap_or_else(|| json!({})),
+                        "score": e.score,
+                        "runId": e.run_id,
+                        "task": e.task,
+                        "at": codec::rfc3339(e.created_at_ms),
+                    })
+                })
+                .collect(),
+        ))
+    }
+
     /// splitmix64: the random draw handed to the engine for backoff jitter.
     fn next_random(&mut self) -> u64 {
         self.rng = self.rng.wrapping_add(0x9E37_79B9_7F4A_7C15);
@@ -453,6 +497,53 @@ fn lane_note(state: &RunState, event: &Event) -> Option<LaneNote> {
         Event::RunFinished { .. } => Some(LaneNote::Ended { lane, run_id }),
         _ => None,
     }
+}
+
+/// Whether an effect hands a quality gate its input (its offer or its award).
+fn is_gate(effect: &Effect) -> bool {
+    match effect {
+        Effect::Offer(o) => o.task_type == slo::EVALUATION_TASK_TYPE,
+        Effect::Send { message: WorkerMessage::Award(a), .. } => a.task_type == slo::EVALUATION_TASK_TYPE,
+        _ => false,
+    }
+}
+
+/// The effect with `previousEvaluations` in the gate's input, unless the input has them already
+/// (given with the trigger or in the task's properties).
+fn with_previous(effect: &Effect, previous: Value) -> Effect {
+    let mut effect = effect.clone();
+    let input = match &mut effect {
+        Effect::Offer(o) => &mut o.input,
+        Effect::Send { message: WorkerMessage::Award(a), .. } => &mut a.input,
+        _ => return effect,
+    };
+    if let Value::Object(map) = input {
+        map.entry("previousEvaluations").or_insert(previous);
+    }
+    effect
+}
+
+/// The projection row of a quality gate that just finished with a scored evaluation.
+fn evaluation_record(state: &RunState, event: &Event, now_ms: i64) -> Option<EvaluationRecord> {
+    let Event::TaskEnded { task, status: TaskStatus::Finished, result, output, .. } = event else {
+        return None;
+    };
+    let evaluation = output.get("evaluation").filter(|e| e.is_object())?;
+    if state.task(task)?.task_type != slo::EVALUATION_TASK_TYPE {
+        return None;
+    }
+    let meta = state.meta()?;
+    Some(EvaluationRecord {
+        run_id: meta.run_id.clone(),
+        task: task.clone(),
+        project: meta.project.clone(),
+        stage: meta.stage.clone(),
+        service: meta.service.clone(),
+        result: result.as_str().to_string(),
+        score: evaluation.get("score").and_then(Value::as_f64),
+        evaluation: evaluation.clone(),
+        created_at_ms: now_ms,
+    })
 }
 
 /// Answers the sender of an input once its fate is sealed.

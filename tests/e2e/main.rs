@@ -8,6 +8,7 @@ mod crash;
 mod faults;
 mod fleet;
 mod foreign;
+mod lanes;
 mod support;
 mod tidy;
 mod timeouts;

@@ -21,6 +21,16 @@ pub use evaluate::{
 pub use model::{Aggregate, CompareWith, Comparison, IncludeResults, Objective, SloFile, TotalScore, parse};
 pub use render::render_table;
 
+/// The task type of a quality gate. The runtime keeps every such task's result (its output's
+/// `evaluation`) and hands the earlier ones of the same project, stage and service to the next
+/// gate as `previousEvaluations`, the baseline of relative criteria.
+pub const EVALUATION_TASK_TYPE: &str = "evaluation";
+
+/// How many earlier results a gate is given at most: more than any comparison needs in practice
+/// (Keptn's `number_of_comparison_results` counts only results the `include_result_with_score`
+/// setting keeps, so the raw history must be longer than that number).
+pub const PREVIOUS_EVALUATIONS: usize = 50;
+
 /// One problem in an SLO file, with where it is.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct SloProblem {
