@@ -79,6 +79,39 @@ pub enum RemediationError {
 /// The problem types that match any problem when nothing more specific does.
 const FALLBACKS: [&str; 2] = ["*", "default"];
 
+/// The problems of a list of problem types, each located under `within`.
+pub fn problems(remediations: &[ProblemRemediation], within: &str) -> Vec<String> {
+    let mut problems = Vec::new();
+    for (i, r) in remediations.iter().enumerate() {
+        let at = format!("{within}[{i}]");
+        if r.problem_type.trim().is_empty() {
+            problems.push(format!("{at}.problemType: must not be empty"));
+        }
+        for (j, action) in r.actions_on_open.iter().enumerate() {
+            if action.action.trim().is_empty() {
+                problems.push(format!("{at}.actionsOnOpen[{j}].action: must not be empty ({})", r.problem_type));
+            }
+        }
+    }
+    problems
+}
+
+/// The actions for a problem among `remediations`: those of the root cause if it is listed,
+/// else those of the problem title, else those of the `*` or `default` entry; empty when nothing
+/// matches. Matching is exact, and the first matching entry in file order wins.
+pub fn actions_for<'a>(
+    remediations: &'a [ProblemRemediation],
+    root_cause: Option<&str>,
+    problem_title: &str,
+) -> &'a [Action] {
+    let find = |wanted: &str| remediations.iter().find(|r| r.problem_type == wanted);
+    root_cause
+        .and_then(find)
+        .or_else(|| find(problem_title))
+        .or_else(|| remediations.iter().find(|r| FALLBACKS.contains(&r.problem_type.as_str())))
+        .map_or(&[], |r| r.actions_on_open.as_slice())
+}
+
 impl Remediation {
     /// Parses a `remediation.yaml`, reporting every problem with its location.
     pub fn parse(text: &str) -> Result<Remediation, RemediationError> {
@@ -87,17 +120,7 @@ impl Remediation {
         if remediation.kind != "Remediation" {
             problems.push(format!("kind: `{}` is not Remediation", remediation.kind));
         }
-        for (i, r) in remediation.spec.remediations.iter().enumerate() {
-            let at = format!("spec.remediations[{i}]");
-            if r.problem_type.trim().is_empty() {
-                problems.push(format!("{at}.problemType: must not be empty"));
-            }
-            for (j, action) in r.actions_on_open.iter().enumerate() {
-                if action.action.trim().is_empty() {
-                    problems.push(format!("{at}.actionsOnOpen[{j}].action: must not be empty ({})", r.problem_type));
-                }
-            }
-        }
+        problems.extend(self::problems(&remediation.spec.remediations, "spec.remediations"));
         if problems.is_empty() { Ok(remediation) } else { Err(RemediationError::Invalid(problems)) }
     }
 
@@ -105,12 +128,7 @@ impl Remediation {
     /// problem title, else those of the `*` or `default` entry; empty when nothing matches.
     /// Matching is exact, and the first matching entry in file order wins.
     pub fn actions_for(&self, root_cause: Option<&str>, problem_title: &str) -> &[Action] {
-        let find = |wanted: &str| self.spec.remediations.iter().find(|r| r.problem_type == wanted);
-        root_cause
-            .and_then(find)
-            .or_else(|| find(problem_title))
-            .or_else(|| self.spec.remediations.iter().find(|r| FALLBACKS.contains(&r.problem_type.as_str())))
-            .map_or(&[], |r| r.actions_on_open.as_slice())
+        actions_for(&self.spec.remediations, root_cause, problem_title)
     }
 }
 

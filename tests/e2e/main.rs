@@ -9,6 +9,7 @@ mod faults;
 mod fleet;
 mod foreign;
 mod lanes;
+mod runbook;
 mod support;
 mod tidy;
 mod timeouts;

@@ -9,11 +9,16 @@ use serde_yaml::{Mapping, Value};
 
 use super::diagnostic::{Diagnostics, Place};
 use super::model::{
-    AwardPolicy, Definition, DispatchMode, Flavor, RetryPolicy, Sequence, Stage, Task, Timeouts, Trigger,
+    AwardPolicy, Definition, DispatchMode, Flavor, RetryPolicy, Runbook, Sequence, Stage, Task, Timeouts, Trigger,
 };
 use super::raw::{
-    RawRequires, RawRetry, RawSequence, RawShipyard, RawStage, RawTask, RawTimeouts, RawTrigger, key_names, scalar_text,
+    RawRequires, RawRetry, RawRunbook, RawSequence, RawShipyard, RawStage, RawTask, RawTimeouts, RawTrigger, key_names,
+    scalar_text,
 };
+use crate::remediation::ProblemRemediation;
+
+/// The name of a runbook's escalation task in its runs.
+pub const ESCALATION: &str = "escalation";
 use super::selector::selector;
 use crate::duration::{Millis, parse_duration};
 
@@ -67,7 +72,52 @@ impl Builder<'_> {
             let task = self.task(stage, &raw.name, raw_task, previous);
             tasks.push(task);
         }
-        Sequence { name: raw.name, triggered_on, tasks }
+        let runbook = raw.runbook.and_then(|r| self.runbook(stage, &raw.name, r));
+        Sequence { name: raw.name, triggered_on, tasks, runbook }
+    }
+
+    /// A sequence's `runbook`: Capstan's format only, instead of `tasks`.
+    fn runbook(&mut self, stage: &str, sequence: &str, raw: RawRunbook) -> Option<Runbook> {
+        let place = Place::sequence(stage, sequence);
+        if self.keptn {
+            self.out.push(place, "`runbook` needs `apiVersion: capstan.dev/v1`; Keptn remediates with a sequence");
+            return None;
+        }
+        self.unknown(&raw.unknown, place.clone(), "runbook");
+        let remediations = match raw.remediations.map(serde_yaml::from_value::<Vec<ProblemRemediation>>) {
+            Some(Ok(list)) => list,
+            Some(Err(why)) => {
+                self.out.push(place.clone(), format!("`runbook.remediations` is not a list of problem types: {why}"));
+                Vec::new()
+            }
+            None => Vec::new(),
+        };
+        for problem in crate::remediation::problems(&remediations, "runbook.remediations") {
+            self.out.push(place.clone(), problem);
+        }
+        if remediations.is_empty() {
+            self.out.push(place.clone(), "`runbook.remediations` lists no problem type");
+        }
+        let escalation = raw.escalation.and_then(|mut fields| {
+            if fields.contains_key("name") || fields.contains_key("dependsOn") {
+                self.out.push(place.clone(), "`runbook.escalation` takes no `name` or `dependsOn`: it runs last");
+            }
+            fields.insert(Value::from("name"), Value::from(ESCALATION));
+            fields.remove("dependsOn");
+            match serde_yaml::from_value::<RawTask>(Value::Mapping(fields)) {
+                Ok(raw) => Some(self.task(stage, sequence, raw, None)),
+                Err(why) => {
+                    self.out.push(place.clone(), format!("`runbook.escalation` is not a task: {why}"));
+                    None
+                }
+            }
+        });
+        Some(Runbook {
+            remediations,
+            evaluate_after: raw.evaluate_after.and_then(|v| self.duration(&place, "runbook.evaluateAfter", &v)),
+            get_sli: raw.get_sli.unwrap_or(true),
+            escalation,
+        })
     }
 
     fn trigger(&mut self, place: &Place, raw: RawTrigger) -> Option<Trigger> {
@@ -124,6 +174,7 @@ impl Builder<'_> {
             continue_on_failure: raw.continue_on_failure.unwrap_or(false),
             idempotent: raw.idempotent.unwrap_or(true),
             triggered_after: raw.triggered_after.and_then(|value| self.duration(&place, "triggeredAfter", &value)),
+            ends_run_on: Vec::new(),
             name: raw.name,
         }
     }

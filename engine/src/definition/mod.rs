@@ -30,6 +30,7 @@ mod tests;
 #[cfg(test)]
 mod validation_tests;
 
+pub use build::ESCALATION;
 pub use diagnostic::{Diagnostic, Diagnostics, Place};
 pub use header::{CAPSTAN_API_VERSION, file_kind};
 

@@ -46,6 +46,26 @@ pub struct Sequence {
     pub triggered_on: Vec<Trigger>,
     /// In file order; `Task::depends_on` gives the DAG edges.
     pub tasks: Vec<Task>,
+    /// A native remediation runbook: the run's tasks are made from it and the problem the run
+    /// was triggered with (see `run::runbook`); `tasks` is then empty.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub runbook: Option<Runbook>,
+}
+
+/// `runbook:` of a sequence: for the problem that triggered the run, try the runbook's actions
+/// one by one; after each, wait `evaluateAfter`, get the SLIs and evaluate the SLOs; stop
+/// "resolved" at the first evaluation that passes (or warns); when the actions run out, run the
+/// escalation and end "unresolved" (result fail).
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+pub struct Runbook {
+    /// Problem types and their actions, as in Keptn's remediation.yaml `spec.remediations`.
+    pub remediations: Vec<crate::remediation::ProblemRemediation>,
+    /// How long to wait after an action before measuring (Keptn's `triggeredAfter`).
+    pub evaluate_after: Option<Millis>,
+    /// Whether a `get-sli` task runs before each evaluation (else the gate reads SLIs itself).
+    pub get_sli: bool,
+    /// The task run when no action helped (e.g. a webhook that pages someone).
+    pub escalation: Option<Task>,
 }
 
 /// `triggeredOn: [{event: "<stage>.<sequence>.finished", selector: {match: {...}}}]`.
@@ -102,6 +122,10 @@ pub struct Task {
     pub idempotent: bool,
     /// Keptn's `triggeredAfter`: wait this long after the task becomes ready before offering it.
     pub triggered_after: Option<Millis>,
+    /// Ending with one of these results ends the whole run with it: tasks not started yet are
+    /// skipped (a runbook's evaluation that passes resolves the remediation).
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    pub ends_run_on: Vec<TaskResult>,
 }
 
 /// Retry with exponential backoff and jitter.

@@ -54,6 +54,25 @@ pub(super) struct RawSequence {
     pub triggered_on: Option<Vec<RawTrigger>>,
     #[serde(default)]
     pub tasks: Option<Vec<RawTask>>,
+    #[serde(default)]
+    pub runbook: Option<RawRunbook>,
+    #[serde(flatten)]
+    pub unknown: Mapping,
+}
+
+/// A sequence's `runbook`.
+#[derive(Debug, Deserialize)]
+#[serde(rename_all = "camelCase")]
+pub(super) struct RawRunbook {
+    #[serde(default)]
+    pub remediations: Option<Value>,
+    #[serde(default)]
+    pub evaluate_after: Option<Value>,
+    #[serde(default)]
+    pub get_sli: Option<bool>,
+    /// A task without a name (it is always `escalation`).
+    #[serde(default)]
+    pub escalation: Option<Mapping>,
     #[serde(flatten)]
     pub unknown: Mapping,
 }

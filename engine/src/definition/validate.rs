@@ -36,8 +36,10 @@ pub(super) fn check(def: &Definition, out: &mut Diagnostics) {
             }
             // Keptn accepts a sequence without tasks (it finishes at once); in Capstan's own
             // format it is almost always a mistake.
-            if sequence.tasks.is_empty() && !def.is_keptn() {
-                out.push(place.clone(), "the sequence has no tasks");
+            match (&sequence.runbook, sequence.tasks.is_empty()) {
+                (Some(_), false) => out.push(place.clone(), "a sequence has either `tasks` or a `runbook`, not both"),
+                (None, true) if !def.is_keptn() => out.push(place.clone(), "the sequence has no tasks"),
+                _ => {}
             }
             check_tasks(&stage.name, sequence, out);
             check_triggers(def, &place, sequence, out);

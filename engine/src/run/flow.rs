@@ -24,6 +24,15 @@ impl Step<'_> {
                 self.finish_run();
                 return;
             }
+            if self.ending_result().is_some() {
+                // A task decided the run (a runbook's gate passed): the rest is skipped once the
+                // work under way has ended.
+                if !self.st.tasks.iter().any(|t| t.in_flight()) {
+                    self.skip_unstarted();
+                    self.finish_run();
+                }
+                return;
+            }
             if self.failing() {
                 // A failed task stops new work; the run ends once the work under way has ended.
                 if !self.st.tasks.iter().any(|t| t.in_flight()) {
@@ -195,9 +204,26 @@ impl Step<'_> {
         }
     }
 
+    /// The result of the first task whose end ends the run (`ends_run_on`), if one did.
+    fn ending_result(&self) -> Option<TaskResult> {
+        self.st.tasks.iter().enumerate().find_map(|(i, t)| {
+            let result = t.result?;
+            let ends = matches!(t.phase, TaskPhase::Ended(TaskStatus::Finished))
+                && self.st.spec(i).is_some_and(|s| s.ends_run_on.contains(&result));
+            ends.then_some(result)
+        })
+    }
+
     /// The run result: the worst result that counts. A failure of a `continueOnFailure` task
     /// does not count; skipped and cancelled tasks have nothing to say.
     fn run_result(&self) -> TaskResult {
+        if let Some(result) = self.ending_result() {
+            return result;
+        }
+        if self.st.sequence().is_some_and(|s| s.runbook.is_some()) {
+            // No gate passed: the remediation is unresolved, whatever the escalation said.
+            return TaskResult::Fail;
+        }
         let mut result = TaskResult::Pass;
         for (i, t) in self.st.tasks.iter().enumerate() {
             let counted = match (t.phase, t.result) {
@@ -253,6 +279,7 @@ impl Step<'_> {
 
     /// Trigger data, then the outputs of the tasks task `i` depends on (transitively, in file
     /// order: Keptn carries everything forward), then the task's own properties; later wins.
+    /// `project`, `stage` and `service` are the run's unless one of those set them.
     pub fn task_input(&self, i: usize) -> Value {
         let mut ancestors = vec![false; self.st.tasks.len()];
         let mut stack = vec![i];
@@ -265,8 +292,19 @@ impl Step<'_> {
             }
         }
         let mut input = self.carried_data((0..ancestors.len()).filter(|&j| ancestors[j]));
-        if let (Value::Object(map), Some(spec)) = (&mut input, self.st.spec(i)) {
-            map.extend(spec.properties.clone());
+        if let Value::Object(map) = &mut input {
+            if let Some(spec) = self.st.spec(i) {
+                map.extend(spec.properties.clone());
+            }
+            // Keptn's event data always names its project, stage and service; tools (SLO and SLI
+            // files per service, remediation runbooks) find their configuration by them.
+            if let Some(meta) = &self.st.meta {
+                map.entry("project").or_insert_with(|| Value::from(meta.project.clone()));
+                map.entry("stage").or_insert_with(|| Value::from(meta.stage.clone()));
+                if let Some(service) = &meta.service {
+                    map.entry("service").or_insert_with(|| Value::from(service.clone()));
+                }
+            }
         }
         input
     }

@@ -29,6 +29,7 @@ mod commands;
 mod flow;
 mod history;
 mod machine;
+mod runbook;
 mod state;
 mod step;
 mod types;

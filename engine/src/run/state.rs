@@ -120,6 +120,9 @@ pub struct RunState {
     pub(super) data: Value,
     /// Indices of the run's stage and sequence in `def`.
     pub(super) at: Option<(usize, usize)>,
+    /// The tasks made for this run from a runbook sequence (see `runbook`); `None` for a
+    /// sequence with its own tasks.
+    pub(super) expanded: Option<Arc<Sequence>>,
     pub(super) tasks: Vec<TaskState>,
     pub(super) paused: bool,
     /// Waiting in its lane's queue (started, not admitted yet).
@@ -138,6 +141,7 @@ impl RunState {
             meta: None,
             data: Value::Null,
             at: None,
+            expanded: None,
             tasks: Vec::new(),
             paused: false,
             queued: false,
@@ -204,6 +208,9 @@ impl RunState {
 
     /// The sequence this run executes, once started.
     pub(super) fn sequence(&self) -> Option<&Sequence> {
+        if let Some(expanded) = &self.expanded {
+            return Some(expanded);
+        }
         let (si, qi) = self.at?;
         self.def.stages.get(si)?.sequences.get(qi)
     }
@@ -313,6 +320,8 @@ impl RunState {
                 .then(|| s.sequences.iter().position(|q| q.name == meta.sequence).map(|qi| (si, qi)))
                 .flatten()
         });
+        self.expanded =
+            self.sequence().and_then(|s| s.runbook.as_ref().map(|r| Arc::new(super::runbook::expand(s, r, data))));
         let count = self.sequence().map_or(0, |s| s.tasks.len());
         self.tasks = (0..count).map(|_| TaskState::new()).collect();
     }

@@ -183,5 +183,6 @@ fn placeholder_task(name: &str) -> Task {
         continue_on_failure: false,
         idempotent: true,
         triggered_after: None,
+        ends_run_on: Vec::new(),
     }
 }

@@ -196,7 +196,7 @@ fn task_input_merges_trigger_data_dependency_outputs_and_properties() {
     c.properties.insert("strategy".into(), json!("blue-green"));
     c.properties.insert("x".into(), json!("prop"));
     let def = single(vec![task("a", &[]), task("b", &["a"]), c]);
-    let (mut run, _) = Run::start(def, json!({"x": "trigger", "keep": 1}));
+    let (mut run, _) = Run::start(def, json!({"x": "trigger", "keep": 1, "stage": "given"}));
     let t = run.award("a", 1, "w");
     run.apply(finished_with("a", 1, "w", t, TaskResult::Pass, json!({"x": "a", "fromA": true}), None));
     let t = run.award("b", 1, "w");
@@ -205,7 +205,10 @@ fn task_input_merges_trigger_data_dependency_outputs_and_properties() {
         Effect::Offer(o) => Some(o.input.clone()),
         _ => None,
     });
-    let expected = json!({"x": "prop", "keep": 1, "fromA": true, "fromB": 2, "strategy": "blue-green"});
+    // The run's project and stage are added (no service here) unless the data names them.
+    let expected = json!({
+        "x": "prop", "keep": 1, "fromA": true, "fromB": 2, "strategy": "blue-green", "project": "p", "stage": "given"
+    });
     assert_eq!(input, Some(expected.clone()));
     let award = run.apply(bid("c", 1, worker("w", &[]), 0.0, 0, 0));
     assert!(matches!(&award.effects[0], Effect::Send { message: WorkerMessage::Award(a), .. } if a.input == expected));
@@ -298,4 +301,107 @@ fn a_run_with_a_service_waits_in_its_lane_until_admitted() {
         5 @0 run-finished cancelled fail
     "#]]
     .assert_eq(&run.history());
+}
+
+const RUNBOOK: &str = r#"
+apiVersion: capstan.dev/v1
+kind: Shipyard
+metadata: {name: shop}
+spec:
+  stages:
+    - name: dev
+      sequences:
+        - name: delivery
+          runbook:
+            evaluateAfter: 1m
+            escalation: {type: webhook, properties: {url: "https://pager.example/hook"}}
+            remediations:
+              - problemType: Response time degradation
+                actionsOnOpen:
+                  - {action: scaling, name: scale up, value: 1}
+                  - {action: toggle-feature, name: promotion off, value: {EnablePromotion: "off"}}
+              - problemType: default
+                actionsOnOpen: []
+"#;
+
+fn problem(title: &str) -> Value {
+    json!({"problem": {"problemTitle": title, "rootCause": "cpu"}})
+}
+
+/// Walks one action of a runbook run: the action, the wait, the measurement, the gate.
+fn remediate_once(run: &mut Run, n: u32, gate: TaskResult) {
+    run.complete(&format!("action-{n}"), 1, "w1", TaskResult::Pass);
+    let sli = format!("get-sli-{n}");
+    assert_eq!(run.phase(&sli), TaskPhase::Delayed, "the measurement waits evaluateAfter");
+    run.apply(timer(TimerKind::Delay { task: sli.clone() }));
+    run.complete(&sli, 1, "w1", TaskResult::Pass);
+    run.complete(&format!("evaluation-{n}"), 1, "w1", gate);
+}
+
+#[test]
+fn a_runbook_tries_actions_until_a_gate_passes() {
+    let def = Arc::new(crate::definition::parse(RUNBOOK).expect("valid runbook"));
+    let (mut run, d) = Run::start(def.clone(), problem("Response time degradation"));
+    let names: Vec<String> = run.state.tasks().map(|t| format!("{}:{}", t.name, t.task_type)).collect();
+    assert_eq!(
+        names,
+        [
+            "action-1:scaling",
+            "get-sli-1:get-sli",
+            "evaluation-1:evaluation",
+            "action-2:toggle-feature",
+            "get-sli-2:get-sli",
+            "evaluation-2:evaluation",
+            "escalation:webhook"
+        ]
+    );
+    let Effect::Offer(offer) = &d.effects[0] else { panic!("first effect offers action-1: {:?}", effects(&d)) };
+    assert_eq!(offer.input["action"]["value"], json!(1));
+    assert_eq!(offer.input["problem"]["problemTitle"], "Response time degradation");
+    assert_eq!(offer.input["remediation"], json!({"attempt": 1, "of": 2}));
+
+    // Action 1 does not help; action 2 does: the run is resolved, the escalation skipped.
+    remediate_once(&mut run, 1, TaskResult::Fail);
+    assert_eq!(run.phase("action-2"), TaskPhase::Offered);
+    remediate_once(&mut run, 2, TaskResult::Pass);
+    assert_eq!(run.state.result(), Some(TaskResult::Pass));
+    assert_eq!(run.phase("escalation"), TaskPhase::Ended(TaskStatus::Skipped));
+
+    // Nothing helps: the escalation runs and the run ends unresolved even though it passed.
+    let (mut run, _) = Run::start(def.clone(), problem("Response time degradation"));
+    remediate_once(&mut run, 1, TaskResult::Fail);
+    remediate_once(&mut run, 2, TaskResult::Fail);
+    assert_eq!(run.phase("escalation"), TaskPhase::Offered);
+    run.complete("escalation", 1, "w1", TaskResult::Pass);
+    assert_eq!(run.state.result(), Some(TaskResult::Fail));
+
+    // An action that fails is judged by the gate after it; a gate that warns also resolves.
+    let (mut run, _) = Run::start(def.clone(), problem("Response time degradation"));
+    run.complete("action-1", 1, "w1", TaskResult::Fail);
+    run.apply(timer(TimerKind::Delay { task: "get-sli-1".into() }));
+    run.complete("get-sli-1", 1, "w1", TaskResult::Pass);
+    run.complete("evaluation-1", 1, "w1", TaskResult::Warning);
+    assert_eq!(run.state.result(), Some(TaskResult::Warning));
+
+    // A problem with no actions goes straight to the escalation.
+    let (run, _) = Run::start(def, problem("Disk full"));
+    let names: Vec<String> = run.state.tasks().map(|t| t.name).collect();
+    assert_eq!(names, ["escalation"]);
+    assert_eq!(run.phase("escalation"), TaskPhase::Offered);
+}
+
+#[test]
+fn a_runbook_is_checked_when_the_definition_is_read() {
+    let both = RUNBOOK.replace("          runbook:", "          tasks: [{name: a}]\n          runbook:");
+    let err = crate::definition::parse(&both).expect_err("tasks and runbook").to_string();
+    assert!(err.contains("either `tasks` or a `runbook`"), "{err}");
+    let empty_action = RUNBOOK.replace("action: scaling,", "action: '',");
+    let err = crate::definition::parse(&empty_action).expect_err("empty action").to_string();
+    assert!(err.contains("runbook.remediations[0].actionsOnOpen[0].action: must not be empty"), "{err}");
+    let typo = RUNBOOK.replace("evaluateAfter: 1m", "evaluateAfter: soon");
+    let err = crate::definition::parse(&typo).expect_err("bad duration").to_string();
+    assert!(err.contains("runbook.evaluateAfter"), "{err}");
+    let named = RUNBOOK.replace("{type: webhook,", "{name: page, type: webhook,");
+    let err = crate::definition::parse(&named).expect_err("named escalation").to_string();
+    assert!(err.contains("takes no `name`"), "{err}");
 }

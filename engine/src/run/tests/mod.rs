@@ -33,11 +33,12 @@ fn task(name: &str, deps: &[&str]) -> Task {
         continue_on_failure: false,
         idempotent: true,
         triggered_after: None,
+        ends_run_on: Vec::new(),
     }
 }
 
 fn sequence(name: &str, triggered_on: Vec<Trigger>, tasks: Vec<Task>) -> Sequence {
-    Sequence { name: name.into(), triggered_on, tasks }
+    Sequence { name: name.into(), triggered_on, tasks, runbook: None }
 }
 
 fn definition(stages: Vec<(&str, Vec<Sequence>)>) -> Arc<Definition> {
