@@ -236,3 +236,67 @@ async fn when_the_actions_run_out_the_run_escalates_and_ends_unresolved() {
     assert_eq!(pages[0]["evaluation"]["result"], "fail");
     s.rt.shutdown().await;
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn the_example_runbook_is_valid_and_picks_actions_by_root_cause_then_title() {
+    let dir = std::path::PathBuf::from(env!("CARGO_MANIFEST_DIR")).join("examples/runbook");
+    let text = std::fs::read_to_string(dir.join("shipyard.yaml")).expect("example shipyard");
+    capstan_engine::slo::parse(&std::fs::read_to_string(dir.join("slo.yaml")).expect("example slo"))
+        .expect("the example slo.yaml is valid");
+    let store: Arc<dyn Store> = Arc::new(MemoryStore::new());
+    let broker: Arc<dyn Broker> = Arc::new(MemoryBroker::new());
+    let rt = Runtime::start(RuntimeConfig::default(), store.clone(), broker, Arc::new(SystemClock))
+        .await
+        .expect("runtime starts");
+    rt.apply_definition("sockshop", &text).await.expect("the example applies");
+    let mut tasks_for = async |problem: Value| {
+        let run_id = rt
+            .trigger(TriggerRequest {
+                project: "sockshop".into(),
+                stage: "production".into(),
+                sequence: "remediation".into(),
+                service: Some("carts".into()),
+                data: json!({ "problem": problem }),
+                ..Default::default()
+            })
+            .await
+            .expect("trigger");
+        // No workers: the run stays at its first task; cancel it so the lane frees up.
+        let first = loop {
+            let events = history(&*store, &run_id).await;
+            if let Some(task) = events.iter().find_map(|e| match e {
+                Event::TaskOffered { task, .. } => Some(task.clone()),
+                _ => None,
+            }) {
+                break task;
+            }
+            tokio::time::sleep(Duration::from_millis(20)).await;
+        };
+        rt.command("sockshop", &run_id, capstan_engine::run::Input::Cancel { reason: "test".into() })
+            .await
+            .expect("cancel");
+        wait_run_over(&*store, &run_id, Duration::from_secs(5)).await;
+        let ended: Vec<String> = history(&*store, &run_id)
+            .await
+            .into_iter()
+            .filter_map(|e| match e {
+                Event::TaskEnded { task, .. } => Some(task),
+                _ => None,
+            })
+            .collect();
+        (first, ended)
+    };
+    let (first, tasks) =
+        tasks_for(json!({"problemTitle": "Response time degradation", "rootCause": "response_time_p90"})).await;
+    assert_eq!(first, "action-1");
+    assert_eq!(
+        tasks.len(),
+        7,
+        "two actions of the root cause, each measured and gated, then the escalation: {tasks:?}"
+    );
+    let (_, tasks) = tasks_for(json!({"problemTitle": "Response time degradation"})).await;
+    assert_eq!(tasks, ["action-1", "get-sli-1", "evaluation-1", "escalation"]);
+    let (first, tasks) = tasks_for(json!({"problemTitle": "Disk full"})).await;
+    assert_eq!((first.as_str(), tasks.len()), ("escalation", 1));
+    rt.shutdown().await;
+}
