@@ -21,8 +21,11 @@ pub struct DefinitionRegistry {
     store: Arc<dyn Store>,
     cache: Mutex<HashMap<(String, String, i64), Arc<Definition>>>,
     /// `(project, name or "" for "the project's only one")` -> `(name, latest version, when seen)`.
-    latest: Mutex<HashMap<(String, String), (String, i64, Instant)>>,
+    latest: Mutex<HashMap<(String, String), Latest>>,
 }
+
+/// The latest version of a definition as last seen: its name, version, and when.
+type Latest = (String, i64, Instant);
 
 impl DefinitionRegistry {
     /// A registry over the store's definitions.

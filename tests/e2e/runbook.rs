@@ -249,7 +249,7 @@ async fn the_example_runbook_is_valid_and_picks_actions_by_root_cause_then_title
         .await
         .expect("runtime starts");
     rt.apply_definition("sockshop", &text).await.expect("the example applies");
-    let mut tasks_for = async |problem: Value| {
+    let tasks_for = async |problem: Value| {
         let run_id = rt
             .trigger(TriggerRequest {
                 project: "sockshop".into(),
