@@ -295,6 +295,12 @@ pub type Result<T, E = Error> = std::result::Result<T, E>;
 pub trait CommitLog: Send + Sync {
     /// Writes the whole batch or nothing. Checks every expected version and input id first.
     async fn commit(&self, batch: Batch) -> Result<Committed>;
+
+    /// Whether commits run one at a time whatever the caller does (one writer, as SQLite).
+    /// Writers then gain nothing from committing concurrently and batch better alone.
+    fn serializes_commits(&self) -> bool {
+        false
+    }
 }
 
 /// The read side of event streams.

@@ -247,6 +247,10 @@ async fn write_rest(conn: &mut SqliteConnection, plan: &Plan) -> Result<()> {
 
 #[async_trait]
 impl CommitLog for SqliteStore {
+    fn serializes_commits(&self) -> bool {
+        true
+    }
+
     async fn commit(&self, batch: Batch) -> Result<Committed> {
         let plan = Plan::new(batch)?;
         let mut tx = self.begin_write().await?;
