@@ -316,11 +316,18 @@ impl RuntimeHandle {
     }
 
     /// Starts a sequence; returns the new run's id once its start is committed.
+    ///
+    /// With a request id the trigger is idempotent: repeating it (a client retrying after a lost
+    /// answer) returns the run the first one started instead of an error.
     pub async fn trigger(&self, req: TriggerRequest) -> Result<String, RuntimeError> {
         let project = req.project.clone();
+        let idempotent = req.request_id.is_some();
         let (run_id, input) = self.shared.start_input(req).await?;
-        self.send(run_id.clone(), Some(project), input).await?;
-        Ok(run_id)
+        match self.send(run_id.clone(), Some(project), input).await {
+            Ok(_) => Ok(run_id),
+            Err(RuntimeError::Refused(capstan_engine::run::Error::AlreadyStarted(_))) if idempotent => Ok(run_id),
+            Err(e) => Err(e),
+        }
     }
 
     /// Sends a command (cancel, pause, resume, approve) to a run of `project`.
