@@ -315,7 +315,14 @@ pub struct WorkersConfig {
 
 impl Default for WorkersConfig {
     fn default() -> Self {
-        WorkersConfig { slots: 8, evaluation: None, prometheus: None, static_sli: None, webhook: None, get_action: None }
+        WorkersConfig {
+            slots: 8,
+            evaluation: None,
+            prometheus: None,
+            static_sli: None,
+            webhook: None,
+            get_action: None,
+        }
     }
 }
 
@@ -497,7 +504,8 @@ impl WorkersConfig {
             }
             for t in types {
                 if let Some(other) = owners.insert(t.as_str(), section) {
-                    problems.push(format!("task type `{t}` is answered by both [workers.{other}] and [workers.{section}]"));
+                    problems
+                        .push(format!("task type `{t}` is answered by both [workers.{other}] and [workers.{section}]"));
                 }
             }
         }
@@ -621,7 +629,10 @@ mod workers_tests {
         assert_eq!(webhook.allowed_hosts, ["hooks.slack.com", "ci.example.com"]);
         assert_eq!(webhook.types, ["webhook", "notify"]);
         assert!(!webhook.allow_private);
-        assert_eq!(w.get_action.as_ref().unwrap().remediation["sockshop/production"], dir.path().join("remediation.yaml"));
+        assert_eq!(
+            w.get_action.as_ref().unwrap().remediation["sockshop/production"],
+            dir.path().join("remediation.yaml")
+        );
         assert!(w.static_sli.is_none());
         assert!(!Config::default().workers.any());
     }
