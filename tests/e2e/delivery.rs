@@ -632,3 +632,60 @@ async fn the_example_remediation_escalates_when_no_action_helps() {
     );
     bench.stop().await;
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn alerts_and_keptn_problems_over_http_start_remediations() {
+    use capstan::api::auth::Auth;
+    use capstan::api::{Api, ApiServer};
+    let bench = Bench::start(keptn("examples/delivery/remediation.yaml", &["scaling"])).await;
+    let api = Api { runtime: bench.rt.clone(), auth: Auth::disabled(), limits: Default::default() };
+    let any = std::net::SocketAddr::from(([127, 0, 0, 1], 0));
+    let server = ApiServer::start(api, any, any, None).await.expect("API starts");
+    let http = format!("http://{}", server.http_addr());
+    let client = reqwest::Client::new();
+
+    // An Alertmanager notification, the project in the URL, the rest in the alert's labels.
+    let notification = json!({"version": "4", "status": "firing", "receiver": "capstan", "alerts": [{
+        "status": "firing", "fingerprint": "a1b2", "startsAt": "2026-11-27T01:00:00Z",
+        "labels": {"alertname": "Response time degradation", "stage": "production", "service": "carts"},
+        "annotations": {"summary": "p95 over 600 ms"},
+    }]});
+    let url = format!("{http}/v1/alerts/alertmanager?project=sockshop");
+    let answer: Value = client.post(&url).json(&notification).send().await.expect("post").json().await.expect("json");
+    let context = answer["started"][0]["keptnContext"].as_str().expect("started").to_string();
+    let runs = bench.drive(&context).await;
+    assert_eq!(rounds(&runs), [("scaling".into(), "pass".into(), "production.remediation pass".into())]);
+    assert_eq!(runs[0].0.service.as_deref(), Some("carts"));
+    let action = &bench.calls("production", "action")[0];
+    assert_eq!(action.input["problem"]["problemDetails"]["summary"], "p95 over 600 ms");
+    // Alertmanager repeats the notification while the alert fires: no second remediation.
+    let again: Value = client.post(&url).json(&notification).send().await.expect("post").json().await.expect("json");
+    assert_eq!(again["started"], json!([]));
+    assert_eq!(again["skipped"][0]["reason"], "a remediation of this firing already started");
+
+    // Keptn's problem event on the CloudEvents endpoint; a closed one starts nothing.
+    let problem = |id: &str, state: &str| {
+        json!({"specversion": "1.0", "id": id, "source": "dynatrace", "type": "sh.keptn.events.problem",
+               "data": {"State": state, "ProblemID": "762", "ProblemTitle": "Response time degradation",
+                        "project": "sockshop", "stage": "production", "service": "orders"}})
+    };
+    let post = |body: Value| {
+        client
+            .post(format!("{http}/v1/events"))
+            .header("content-type", "application/cloudevents+json")
+            .body(body.to_string())
+            .send()
+    };
+    let response = post(problem("p1", "OPEN")).await.expect("post");
+    assert_eq!(response.status(), reqwest::StatusCode::ACCEPTED);
+    let answer: Value = response.json().await.expect("json");
+    let runs = bench.drive(answer["keptnContext"].as_str().expect("context")).await;
+    assert_eq!(rounds(&runs), [("scaling".into(), "pass".into(), "production.remediation pass".into())]);
+    assert_eq!(runs[0].0.service.as_deref(), Some("orders"));
+    let response = post(problem("p2", "CLOSED")).await.expect("post");
+    assert_eq!(response.status(), reqwest::StatusCode::OK);
+    let filter = RunFilter { sequence: Some("remediation".into()), ..RunFilter::default() };
+    assert_eq!(bench.store.list_runs(&filter).await.expect("list").len(), 2, "the closed problem started nothing");
+    server.stop().await;
+    bench.stop().await;
+}
