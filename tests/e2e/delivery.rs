@@ -689,3 +689,45 @@ async fn alerts_and_keptn_problems_over_http_start_remediations() {
     server.stop().await;
     bench.stop().await;
 }
+
+#[test]
+fn capstan_validate_accepts_every_example_file() {
+    let dir = path("examples/delivery");
+    let mut names: Vec<_> = std::fs::read_dir(&dir).expect("examples").map(|e| e.expect("entry").file_name()).collect();
+    names.sort();
+    let mut summaries = Vec::new();
+    for name in &names {
+        let file = dir.join(name);
+        let out = std::process::Command::new(env!("CARGO_BIN_EXE_capstan"))
+            .args(["validate", "-f", &file.display().to_string()])
+            .output()
+            .expect("capstan runs");
+        let text = String::from_utf8_lossy(&out.stdout).into_owned();
+        assert!(out.status.success(), "{}: {text}", file.display());
+        summaries.push(text.lines().nth(1).unwrap_or_default().to_string());
+    }
+    assert_eq!(
+        summaries,
+        [
+            "server configuration; delivery workers: evaluation (evaluation), prometheus (get-sli-prometheus), \
+             static_sli (get-sli), webhook (webhook), get_action (get-action)",
+            "remediation carts-remediation: Response time degradation (2 action(s)), Failure rate increase (1 \
+             action(s)), default (1 action(s))",
+            "sockshop (capstan.dev/v1)",
+            "sli: error_rate, response_time_p95, throughput",
+            "slo: 3 objective(s)",
+        ],
+        "{names:?}"
+    );
+    // A broken file is named with its problem.
+    let bad = tempfile::tempdir().expect("tempdir");
+    let toml = bad.path().join("capstan.toml");
+    std::fs::write(&toml, "[workers.get_action]\nremediation = { sockshop = \"missing.yaml\" }\n").expect("write");
+    let out = std::process::Command::new(env!("CARGO_BIN_EXE_capstan"))
+        .args(["validate", "-f", &toml.display().to_string()])
+        .output()
+        .expect("capstan runs");
+    let text = String::from_utf8_lossy(&out.stdout).into_owned();
+    assert_eq!(out.status.code(), Some(1), "{text}");
+    assert!(text.contains("workers.get_action.remediation.sockshop") && text.contains("missing.yaml"), "{text}");
+}
