@@ -21,6 +21,29 @@
 //! projects = ["checkout"]        # "*" for every project
 //! role = "operator"              # viewer | operator | admin
 //! ```
+//!
+//! The delivery workers run in the server process when their `[workers.*]` section is present
+//! (`capstan worker --kind <kind> --config FILE` runs one of them as its own process). Files
+//! are keyed by scope (`project`, `project/stage` or `project/stage/service`, the most specific
+//! wins) and relative paths are read from the configuration file's directory:
+//! ```toml
+//! [workers]
+//! slots = 8                      # attempts each delivery worker runs at once
+//! [workers.evaluation]           # quality gate, task type `evaluation`
+//! slo = { sockshop = "slo.yaml" }
+//! sli_provider = "prometheus"    # asked when an evaluation has no `sli` input: prometheus | static | none
+//! [workers.prometheus]           # get-sli from Prometheus (CAPSTAN_PROMETHEUS_URL)
+//! url = "http://prometheus:9090"
+//! sli = { sockshop = "sli.yaml" }
+//! query_timeout = "30s"
+//! [workers.static_sli]           # get-sli with values given in the trigger data
+//! types = ["get-sli"]            # every section may change its task types
+//! [workers.webhook]              # calls HTTP endpoints, task type `webhook`
+//! allowed_hosts = ["hooks.slack.com"]   # CAPSTAN_WEBHOOK_ALLOWED_HOSTS (comma-separated)
+//! allow_private = false          # CAPSTAN_WEBHOOK_ALLOW_PRIVATE
+//! [workers.get_action]           # Keptn's remediation-service, task type `get-action`
+//! remediation = { "sockshop/production" = "remediation.yaml" }
+//! ```
 
 use std::collections::HashMap;
 use std::net::SocketAddr;
@@ -29,6 +52,13 @@ use std::path::Path;
 use serde::Deserialize;
 
 use crate::api::auth::Role;
+
+mod workers;
+
+pub use workers::{
+    EvaluationWorkerConfig, GetActionWorkerConfig, PrometheusWorkerConfig, ScopedPaths, StaticSliWorkerConfig,
+    WebhookWorkerConfig, WorkersConfig,
+};
 
 /// Why the configuration cannot be used.
 #[derive(Debug, thiserror::Error)]
@@ -41,6 +71,8 @@ pub enum ConfigError {
     Env { name: &'static str, message: String },
     #[error("tokens[{index}] ({name}): {message}")]
     Token { index: usize, name: String, message: String },
+    #[error("workers: {0}")]
+    Workers(String),
 }
 
 /// The whole configuration.
@@ -63,6 +95,8 @@ pub struct Config {
     pub tokens: Vec<TokenConfig>,
     /// TLS for both APIs (`[tls] cert = "..."`, `key = "..."`, PEM files); plain TCP without it.
     pub tls: Option<crate::api::tls::TlsFiles>,
+    /// The delivery workers run in this process.
+    pub workers: WorkersConfig,
 }
 
 impl Default for Config {
@@ -76,6 +110,7 @@ impl Default for Config {
             auth: AuthMode::Tokens,
             tokens: Vec::new(),
             tls: None,
+            workers: WorkersConfig::default(),
         }
     }
 }
@@ -187,6 +222,9 @@ impl Config {
             }
             None => Config::default(),
         };
+        if let Some(dir) = path.and_then(Path::parent) {
+            config.workers.resolve_paths(dir);
+        }
         config.apply_env(env)?;
         config.check()?;
         Ok(config)
@@ -223,6 +261,17 @@ impl Config {
         if let Some(v) = get("CAPSTAN_BUILTIN_WORKERS") {
             self.builtin_workers = parse_env("CAPSTAN_BUILTIN_WORKERS", &v)?;
         }
+        if let Some(v) = get("CAPSTAN_PROMETHEUS_URL") {
+            self.workers.prometheus.get_or_insert_with(Default::default).url = v;
+        }
+        if let Some(v) = get("CAPSTAN_WEBHOOK_ALLOWED_HOSTS") {
+            let hosts = v.split(',').map(str::trim).filter(|h| !h.is_empty()).map(str::to_string).collect();
+            self.workers.webhook.get_or_insert_with(Default::default).allowed_hosts = hosts;
+        }
+        if let Some(v) = get("CAPSTAN_WEBHOOK_ALLOW_PRIVATE") {
+            let allow = parse_env("CAPSTAN_WEBHOOK_ALLOW_PRIVATE", &v)?;
+            self.workers.webhook.get_or_insert_with(Default::default).allow_private = allow;
+        }
         if let Some(v) = get("CAPSTAN_AUTH") {
             self.auth = match v.as_str() {
                 "tokens" => AuthMode::Tokens,
@@ -249,7 +298,7 @@ impl Config {
                 return Err(problem("projects must name at least one project (or \"*\")"));
             }
         }
-        Ok(())
+        self.workers.check().map_err(ConfigError::Workers)
     }
 }
 

@@ -2,10 +2,14 @@
 //! (`application/cloudevents+json`) or binary mode (`ce-*` headers, the data as the body);
 //! `GET /healthz` says the process is up and `GET /readyz` that the store answers. Errors are
 //! JSON `{"error": "..."}` with a 4xx code that says whose fault it is.
+//!
+//! `POST /v1/alerts/alertmanager?project=&stage=&service=` takes an Alertmanager webhook
+//! notification and starts the stage's `remediation` sequence per firing alert (see
+//! [`super::events::alert_triggers`]); it answers 200 with what it started and skipped.
 
 use axum::Router;
 use axum::body::{Body, Bytes};
-use axum::extract::State;
+use axum::extract::{RawQuery, State};
 use axum::http::{HeaderMap, StatusCode, header};
 use axum::response::{IntoResponse, Response};
 use axum::routing::{get, post};
@@ -14,13 +18,14 @@ use serde_json::{Value, json};
 
 use super::auth::bearer;
 use super::error::ApiError;
-use super::events::decode_error;
+use super::events::{AlertTarget, alert_triggers, decode_error, is_closed_problem};
 use super::ops::Api;
 
 /// The HTTP routes over `api`.
 pub fn router(api: Api) -> Router {
     Router::new()
         .route("/v1/events", post(publish))
+        .route("/v1/alerts/alertmanager", post(alertmanager))
         .route("/healthz", get(healthz))
         .route("/readyz", get(readyz))
         .with_state(api)
@@ -64,6 +69,11 @@ async fn publish(State(api): State<Api>, headers: HeaderMap, body: Body) -> Resu
     if let Some(data) = &event.data {
         api.check_payload("data", data)?;
     }
+    if is_closed_problem(&event) {
+        // Keptn sends closed problems too; they end nothing and start nothing here.
+        api.auth.authenticate(token.as_deref())?;
+        return Ok((StatusCode::OK, axum::Json(json!({"ignored": "the problem is closed"}))).into_response());
+    }
     let published = api.publish(token.as_deref(), "", &event).await?;
     let answer = json!({
         "runId": published.run_id,
@@ -71,6 +81,81 @@ async fn publish(State(api): State<Api>, headers: HeaderMap, body: Body) -> Resu
         "keptnContext": published.context_id,
     });
     Ok((StatusCode::ACCEPTED, axum::Json(answer)).into_response())
+}
+
+async fn alertmanager(
+    State(api): State<Api>,
+    RawQuery(query): RawQuery,
+    headers: HeaderMap,
+    body: Body,
+) -> Result<Response, ApiError> {
+    let limit = api.limits.max_body_bytes();
+    let bytes = axum::body::to_bytes(body, limit)
+        .await
+        .map_err(|_| ApiError::TooLarge(format!("request body is larger than the limit of {limit} bytes")))?;
+    let token = token(&headers)?;
+    api.auth.authenticate(token.as_deref())?;
+    let target = alert_target(query.as_deref().unwrap_or(""))?;
+    let notification: Value =
+        serde_json::from_slice(&bytes).map_err(|e| ApiError::invalid("body", format!("not JSON: {e}")))?;
+    let (mut started, mut skipped) = (Vec::new(), Vec::new());
+    for (alert, trigger) in alert_triggers(&notification, &target)? {
+        let mut req = match trigger {
+            Ok(req) => req,
+            Err(reason) => {
+                skipped.push(json!({"alert": alert, "reason": reason}));
+                continue;
+            }
+        };
+        let context = req.context_id.get_or_insert_with(|| uuid::Uuid::new_v4().to_string()).clone();
+        let project = req.project.clone();
+        match api.trigger(token.as_deref(), req).await {
+            Ok(run_id) => {
+                started.push(json!({"alert": alert, "project": project, "runId": run_id, "keptnContext": context}))
+            }
+            // Alertmanager repeats a notification while the alert fires; one remediation is enough.
+            Err(ApiError::AlreadyExists(_)) => {
+                skipped.push(json!({"alert": alert, "reason": "a remediation of this firing already started"}));
+            }
+            Err(e @ ApiError::InvalidArgument { .. } | e @ ApiError::NotFound(_)) => {
+                skipped.push(json!({"alert": alert, "reason": e.to_string()}));
+            }
+            Err(e) => return Err(e),
+        }
+    }
+    Ok((StatusCode::OK, axum::Json(json!({"started": started, "skipped": skipped}))).into_response())
+}
+
+/// `project=`, `stage=` and `service=` of a query string (form-encoded).
+fn alert_target(query: &str) -> Result<AlertTarget, ApiError> {
+    let mut target = AlertTarget::default();
+    for pair in query.split('&').filter(|p| !p.is_empty()) {
+        let (key, value) = pair.split_once('=').unwrap_or((pair, ""));
+        let value = percent_decode(value).ok_or_else(|| ApiError::invalid(key, "is not valid percent-encoding"))?;
+        match key {
+            "project" => target.project = Some(value),
+            "stage" => target.stage = Some(value),
+            "service" => target.service = Some(value),
+            other => return Err(ApiError::invalid(other, "unknown parameter (project, stage, service)")),
+        }
+    }
+    Ok(target)
+}
+
+fn percent_decode(text: &str) -> Option<String> {
+    let mut out = Vec::with_capacity(text.len());
+    let mut bytes = text.bytes();
+    while let Some(b) = bytes.next() {
+        match b {
+            b'+' => out.push(b' '),
+            b'%' => {
+                let hex = [bytes.next()?, bytes.next()?];
+                out.push(u8::from_str_radix(std::str::from_utf8(&hex).ok()?, 16).ok()?);
+            }
+            b => out.push(b),
+        }
+    }
+    String::from_utf8(out).ok()
 }
 
 /// The caller's token: `Authorization: Bearer <token>`, or Keptn's `x-token` header.
@@ -145,6 +230,20 @@ mod tests {
     use axum::http::HeaderValue;
 
     use super::*;
+
+    #[test]
+    fn alert_targets_come_from_the_query() {
+        let t = alert_target("project=sock%20shop&stage=production&service=carts+x").unwrap();
+        assert_eq!(
+            (t.project.as_deref(), t.stage.as_deref(), t.service.as_deref()),
+            (Some("sock shop"), Some("production"), Some("carts x"))
+        );
+        assert!(alert_target("").unwrap().project.is_none());
+        assert!(
+            matches!(alert_target("colour=red"), Err(ApiError::InvalidArgument { field, .. }) if field == "colour")
+        );
+        assert!(alert_target("stage=%zz").is_err());
+    }
 
     #[test]
     fn binary_mode_reads_headers_and_json_body() {

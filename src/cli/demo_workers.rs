@@ -2,17 +2,28 @@
 //! over the in-memory broker: deployers with certification labels, testers, a quality gate and a
 //! releaser. Each demo task sleeps for its `sleepMs` property; `failAttempts: N` makes its first N
 //! attempts fail with a retryable error.
+//!
+//! Also the delivery workers of a `[workers]` configuration ([`delivery_workers`]): evaluation,
+//! Prometheus and static SLI providers, webhook and get-action, for `capstan server` and
+//! `capstan worker --kind`.
 
 use std::sync::Arc;
 use std::time::Duration;
 
+use anyhow::Context;
 use async_trait::async_trait;
 use capstan_brokers::Broker;
-use capstan_workers::{BidTerms, EchoWorker, Handler, Outcome, ShellWorker, TaskContext, Worker, WorkerConfig};
+use capstan_workers::{
+    BidTerms, EchoWorker, EvaluationConfig, EvaluationWorker, GetActionConfig, GetActionWorker, Handler, Outcome,
+    PrometheusConfig, PrometheusSliWorker, ScopedFiles, ShellWorker, SliProvider, StaticSliWorker, TaskContext,
+    WebhookConfig, WebhookWorker, Worker, WorkerConfig,
+};
 use serde_json::json;
 use tokio::sync::watch;
 use tokio::task::JoinHandle;
 use tracing::warn;
+
+use crate::config::{ScopedPaths, WorkersConfig};
 
 /// The only deployer certified for production.
 pub const PRODUCTION_DEPLOYER: &str = "deployer-prod";
@@ -76,6 +87,95 @@ pub fn spawn_builtin(broker: Arc<dyn Broker>, stop: watch::Receiver<bool>) -> Ve
         ),
         spawn(Worker::new(WorkerConfig::new("echo-1", ["echo"]).slots(64), EchoWorker::new()), broker, stop),
     ]
+}
+
+/// The kinds of delivery worker, as `capstan worker --kind` names them.
+pub const DELIVERY_KINDS: [&str; 5] = ["evaluation", "prometheus", "static-sli", "webhook", "get-action"];
+
+/// The delivery workers of a `[workers]` configuration, with ids `id(kind)`; only `kind`'s
+/// when given.
+pub fn delivery_workers(
+    config: &WorkersConfig,
+    id: impl Fn(&str) -> String,
+    kind: Option<&str>,
+) -> anyhow::Result<Vec<Worker>> {
+    let wanted = |k: &str| kind.is_none_or(|w| w == k);
+    let make = |k: &str, types: &[String]| WorkerConfig::new(id(k), types.to_vec()).slots(config.slots);
+    let mut workers = Vec::new();
+    let prometheus = match &config.prometheus {
+        Some(p) => {
+            let timeout = capstan_engine::parse_duration(&p.query_timeout).map_err(anyhow::Error::msg)?;
+            let worker = PrometheusSliWorker::new(PrometheusConfig {
+                sli_files: scoped(&p.sli),
+                query_timeout: Duration::from_millis(timeout),
+                ..PrometheusConfig::new(p.url.clone())
+            })
+            .context("[workers.prometheus]")?;
+            if wanted("prometheus") {
+                workers.push(Worker::new(make("prometheus", &p.types), worker.clone()));
+            }
+            Some(worker)
+        }
+        None => None,
+    };
+    if let Some(e) = &config.evaluation
+        && wanted("evaluation")
+    {
+        let sli_provider = match config.sli_provider() {
+            "prometheus" => prometheus.map(SliProvider::new),
+            "static" => Some(SliProvider::new(StaticSliWorker::new())),
+            _ => None,
+        };
+        let handler = EvaluationWorker::new(EvaluationConfig { slo_files: scoped(&e.slo), sli_provider });
+        workers.push(Worker::new(make("evaluation", &e.types), handler));
+    }
+    if let Some(s) = &config.static_sli
+        && wanted("static-sli")
+    {
+        workers.push(Worker::new(make("static-sli", &s.types), StaticSliWorker::new()));
+    }
+    if let Some(w) = &config.webhook
+        && wanted("webhook")
+    {
+        let timeout = capstan_engine::parse_duration(&w.default_timeout).map_err(anyhow::Error::msg)?;
+        let handler = WebhookWorker::with_config(WebhookConfig {
+            allow_private: w.allow_private,
+            allowed_hosts: w.allowed_hosts.clone(),
+            max_response_bytes: w.max_response_bytes,
+            default_timeout: Duration::from_millis(timeout),
+            ..WebhookConfig::default()
+        })
+        .context("[workers.webhook]")?;
+        workers.push(Worker::new(make("webhook", &w.types), handler));
+    }
+    if let Some(g) = &config.get_action
+        && wanted("get-action")
+    {
+        let handler = GetActionWorker::new(GetActionConfig { remediation_files: scoped(&g.remediation) });
+        workers.push(Worker::new(make("get-action", &g.types), handler));
+    }
+    for w in &workers {
+        w.config().validate()?;
+    }
+    Ok(workers)
+}
+
+/// Starts the delivery workers of a `[workers]` configuration; they stop when `stop` turns true.
+pub fn spawn_delivery(
+    config: &WorkersConfig,
+    prefix: &str,
+    broker: Arc<dyn Broker>,
+    stop: watch::Receiver<bool>,
+) -> anyhow::Result<Vec<JoinHandle<()>>> {
+    let workers = delivery_workers(config, |kind| format!("{prefix}{kind}"), None)?;
+    for w in &workers {
+        tracing::info!(worker = %w.config().id, types = ?w.config().task_types, "delivery worker starting");
+    }
+    Ok(workers.into_iter().map(|w| spawn(w, broker.clone(), stop.clone())).collect())
+}
+
+fn scoped(paths: &ScopedPaths) -> ScopedFiles {
+    paths.iter().fold(ScopedFiles::new(), |files, (key, path)| files.with(key.clone(), path.clone()))
 }
 
 fn spawn(worker: Worker, broker: Arc<dyn Broker>, mut stop: watch::Receiver<bool>) -> JoinHandle<()> {

@@ -41,7 +41,12 @@ pub async fn run(args: ServerArgs) -> anyhow::Result<ExitCode> {
         .await
         .context("cannot start the runtime")?;
     let (stop_workers, stop_rx) = watch::channel(false);
-    let workers = if config.builtin_workers { demo_workers::spawn_builtin(broker, stop_rx) } else { Vec::new() };
+    let mut workers =
+        if config.builtin_workers { demo_workers::spawn_builtin(broker.clone(), stop_rx.clone()) } else { Vec::new() };
+    // The delivery workers of [workers]; each process needs its own ids, so the host name
+    // goes in front (a replica restarted on the same host takes its old inboxes back).
+    let host = std::env::var("HOSTNAME").unwrap_or_else(|_| "capstan".into());
+    workers.extend(demo_workers::spawn_delivery(&config.workers, &format!("{host}-"), broker, stop_rx)?);
     let auth = Auth::from_config(config.auth, &config.tokens);
     if config.auth == AuthMode::None {
         warn!("auth = \"none\": every caller may do everything; use only on a trusted network");

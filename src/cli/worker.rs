@@ -1,9 +1,17 @@
-//! `capstan worker`: an echo-like worker as its own process over a real broker, for fault tests
-//! and trials. With `--ledger FILE` it appends one JSON line per action (awarded, started,
-//! finished, cancelled) and fsyncs it before going on, so a checker can compare what workers did
-//! with what the store recorded, even after the worker was killed with SIGKILL.
+//! `capstan worker`: a worker as its own process over a real broker.
 //!
-//! Each attempt sleeps `--delay-ms` (or the task's `sleepMs` property). A task property
+//! `--kind evaluation|prometheus|static-sli|webhook|get-action` runs a built-in delivery
+//! worker, configured by the `[workers.<kind>]` section of `--config FILE` (see
+//! [`crate::config`]) and these flags on top: `--file KEY=PATH` (the kind's files: slo.yaml,
+//! sli.yaml or remediation.yaml per scope key), `--prometheus-url`, `--sli-provider`,
+//! `--allow-host`, `--allow-private`, `--types`.
+//!
+//! `--kind echo` (the default) is an echo-like worker for fault tests and trials. With `--ledger
+//! FILE` it appends one JSON line per action (awarded, started, finished, cancelled) and fsyncs
+//! it before going on, so a checker can compare what workers did with what the store recorded,
+//! even after the worker was killed with SIGKILL.
+//!
+//! Each echo attempt sleeps `--delay-ms` (or the task's `sleepMs` property). A task property
 //! `failAttempts: N` fails its first N attempts with a retryable error, and `stallAttempts: N`
 //! makes its first N attempts sleep `stallMs` (default 3 s) so a start-to-close timeout fences
 //! them off; their late `finished` must then be refused by the engine.
@@ -21,7 +29,9 @@ use capstan_workers::{Handler, Outcome, TaskContext, Worker, WorkerConfig};
 use serde_json::json;
 use tracing::{info, warn};
 
+use super::demo_workers::{DELIVERY_KINDS, delivery_workers};
 use crate::backends;
+use crate::config::{Config, WorkersConfig};
 
 /// Arguments of `capstan worker`.
 #[derive(Debug, clap::Args)]
@@ -35,9 +45,33 @@ pub struct WorkerArgs {
     /// The worker id, unique among running workers (a restarted worker keeps its id).
     #[arg(long)]
     pub id: String,
-    /// The task types it performs, comma-separated.
-    #[arg(long, value_delimiter = ',', required = true)]
+    /// What it does: echo (default) or a delivery worker: evaluation, prometheus, static-sli,
+    /// webhook, get-action.
+    #[arg(long, default_value = "echo")]
+    pub kind: String,
+    /// The task types it performs, comma-separated (required for echo; a delivery worker has
+    /// its kind's default).
+    #[arg(long, value_delimiter = ',')]
     pub types: Vec<String>,
+    /// A configuration file whose `[workers.<kind>]` section configures a delivery worker.
+    #[arg(long, short = 'c')]
+    pub config: Option<PathBuf>,
+    /// KEY=PATH: the kind's file for a scope key (`project`, `project/stage`,
+    /// `project/stage/service`): slo.yaml, sli.yaml or remediation.yaml. Repeatable.
+    #[arg(long = "file", value_name = "KEY=PATH")]
+    pub files: Vec<String>,
+    /// Prometheus's base URL (kind prometheus, or an evaluation asking Prometheus).
+    #[arg(long)]
+    pub prometheus_url: Option<String>,
+    /// Evaluation: who is asked for values an evaluation lacks: prometheus, static or none.
+    #[arg(long)]
+    pub sli_provider: Option<String>,
+    /// Webhook: a host allowed even if it resolves to an internal address. Repeatable.
+    #[arg(long = "allow-host")]
+    pub allow_hosts: Vec<String>,
+    /// Webhook: allow every target, loopback and private networks included.
+    #[arg(long)]
+    pub allow_private: bool,
     /// How many attempts it runs at once.
     #[arg(long, default_value_t = 4)]
     pub slots: u32,
@@ -55,16 +89,24 @@ pub struct WorkerArgs {
 /// Runs until SIGTERM / Ctrl-C. A broker failure does not end it: the worker connects again,
 /// as a supervised worker process would be restarted.
 pub async fn run(args: WorkerArgs) -> anyhow::Result<ExitCode> {
+    let delivery = if args.kind == "echo" { None } else { Some(delivery_config(&args)?) };
     let ledger = match &args.ledger {
         Some(path) => Some(Ledger::open(path)?),
         None => None,
     };
     let handler = LedgerEcho { ledger: ledger.map(Arc::new), default_delay: Duration::from_millis(args.delay_ms) };
     let config = WorkerConfig::new(args.id.clone(), args.types.clone()).slots(args.slots);
-    config.validate()?;
+    let types = match &delivery {
+        // Built once here so that a bad configuration stops the process before it connects.
+        Some(d) => one_delivery_worker(d, &args)?.config().task_types.join(","),
+        None => {
+            config.validate()?;
+            args.types.join(",")
+        }
+    };
     let signal = super::dev::wait_for_signal();
     tokio::pin!(signal);
-    println!("worker {} ready for {}", args.id, args.types.join(","));
+    println!("worker {} ({}) ready for {types}", args.id, args.kind);
     loop {
         let broker = match backends::connect_broker_in(&args.broker, &args.broker_url, args.namespace.as_deref()).await
         {
@@ -77,7 +119,10 @@ pub async fn run(args: WorkerArgs) -> anyhow::Result<ExitCode> {
                 }
             }
         };
-        let worker = Worker::new(config.clone(), handler.clone());
+        let worker = match &delivery {
+            Some(d) => one_delivery_worker(d, &args)?,
+            None => Worker::new(config.clone(), handler.clone()),
+        };
         let (stop_tx, stop_rx) = tokio::sync::oneshot::channel::<()>();
         let running = tokio::spawn(worker.run(broker, async move {
             let _ = stop_rx.await;
@@ -96,6 +141,68 @@ pub async fn run(args: WorkerArgs) -> anyhow::Result<ExitCode> {
             }
         }
     }
+}
+
+/// The `[workers]` configuration of a delivery worker: the file's section, then the flags.
+fn delivery_config(args: &WorkerArgs) -> anyhow::Result<WorkersConfig> {
+    anyhow::ensure!(
+        DELIVERY_KINDS.contains(&args.kind.as_str()),
+        "--kind {}: expected echo or one of {}",
+        args.kind,
+        DELIVERY_KINDS.join(", ")
+    );
+    let env: std::collections::HashMap<String, String> =
+        std::env::vars().filter(|(k, _)| k.starts_with("CAPSTAN_")).collect();
+    let mut config = Config::load(args.config.as_deref(), &env)?;
+    let w = &mut config.workers;
+    w.slots = args.slots;
+    let mut files = crate::config::ScopedPaths::new();
+    for f in &args.files {
+        let (key, path) = f.split_once('=').with_context(|| format!("--file {f}: expected KEY=PATH"))?;
+        files.insert(key.to_string(), PathBuf::from(path));
+    }
+    let types = |t: &mut Vec<String>| {
+        if !args.types.is_empty() {
+            t.clone_from(&args.types);
+        }
+    };
+    if let Some(url) = &args.prometheus_url {
+        w.prometheus.get_or_insert_with(Default::default).url.clone_from(url);
+    }
+    match args.kind.as_str() {
+        "evaluation" => {
+            let e = w.evaluation.get_or_insert_with(Default::default);
+            e.slo.extend(files);
+            types(&mut e.types);
+            if args.sli_provider.is_some() {
+                e.sli_provider.clone_from(&args.sli_provider);
+            }
+        }
+        "prometheus" => {
+            let p = w.prometheus.get_or_insert_with(Default::default);
+            p.sli.extend(files);
+            types(&mut p.types);
+        }
+        "static-sli" => types(&mut w.static_sli.get_or_insert_with(Default::default).types),
+        "webhook" => {
+            let h = w.webhook.get_or_insert_with(Default::default);
+            h.allowed_hosts.extend(args.allow_hosts.iter().cloned());
+            h.allow_private |= args.allow_private;
+            types(&mut h.types);
+        }
+        _ => {
+            let g = w.get_action.get_or_insert_with(Default::default);
+            g.remediation.extend(files);
+            types(&mut g.types);
+        }
+    }
+    Ok(config.workers)
+}
+
+/// The one delivery worker `--kind` names, with the id `--id`.
+fn one_delivery_worker(config: &WorkersConfig, args: &WorkerArgs) -> anyhow::Result<Worker> {
+    let mut workers = delivery_workers(config, |_| args.id.clone(), Some(&args.kind))?;
+    workers.pop().with_context(|| format!("no [workers] section configures a {} worker", args.kind))
 }
 
 /// An append-only JSON-lines file, fsynced after every line.

@@ -5,6 +5,7 @@ mod bench;
 mod brokers;
 mod cli;
 mod crash;
+mod delivery;
 mod faults;
 mod fleet;
 mod foreign;

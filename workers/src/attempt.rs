@@ -12,7 +12,7 @@ use serde_json::{Value, json};
 use tokio::sync::mpsc;
 use tokio::time::{Instant, MissedTickBehavior};
 
-use crate::handler::{CancelSignal, Handler, Outcome, TaskContext};
+use crate::handler::{CancelSignal, Handler, Outcome, RunPlace, TaskContext};
 
 /// Builds and sends the worker's CloudEvents to the engine.
 #[derive(Clone)]
@@ -113,6 +113,7 @@ pub(crate) async fn run_attempt(
     emitter: Emitter,
     handler: Arc<dyn Handler>,
     award: Award,
+    place: Option<RunPlace>,
     cancel: CancelSignal,
     cancel_grace: Duration,
     done: DoneGuard,
@@ -127,7 +128,7 @@ pub(crate) async fn run_attempt(
         tracing::warn!(error = %e, task = %attempt.task, "could not send started");
     }
     let heartbeat = award.heartbeat_ms.map(|ms| Duration::from_millis((ms / 3).max(1)));
-    let ctx = TaskContext::new(award, worker_id.clone(), cancel.clone());
+    let ctx = TaskContext::new(award, worker_id.clone(), cancel.clone()).with_place(place);
     // The handler runs in its own task so that a panic in it becomes a reported error and an
     // abort after the cancel grace really stops it (dropping a child process with it).
     let mut task = tokio::spawn({

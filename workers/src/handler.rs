@@ -101,18 +101,57 @@ impl CancelSwitch {
     }
 }
 
+/// Where an attempt's run stands: stage, sequence, service and context, as the offer the worker
+/// answered named them (the award does not repeat them, and a promoted run's input still
+/// carries the `stage` of the run that triggered it).
+#[derive(Debug, Clone, Default, PartialEq, Eq)]
+pub struct RunPlace {
+    /// The run's stage.
+    pub stage: String,
+    /// The run's sequence.
+    pub sequence: String,
+    /// The run's service, if it has one.
+    pub service: Option<String>,
+    /// The run's context id (Keptn's `shkeptncontext`).
+    pub context_id: String,
+}
+
+impl RunPlace {
+    /// The place an offer names.
+    pub fn of(offer: &capstan_proto::TaskOffer) -> Self {
+        RunPlace {
+            stage: offer.stage.clone(),
+            sequence: offer.sequence.clone(),
+            service: offer.service.clone(),
+            context_id: offer.context_id.clone(),
+        }
+    }
+}
+
 /// One awarded attempt as the handler sees it.
 #[derive(Debug, Clone)]
 pub struct TaskContext {
     award: Award,
     worker_id: String,
     cancel: CancelSignal,
+    place: Option<RunPlace>,
 }
 
 impl TaskContext {
     /// A context for an award; the worker makes these, tests and embedders may too.
     pub fn new(award: Award, worker_id: impl Into<String>, cancel: CancelSignal) -> Self {
-        TaskContext { award, worker_id: worker_id.into(), cancel }
+        TaskContext { award, worker_id: worker_id.into(), cancel, place: None }
+    }
+
+    /// Adds where the run stands (known when the worker saw the offer).
+    pub fn with_place(mut self, place: Option<RunPlace>) -> Self {
+        self.place = place;
+        self
+    }
+
+    /// Where the run stands, if the worker saw the attempt's offer (not after a restart).
+    pub fn place(&self) -> Option<&RunPlace> {
+        self.place.as_ref()
     }
 
     /// The award: attempt reference, token, task type, input and budgets.

@@ -1,5 +1,6 @@
 //! The worker SDK: advertise task types and labels, bid or claim, heartbeat, finish; and the
-//! built-in workers (shell command, echo / no-op).
+//! built-in workers (shell command, echo / no-op, and the delivery workers: evaluation, SLI
+//! providers, webhook, get-action).
 //!
 //! A [`Worker`] speaks the protocol of `capstan_proto` over any [`capstan_brokers::Broker`]:
 //! - it subscribes Broadcast to `topics::tasks(type)` (auction and fanout offers) and
@@ -18,6 +19,7 @@
 mod attempt;
 mod echo;
 mod evaluation;
+mod get_action;
 mod handler;
 mod prometheus;
 mod scope;
@@ -31,8 +33,9 @@ mod webhook;
 pub mod worker;
 
 pub use echo::{EchoConfig, EchoWorker};
-pub use evaluation::{EvaluationConfig, EvaluationWorker};
-pub use handler::{BidTerms, CancelSignal, Handler, Outcome, TaskContext};
+pub use evaluation::{EvaluationConfig, EvaluationWorker, SliProvider};
+pub use get_action::{GetActionConfig, GetActionWorker, Problem, chosen_action};
+pub use handler::{BidTerms, CancelSignal, Handler, Outcome, RunPlace, TaskContext};
 pub use prometheus::{PrometheusConfig, PrometheusSliWorker};
 pub use scope::{Scope, ScopedFiles};
 pub use shell::{ShellConfig, ShellWorker};

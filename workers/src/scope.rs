@@ -22,13 +22,15 @@ pub struct Scope {
 }
 
 impl Scope {
-    /// The scope of a task.
+    /// The scope of a task: the run's own stage and service when the worker saw the offer
+    /// (a promoted run's input still names the stage it was promoted from), else the input's.
     pub fn of(task: &TaskContext) -> Self {
         let text = |key: &str| task.input().get(key).and_then(Value::as_str).filter(|s| !s.is_empty());
+        let place = task.place();
         Scope {
             project: text("project").map_or_else(|| task.award().attempt.project.clone(), str::to_string),
-            stage: text("stage").map(str::to_string),
-            service: text("service").map(str::to_string),
+            stage: place.map(|p| p.stage.clone()).or_else(|| text("stage").map(str::to_string)),
+            service: place.and_then(|p| p.service.clone()).or_else(|| text("service").map(str::to_string)),
         }
     }
 }

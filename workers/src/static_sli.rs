@@ -1,8 +1,10 @@
 //! `StaticSliWorker`: answers `get-sli` tasks with values given in the trigger data, for
 //! pipelines that measured already (a load test's summary, a CI job's numbers).
 //!
-//! Reads the input's `sli` object, else its `values` object: `{"<name>": <number or numeric
-//! string>}`. Property `indicators` (a list of names) selects some of them; a selected name
+//! Reads the input's `values` object, else its `sli` object: `{"<name>": <number or numeric
+//! string>}`. `values` comes first because `sli` is also what every provider outputs, and the
+//! engine carries outputs into the runs a run promotes: in staging, `sli` may still hold the
+//! values dev's get-sli measured, while `values` is what this stage's test reported. Property `indicators` (a list of names) selects some of them; a selected name
 //! without a value is reported in `sliErrors`, as is a value that is not a finite number.
 //! The output has the providers' shape (see [`crate::sli`]); neither object given is
 //! `bad-input`.
@@ -27,10 +29,10 @@ impl StaticSliWorker {
 #[async_trait]
 impl Handler for StaticSliWorker {
     async fn handle(&self, task: TaskContext) -> Outcome {
-        let given = match (task.property("sli"), task.property("values")) {
+        let given = match (task.property("values"), task.property("sli")) {
             (Some(Value::Object(map)), _) | (None, Some(Value::Object(map))) => map,
-            (Some(_), _) => return Outcome::error("bad-input", "sli: must be an object of indicator values"),
-            (None, Some(_)) => return Outcome::error("bad-input", "values: must be an object of indicator values"),
+            (Some(_), _) => return Outcome::error("bad-input", "values: must be an object of indicator values"),
+            (None, Some(_)) => return Outcome::error("bad-input", "sli: must be an object of indicator values"),
             (None, None) => {
                 return Outcome::error(
                     "bad-input",
@@ -79,6 +81,9 @@ mod tests {
         );
         let outcome = run(json!({"values": {"throughput": 80.5}})).await;
         assert_eq!(outcome, Outcome::pass(json!({"sli": {"throughput": 80.5}, "sliErrors": {}})));
+        // A stage's own measurements win over values carried from an earlier stage's get-sli.
+        let outcome = run(json!({"values": {"throughput": 3}, "sli": {"throughput": 80.5}})).await;
+        assert_eq!(outcome, Outcome::pass(json!({"sli": {"throughput": 3.0}, "sliErrors": {}})));
     }
 
     #[tokio::test]

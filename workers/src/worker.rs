@@ -32,7 +32,7 @@ use tokio::task::JoinSet;
 use tokio::time::Instant;
 
 use crate::attempt::{DoneGuard, Emitter, run_attempt};
-use crate::handler::{BidTerms, CancelSignal, CancelSwitch, Handler};
+use crate::handler::{BidTerms, CancelSignal, CancelSwitch, Handler, RunPlace};
 use crate::{Error, Result};
 
 /// A worker's identity, capacity and timings.
@@ -138,6 +138,12 @@ struct Running {
     cancel: CancelSwitch,
 }
 
+/// A slot held for an attempt the worker bid for or claimed, until its award or `until`.
+struct Reservation {
+    until: Instant,
+    place: RunPlace,
+}
+
 impl Worker {
     /// A worker with the default bid function: bid when a slot is free and the labels meet the
     /// offer's requirements, with cost = busy slots.
@@ -208,7 +214,7 @@ impl Worker {
         };
         tokio::pin!(shutdown);
         let outcome = loop {
-            let expiry = state.reserved.values().min().copied();
+            let expiry = state.reserved.values().map(|r| r.until).min();
             tokio::select! {
                 _ = &mut shutdown => break Ok(()),
                 next = rx.recv() => match next {
@@ -221,8 +227,8 @@ impl Worker {
                 }
                 _ = sleep_until_opt(expiry) => {
                     let now = Instant::now();
-                    state.reserved.retain(|a, at| {
-                        let keep = *at > now;
+                    state.reserved.retain(|a, r| {
+                        let keep = r.until > now;
                         if !keep {
                             tracing::debug!(task = %a.task, run = %a.run_id, "no award came; slot released");
                         }
@@ -247,7 +253,7 @@ async fn sleep_until_opt(at: Option<Instant>) {
 /// The loop's state: reservations (with their expiry) and running attempts.
 struct LoopState<'w> {
     emitter: Emitter,
-    reserved: HashMap<AttemptRef, Instant>,
+    reserved: HashMap<AttemptRef, Reservation>,
     running: HashMap<AttemptRef, Running>,
     done_tx: mpsc::UnboundedSender<AttemptRef>,
     worker: &'w Worker,
@@ -343,7 +349,7 @@ impl LoopState<'_> {
             (DispatchMode::Auction, Some(deadline)) => until_epoch_ms(deadline) + self.worker.config.award_grace,
             _ => self.worker.config.award_timeout,
         };
-        self.reserved.insert(a, Instant::now() + wait);
+        self.reserved.insert(a, Reservation { until: Instant::now() + wait, place: RunPlace::of(&offer) });
         Settle::Ack
     }
 
@@ -360,7 +366,8 @@ impl LoopState<'_> {
             return Settle::Ack;
         }
         // A late award (after the reservation expired) is still taken while a slot is free.
-        if self.reserved.remove(&a).is_none() && self.free_slots() == 0 {
+        let reservation = self.reserved.remove(&a);
+        if reservation.is_none() && self.free_slots() == 0 {
             tracing::warn!(task = %a.task, run = %a.run_id, "award without a free slot; left to time out");
             return Settle::Ack;
         }
@@ -371,6 +378,7 @@ impl LoopState<'_> {
             self.emitter.clone(),
             Arc::clone(&self.worker.handler),
             award,
+            reservation.map(|r| r.place),
             signal,
             self.worker.config.cancel_grace,
             done,

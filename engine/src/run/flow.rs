@@ -279,7 +279,7 @@ impl Step<'_> {
 
     /// Trigger data, then the outputs of the tasks task `i` depends on (transitively, in file
     /// order: Keptn carries everything forward), then the task's own properties; later wins.
-    /// `project`, `stage` and `service` are the run's unless one of those set them.
+    /// `project`, `stage` and `service` are always the run's.
     pub fn task_input(&self, i: usize) -> Value {
         let mut ancestors = vec![false; self.st.tasks.len()];
         let mut stack = vec![i];
@@ -297,12 +297,13 @@ impl Step<'_> {
                 map.extend(spec.properties.clone());
             }
             // Keptn's event data always names its project, stage and service; tools (SLO and SLI
-            // files per service, remediation runbooks) find their configuration by them.
+            // files per service, remediation runbooks) find their configuration by them. The
+            // run's own win: a promoted run's data still names the stage it came from.
             if let Some(meta) = &self.st.meta {
-                map.entry("project").or_insert_with(|| Value::from(meta.project.clone()));
-                map.entry("stage").or_insert_with(|| Value::from(meta.stage.clone()));
+                map.insert("project".into(), Value::from(meta.project.clone()));
+                map.insert("stage".into(), Value::from(meta.stage.clone()));
                 if let Some(service) = &meta.service {
-                    map.entry("service").or_insert_with(|| Value::from(service.clone()));
+                    map.insert("service".into(), Value::from(service.clone()));
                 }
             }
         }

@@ -9,7 +9,10 @@ const FIXTURE: &str = concat!(env!("CARGO_MANIFEST_DIR"), "/../engine/tests/fixt
 
 /// A worker with the fixture configured for the whole `sockshop` project.
 fn gate() -> EvaluationWorker {
-    EvaluationWorker::new(EvaluationConfig { slo_files: ScopedFiles::new().with("sockshop", FIXTURE) })
+    EvaluationWorker::new(EvaluationConfig {
+        slo_files: ScopedFiles::new().with("sockshop", FIXTURE),
+        ..EvaluationConfig::default()
+    })
 }
 
 fn finished(outcome: Outcome) -> (TaskResult, Value) {
@@ -115,6 +118,7 @@ async fn without_any_slo_the_task_passes_unscored() {
 async fn malformed_slo_and_inputs_are_bad_input() {
     let missing_file = EvaluationWorker::new(EvaluationConfig {
         slo_files: ScopedFiles::new().with("sockshop", "/nonexistent/slo.yaml"),
+        ..EvaluationConfig::default()
     });
     let Outcome::Error(e) = missing_file.handle(task("evaluation", json!({}))).await else { panic!() };
     assert_eq!(e.kind, "bad-input");
@@ -129,4 +133,31 @@ async fn malformed_slo_and_inputs_are_bad_input() {
         let Outcome::Error(e) = gate().handle(task("evaluation", input.clone())).await else { panic!("{input}") };
         assert_eq!(e.kind, "bad-input", "{input}");
     }
+}
+
+/// A worker with the fixture and a static provider that reads `values` from the input.
+fn gate_with_provider() -> EvaluationWorker {
+    EvaluationWorker::new(EvaluationConfig {
+        slo_files: ScopedFiles::new().with("sockshop", FIXTURE),
+        sli_provider: Some(SliProvider::new(crate::StaticSliWorker::new())),
+    })
+}
+
+#[tokio::test]
+async fn without_sli_in_the_input_the_provider_is_asked() {
+    let input = json!({"values": {"response_time_p95": 900}});
+    let (result, output) = finished(gate_with_provider().handle(task("evaluation", input)).await);
+    assert_eq!(result, TaskResult::Fail);
+    assert_eq!(output["evaluation"]["objectives"][0]["value"], json!(900.0));
+    assert!(output.get("sli").is_none(), "fetched values must not be carried on as `sli`");
+
+    // Given values win over the provider.
+    let input = json!({"sli": {"response_time_p95": 100}, "values": {"response_time_p95": 900}});
+    let (result, _) = finished(gate_with_provider().handle(task("evaluation", input)).await);
+    assert_eq!(result, TaskResult::Pass);
+
+    // A provider error is the task's error (the engine's retry rules apply), not a verdict.
+    let Outcome::Error(e) = gate_with_provider().handle(task("evaluation", json!({}))).await else { panic!() };
+    assert_eq!(e.kind, "bad-input");
+    assert!(e.message.starts_with("the SLI provider: "), "{}", e.message);
 }

@@ -205,9 +205,9 @@ fn task_input_merges_trigger_data_dependency_outputs_and_properties() {
         Effect::Offer(o) => Some(o.input.clone()),
         _ => None,
     });
-    // The run's project and stage are added (no service here) unless the data names them.
+    // The run's project and stage are set (no service here), over what the data says.
     let expected = json!({
-        "x": "prop", "keep": 1, "fromA": true, "fromB": 2, "strategy": "blue-green", "project": "p", "stage": "given"
+        "x": "prop", "keep": 1, "fromA": true, "fromB": 2, "strategy": "blue-green", "project": "p", "stage": "dev"
     });
     assert_eq!(input, Some(expected.clone()));
     let award = run.apply(bid("c", 1, worker("w", &[]), 0.0, 0, 0));
