@@ -109,14 +109,14 @@ async fn alertmanager(
         };
         let context = req.context_id.get_or_insert_with(|| uuid::Uuid::new_v4().to_string()).clone();
         let project = req.project.clone();
-        match api.trigger(token.as_deref(), req).await {
-            Ok(run_id) => {
+        match api.trigger_once(token.as_deref(), req).await {
+            Ok((run_id, true)) => {
                 started.push(json!({"alert": alert, "project": project, "runId": run_id, "keptnContext": context}))
             }
             // Alertmanager repeats a notification while the alert fires; one remediation is enough.
-            Err(ApiError::AlreadyExists(_)) => {
-                skipped.push(json!({"alert": alert, "reason": "a remediation of this firing already started"}));
-            }
+            Ok((run_id, false)) => skipped.push(
+                json!({"alert": alert, "runId": run_id, "reason": "a remediation of this firing already started"}),
+            ),
             Err(e @ ApiError::InvalidArgument { .. } | e @ ApiError::NotFound(_)) => {
                 skipped.push(json!({"alert": alert, "reason": e.to_string()}));
             }

@@ -154,6 +154,12 @@ impl Api {
 
     /// Starts a sequence (operator).
     pub async fn trigger(&self, token: Option<&str>, req: TriggerRequest) -> Result<String, ApiError> {
+        Ok(self.trigger_once(token, req).await?.0)
+    }
+
+    /// [`trigger`](Self::trigger), also telling whether this call started the run (`false`: its
+    /// request id had started it before).
+    pub async fn trigger_once(&self, token: Option<&str>, req: TriggerRequest) -> Result<(String, bool), ApiError> {
         require("project", &req.project)?;
         self.auth.authorize(token, &req.project, Role::Operator)?;
         require("stage", &req.stage)?;
@@ -162,7 +168,7 @@ impl Api {
             return Err(ApiError::invalid("data", "must be a JSON object"));
         }
         self.check_payload("data", &req.data)?;
-        Ok(self.runtime.trigger(req).await?)
+        Ok(self.runtime.trigger_once(req).await?)
     }
 
     /// Refuses data over the configured limit.

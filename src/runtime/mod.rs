@@ -320,12 +320,20 @@ impl RuntimeHandle {
     /// With a request id the trigger is idempotent: repeating it (a client retrying after a lost
     /// answer) returns the run the first one started instead of an error.
     pub async fn trigger(&self, req: TriggerRequest) -> Result<String, RuntimeError> {
+        Ok(self.trigger_once(req).await?.0)
+    }
+
+    /// [`trigger`](Self::trigger), also telling whether this call started the run (`false`: a
+    /// repeated request id found the run an earlier call started).
+    pub async fn trigger_once(&self, req: TriggerRequest) -> Result<(String, bool), RuntimeError> {
         let project = req.project.clone();
         let idempotent = req.request_id.is_some();
         let (run_id, input) = self.shared.start_input(req).await?;
         match self.send(run_id.clone(), Some(project), input).await {
-            Ok(_) => Ok(run_id),
-            Err(RuntimeError::Refused(capstan_engine::run::Error::AlreadyStarted(_))) if idempotent => Ok(run_id),
+            Ok(_) => Ok((run_id, true)),
+            Err(RuntimeError::Refused(capstan_engine::run::Error::AlreadyStarted(_))) if idempotent => {
+                Ok((run_id, false))
+            }
             Err(e) => Err(e),
         }
     }

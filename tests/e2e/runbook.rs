@@ -129,8 +129,10 @@ async fn setup() -> Setup {
         .await
         .expect("runtime starts");
     let service = Arc::new(Service { p95: Mutex::new(900.0), ..Default::default() });
-    let gate =
-        EvaluationWorker::new(EvaluationConfig { slo_files: ScopedFiles::new().with("p/production/carts", slo) });
+    let gate = EvaluationWorker::new(EvaluationConfig {
+        slo_files: ScopedFiles::new().with("p/production/carts", slo),
+        ..Default::default()
+    });
     let stops = vec![
         spawn(
             Worker::new(WorkerConfig::new("ops", ["scaling", "toggle-feature"]), ActionTool(service.clone())),

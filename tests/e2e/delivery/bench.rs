@@ -321,7 +321,12 @@ pub fn steps(events: &[Event]) -> Vec<String> {
                 .collect::<Vec<_>>()
                 .join(" ")
         })
-        .filter(|l| !l.starts_with("task-offered") && !l.starts_with("task-awarded") && !l.starts_with("bid-recorded"))
+        // Dispatch details and the service's lane (tested in lanes.rs) are left out.
+        .filter(|l| {
+            !["task-offered", "task-awarded", "bid-recorded", "run-queued", "run-admitted"]
+                .iter()
+                .any(|p| l.starts_with(p))
+        })
         .collect()
 }
 
