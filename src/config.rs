@@ -29,6 +29,7 @@
 //! ```toml
 //! [workers]
 //! slots = 8                      # attempts each delivery worker runs at once
+//! id_prefix = "capstan-a-"       # worker ids <prefix><kind>, unique per process (default: host name)
 //! [workers.evaluation]           # quality gate, task type `evaluation`
 //! slo = { sockshop = "slo.yaml" }
 //! sli_provider = "prometheus"    # asked when an evaluation has no `sli` input: prometheus | static | none

@@ -44,9 +44,10 @@ pub async fn run(args: ServerArgs) -> anyhow::Result<ExitCode> {
     let mut workers =
         if config.builtin_workers { demo_workers::spawn_builtin(broker.clone(), stop_rx.clone()) } else { Vec::new() };
     // The delivery workers of [workers]; each process needs its own ids, so the host name
-    // goes in front (a replica restarted on the same host takes its old inboxes back).
-    let host = std::env::var("HOSTNAME").unwrap_or_else(|_| "capstan".into());
-    workers.extend(demo_workers::spawn_delivery(&config.workers, &format!("{host}-"), broker, stop_rx)?);
+    // goes in front unless configured (a replica restarted on the same host takes its old
+    // inboxes back).
+    let prefix = config.workers.id_prefix.clone().unwrap_or_else(|| format!("{}-", host_name()));
+    workers.extend(demo_workers::spawn_delivery(&config.workers, &prefix, broker, stop_rx)?);
     let auth = Auth::from_config(config.auth, &config.tokens);
     if config.auth == AuthMode::None {
         warn!("auth = \"none\": every caller may do everything; use only on a trusted network");
@@ -68,6 +69,16 @@ pub async fn run(args: ServerArgs) -> anyhow::Result<ExitCode> {
     }
     runtime.shutdown().await;
     Ok(ExitCode::SUCCESS)
+}
+
+/// The host name (`HOSTNAME`, else /etc/hostname), or `capstan`.
+fn host_name() -> String {
+    std::env::var("HOSTNAME")
+        .ok()
+        .or_else(|| std::fs::read_to_string("/etc/hostname").ok())
+        .map(|h| h.trim().to_string())
+        .filter(|h| !h.is_empty())
+        .unwrap_or_else(|| "capstan".into())
 }
 
 /// Opens the store; a PostgreSQL `schema` is created and used when configured.

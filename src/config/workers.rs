@@ -13,6 +13,8 @@ use serde::Deserialize;
 pub struct WorkersConfig {
     /// Attempts each delivery worker runs at once.
     pub slots: u32,
+    /// Worker ids are `<prefix><kind>`; unique per process (default: the host name and `-`).
+    pub id_prefix: Option<String>,
     /// The quality gate.
     pub evaluation: Option<EvaluationWorkerConfig>,
     /// The Prometheus SLI provider.
@@ -29,6 +31,7 @@ impl Default for WorkersConfig {
     fn default() -> Self {
         WorkersConfig {
             slots: 8,
+            id_prefix: None,
             evaluation: None,
             prometheus: None,
             static_sli: None,

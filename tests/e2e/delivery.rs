@@ -211,6 +211,8 @@ async fn keptn_remediation_loops_until_the_second_action_fixes_the_service() {
     let actions = bench.calls("production", "action");
     assert_eq!(actions.len(), 2);
     assert_eq!(actions[1].input["action"]["action"], "toggle-feature");
+    let providers: Vec<&str> = actions.iter().map(|c| c.worker.as_str()).collect();
+    assert_eq!(providers, ["scaler", "toggler"], "each action went to the provider that performs it");
     assert_eq!(actions[1].input["problem"]["problemTitle"], "Response time degradation");
     assert_eq!(bench.service.p95.load(Ordering::SeqCst), 300);
     bench.stop().await;

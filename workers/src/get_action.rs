@@ -22,11 +22,14 @@
 //! sequence triggered on `<stage>.remediation.finished` with `get-action.result: fail` can
 //! escalate. A missing or invalid runbook is an error of kind `bad-input`.
 
+use std::collections::BTreeMap;
+
 use async_trait::async_trait;
 use capstan_engine::remediation::Remediation;
+use capstan_proto::TaskOffer;
 use serde_json::{Value, json};
 
-use crate::handler::{Handler, Outcome, TaskContext};
+use crate::handler::{BidTerms, Handler, Outcome, TaskContext};
 use crate::scope::{Scope, ScopedFiles};
 
 /// Where the get-action worker finds `remediation.yaml` files.
@@ -74,6 +77,22 @@ impl Problem {
 /// The action a `get-action` task chose, as the `action` task finds it in its input.
 pub fn chosen_action(input: &Value) -> Option<&str> {
     input.get("action").and_then(|a| a.get("action")).and_then(Value::as_str)
+}
+
+/// A bid function for a worker of task type `action` that performs only the named actions
+/// (e.g. `["scaling"]`): it bids (or claims) when the chosen action is one of them and the
+/// labels meet the offer's requirements, and declines otherwise, so each action goes to its
+/// own provider. Use with [`crate::Worker::bid_with`].
+pub fn bid_for_actions(
+    labels: BTreeMap<String, String>,
+    actions: impl IntoIterator<Item = impl Into<String>>,
+) -> impl Fn(&TaskOffer, u32) -> Option<BidTerms> + Send + Sync + 'static {
+    let actions: Vec<String> = actions.into_iter().map(Into::into).collect();
+    move |offer, free| {
+        let meets = offer.requires.iter().all(|(k, v)| labels.get(k) == Some(v));
+        let ours = chosen_action(&offer.input).is_some_and(|a| actions.iter().any(|n| n == a));
+        (meets && ours).then_some(BidTerms { cost: 1.0 / f64::from(free.max(1)), estimated_ms: 0 })
+    }
 }
 
 impl GetActionWorker {
@@ -228,6 +247,36 @@ spec:
         assert_eq!(taken, ["scaling", "toggle-feature"]);
         let (_, output) = run(&w, json!({"remediation": TWO_ACTIONS, "problem": {"problemTitle": "?"}})).await;
         assert_eq!(output["action"]["action"], json!("escalate"));
+    }
+
+    #[test]
+    fn an_action_provider_bids_only_for_its_actions() {
+        let offer = |input: Value| TaskOffer {
+            attempt: capstan_proto::AttemptRef {
+                project: "p".into(),
+                run_id: "r".into(),
+                task: "action".into(),
+                attempt: 1,
+            },
+            context_id: "c".into(),
+            stage: "production".into(),
+            sequence: "remediation".into(),
+            service: None,
+            task_type: "action".into(),
+            dispatch: capstan_proto::DispatchMode::Fanout,
+            input,
+            requires: BTreeMap::new(),
+            bid_deadline_ms: None,
+            heartbeat_ms: None,
+            start_to_close_ms: None,
+        };
+        let bid = bid_for_actions(BTreeMap::new(), ["scaling"]);
+        assert!(bid(&offer(json!({"action": {"action": "scaling", "value": 1}})), 1).is_some());
+        assert!(bid(&offer(json!({"action": {"action": "toggle-feature"}})), 1).is_none());
+        assert!(bid(&offer(json!({})), 1).is_none());
+        let mut needs = offer(json!({"action": {"action": "scaling"}}));
+        needs.requires.insert("cluster".into(), "eu".into());
+        assert!(bid(&needs, 1).is_none(), "labels still count");
     }
 
     #[tokio::test]

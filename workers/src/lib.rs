@@ -34,7 +34,7 @@ pub mod worker;
 
 pub use echo::{EchoConfig, EchoWorker};
 pub use evaluation::{EvaluationConfig, EvaluationWorker, SliProvider};
-pub use get_action::{GetActionConfig, GetActionWorker, Problem, chosen_action};
+pub use get_action::{GetActionConfig, GetActionWorker, Problem, bid_for_actions, chosen_action};
 pub use handler::{BidTerms, CancelSignal, Handler, Outcome, RunPlace, TaskContext};
 pub use prometheus::{PrometheusConfig, PrometheusSliWorker};
 pub use scope::{Scope, ScopedFiles};

@@ -118,6 +118,20 @@ mod tests {
     }
 
     #[test]
+    fn the_runs_own_stage_wins_over_the_carried_input() {
+        // A run promoted from dev to staging still carries `stage: dev` in its data.
+        let task = crate::test_server::task("evaluation", json!({"stage": "dev", "service": "carts"}));
+        assert_eq!(Scope::of(&task), scope(Some("dev"), Some("carts")));
+        let place = crate::RunPlace {
+            stage: "staging".into(),
+            sequence: "delivery".into(),
+            service: Some("carts".into()),
+            context_id: "c".into(),
+        };
+        assert_eq!(Scope::of(&task.with_place(Some(place))), scope(Some("staging"), Some("carts")));
+    }
+
+    #[test]
     fn durations_are_strings_or_seconds() {
         assert_eq!(duration_property("t", &json!("5m")), Ok(Duration::from_secs(300)));
         assert_eq!(duration_property("t", &json!(1.5)), Ok(Duration::from_millis(1500)));

@@ -2,7 +2,7 @@
 //! built from a `[workers]` configuration as `capstan server` builds them, test tools, a fake
 //! Prometheus, a test clock, and helpers to read run histories.
 
-use std::collections::BTreeSet;
+use std::collections::{BTreeMap, BTreeSet};
 use std::path::PathBuf;
 use std::sync::atomic::{AtomicI64, AtomicU64, Ordering};
 use std::sync::{Arc, Mutex};
@@ -18,7 +18,7 @@ use capstan_engine::run::{Event, NextSequence, render_history};
 use capstan_proto::{CloudEvent, TaskResult, topics};
 use capstan_store::memory::MemoryStore;
 use capstan_store::{RunFilter, RunRecord, Store};
-use capstan_workers::{Handler, Outcome, TaskContext, Worker, WorkerConfig};
+use capstan_workers::{Handler, Outcome, TaskContext, Worker, WorkerConfig, bid_for_actions};
 use serde_json::{Value, json};
 use tokio::sync::watch;
 use tokio::task::JoinHandle;
@@ -48,6 +48,7 @@ impl Clock for TestClock {
 /// What a test worker did.
 #[derive(Debug, Clone)]
 pub struct Call {
+    pub worker: String,
     pub stage: String,
     pub task: String,
     pub input: Value,
@@ -76,7 +77,12 @@ impl Handler for Tools {
         let stage = task.place().map(|p| p.stage.clone()).unwrap_or_default();
         let name = task.award().attempt.task.clone();
         let input = task.input().clone();
-        self.calls.lock().expect("calls").push(Call { stage: stage.clone(), task: name.clone(), input: input.clone() });
+        self.calls.lock().expect("calls").push(Call {
+            worker: task.worker_id().to_string(),
+            stage: stage.clone(),
+            task: name.clone(),
+            input: input.clone(),
+        });
         match task.award().task_type.as_str() {
             "test" => Outcome::pass(json!({"values": input["measured"][&stage]})),
             "action" => {
@@ -182,14 +188,22 @@ impl Bench {
             service: service.clone(),
             fixes: Arc::new(setup.fixes.iter().map(|s| s.to_string()).collect()),
         };
-        let types = ["deployment", "test", "release", "rollback", "action", "webhook"];
-        let worker = Worker::new(WorkerConfig::new("tools", types).slots(8), tools);
-        let broker2 = broker.clone();
-        let mut stop2 = stop_rx.clone();
-        tasks.push(tokio::spawn(async move {
-            let _ =
-                worker.run(broker2, async move { while stop2.changed().await.is_ok() && !*stop2.borrow() {} }).await;
-        }));
+        let types = ["deployment", "test", "release", "rollback", "webhook"];
+        // One action provider per action: each bids only for the actions it performs.
+        let workers = [
+            Worker::new(WorkerConfig::new("tools", types).slots(8), tools.clone()),
+            Worker::new(WorkerConfig::new("scaler", ["action"]), tools.clone())
+                .bid_with(bid_for_actions(BTreeMap::new(), ["scaling"])),
+            Worker::new(WorkerConfig::new("toggler", ["action"]), tools)
+                .bid_with(bid_for_actions(BTreeMap::new(), ["toggle-feature"])),
+        ];
+        for worker in workers {
+            let (broker, mut stop) = (broker.clone(), stop_rx.clone());
+            tasks.push(tokio::spawn(async move {
+                let shutdown = async move { while stop.changed().await.is_ok() && !*stop.borrow() {} };
+                let _ = worker.run(broker, shutdown).await;
+            }));
+        }
         Bench { rt, store, broker, clock, calls, service, stop, tasks }
     }
 
