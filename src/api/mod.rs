@@ -23,7 +23,6 @@ use std::time::Duration;
 use tokio::net::TcpListener;
 use tokio::sync::watch;
 use tokio::task::JoinHandle;
-use tokio_stream::wrappers::TcpListenerStream;
 use tracing::warn;
 
 pub use convert::stored_event;
@@ -82,7 +81,12 @@ impl ApiServer {
             async move {
                 let result = builder
                     .add_routes(routes)
-                    .serve_with_incoming_shutdown(TcpListenerStream::new(grpc_listener), stopped)
+                    // Without TCP_NODELAY a response written in several segments waits ~40 ms for the
+                    // client's delayed ACK (Nagle); tonic sets it only on listeners it binds itself.
+                    .serve_with_incoming_shutdown(
+                        tonic::transport::server::TcpIncoming::from(grpc_listener).with_nodelay(Some(true)),
+                        stopped,
+                    )
                     .await;
                 if let Err(e) = result {
                     warn!(error = %e, "gRPC server stopped with an error");

@@ -3,9 +3,11 @@
 //! queue or auction dispatch), keeps a bounded number of runs in flight through in-process echo
 //! workers, and reports tasks/s, runs/s, latency percentiles derived from the event log, CPU
 //! time, peak memory and the runtime's commit counters. `--json` ends with one JSON line.
+//! `--soak N` instead leaves N runs waiting on an approval and times reads (see [`soak`]).
 
 mod driver;
 mod shipyard;
+mod soak;
 mod stats;
 
 use std::collections::HashSet;
@@ -70,6 +72,13 @@ pub struct BenchArgs {
     /// Most inputs per commit (default: the runtime's own default).
     #[arg(long)]
     pub max_batch: Option<usize>,
+    /// Soak instead of throughput: leave this many runs waiting on a manual approval, then
+    /// report resident memory and how fast List, Get and Watch answer.
+    #[arg(long, value_name = "RUNS")]
+    pub soak: Option<u64>,
+    /// Timed calls of each read in a soak.
+    #[arg(long, default_value_t = 20)]
+    pub samples: usize,
     /// Print one JSON object as the last line.
     #[arg(long)]
     pub json: bool,
@@ -123,12 +132,29 @@ pub async fn run(args: BenchArgs) -> anyhow::Result<ExitCode> {
         "dispatch": args.dispatch, "runs": args.runs, "duration_s": args.duration,
         "concurrency": args.concurrency, "workers": args.workers, "slots": args.slots,
         "partitions": config.partitions, "max_batch": config.max_batch,
+        "cache_per_partition": config.cache_per_partition,
     });
     eprintln!("capstan bench: {config_json}");
 
     let runtime = Runtime::start(config, store.clone(), broker.clone(), Arc::new(SystemClock))
         .await
         .context("cannot start the runtime")?;
+    if let Some(runs) = args.soak {
+        let plan = soak::Soak {
+            project: PROJECT.into(),
+            runs,
+            concurrency: args.concurrency.max(1),
+            samples: args.samples.max(1),
+        };
+        let report = soak::run(&runtime, &plan, config_json).await;
+        runtime.shutdown().await;
+        let report = report?;
+        print_soak(&report);
+        if args.json {
+            println!("{report}");
+        }
+        return Ok(ExitCode::SUCCESS);
+    }
     let bench = shipyard::generate(args.shape, args.tasks, args.dispatch);
     runtime.apply_definition(PROJECT, &bench.yaml).await.context("cannot apply the bench definition")?;
     let (stop_workers, stop_rx) = watch::channel(false);
@@ -248,6 +274,35 @@ fn report(
         "commits_per_s": round(commits as f64 / secs),
         "inputs_per_commit": round(inputs as f64 / commits.max(1) as f64),
     })
+}
+
+fn print_soak(r: &Value) {
+    let f = |k: &str| r[k].as_f64().unwrap_or(0.0);
+    println!();
+    println!(
+        "soak: {} runs waiting on an approval, triggered in {:.1}s ({:.0}/s)",
+        r["runs"],
+        f("trigger_s"),
+        f("triggers_per_s")
+    );
+    println!(
+        "memory       RSS {:.1} MiB after triggering, {:.1} MiB at the end, peak {:.1} MiB (start {:.1})",
+        f("rss_mb"),
+        f("rss_end_mb"),
+        f("peak_rss_mb"),
+        f("rss_start_mb")
+    );
+    println!("reads (ms, gRPC in process)          p50      p90      max    count");
+    for (label, key) in [
+        ("List first page by status", "list_ms"),
+        ("Get one run", "get_ms"),
+        ("Watch to approval-requested", "watch_ms"),
+        ("approve -> watched finish", "approve_to_watched_finish_ms"),
+    ] {
+        let p = &r[key];
+        let g = |k: &str| p[k].as_f64().unwrap_or(0.0);
+        println!("  {label:<32} {:>8.2} {:>8.2} {:>8.2} {:>8}", g("p50"), g("p90"), g("max"), p["count"]);
+    }
 }
 
 fn print_human(r: &Value) {

@@ -62,3 +62,21 @@ fn bench_fanout_auction_in_memory_prints_json_last() {
     // start -> (p1, p2) -> join: the parallel tasks and the join each wait for predecessors.
     assert_eq!(report["latency_ms"]["step"]["count"], 6 * 3, "{report}");
 }
+
+#[test]
+fn bench_soak_leaves_runs_waiting_and_reports_memory_and_reads() {
+    let report = bench(&["--soak", "200", "--samples", "3", "--concurrency", "16"]);
+    assert_eq!(report["config"]["mode"], "soak", "{report}");
+    assert_eq!(report["config"]["store"], "sqlite", "{report}");
+    assert_eq!(report["runs"], 200, "{report}");
+    for key in ["trigger_s", "triggers_per_s", "rss_mb", "rss_end_mb", "peak_rss_mb"] {
+        assert!(report[key].as_f64().is_some_and(|v| v > 0.0), "`{key}` missing or not positive: {report}");
+    }
+    // The first page is full: 200 runs wait, so the status filter finds more than a page.
+    assert_eq!(report["list_page"], 50, "{report}");
+    for key in ["list_ms", "get_ms", "watch_ms"] {
+        assert_eq!(report[key]["count"], 3, "`{key}`: {report}");
+        assert!(report[key]["p50"].is_number() && report[key]["max"].is_number(), "`{key}`: {report}");
+    }
+    assert_eq!(report["approve_to_watched_finish_ms"]["count"], 3, "{report}");
+}

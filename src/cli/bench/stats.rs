@@ -206,8 +206,18 @@ fn cpu_s_of(stat: &str) -> Option<f64> {
 
 /// Peak resident memory of this process in MiB (VmHWM).
 pub fn peak_rss_mb() -> Option<f64> {
+    status_mb("VmHWM:")
+}
+
+/// Resident memory of this process now, in MiB (VmRSS).
+pub fn rss_mb() -> Option<f64> {
+    status_mb("VmRSS:")
+}
+
+/// A `/proc/self/status` line given in kB, as MiB.
+fn status_mb(field: &str) -> Option<f64> {
     let status = std::fs::read_to_string("/proc/self/status").ok()?;
-    let line = status.lines().find(|l| l.starts_with("VmHWM:"))?;
+    let line = status.lines().find(|l| l.starts_with(field))?;
     let kb: f64 = line.split_whitespace().nth(1)?.parse().ok()?;
     Some(kb / 1024.0)
 }
