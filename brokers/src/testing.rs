@@ -408,8 +408,7 @@ pub async fn broker_restart(broker: &impl Broker, o: &Options, restart: impl Fut
         assert!(Instant::now() < deadline, "publish after the restart still fails: {e}");
         tokio::time::sleep(Duration::from_millis(200)).await;
     }
-    let expected: HashSet<String> =
-        batch("pending").into_iter().chain(after).map(|m| m.event.id).collect();
+    let expected: HashSet<String> = batch("pending").into_iter().chain(after).map(|m| m.event.id).collect();
     for (name, s) in [("member", &mut member), ("broadcast", &mut watcher)] {
         let mut missing = expected.clone();
         while !missing.is_empty() {

@@ -247,10 +247,20 @@ impl Drop for PrivateTansu {
 /// Tansu of their own (port 9093, so that no other test sees the broker vanish).
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn conformance_broker_restart() {
-    let tansu = PrivateTansu::start(9093);
+    let private = PrivateTansu::start(9093);
     let b = match KafkaBroker::connect(config("127.0.0.1:9093")).await {
         Ok(b) => b,
         Err(e) => panic!("the private Tansu on 127.0.0.1:9093 is not reachable: {e}"),
     };
-    crate::testing::broker_restart(&b, &options(), tansu.restart()).await;
+    crate::testing::broker_restart(&b, &options(), private.restart()).await;
+
+    // A subscription dropped while the broker is down goes, and the runtime shuts down: its last
+    // commit and its close do not wait for the broker.
+    let topic = unique_topic("gone");
+    let mut s = b.subscribe(&topic, competing("gone")).await.expect("subscribe");
+    b.publish(vec![message(&topic, "k", "last", json!(0))]).await.expect("publish");
+    let d = recv(&mut s, Duration::from_secs(30), "the last message").await;
+    tokio::task::spawn_blocking(|| tansu("stop", 9093, "s3")).await.expect("stopping Tansu");
+    d.ack().await.expect("ack while the broker is down");
+    drop((d, s, b));
 }
