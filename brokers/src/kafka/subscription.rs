@@ -89,9 +89,10 @@ impl ConsumerContext for Context {
                 }
             }
             // Commit now, while the partitions are still ours, so the next owner sees how far
-            // this member delivered. Asynchronously: librdkafka holds the rejoin until the commit
-            // is answered, and a synchronous commit would wait forever (on the thread polling
-            // the consumer) for a broker that is gone.
+            // this member delivered. Asynchronously: librdkafka completes an assignment change
+            // (and a close) only once outstanding commits are answered, while a synchronous
+            // commit waits without a bound, on the thread polling the consumer, for a broker that
+            // may be gone.
             let commits = self.state.tracker().take_commits();
             if let Some(tpl) = commit_list(list.elements().first().map(|e| e.topic()), &commits)
                 && let Err(e) = consumer.commit(&tpl, CommitMode::Async)
