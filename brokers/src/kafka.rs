@@ -269,7 +269,10 @@ fn future_record(o: &Outgoing) -> FutureRecord<'_, str, [u8]> {
 fn client_config(config: &KafkaConfig) -> ClientConfig {
     let mut c = ClientConfig::new();
     c.set("bootstrap.servers", &config.bootstrap)
-        .set("socket.timeout.ms", config.request_timeout.as_millis().to_string());
+        .set("socket.timeout.ms", config.request_timeout.as_millis().to_string())
+        // A broker that comes back is found within a second; librdkafka's default backs off to
+        // 10 s between attempts, which can leave a restarted broker unused for that long.
+        .set("reconnect.backoff.max.ms", "1000");
     c
 }
 

@@ -89,10 +89,13 @@ impl ConsumerContext for Context {
                 }
             }
             // Commit now, while the partitions are still ours, so the next owner sees how far
-            // this member delivered.
+            // this member delivered. Asynchronously: librdkafka completes an assignment change
+            // (and a close) only once outstanding commits are answered, while a synchronous
+            // commit waits without a bound, on the thread polling the consumer, for a broker that
+            // may be gone.
             let commits = self.state.tracker().take_commits();
             if let Some(tpl) = commit_list(list.elements().first().map(|e| e.topic()), &commits)
-                && let Err(e) = consumer.commit(&tpl, CommitMode::Sync)
+                && let Err(e) = consumer.commit(&tpl, CommitMode::Async)
             {
                 debug!(error = %e, "commit before revocation failed");
             }
@@ -255,7 +258,7 @@ impl Reader {
                 }
                 Some(item) = retry.recv() => self.held.push(item),
                 _ = tokio::time::sleep_until(due.unwrap_or_else(Instant::now)), if due.is_some() => self.release_due(),
-                _ = commit_tick.tick(), if self.competing => self.commit(&consumer, CommitMode::Async),
+                _ = commit_tick.tick(), if self.competing => self.commit(&consumer),
                 received = consumer.recv() => {
                     let raw = received.map(|m| Raw::from(&m));
                     match raw {
@@ -272,17 +275,24 @@ impl Reader {
                 // Uncommitted, they still reach the group, only not counted as redeliveries.
                 warn!(topic = self.topic, error = %e, "handing back unsettled deliveries failed");
             }
-            self.commit(&consumer, CommitMode::Sync);
+            // Asynchronously, for the reason given in `pre_rebalance`; closing waits for it.
+            self.commit(&consumer);
         }
-        // Closing leaves the group cleanly (the others rebalance at once) but blocks.
-        tokio::task::spawn_blocking(move || drop(consumer));
+        // Closing sends the last commit and leaves the group cleanly (the others rebalance at
+        // once), but blocks, for as long as the broker takes to answer. A thread of its own, not
+        // tokio's blocking pool: a runtime that shuts down waits for that pool, and must not wait
+        // on a broker that is gone.
+        let closer = std::thread::Builder::new().name("kafka-close".into()).spawn(move || drop(consumer));
+        if let Err(e) = closer {
+            warn!(topic = self.topic, error = %e, "no thread to close the consumer on");
+        }
     }
 
-    fn commit(&self, consumer: &StreamConsumer<Context>, mode: CommitMode) {
+    fn commit(&self, consumer: &StreamConsumer<Context>) {
         let commits = self.state.tracker().take_commits();
         // A lost commit only means those records come again.
         if let Some(tpl) = commit_list(Some(&self.topic), &commits)
-            && let Err(e) = consumer.commit(&tpl, mode)
+            && let Err(e) = consumer.commit(&tpl, CommitMode::Async)
         {
             debug!(topic = self.topic, error = %e, "commit failed");
         }
