@@ -15,7 +15,7 @@ mod checker;
 mod procs;
 mod proxy;
 mod schedule;
-mod services;
+pub(crate) mod services;
 
 use std::collections::HashSet;
 use std::sync::atomic::{AtomicBool, Ordering};
@@ -173,7 +173,10 @@ async fn suite(kind: BrokerKind) {
         );
     }
     if keep {
-        std::mem::forget(cluster);
+        // The processes end; the PostgreSQL cluster stays for inspection (drop it with
+        // pg_dropcluster --stop).
+        let Cluster { pg, .. } = cluster;
+        std::mem::forget(pg);
         let kept = dir.keep();
         eprintln!("kept: {} and the PostgreSQL cluster on {pg_url}", kept.display());
     }
