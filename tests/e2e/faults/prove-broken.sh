@@ -10,7 +10,8 @@
 #                                    receipt, before their batch is committed, and the partition
 #                                    no longer acks them after the commit.
 # Environment: CAPSTAN_FAULTS_SEED replays a schedule. The build shares this checkout's target/
-# (only the workspace crates are rebuilt) unless CARGO_TARGET_DIR says otherwise.
+# (only the workspace crates are rebuilt, under another version) unless CARGO_TARGET_DIR says
+# otherwise. Do not run the checkout's own e2e tests meanwhile: target/debug/capstan is shared.
 set -euo pipefail
 root="$(cd "$(dirname "$0")/../../.." && pwd)"
 variant="${1:-repeat-non-idempotent}"
@@ -72,7 +73,17 @@ esac
 echo "== broken build ($variant):"
 git diff -- "$file"
 
+# Sharing target/ saves building every dependency again, but cargo names a workspace crate's
+# artifacts by its path relative to the workspace, so this copy's crates would take the slots of
+# the checkout's own (and one build's artifacts would pass for the other's). Another version
+# gives the copy's crates slots of their own.
+sed -i '0,/^version = "0.1.0"$/s//version = "0.1.0-broken"/' Cargo.toml
+grep -q '^version = "0.1.0-broken"$' Cargo.toml
 export CARGO_TARGET_DIR="${CARGO_TARGET_DIR:-$root/target}"
+# target/debug/capstan (the binary the e2e tests start) is shared all the same: put the
+# checkout's own back at the end.
+restore_binary() { (cd "$root" && cargo build --all-features --bin capstan >/dev/null 2>&1) || true; }
+trap 'restore_binary; cleanup' EXIT
 cargo build --all-features --tests --test e2e 2>&1 | tail -2
 echo "== running the short fault suite over NATS on the broken build"
 set +e
