@@ -1,8 +1,8 @@
 //! Fuzzes the CloudEvents decoders: structured JSON (`CloudEvent::from_json`) and the protocol
 //! bindings' `decode` (binary mode from headers and a body, or structured by content type) for
-//! every header prefix. The input is read as header lines `name: value` (split at the first ": "), an empty line, then the
-//! body; without an empty line it is a structured event. Nothing may panic, and an event that
-//! decodes must encode and decode again to the same event.
+//! every header prefix. The input is read as header lines `name: value` (split at the first
+//! ": "), an empty line, then the body; without an empty line it is a structured event. Nothing
+//! may panic, and an event that decodes must encode and decode again to the same event.
 #![no_main]
 
 use capstan_brokers::binding::{self, HeaderPrefix};

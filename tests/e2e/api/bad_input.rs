@@ -213,7 +213,10 @@ async fn bad_requests_over_http_and_grpc_change_nothing() {
 
     let cyclic = SHIPYARD.replace(
         "            - name: hello\n              type: echo\n",
-        "            - {name: hello, type: echo, dependsOn: [bye]}\n            - {name: bye, type: echo, dependsOn: [hello]}\n",
+        concat!(
+            "            - {name: hello, type: echo, dependsOn: [bye]}\n",
+            "            - {name: bye, type: echo, dependsOn: [hello]}\n",
+        ),
     );
     assert_ne!(cyclic, SHIPYARD, "the cyclic variant must differ");
     let oversized = format!("{SHIPYARD}\n# {}\n", "x".repeat(2 * 1024 * 1024));

@@ -104,9 +104,12 @@ async fn suite(kind: BrokerKind) {
     let stop = Arc::new(AtomicBool::new(false));
     let pg_url = pg.url();
     let cluster = Cluster { server, workers, broker, pg, proxy, grpc: grpc.clone() };
-    let injector = {
-        let stop = stop.clone();
-        std::thread::spawn(move || schedule::inject(cluster, mode, stop))
+    let mut injector = Injector {
+        stop: stop.clone(),
+        thread: Some({
+            let stop = stop.clone();
+            std::thread::spawn(move || schedule::inject(cluster, mode, stop))
+        }),
     };
 
     let started = Instant::now();
@@ -124,9 +127,9 @@ async fn suite(kind: BrokerKind) {
             match RunServiceClient::new(ch).trigger(req).await {
                 Ok(r) => Ok(r.into_inner().run_id),
                 // A retry after the server committed the run but died before answering (or
-                // after the call timed out): the request id made the run, whose id derives from
-                // it (`Shared::start_input`). Were the derivation to change, the checker would report
-                // the store's run as never triggered.
+                // after the call timed out): the request id made the run, whose id derives
+                // from it (`Shared::start_input`). Were the derivation to change, the checker
+                // would report the store's run as never triggered.
                 Err(s) if s.code() == tonic::Code::AlreadyExists => {
                     Ok(uuid::Uuid::new_v5(&uuid::Uuid::NAMESPACE_OID, format!("{project}/faults-{i}").as_bytes())
                         .to_string())
@@ -151,10 +154,9 @@ async fn suite(kind: BrokerKind) {
         }
         tokio::time::sleep(Duration::from_millis(250)).await;
     }
-    stop.store(true, Ordering::SeqCst);
     // The fault thread hands the cluster back so that the private services outlive the checks
     // (the checker reads the private PostgreSQL cluster).
-    let (counts, faults_ms, cluster): (Counts, Vec<u64>, Cluster) = injector.join().expect("the fault thread panicked");
+    let (counts, faults_ms, cluster): (Counts, Vec<u64>, Cluster) = injector.join();
     let elapsed = started.elapsed();
 
     let def = Arc::new(capstan_engine::parse(DAG).expect("the DAG parses"));
@@ -195,6 +197,30 @@ async fn suite(kind: BrokerKind) {
     assert!(report.problems.is_empty(), "violations:\n{}", report.problems.join("\n"));
     counts.assert_minimums(&mode);
     counts.assert_server_survived_the_database();
+}
+
+/// The fault thread; should the test fail before it is joined, dropping this stops the thread
+/// and drops the cluster it owns, so that no server, worker, broker or PostgreSQL cluster
+/// outlives the test.
+struct Injector {
+    stop: Arc<AtomicBool>,
+    thread: Option<std::thread::JoinHandle<(Counts, Vec<u64>, Cluster)>>,
+}
+
+impl Injector {
+    fn join(&mut self) -> (Counts, Vec<u64>, Cluster) {
+        self.stop.store(true, Ordering::SeqCst);
+        self.thread.take().expect("joined once").join().expect("the fault thread panicked")
+    }
+}
+
+impl Drop for Injector {
+    fn drop(&mut self) {
+        self.stop.store(true, Ordering::SeqCst);
+        if let Some(t) = self.thread.take() {
+            let _ = t.join();
+        }
+    }
 }
 
 /// Calls the current server, reconnecting and retrying while it is down or restarting.

@@ -17,6 +17,15 @@ pub fn log_file(path: &Path) -> std::fs::File {
     std::fs::OpenOptions::new().create(true).append(true).open(path).expect("open a log file")
 }
 
+/// How a child ended (`exit status: 1`, `signal: 11 (SIGSEGV)`), or `None` while it runs; a
+/// child never started counts as ended.
+fn exit_of(child: &mut Option<Child>) -> Option<String> {
+    match child {
+        Some(c) => c.try_wait().ok().flatten().map(|s| s.to_string()),
+        None => Some("not running".into()),
+    }
+}
+
 /// Short Kafka group sessions so that a killed member's partitions move within seconds (the
 /// other brokers ignore these).
 const KAFKA_GROUP_TIMINGS: [(&str, &str); 2] =
@@ -103,11 +112,9 @@ impl Server {
     }
 
     /// Whether the current incarnation is gone (exited on its own).
-    pub fn exited(&mut self) -> bool {
-        match &mut self.child {
-            Some(c) => matches!(c.try_wait(), Ok(Some(_))),
-            None => true,
-        }
+    /// How the current incarnation ended, if it did on its own (`None` while it runs).
+    pub fn exited(&mut self) -> Option<String> {
+        exit_of(&mut self.child)
     }
 
     pub fn kill(&mut self) {
@@ -172,11 +179,9 @@ impl WorkerProc {
         self.child = Some(child);
     }
 
-    pub fn exited(&mut self) -> bool {
-        match &mut self.child {
-            Some(c) => matches!(c.try_wait(), Ok(Some(_))),
-            None => true,
-        }
+    /// How the current incarnation ended, if it did on its own (`None` while it runs).
+    pub fn exited(&mut self) -> Option<String> {
+        exit_of(&mut self.child)
     }
 
     pub fn signal(&self, sig: &str) {

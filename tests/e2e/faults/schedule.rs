@@ -4,7 +4,7 @@
 //! and cuts the database connections. Between
 //! faults it restarts whatever exited on its own, as a supervisor would.
 
-use std::collections::BTreeMap;
+use std::collections::{BTreeMap, BTreeSet};
 use std::fmt;
 use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::{Arc, Mutex};
@@ -104,6 +104,8 @@ pub struct Counts {
     /// fault injected last before the exit was seen.
     pub server_exits: BTreeMap<&'static str, usize>,
     pub worker_exits: usize,
+    /// How the processes that exited on their own ended (e.g. `signal: 11 (SIGSEGV)`).
+    pub exit_statuses: BTreeSet<String>,
 }
 
 impl Counts {
@@ -144,7 +146,7 @@ impl fmt::Display for Counts {
             f,
             "seed {}: {} server kills, {} worker kills, {} worker stops past the heartbeat lease, {} {} crashes, \
              {} PostgreSQL restarts (-m immediate), {} database cuts ({} server exits on their own{}, {} worker \
-             exits; all restarted)",
+             exits; all restarted{})",
             self.seed,
             self.server_kills,
             self.worker_kills,
@@ -155,7 +157,8 @@ impl fmt::Display for Counts {
             self.db_cuts,
             exits,
             if exits == 0 { String::new() } else { format!(" after: {:?}", self.server_exits) },
-            self.worker_exits
+            self.worker_exits,
+            if self.exit_statuses.is_empty() { String::new() } else { format!("; ended by {:?}", self.exit_statuses) }
         )
     }
 }
@@ -278,13 +281,15 @@ fn restart_server(c: &mut Cluster) {
 
 /// Starts again whatever died on its own (e.g. a server that lost its broker).
 fn supervise(c: &mut Cluster, counts: &mut Counts, last_fault: &'static str) {
-    if c.server.exited() {
+    if let Some(how) = c.server.exited() {
         *counts.server_exits.entry(last_fault).or_default() += 1;
+        counts.exit_statuses.insert(format!("server: {how}"));
         restart_server(c);
     }
     for w in &mut c.workers {
-        if w.exited() {
+        if let Some(how) = w.exited() {
             counts.worker_exits += 1;
+            counts.exit_statuses.insert(format!("worker: {how}"));
             w.spawn();
         }
     }
