@@ -15,3 +15,4 @@ if command -v cargo-nextest >/dev/null 2>&1; then
 else
   cargo test --workspace --all-features --locked --no-fail-fast
 fi
+fuzz/run.sh 20 # every fuzz target for 20 s (cargo-fuzz on the stable toolchain)

@@ -2,6 +2,7 @@
 //! PostgreSQL schema, driven over gRPC (tonic clients from the same generated code) and HTTP.
 
 mod access;
+mod bad_input;
 mod cli;
 mod grpc;
 mod http;

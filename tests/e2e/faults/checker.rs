@@ -38,6 +38,8 @@ pub struct Action {
     pub token: u64,
     #[serde(default)]
     pub result: Option<String>,
+    #[serde(default)]
+    pub at_ms: u64,
 }
 
 /// The four numbers of one kind of record.
@@ -170,13 +172,18 @@ pub async fn check(
         }
     }
     // Ledger: a non-idempotent task must never have been started twice in one run.
-    let mut starts: HashMap<(&str, &str), usize> = HashMap::new();
+    let mut starts: HashMap<(&str, &str), Vec<String>> = HashMap::new();
     for a in actions.iter().filter(|a| a.action == "started" && non_idempotent.contains(&a.task)) {
-        *starts.entry((a.run.as_str(), a.task.as_str())).or_default() += 1;
+        let who = format!("{} (attempt {}, token {}, at {} ms)", a.worker, a.attempt, a.token, a.at_ms);
+        starts.entry((a.run.as_str(), a.task.as_str())).or_default().push(who);
     }
-    for ((run, task), n) in starts.into_iter().filter(|(_, n)| *n > 1) {
+    for ((run, task), by) in starts.into_iter().filter(|(_, by)| by.len() > 1) {
         rep.awards.duplicated += 1;
-        rep.problems.push(format!("run {run}: non-idempotent task {task} was started {n} times by workers"));
+        rep.problems.push(format!(
+            "run {run}: non-idempotent task {task} was started {} times by workers: {}",
+            by.len(),
+            by.join(", ")
+        ));
     }
     rep
 }

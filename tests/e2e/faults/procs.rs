@@ -1,6 +1,5 @@
-//! The processes of the fault suite: a private `nats-server` with JetStream (so restarting it
-//! disturbs no other test), one `capstan server` at a time, and `capstan worker`s with ledgers.
-//! Each can be killed with SIGKILL, stopped and continued, and started again on the same data.
+//! The Capstan processes of the fault suite: one `capstan server` at a time and `capstan worker`s
+//! with ledgers. Each can be killed with SIGKILL, stopped and continued, and started again.
 
 use std::io::{BufRead, BufReader};
 use std::net::TcpListener;
@@ -14,74 +13,28 @@ pub fn free_port() -> u16 {
     l.local_addr().expect("address").port()
 }
 
-fn log_file(path: &Path) -> std::fs::File {
+pub fn log_file(path: &Path) -> std::fs::File {
     std::fs::OpenOptions::new().create(true).append(true).open(path).expect("open a log file")
 }
+
+/// How a child ended (`exit status: 1`, `signal: 11 (SIGSEGV)`), or `None` while it runs; a
+/// child never started counts as ended.
+fn exit_of(child: &mut Option<Child>) -> Option<String> {
+    match child {
+        Some(c) => c.try_wait().ok().flatten().map(|s| s.to_string()),
+        None => Some("not running".into()),
+    }
+}
+
+/// Short Kafka group sessions so that a killed member's partitions move within seconds (the
+/// other brokers ignore these).
+const KAFKA_GROUP_TIMINGS: [(&str, &str); 2] =
+    [("CAPSTAN_KAFKA_SESSION_TIMEOUT_MS", "2000"), ("CAPSTAN_KAFKA_HEARTBEAT_MS", "500")];
 
 /// Sends a signal to a child by pid (`KILL`, `STOP`, `CONT`).
 pub fn signal(child: &Child, sig: &str) {
     let status = Command::new("kill").arg(format!("-{sig}")).arg(child.id().to_string()).status();
     assert!(status.is_ok_and(|s| s.success()) || sig == "KILL", "kill -{sig} {} failed", child.id());
-}
-
-/// A private JetStream server on its own port and store directory.
-pub struct Nats {
-    child: Option<Child>,
-    pub port: u16,
-    dir: PathBuf,
-}
-
-impl Nats {
-    pub fn start(dir: &Path) -> Nats {
-        let mut nats = Nats { child: None, port: free_port(), dir: dir.to_path_buf() };
-        nats.spawn();
-        nats
-    }
-
-    pub fn url(&self) -> String {
-        format!("nats://127.0.0.1:{}", self.port)
-    }
-
-    fn spawn(&mut self) {
-        let bin = ["/usr/sbin/nats-server", "/usr/bin/nats-server"]
-            .into_iter()
-            .find(|p| Path::new(p).exists())
-            .expect("nats-server is not installed (see /work/shared/services/README.md)");
-        let child = Command::new(bin)
-            .args(["-a", "127.0.0.1", "-p", &self.port.to_string(), "-js", "-sd"])
-            .arg(self.dir.join("js"))
-            .stdout(Stdio::null())
-            .stderr(log_file(&self.dir.join("nats.log")))
-            .spawn()
-            .expect("start nats-server");
-        self.child = Some(child);
-        let deadline = Instant::now() + Duration::from_secs(10);
-        while std::net::TcpStream::connect(("127.0.0.1", self.port)).is_err() {
-            assert!(Instant::now() < deadline, "nats-server did not listen on {}", self.port);
-            std::thread::sleep(Duration::from_millis(20));
-        }
-    }
-
-    /// SIGKILL, then start again on the same store after `down` (JetStream acks before fsync,
-    /// so this may lose acknowledged messages: exactly the fault to survive).
-    pub fn crash_restart(&mut self, down: Duration) {
-        self.kill();
-        std::thread::sleep(down);
-        self.spawn();
-    }
-
-    pub fn kill(&mut self) {
-        if let Some(mut c) = self.child.take() {
-            let _ = c.kill();
-            let _ = c.wait();
-        }
-    }
-}
-
-impl Drop for Nats {
-    fn drop(&mut self) {
-        self.kill();
-    }
 }
 
 /// `capstan server` from a config file; restarted after every kill.
@@ -108,6 +61,7 @@ impl Server {
             .arg("server")
             .arg("--config")
             .arg(&self.config)
+            .envs(KAFKA_GROUP_TIMINGS)
             .env_remove("CAPSTAN_STORE")
             .env_remove("CAPSTAN_GRPC_ADDR")
             .env_remove("CAPSTAN_HTTP_ADDR")
@@ -158,11 +112,9 @@ impl Server {
     }
 
     /// Whether the current incarnation is gone (exited on its own).
-    pub fn exited(&mut self) -> bool {
-        match &mut self.child {
-            Some(c) => matches!(c.try_wait(), Ok(Some(_))),
-            None => true,
-        }
+    /// How the current incarnation ended, if it did on its own (`None` while it runs).
+    pub fn exited(&mut self) -> Option<String> {
+        exit_of(&mut self.child)
     }
 
     pub fn kill(&mut self) {
@@ -189,14 +141,14 @@ pub struct WorkerProc {
 }
 
 impl WorkerProc {
-    pub fn start(dir: &Path, id: &str, nats_url: &str, types: &str) -> WorkerProc {
+    pub fn start(dir: &Path, id: &str, broker: &str, broker_url: &str, types: &str) -> WorkerProc {
         let ledger = dir.join(format!("{id}.jsonl"));
         let args = [
             "worker",
             "--broker",
-            "nats",
+            broker,
             "--broker-url",
-            nats_url,
+            broker_url,
             "--id",
             id,
             "--types",
@@ -219,6 +171,7 @@ impl WorkerProc {
     pub fn spawn(&mut self) {
         let child = Command::new(env!("CARGO_BIN_EXE_capstan"))
             .args(&self.args)
+            .envs(KAFKA_GROUP_TIMINGS)
             .stdout(Stdio::null())
             .stderr(log_file(&self.log))
             .spawn()
@@ -226,11 +179,9 @@ impl WorkerProc {
         self.child = Some(child);
     }
 
-    pub fn exited(&mut self) -> bool {
-        match &mut self.child {
-            Some(c) => matches!(c.try_wait(), Ok(Some(_))),
-            None => true,
-        }
+    /// How the current incarnation ended, if it did on its own (`None` while it runs).
+    pub fn exited(&mut self) -> Option<String> {
+        exit_of(&mut self.child)
     }
 
     pub fn signal(&self, sig: &str) {

