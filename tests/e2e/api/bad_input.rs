@@ -20,6 +20,9 @@ use tonic::Code;
 use super::{SHIPYARD, Server, postgres_url};
 use crate::faults::services::{BrokerKind, PrivateBroker};
 
+/// What is sent (a name, headers, body) and what must come back (status, a word of the error).
+type HttpCase<'a> = (&'a str, Vec<(&'a str, &'a str)>, Vec<u8>, StatusCode, &'a str);
+
 /// What bad input must not change.
 #[derive(Debug, PartialEq, Eq)]
 struct Snapshot {
@@ -98,7 +101,7 @@ async fn bad_requests_over_http_and_grpc_change_nothing() {
         ]
     };
     let big = json!({"project": "a", "blob": "x".repeat(65 * 1024)});
-    let http_cases: Vec<(&str, Vec<(&str, &str)>, Vec<u8>, StatusCode, &str)> = vec![
+    let http_cases: Vec<HttpCase> = vec![
         ("missing id", STRUCTURED.to_vec(), event(json!({"id": null})), StatusCode::BAD_REQUEST, "id"),
         ("missing source", STRUCTURED.to_vec(), event(json!({"source": null})), StatusCode::BAD_REQUEST, "source"),
         ("missing type", STRUCTURED.to_vec(), event(json!({"type": null})), StatusCode::BAD_REQUEST, "type"),
