@@ -212,6 +212,23 @@ async fn an_award_runs_with_its_token_heartbeats_and_finishes() {
     w.stop().await;
 }
 
+#[tokio::test(start_paused = true)]
+async fn an_award_published_again_after_its_attempt_finished_is_not_run_again() {
+    let broker = MemoryBroker::new();
+    let mut engine = Engine::new(&broker).await;
+    let w = start(&broker, echo("w1")).await;
+    let o = offer("run-3", "deployment", DispatchMode::Auction);
+    engine.offer(&o).await;
+    engine.expect(types::TASK_BID).await;
+    engine.award(&o, "w1", 7).await;
+    engine.expect(types::TASK_STARTED).await;
+    engine.expect(types::TASK_FINISHED).await;
+    // The engine's outbox publishes the same award again after a crash: nothing happens.
+    engine.award(&o, "w1", 7).await;
+    engine.expect_quiet(Duration::from_secs(2)).await;
+    w.stop().await;
+}
+
 /// Reports when it starts and when it sees the cancellation; otherwise works forever.
 struct Blocker {
     events: mpsc::UnboundedSender<&'static str>,

@@ -10,6 +10,7 @@
 //! | offer (queue)              | otherwise                                   | nack: another member may take it  |
 //! | award for this worker      | reserved, or a slot free                    | start the attempt                 |
 //! | award                      | already running that attempt                | nothing (a redelivered award)     |
+//! | award                      | that attempt with that token already done   | nothing (a republished award)     |
 //! | rejection                  | reserved / running                          | release the slot / cancel it      |
 //! | cancellation               | running / reserved                          | cancel it / release the slot      |
 //! | reservation past its time  | no award came (bid window + grace)          | release the slot                  |
@@ -18,7 +19,7 @@
 //!
 //! Every delivery is acked once handled (queue offers the worker cannot take are nacked).
 
-use std::collections::{BTreeMap, HashMap};
+use std::collections::{BTreeMap, HashMap, HashSet, VecDeque};
 use std::future::Future;
 use std::sync::Arc;
 use std::time::{Duration, SystemTime, UNIX_EPOCH};
@@ -209,6 +210,7 @@ impl Worker {
             emitter: Emitter::new(broker, info),
             reserved: HashMap::new(),
             running: HashMap::new(),
+            done: RecentlyDone::default(),
             done_tx,
             worker: &self,
         };
@@ -223,7 +225,9 @@ impl Worker {
                     None => break Err(Error::Broker(capstan_brokers::Error::Closed)),
                 },
                 Some(attempt) = done_rx.recv() => {
-                    state.running.remove(&attempt);
+                    if let Some(r) = state.running.remove(&attempt) {
+                        state.done.insert(attempt, r.token);
+                    }
                 }
                 _ = sleep_until_opt(expiry) => {
                     let now = Instant::now();
@@ -250,11 +254,42 @@ async fn sleep_until_opt(at: Option<Instant>) {
     }
 }
 
+/// Attempts this worker finished lately, by fencing token. The engine's outbox may publish an
+/// award again after a crash (consumers deduplicate by CloudEvent id); NATS drops the copy within
+/// its duplicate window, RabbitMQ and Kafka deliver it. Without this memory a copy arriving after
+/// the attempt ended would run it again (found by the fault suite over RabbitMQ and Kafka).
+#[derive(Default)]
+struct RecentlyDone {
+    order: VecDeque<(AttemptRef, u64)>,
+    set: HashSet<(AttemptRef, u64)>,
+}
+
+impl RecentlyDone {
+    /// How many finished attempts are remembered: far more than an outbox republishes at once.
+    const CAPACITY: usize = 16_384;
+
+    fn insert(&mut self, attempt: AttemptRef, token: u64) {
+        if self.set.insert((attempt.clone(), token)) {
+            self.order.push_back((attempt, token));
+        }
+        while self.order.len() > Self::CAPACITY {
+            if let Some(old) = self.order.pop_front() {
+                self.set.remove(&old);
+            }
+        }
+    }
+
+    fn contains(&self, attempt: &AttemptRef, token: u64) -> bool {
+        self.set.contains(&(attempt.clone(), token))
+    }
+}
+
 /// The loop's state: reservations (with their expiry) and running attempts.
 struct LoopState<'w> {
     emitter: Emitter,
     reserved: HashMap<AttemptRef, Reservation>,
     running: HashMap<AttemptRef, Running>,
+    done: RecentlyDone,
     done_tx: mpsc::UnboundedSender<AttemptRef>,
     worker: &'w Worker,
 }
@@ -363,6 +398,10 @@ impl LoopState<'_> {
             if r.token != award.token {
                 tracing::warn!(task = %a.task, running = r.token, awarded = award.token, "second award of a running attempt");
             }
+            return Settle::Ack;
+        }
+        if self.done.contains(&a, award.token) {
+            tracing::debug!(task = %a.task, run = %a.run_id, token = award.token, "a repeated award of a finished attempt");
             return Settle::Ack;
         }
         // A late award (after the reservation expired) is still taken while a slot is free.
