@@ -28,8 +28,8 @@ use crate::plan::{Plan, Sequenced};
 use crate::sql::{db_error, migrate_error};
 use crate::{Batch, CommitLog, Committed, Error, Result};
 
-/// Rows per multi-row statement of the rarer writes (run index, outbox): 12 columns x 500 rows
-/// stays far below SQLite's limit of 32766 bound variables.
+/// Rows per multi-row statement: 7 columns x 500 rows stays far below SQLite's limit of 32766
+/// bound variables while still writing a large batch in a few statements.
 const CHUNK: usize = 500;
 
 /// Migrations embedded at compile time; they need no database then.
@@ -120,69 +120,58 @@ impl SqliteStore {
 }
 
 /// Records the input ids; fails with the first one already recorded.
-///
-/// The hot statements of a commit bind their rows as ONE JSON array and read it with
-/// `json_each`, so the SQL text is the same whatever the batch size: sqlx's per-connection
-/// statement cache then hits every time, instead of SQLite preparing a new multi-row statement
-/// (up to 3,500 placeholders) for each batch size. (`WHERE true` resolves SQLite's parse
-/// ambiguity between an upsert's `ON CONFLICT` and a join's `ON`.)
 async fn insert_inputs(conn: &mut SqliteConnection, inputs: &[String]) -> Result<()> {
-    if inputs.is_empty() {
-        return Ok(());
-    }
-    let written: Vec<String> = sqlx::query_scalar(
-        "INSERT INTO processed_inputs (id) SELECT value FROM json_each(?) WHERE true \
-         ON CONFLICT (id) DO NOTHING RETURNING id",
-    )
-    .bind(json_array(inputs)?)
-    .fetch_all(&mut *conn)
-    .await
-    .map_err(db_error)?;
-    if let Some(id) = Plan::first_missing(inputs.iter().map(String::as_str), &written) {
-        return Err(Error::DuplicateInput(id));
+    for chunk in inputs.chunks(CHUNK) {
+        let mut qb = QueryBuilder::<Sqlite>::new("INSERT INTO processed_inputs (id) ");
+        qb.push_values(chunk, |mut row, id| {
+            row.push_bind(id.as_str());
+        });
+        qb.push(" ON CONFLICT (id) DO NOTHING RETURNING id");
+        let written: Vec<String> = qb.build_query_scalar().fetch_all(&mut *conn).await.map_err(db_error)?;
+        if let Some(id) = Plan::first_missing(chunk.iter().map(String::as_str), &written) {
+            return Err(Error::DuplicateInput(id));
+        }
     }
     Ok(())
 }
 
-/// Serializes rows to the JSON array text a `json_each` statement reads.
-fn json_array<T: serde::Serialize + ?Sized>(rows: &T) -> Result<String> {
-    serde_json::to_string(rows).map_err(|e| Error::Invalid(format!("batch does not serialize: {e}")))
-}
-
 /// The current versions of the given runs (runs without events are absent).
 async fn current_versions(conn: &mut SqliteConnection, run_ids: &[String]) -> Result<HashMap<String, i64>> {
-    let rows: Vec<(String, i64)> = sqlx::query_as(
-        "SELECT run_id, MAX(seq) FROM events WHERE run_id IN (SELECT value FROM json_each(?)) GROUP BY run_id",
-    )
-    .bind(json_array(run_ids)?)
-    .fetch_all(&mut *conn)
-    .await
-    .map_err(db_error)?;
-    Ok(rows.into_iter().collect())
+    let mut versions = HashMap::new();
+    for chunk in run_ids.chunks(CHUNK) {
+        let mut qb = QueryBuilder::<Sqlite>::new("SELECT run_id, MAX(seq) FROM events WHERE run_id IN (");
+        let mut list = qb.separated(", ");
+        for id in chunk {
+            list.push_bind(id.as_str());
+        }
+        qb.push(") GROUP BY run_id");
+        let rows: Vec<(String, i64)> = qb.build_query_as().fetch_all(&mut *conn).await.map_err(db_error)?;
+        versions.extend(rows);
+    }
+    Ok(versions)
 }
 
 /// Inserts the events at positions `first..`; fails with the first event id already stored.
-/// Each payload is serialized once, straight into the statement's JSON array, and stored as the
-/// JSON text of its element (`->` keeps strings quoted, so any JSON value round-trips).
 async fn insert_events(conn: &mut SqliteConnection, events: &[Sequenced<'_>], first: i64) -> Result<()> {
-    let rows: Vec<_> = events
-        .iter()
-        .map(|s| {
-            (s.run_id, s.seq, s.event.id.as_str(), s.event.kind.as_str(), &s.event.payload, s.event.recorded_at_ms)
-        })
-        .collect();
-    let written: Vec<String> = sqlx::query_scalar(
-        "INSERT INTO events (position, run_id, seq, id, kind, payload, recorded_at_ms) \
-         SELECT ? + key, value ->> 0, value ->> 1, value ->> 2, value ->> 3, value -> 4, value ->> 5 \
-         FROM json_each(?) WHERE true ON CONFLICT (id) DO NOTHING RETURNING id",
-    )
-    .bind(first)
-    .bind(json_array(&rows)?)
-    .fetch_all(&mut *conn)
-    .await
-    .map_err(db_error)?;
-    if let Some(id) = Plan::first_missing(events.iter().map(|s| s.event.id.as_str()), &written) {
-        return Err(Error::DuplicateInput(id));
+    for (n, chunk) in events.chunks(CHUNK).enumerate() {
+        let base = first + (n * CHUNK) as i64;
+        let mut qb = QueryBuilder::<Sqlite>::new(
+            "INSERT INTO events (position, run_id, seq, id, kind, payload, recorded_at_ms) ",
+        );
+        qb.push_values(chunk.iter().enumerate(), |mut row, (i, s)| {
+            row.push_bind(base + i as i64)
+                .push_bind(s.run_id)
+                .push_bind(s.seq)
+                .push_bind(s.event.id.as_str())
+                .push_bind(s.event.kind.as_str())
+                .push_bind(s.event.payload.to_string())
+                .push_bind(s.event.recorded_at_ms);
+        });
+        qb.push(" ON CONFLICT (id) DO NOTHING RETURNING id");
+        let written: Vec<String> = qb.build_query_scalar().fetch_all(&mut *conn).await.map_err(db_error)?;
+        if let Some(id) = Plan::first_missing(chunk.iter().map(|s| s.event.id.as_str()), &written) {
+            return Err(Error::DuplicateInput(id));
+        }
     }
     Ok(())
 }
@@ -228,32 +217,30 @@ async fn write_rest(conn: &mut SqliteConnection, plan: &Plan) -> Result<()> {
         });
         qb.build().execute(&mut *conn).await.map_err(db_error)?;
     }
-    if !plan.cancel_timers.is_empty() {
-        let rows: Vec<_> =
-            plan.cancel_timers.iter().map(|c| (c.run_id.as_str(), c.key.as_str(), c.only_if_fire_at)).collect();
-        sqlx::query(
-            "WITH c (run_id, key, guard) AS (SELECT value ->> 0, value ->> 1, value ->> 2 FROM json_each(?)) \
-             DELETE FROM timers WHERE EXISTS (SELECT 1 FROM c WHERE c.run_id = timers.run_id \
+    for chunk in plan.cancel_timers.chunks(CHUNK) {
+        let mut qb = QueryBuilder::<Sqlite>::new("WITH c (run_id, key, guard) AS (");
+        qb.push_values(chunk, |mut row, c| {
+            row.push_bind(c.run_id.as_str()).push_bind(c.key.as_str()).push_bind(c.only_if_fire_at);
+        });
+        qb.push(
+            ") DELETE FROM timers WHERE EXISTS (SELECT 1 FROM c WHERE c.run_id = timers.run_id \
              AND c.key = timers.key AND (c.guard IS NULL OR c.guard = timers.fire_at_ms))",
-        )
-        .bind(json_array(&rows)?)
-        .execute(&mut *conn)
-        .await
-        .map_err(db_error)?;
+        );
+        qb.build().execute(&mut *conn).await.map_err(db_error)?;
     }
-    if !plan.set_timers.is_empty() {
-        let rows: Vec<_> =
-            plan.set_timers.iter().map(|t| (t.run_id.as_str(), t.key.as_str(), t.fire_at_ms, &t.payload)).collect();
-        sqlx::query(
-            "INSERT INTO timers (run_id, key, fire_at_ms, payload) \
-             SELECT value ->> 0, value ->> 1, value ->> 2, value -> 3 FROM json_each(?) WHERE true \
-             ON CONFLICT (run_id, key) DO UPDATE SET fire_at_ms = excluded.fire_at_ms, \
+    for chunk in plan.set_timers.chunks(CHUNK) {
+        let mut qb = QueryBuilder::<Sqlite>::new("INSERT INTO timers (run_id, key, fire_at_ms, payload) ");
+        qb.push_values(chunk, |mut row, t| {
+            row.push_bind(t.run_id.as_str())
+                .push_bind(t.key.as_str())
+                .push_bind(t.fire_at_ms)
+                .push_bind(t.payload.to_string());
+        });
+        qb.push(
+            " ON CONFLICT (run_id, key) DO UPDATE SET fire_at_ms = excluded.fire_at_ms, \
              payload = excluded.payload",
-        )
-        .bind(json_array(&rows)?)
-        .execute(&mut *conn)
-        .await
-        .map_err(db_error)?;
+        );
+        qb.build().execute(&mut *conn).await.map_err(db_error)?;
     }
     Ok(())
 }
@@ -295,8 +282,8 @@ mod tests {
     use crate::{EventReader, NewEvent, StreamAppend, TimerRow, Timers};
     use serde_json::json;
 
-    /// Payloads travel inside the statement's JSON array: every kind of JSON value must come
-    /// back as it went in (a string stays a string, not its unquoted text).
+    /// Payloads are stored as JSON text: every kind of JSON value must come back as it went in
+    /// (a string stays a string, not its unquoted text).
     #[tokio::test]
     async fn every_kind_of_json_payload_round_trips() {
         let store = SqliteStore::open_in_memory().await.expect("open");
