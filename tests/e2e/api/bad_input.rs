@@ -59,6 +59,9 @@ async fn post(server: &Server, headers: &[(&str, &str)], body: Vec<u8>) -> (Stat
     (status, body["error"].as_str().unwrap_or_default().to_string())
 }
 
+/// A bad HTTP request: what it is, its headers and body, the status and a word the error must say.
+type HttpCase = (&'static str, Vec<(&'static str, &'static str)>, Vec<u8>, StatusCode, &'static str);
+
 const STRUCTURED: &[(&str, &str)] = &[("content-type", "application/cloudevents+json")];
 
 fn event(fields: Value) -> Vec<u8> {
@@ -98,7 +101,7 @@ async fn bad_requests_over_http_and_grpc_change_nothing() {
         ]
     };
     let big = json!({"project": "a", "blob": "x".repeat(65 * 1024)});
-    let http_cases: Vec<(&str, Vec<(&str, &str)>, Vec<u8>, StatusCode, &str)> = vec![
+    let http_cases: Vec<HttpCase> = vec![
         ("missing id", STRUCTURED.to_vec(), event(json!({"id": null})), StatusCode::BAD_REQUEST, "id"),
         ("missing source", STRUCTURED.to_vec(), event(json!({"source": null})), StatusCode::BAD_REQUEST, "source"),
         ("missing type", STRUCTURED.to_vec(), event(json!({"type": null})), StatusCode::BAD_REQUEST, "type"),

@@ -85,7 +85,7 @@ impl Mode {
     }
 
     fn due(step: usize, first: usize, every: usize) -> bool {
-        step == first || (step > first && (step - first) % every == 0)
+        step == first || (step > first && (step - first).is_multiple_of(every))
     }
 }
 
