@@ -62,6 +62,9 @@ async fn post(server: &Server, headers: &[(&str, &str)], body: Vec<u8>) -> (Stat
     (status, body["error"].as_str().unwrap_or_default().to_string())
 }
 
+/// A bad HTTP request: what it is, its headers and body, the status and a word the error must say.
+type HttpCase = (&'static str, Vec<(&'static str, &'static str)>, Vec<u8>, StatusCode, &'static str);
+
 const STRUCTURED: &[(&str, &str)] = &[("content-type", "application/cloudevents+json")];
 
 fn event(fields: Value) -> Vec<u8> {
