@@ -20,9 +20,6 @@ use tonic::Code;
 use super::{SHIPYARD, Server, postgres_url};
 use crate::faults::services::{BrokerKind, PrivateBroker};
 
-/// What is sent (a name, headers, body) and what must come back (status, a word of the error).
-type HttpCase<'a> = (&'a str, Vec<(&'a str, &'a str)>, Vec<u8>, StatusCode, &'a str);
-
 /// What bad input must not change.
 #[derive(Debug, PartialEq, Eq)]
 struct Snapshot {
