@@ -45,13 +45,22 @@ pub struct Server {
     /// `http://127.0.0.1:PORT` of the current incarnation's gRPC API.
     pub grpc: String,
     pub starts: u32,
+    /// How each start that did not come up ended, for the failure message.
+    failed_starts: Vec<String>,
 }
 
 impl Server {
     pub fn new(dir: &Path, config_text: &str) -> Server {
         let config = dir.join("capstan.toml");
         std::fs::write(&config, config_text).expect("write the server config");
-        Server { child: None, config, log: dir.join("server.log"), grpc: String::new(), starts: 0 }
+        Server {
+            child: None,
+            config,
+            log: dir.join("server.log"),
+            grpc: String::new(),
+            starts: 0,
+            failed_starts: Vec::new(),
+        }
     }
 
     /// Starts the server and waits for its gRPC address; false if it did not come up in time
@@ -92,8 +101,11 @@ impl Server {
                 Err(std::sync::mpsc::RecvTimeoutError::Disconnected) => break,
             }
         }
+        // Whether it exited on its own (and how) or was still starting when given up on.
+        let ended = child.try_wait().ok().flatten().map(|s| s.to_string());
         let _ = child.kill();
         let _ = child.wait();
+        self.failed_starts.push(ended.unwrap_or_else(|| "still running without a gRPC address".into()));
         false
     }
 
@@ -108,10 +120,9 @@ impl Server {
         let log = std::fs::read_to_string(&self.log).unwrap_or_default();
         let tail: String =
             log.lines().rev().take(40).collect::<Vec<_>>().into_iter().rev().collect::<Vec<_>>().join("\n");
-        panic!("capstan server never came up:\n{tail}");
+        panic!("capstan server never came up (the last attempts: {:?}):\n{tail}", self.failed_starts);
     }
 
-    /// Whether the current incarnation is gone (exited on its own).
     /// How the current incarnation ended, if it did on its own (`None` while it runs).
     pub fn exited(&mut self) -> Option<String> {
         exit_of(&mut self.child)
