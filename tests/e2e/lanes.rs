@@ -15,9 +15,8 @@ use capstan_store::memory::MemoryStore;
 use capstan_store::{RunFilter, Store};
 use capstan_workers::{EvaluationWorker, Handler, Outcome, TaskContext, Worker, WorkerConfig};
 use serde_json::{Value, json};
-use tokio::sync::watch;
 
-use crate::support::{history, wait_run_over};
+use crate::support::{history, spawn_worker, wait_run_over};
 
 const TWO_STEPS: &str = r#"
 apiVersion: capstan.dev/v1
@@ -64,21 +63,6 @@ impl Handler for Hold {
         }
         Outcome::pass(json!({}))
     }
-}
-
-fn spawn_worker(worker: Worker, broker: Arc<dyn Broker>) -> watch::Sender<bool> {
-    let (stop, mut rx) = watch::channel(false);
-    tokio::spawn(async move {
-        let shutdown = async move {
-            while !*rx.borrow_and_update() {
-                if rx.changed().await.is_err() {
-                    break;
-                }
-            }
-        };
-        worker.run(broker, shutdown).await.expect("worker runs");
-    });
-    stop
 }
 
 async fn start(store: Arc<dyn Store>, broker: Arc<dyn Broker>) -> RuntimeHandle {

@@ -20,7 +20,7 @@ use capstan_workers::{
 use serde_json::{Value, json};
 use tokio::sync::watch;
 
-use crate::support::{history, wait_run_over};
+use crate::support::{history, spawn_worker, wait_run_over};
 
 const SHIPYARD: &str = r#"
 apiVersion: capstan.dev/v1
@@ -96,21 +96,6 @@ impl Handler for Pager {
     }
 }
 
-fn spawn(worker: Worker, broker: Arc<dyn Broker>) -> watch::Sender<bool> {
-    let (stop, mut rx) = watch::channel(false);
-    tokio::spawn(async move {
-        let shutdown = async move {
-            while !*rx.borrow_and_update() {
-                if rx.changed().await.is_err() {
-                    break;
-                }
-            }
-        };
-        worker.run(broker, shutdown).await.expect("worker runs");
-    });
-    stop
-}
-
 struct Setup {
     rt: RuntimeHandle,
     store: Arc<dyn Store>,
@@ -134,13 +119,16 @@ async fn setup() -> Setup {
         ..Default::default()
     });
     let stops = vec![
-        spawn(
+        spawn_worker(
             Worker::new(WorkerConfig::new("ops", ["scaling", "toggle-feature"]), ActionTool(service.clone())),
             broker.clone(),
         ),
-        spawn(Worker::new(WorkerConfig::new("prometheus", ["get-sli"]), Measure(service.clone())), broker.clone()),
-        spawn(Worker::new(WorkerConfig::new("gate", ["evaluation"]), gate), broker.clone()),
-        spawn(Worker::new(WorkerConfig::new("pager", ["page"]), Pager(service.clone())), broker.clone()),
+        spawn_worker(
+            Worker::new(WorkerConfig::new("prometheus", ["get-sli"]), Measure(service.clone())),
+            broker.clone(),
+        ),
+        spawn_worker(Worker::new(WorkerConfig::new("gate", ["evaluation"]), gate), broker.clone()),
+        spawn_worker(Worker::new(WorkerConfig::new("pager", ["page"]), Pager(service.clone())), broker.clone()),
     ];
     rt.apply_definition("p", SHIPYARD).await.expect("definition");
     Setup { rt, store, service, _stops: stops, _dir: dir }

@@ -221,3 +221,19 @@ pub async fn history(store: &dyn Store, run_id: &str) -> Vec<capstan_engine::run
     }
     stored.iter().map(|s| capstan::runtime::codec::decode_event(s).expect("decodes")).collect()
 }
+
+/// Runs an SDK worker on `broker` until the returned sender says stop (or is dropped).
+pub fn spawn_worker(worker: capstan_workers::Worker, broker: Arc<dyn Broker>) -> tokio::sync::watch::Sender<bool> {
+    let (stop, mut rx) = tokio::sync::watch::channel(false);
+    tokio::spawn(async move {
+        let shutdown = async move {
+            while !*rx.borrow_and_update() {
+                if rx.changed().await.is_err() {
+                    break;
+                }
+            }
+        };
+        worker.run(broker, shutdown).await.expect("worker runs");
+    });
+    stop
+}
