@@ -31,7 +31,11 @@ mod grpc {
         let fds = protox::compile(FILES, ["."])?;
         let out = PathBuf::from(std::env::var("OUT_DIR")?);
         std::fs::write(out.join("capstan_v1_descriptor.bin"), fds.encode_to_vec())?;
-        tonic_prost_build::configure().build_client(true).build_server(true).compile_fds(fds)?;
+        tonic_prost_build::configure()
+            .build_client(true)
+            .build_server(true)
+            .codec_path("crate::grpc::codec::CheckedCodec")
+            .compile_fds(fds)?;
         Ok(())
     }
 }

@@ -30,6 +30,7 @@
 //! [workers]
 //! slots = 8                      # attempts each delivery worker runs at once
 //! id_prefix = "capstan-a-"       # worker ids <prefix><kind>, unique per process (default: host name)
+//! journal_dir = "/var/lib/capstan/journal"  # award journals: a restart never starts an award twice
 //! [workers.evaluation]           # quality gate, task type `evaluation`
 //! slo = { sockshop = "slo.yaml" }
 //! sli_provider = "prometheus"    # asked when an evaluation has no `sli` input: prometheus | static | none

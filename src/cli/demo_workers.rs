@@ -100,7 +100,15 @@ pub fn delivery_workers(
     kind: Option<&str>,
 ) -> anyhow::Result<Vec<Worker>> {
     let wanted = |k: &str| kind.is_none_or(|w| w == k);
-    let make = |k: &str, types: &[String]| WorkerConfig::new(id(k), types.to_vec()).slots(config.slots);
+    let make = |k: &str, types: &[String]| {
+        let id = id(k);
+        let journal = config.journal_dir.as_ref().map(|d| d.join(format!("{id}.journal")));
+        let worker = WorkerConfig::new(id, types.to_vec()).slots(config.slots);
+        match journal {
+            Some(path) => worker.journal(path),
+            None => worker,
+        }
+    };
     let mut workers = Vec::new();
     let prometheus = match &config.prometheus {
         Some(p) => {

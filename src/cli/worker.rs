@@ -81,6 +81,10 @@ pub struct WorkerArgs {
     /// Append one fsynced JSON line per action to this file.
     #[arg(long)]
     pub ledger: Option<PathBuf>,
+    /// Record every award in this file before starting it, so that the worker, restarted with
+    /// the same --id, never starts an award twice (one file per worker id).
+    #[arg(long)]
+    pub journal: Option<PathBuf>,
     /// Share the broker with other deployments under this namespace (a topic prefix).
     #[arg(long)]
     pub namespace: Option<String>,
@@ -95,7 +99,8 @@ pub async fn run(args: WorkerArgs) -> anyhow::Result<ExitCode> {
         None => None,
     };
     let handler = LedgerEcho { ledger: ledger.map(Arc::new), default_delay: Duration::from_millis(args.delay_ms) };
-    let config = WorkerConfig::new(args.id.clone(), args.types.clone()).slots(args.slots);
+    let mut config = WorkerConfig::new(args.id.clone(), args.types.clone()).slots(args.slots);
+    config.journal = args.journal.clone();
     let types = match &delivery {
         // Built once here so that a bad configuration stops the process before it connects.
         Some(d) => one_delivery_worker(d, &args)?.config().task_types.join(","),
@@ -202,7 +207,11 @@ fn delivery_config(args: &WorkerArgs) -> anyhow::Result<WorkersConfig> {
 /// The one delivery worker `--kind` names, with the id `--id`.
 fn one_delivery_worker(config: &WorkersConfig, args: &WorkerArgs) -> anyhow::Result<Worker> {
     let mut workers = delivery_workers(config, |_| args.id.clone(), Some(&args.kind))?;
-    workers.pop().with_context(|| format!("no [workers] section configures a {} worker", args.kind))
+    let worker = workers.pop().with_context(|| format!("no [workers] section configures a {} worker", args.kind))?;
+    Ok(match &args.journal {
+        Some(path) => worker.journal(path),
+        None => worker,
+    })
 }
 
 /// An append-only JSON-lines file, fsynced after every line.

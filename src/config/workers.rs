@@ -15,6 +15,10 @@ pub struct WorkersConfig {
     pub slots: u32,
     /// Worker ids are `<prefix><kind>`; unique per process (default: the host name and `-`).
     pub id_prefix: Option<String>,
+    /// A directory for the workers' award journals (`<id>.journal`), so that a restarted server
+    /// never starts an award twice that its outbox republished after a crash (see the worker
+    /// SDK's `WorkerConfig::journal`). Unset: the workers remember awards in memory only.
+    pub journal_dir: Option<PathBuf>,
     /// The quality gate.
     pub evaluation: Option<EvaluationWorkerConfig>,
     /// The Prometheus SLI provider.
@@ -32,6 +36,7 @@ impl Default for WorkersConfig {
         WorkersConfig {
             slots: 8,
             id_prefix: None,
+            journal_dir: None,
             evaluation: None,
             prometheus: None,
             static_sli: None,
@@ -174,6 +179,11 @@ impl WorkersConfig {
         if let Some(g) = &mut self.get_action {
             resolve(&mut g.remediation);
         }
+        if let Some(d) = &mut self.journal_dir
+            && d.is_relative()
+        {
+            *d = dir.join(&*d);
+        }
     }
 
     /// The evaluation worker's SLI provider: `prometheus`, `static` or `none`.
@@ -261,6 +271,7 @@ mod tests {
         let text = r#"
             [workers]
             slots = 2
+            journal_dir = "journal"
             [workers.evaluation]
             slo = { sockshop = "slo.yaml", "sockshop/production" = "/etc/capstan/prod-slo.yaml" }
             [workers.prometheus]
@@ -281,6 +292,7 @@ mod tests {
         let config = Config::load(Some(&path), &env).unwrap();
         let w = &config.workers;
         assert_eq!(w.slots, 2);
+        assert_eq!(w.journal_dir.as_deref(), Some(dir.path().join("journal").as_path()));
         let evaluation = w.evaluation.as_ref().unwrap();
         assert_eq!(evaluation.types, ["evaluation"]);
         assert_eq!(evaluation.slo["sockshop"], dir.path().join("slo.yaml"), "relative to the file");

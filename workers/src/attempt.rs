@@ -13,6 +13,7 @@ use tokio::sync::mpsc;
 use tokio::time::{Instant, MissedTickBehavior};
 
 use crate::handler::{CancelSignal, Handler, Outcome, RunPlace, TaskContext};
+use crate::journal::Journal;
 
 /// Builds and sends the worker's CloudEvents to the engine.
 #[derive(Clone)]
@@ -109,8 +110,10 @@ impl Drop for DoneGuard {
 }
 
 /// Runs an awarded attempt to its end; meant to be spawned, one task per attempt.
+#[allow(clippy::too_many_arguments)]
 pub(crate) async fn run_attempt(
     emitter: Emitter,
+    journal: Option<Journal>,
     handler: Arc<dyn Handler>,
     award: Award,
     place: Option<RunPlace>,
@@ -122,6 +125,19 @@ pub(crate) async fn run_attempt(
     let token = award.token;
     let worker_id = emitter.worker().id.clone();
     let progress = Progress { attempt: attempt.clone(), worker_id: worker_id.clone(), token };
+    if let Some(journal) = &journal
+        && let Err(e) = journal.record(&attempt, token).await
+    {
+        // Starting without the record could start the award twice; failing it lets the engine
+        // retry elsewhere (the handler never ran, so even a non-idempotent task may be retried).
+        tracing::error!(error = %e, task = %attempt.task, run = %attempt.run_id, "not starting an award the journal could not record");
+        let error = TaskError { kind: "worker-journal".into(), message: e.to_string() };
+        let finished =
+            Finished { attempt, worker_id, token, result: TaskResult::Fail, output: Value::Null, error: Some(error) };
+        emitter.send_finished(finished).await;
+        drop(done);
+        return;
+    }
     if let Err(e) = emitter.send(types::TASK_STARTED, &attempt, Some(token), &progress).await {
         // The handler still runs: the engine hears of the attempt through heartbeats or finished,
         // or times it out and fences it off, which makes the result moot but harmless.

@@ -13,6 +13,9 @@
 //!   `started`, heartbeats every third of the heartbeat interval, runs the [`Handler`] and sends
 //!   `finished` with the fencing token; everything goes to `topics::ENGINE_INPUTS` keyed by run id.
 //!
+//! With `WorkerConfig::journal` set, a worker writes each award durably before its handler starts
+//! and, restarted under the same id, never starts one of those awards again (see `journal`).
+//!
 //! The worker trusts nothing it sends to arrive: the engine owns every timeout and re-offers what
 //! went missing. See [`worker`] for the exact reactions to each message.
 
@@ -21,6 +24,7 @@ mod echo;
 mod evaluation;
 mod get_action;
 mod handler;
+mod journal;
 mod prometheus;
 mod scope;
 mod shell;
@@ -52,6 +56,9 @@ pub enum Error {
     /// The configuration is unusable; every problem is listed.
     #[error("invalid worker configuration: {}", .0.join("; "))]
     Config(Vec<String>),
+    /// The award journal cannot be read or written.
+    #[error("award journal {}: {source}", path.display())]
+    Journal { path: std::path::PathBuf, source: std::io::Error },
     /// A payload could not be encoded (a bug, not an input problem).
     #[error("could not encode a payload: {0}")]
     Encode(#[from] serde_json::Error),

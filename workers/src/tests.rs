@@ -229,6 +229,43 @@ async fn an_award_published_again_after_its_attempt_finished_is_not_run_again() 
     w.stop().await;
 }
 
+/// Real time: the journal's writer is a thread, which paused time would not wait for.
+#[tokio::test]
+async fn with_a_journal_a_restarted_worker_does_not_run_a_republished_award() {
+    let dir = tempfile::tempdir().expect("tempdir");
+    let journal = dir.path().join("w1.journal");
+    let broker = MemoryBroker::new();
+    let mut engine = Engine::new(&broker).await;
+    let journaled = || Worker::new(WorkerConfig::new("w1", ["deployment"]).journal(&journal), EchoWorker::new());
+    let w = start(&broker, journaled()).await;
+    let o = offer("run-9", "deployment", DispatchMode::Auction);
+    engine.offer(&o).await;
+    engine.expect(types::TASK_BID).await;
+    engine.award(&o, "w1", 7).await;
+    engine.expect(types::TASK_STARTED).await;
+    engine.expect(types::TASK_FINISHED).await;
+    w.stop().await;
+
+    // The same id, restarted: the copy of the award the outbox publishes after a crash is ignored.
+    let w = start(&broker, journaled()).await;
+    engine.award(&o, "w1", 7).await;
+    engine.expect_quiet(Duration::from_millis(500)).await;
+    // A new attempt token is still run.
+    engine.award(&o, "w1", 8).await;
+    let started: Progress = engine.expect(types::TASK_STARTED).await.payload().expect("progress");
+    assert_eq!(started.token, 8);
+    engine.expect(types::TASK_FINISHED).await;
+    w.stop().await;
+
+    // The control: without the journal, the restarted worker runs the copy again.
+    let w = start(&broker, echo("w1")).await;
+    engine.award(&o, "w1", 7).await;
+    let started: Progress = engine.expect(types::TASK_STARTED).await.payload().expect("progress");
+    assert_eq!(started.token, 7);
+    engine.expect(types::TASK_FINISHED).await;
+    w.stop().await;
+}
+
 /// Reports when it starts and when it sees the cancellation; otherwise works forever.
 struct Blocker {
     events: mpsc::UnboundedSender<&'static str>,

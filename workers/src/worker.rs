@@ -10,7 +10,7 @@
 //! | offer (queue)              | otherwise                                   | nack: another member may take it  |
 //! | award for this worker      | reserved, or a slot free                    | start the attempt                 |
 //! | award                      | already running that attempt                | nothing (a redelivered award)     |
-//! | award                      | that attempt with that token already done   | nothing (a republished award)     |
+//! | award                      | that attempt with that token already taken  | nothing (a republished award)     |
 //! | rejection                  | reserved / running                          | release the slot / cancel it      |
 //! | cancellation               | running / reserved                          | cancel it / release the slot      |
 //! | reservation past its time  | no award came (bid window + grace)          | release the slot                  |
@@ -18,6 +18,10 @@
 //! | shutdown or broker closed  |                                             | cancel running attempts, return   |
 //!
 //! Every delivery is acked once handled (queue offers the worker cannot take are nacked).
+//!
+//! "Already taken" is the worker's memory of the awards it started: in memory, and with
+//! [`WorkerConfig::journal`] also on disk, written before the handler starts, so that it outlives
+//! a restart of the worker.
 
 use std::collections::{BTreeMap, HashMap, HashSet, VecDeque};
 use std::future::Future;
@@ -34,6 +38,7 @@ use tokio::time::Instant;
 
 use crate::attempt::{DoneGuard, Emitter, run_attempt};
 use crate::handler::{BidTerms, CancelSignal, CancelSwitch, Handler, RunPlace};
+use crate::journal::Journal;
 use crate::{Error, Result};
 
 /// A worker's identity, capacity and timings.
@@ -55,6 +60,10 @@ pub struct WorkerConfig {
     pub cancel_grace: Duration,
     /// When a queue offer cannot be taken, after how long it comes back.
     pub queue_retry_delay: Duration,
+    /// A file where the worker records every award before its handler starts. Set it for a
+    /// worker that runs non-idempotent tasks under a stable id: restarted, it then never starts
+    /// an award again that the engine's outbox republished after a crash. One file per worker id.
+    pub journal: Option<std::path::PathBuf>,
 }
 
 impl WorkerConfig {
@@ -69,7 +78,14 @@ impl WorkerConfig {
             award_grace: Duration::from_secs(2),
             cancel_grace: Duration::from_secs(5),
             queue_retry_delay: Duration::from_secs(1),
+            journal: None,
         }
+    }
+
+    /// Records awards in a journal file (see [`WorkerConfig::journal`]).
+    pub fn journal(mut self, path: impl Into<std::path::PathBuf>) -> Self {
+        self.journal = Some(path.into());
+        self
     }
 
     /// Adds a label.
@@ -158,6 +174,12 @@ impl Worker {
         self
     }
 
+    /// Records awards in a journal file (see [`WorkerConfig::journal`]).
+    pub fn journal(mut self, path: impl Into<std::path::PathBuf>) -> Self {
+        self.config.journal = Some(path.into());
+        self
+    }
+
     /// The configuration.
     pub fn config(&self) -> &WorkerConfig {
         &self.config
@@ -167,6 +189,17 @@ impl Worker {
     /// fails or closes (then `Err`). Running attempts are cancelled when it returns.
     pub async fn run(self, broker: Arc<dyn Broker>, shutdown: impl Future<Output = ()> + Send) -> Result<()> {
         self.config.validate()?;
+        let mut taken = Taken::default();
+        let journal = match &self.config.journal {
+            Some(path) => {
+                let (journal, loaded) = Journal::open(path)?;
+                for (attempt, token) in loaded {
+                    taken.insert(attempt, token);
+                }
+                Some(journal)
+            }
+            None => None,
+        };
         let cap = 2 * self.config.max_concurrency as usize + 16;
         let (tx, mut rx) = mpsc::channel::<std::result::Result<(Source, Delivery), capstan_brokers::Error>>(cap);
         // One pump per subscription feeds the loop; dropping the set at return aborts them and
@@ -210,7 +243,8 @@ impl Worker {
             emitter: Emitter::new(broker, info),
             reserved: HashMap::new(),
             running: HashMap::new(),
-            done: RecentlyDone::default(),
+            taken,
+            journal,
             done_tx,
             worker: &self,
         };
@@ -225,9 +259,7 @@ impl Worker {
                     None => break Err(Error::Broker(capstan_brokers::Error::Closed)),
                 },
                 Some(attempt) = done_rx.recv() => {
-                    if let Some(r) = state.running.remove(&attempt) {
-                        state.done.insert(attempt, r.token);
-                    }
+                    state.running.remove(&attempt);
                 }
                 _ = sleep_until_opt(expiry) => {
                     let now = Instant::now();
@@ -254,19 +286,20 @@ async fn sleep_until_opt(at: Option<Instant>) {
     }
 }
 
-/// Attempts this worker finished lately, by fencing token. The engine's outbox may publish an
-/// award again after a crash (consumers deduplicate by CloudEvent id); NATS drops the copy within
-/// its duplicate window, RabbitMQ and Kafka deliver it. Without this memory a copy arriving after
-/// the attempt ended would run it again (found by the fault suite over RabbitMQ and Kafka).
+/// Awards this worker started lately, by fencing token. The engine's outbox may publish an award
+/// again after a crash (consumers deduplicate by CloudEvent id); NATS drops the copy within its
+/// duplicate window, RabbitMQ and Kafka deliver it. Without this memory a copy arriving after the
+/// attempt ended would run it again (found by the fault suite over RabbitMQ and Kafka); the
+/// journal carries it over a restart.
 #[derive(Default)]
-struct RecentlyDone {
+struct Taken {
     order: VecDeque<(AttemptRef, u64)>,
     set: HashSet<(AttemptRef, u64)>,
 }
 
-impl RecentlyDone {
-    /// How many finished attempts are remembered: far more than an outbox republishes at once.
-    const CAPACITY: usize = 16_384;
+impl Taken {
+    /// How many awards are remembered: far more than an outbox republishes at once.
+    const CAPACITY: usize = Journal::CAPACITY;
 
     fn insert(&mut self, attempt: AttemptRef, token: u64) {
         if self.set.insert((attempt.clone(), token)) {
@@ -289,7 +322,8 @@ struct LoopState<'w> {
     emitter: Emitter,
     reserved: HashMap<AttemptRef, Reservation>,
     running: HashMap<AttemptRef, Running>,
-    done: RecentlyDone,
+    taken: Taken,
+    journal: Option<Journal>,
     done_tx: mpsc::UnboundedSender<AttemptRef>,
     worker: &'w Worker,
 }
@@ -400,8 +434,8 @@ impl LoopState<'_> {
             }
             return Settle::Ack;
         }
-        if self.done.contains(&a, award.token) {
-            tracing::debug!(task = %a.task, run = %a.run_id, token = award.token, "a repeated award of a finished attempt");
+        if self.taken.contains(&a, award.token) {
+            tracing::debug!(task = %a.task, run = %a.run_id, token = award.token, "a repeated award of a started attempt");
             return Settle::Ack;
         }
         // A late award (after the reservation expired) is still taken while a slot is free.
@@ -412,9 +446,11 @@ impl LoopState<'_> {
         }
         let (switch, signal) = CancelSignal::new();
         self.running.insert(a.clone(), Running { token: award.token, cancel: switch });
+        self.taken.insert(a.clone(), award.token);
         let done = DoneGuard { tx: self.done_tx.clone(), attempt: a };
         tokio::spawn(run_attempt(
             self.emitter.clone(),
+            self.journal.clone(),
             Arc::clone(&self.worker.handler),
             award,
             reservation.map(|r| r.place),

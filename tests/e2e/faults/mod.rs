@@ -102,19 +102,25 @@ async fn suite(kind: BrokerKind) {
     }
 
     let stop = Arc::new(AtomicBool::new(false));
+    let met = Arc::new(AtomicBool::new(false));
     let pg_url = pg.url();
     let cluster = Cluster { server, workers, broker, pg, proxy, grpc: grpc.clone() };
     let mut injector = Injector {
         stop: stop.clone(),
         thread: Some({
-            let stop = stop.clone();
-            std::thread::spawn(move || schedule::inject(cluster, mode, stop))
+            let (stop, met) = (stop.clone(), met.clone());
+            std::thread::spawn(move || schedule::inject(cluster, mode, stop, met))
         }),
     };
 
     let started = Instant::now();
     let mut run_ids = Vec::new();
-    for i in 0..mode.runs {
+    // The workload goes on past `mode.runs` (up to three times as many) until every fault kind
+    // reached its minimum, so that a fast machine does not end the faults early.
+    for i in 0..3 * mode.runs {
+        if i >= mode.runs && met.load(Ordering::SeqCst) {
+            break;
+        }
         let project = PROJECTS[i % PROJECTS.len()];
         let run_id = call(&grpc, |ch| async move {
             let req = pb::TriggerRunRequest {

@@ -154,6 +154,7 @@ pub struct WorkerProc {
 impl WorkerProc {
     pub fn start(dir: &Path, id: &str, broker: &str, broker_url: &str, types: &str) -> WorkerProc {
         let ledger = dir.join(format!("{id}.jsonl"));
+        let journal = dir.join(format!("{id}.journal"));
         let args = [
             "worker",
             "--broker",
@@ -168,11 +169,10 @@ impl WorkerProc {
             "8",
             "--delay-ms",
             "40",
-            "--ledger",
         ]
         .into_iter()
         .map(String::from)
-        .chain([ledger.display().to_string()])
+        .chain(["--ledger".into(), ledger.display().to_string(), "--journal".into(), journal.display().to_string()])
         .collect();
         let mut w = WorkerProc { id: id.into(), child: None, args, log: dir.join(format!("{id}.log")), ledger };
         w.spawn();

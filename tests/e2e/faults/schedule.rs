@@ -109,6 +109,16 @@ pub struct Counts {
 }
 
 impl Counts {
+    /// Whether every kind of fault was injected at least as often as the mode asks.
+    pub fn meets(&self, mode: &Mode) -> bool {
+        self.server_kills >= mode.min_server_kills
+            && self.worker_kills >= mode.min_worker_kills
+            && self.broker_restarts >= 1
+            && self.pg_restarts >= 1
+            && self.db_cuts >= 1
+            && self.worker_stops >= 1
+    }
+
     pub fn assert_minimums(&self, mode: &Mode) {
         assert!(self.server_kills >= mode.min_server_kills, "too few server kills to mean anything: {self}");
         assert!(self.worker_kills >= mode.min_worker_kills, "too few worker kills to mean anything: {self}");
@@ -210,8 +220,9 @@ fn nap(total: Duration, stop: &AtomicBool) -> bool {
     !stop.load(Ordering::SeqCst)
 }
 
-/// Injects faults until `stop`; returns what was injected, when (ms since the epoch), and the cluster.
-pub fn inject(mut c: Cluster, mode: Mode, stop: Arc<AtomicBool>) -> (Counts, Vec<u64>, Cluster) {
+/// Injects faults until `stop`; returns what was injected, when (ms since the epoch), and the
+/// cluster. `met` turns true once every fault kind reached its minimum.
+pub fn inject(mut c: Cluster, mode: Mode, stop: Arc<AtomicBool>, met: Arc<AtomicBool>) -> (Counts, Vec<u64>, Cluster) {
     let mut rng = Rng(mode.seed | 1);
     let mut counts = Counts { seed: mode.seed, broker: mode.broker.label(), ..Counts::default() };
     let mut at = Vec::new();
@@ -267,6 +278,9 @@ pub fn inject(mut c: Cluster, mode: Mode, stop: Arc<AtomicBool>) -> (Counts, Vec
                     last = "worker stop";
                 }
             }
+        }
+        if counts.meets(&mode) {
+            met.store(true, Ordering::SeqCst);
         }
         go = nap(Duration::from_millis(600 + rng.below(1200)), &stop);
     }
