@@ -64,9 +64,23 @@ pub struct Report {
     pub rejected_inputs: usize,
     pub outcome_unknown: usize,
     pub run_results: BTreeMap<String, usize>,
+    /// For each attempt whose worker was lost (killed or stopped) and that was awarded again
+    /// after its heartbeat timeout: ms from the loss to the new award.
+    pub reoffer_ms: Vec<u64>,
 }
 
 impl Report {
+    /// Median, p99 and maximum of the re-offer delays, or `None` without any.
+    pub fn reoffer_summary(&self) -> Option<(u64, u64, u64)> {
+        let mut d = self.reoffer_ms.clone();
+        if d.is_empty() {
+            return None;
+        }
+        d.sort_unstable();
+        let at = |q: f64| d[((d.len() - 1) as f64 * q).round() as usize];
+        Some((at(0.5), at(0.99), d[d.len() - 1]))
+    }
+
     /// The table the suite prints (and the README quotes).
     pub fn table(&self) -> String {
         let mut t =
@@ -99,6 +113,7 @@ pub async fn check(
     workers: &HashSet<String>,
     actions: &[Action],
     faults_ms: &[u64],
+    losses: &[(String, u64)],
 ) -> Report {
     let mut rep = Report::default();
     let non_idempotent: HashSet<String> = def
@@ -141,6 +156,7 @@ pub async fn check(
             events.push(e);
         }
         check_run(&mut rep, run_id, &events, workers, &by_attempt, &non_idempotent, faults_ms, &mut store_awards);
+        reoffers(&mut rep, &events, losses);
         let record = store.get_run(run_id).await.expect("get a run");
         let folded_status = match state.status() {
             Some(RunStatus::Finished) => "finished",
@@ -186,6 +202,37 @@ pub async fn check(
         ));
     }
     rep
+}
+
+/// Re-offer delays of one run: an attempt awarded at `a` to worker `w` that ended by its heartbeat
+/// timeout, with `w` lost at `l >= a`, and the next attempt awarded at `b >= l`: `b - l`.
+fn reoffers(rep: &mut Report, events: &[Event], losses: &[(String, u64)]) {
+    let mut awarded: HashMap<(&str, u32), (&str, u64)> = HashMap::new();
+    let mut timed_out: HashSet<(&str, u32)> = HashSet::new();
+    for e in events {
+        match e {
+            Event::TaskAwarded { task, attempt, worker, at, .. } => {
+                if *attempt > 1
+                    && timed_out.contains(&(task.as_str(), attempt - 1))
+                    && let Some((w, a)) = awarded.get(&(task.as_str(), attempt - 1))
+                    && let Some(lost) =
+                        losses.iter().filter(|(id, l)| id == w && *l >= *a && *l <= at.0).map(|(_, l)| *l).min()
+                {
+                    rep.reoffer_ms.push(at.0 - lost);
+                }
+                awarded.insert((task.as_str(), *attempt), (worker.id.as_str(), at.0));
+            }
+            Event::AttemptEnded {
+                task,
+                attempt,
+                outcome: AttemptOutcome::TimedOut { timeout: TimeoutKind::Heartbeat },
+                ..
+            } => {
+                timed_out.insert((task.as_str(), *attempt));
+            }
+            _ => {}
+        }
+    }
 }
 
 /// The per-run checks of awards, results and the run's end.

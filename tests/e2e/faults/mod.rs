@@ -167,7 +167,7 @@ async fn suite(kind: BrokerKind) {
 
     let def = Arc::new(capstan_engine::parse(DAG).expect("the DAG parses"));
     let actions = checker::read_ledgers(&ledgers);
-    let report = checker::check(&store, &def, &run_ids, &worker_ids, &actions, &faults_ms).await;
+    let report = checker::check(&store, &def, &run_ids, &worker_ids, &actions, &faults_ms, &counts.losses).await;
     println!(
         "fault suite ({}, {}): {} runs triggered in {triggered_in:.1?}, all checked after {elapsed:.1?}",
         mode.name,
@@ -184,6 +184,14 @@ async fn suite(kind: BrokerKind) {
         actions.len()
     );
     print!("{}", report.table());
+    match report.reoffer_summary() {
+        Some((p50, p99, max)) => println!(
+            "a lost worker's attempt awarded again after {p50} ms at the median, {p99} ms at p99, {max} ms at most \
+             ({} attempts; heartbeat timeout 1.5 s)",
+            report.reoffer_ms.len()
+        ),
+        None => println!("no lost worker's attempt was awarded again after its heartbeat timeout"),
+    }
     let keep = std::env::var("CAPSTAN_FAULTS_KEEP").is_ok_and(|v| v == "1");
     if !keep && (open != 0 || !report.problems.is_empty()) {
         eprintln!(
@@ -203,6 +211,7 @@ async fn suite(kind: BrokerKind) {
     assert!(report.problems.is_empty(), "violations:\n{}", report.problems.join("\n"));
     counts.assert_minimums(&mode);
     counts.assert_server_survived_the_database();
+    counts.assert_resources_bounded();
 }
 
 /// The fault thread; should the test fail before it is joined, dropping this stops the thread

@@ -128,6 +128,15 @@ impl Server {
         exit_of(&mut self.child)
     }
 
+    /// The running incarnation's resident memory (KiB) and open file descriptors, if it runs.
+    pub fn resources(&self) -> Option<(u64, usize)> {
+        let pid = self.child.as_ref()?.id();
+        let status = std::fs::read_to_string(format!("/proc/{pid}/status")).ok()?;
+        let rss = status.lines().find_map(|l| l.strip_prefix("VmRSS:"))?.split_whitespace().next()?.parse().ok()?;
+        let fds = std::fs::read_dir(format!("/proc/{pid}/fd")).ok()?.count();
+        Some((rss, fds))
+    }
+
     pub fn kill(&mut self) {
         if let Some(mut c) = self.child.take() {
             let _ = c.kill();

@@ -29,6 +29,8 @@ pub struct Mode {
     /// The fault step of the first PostgreSQL restart, then one every `pg_every` steps.
     pub first_pg: usize,
     pub pg_every: usize,
+    /// The pause between two faults: `gap_ms.0` plus up to `gap_ms.1`.
+    pub gap_ms: (u64, u64),
     pub seed: u64,
 }
 
@@ -53,6 +55,7 @@ impl Mode {
             broker_every: 1000,
             first_pg: 12,
             pg_every: 1000,
+            gap_ms: (600, 1200),
             seed,
         };
         match (long, full) {
@@ -60,14 +63,17 @@ impl Mode {
             (false, false) => {
                 Mode { runs: 150, min_server_kills: 3, min_worker_kills: 3, first_broker: 3, first_pg: 6, ..base }
             }
+            // 10,000 runs over an hour, a fault every 3 to 9 s: about 600 faults, of which about
+            // 200 server kills, 200 worker kills, 10 NATS crashes and 7 PostgreSQL restarts.
             (true, true) => Mode {
                 name: "long",
-                runs: 2000,
-                trigger_every: Duration::from_millis(60),
+                runs: 10_000,
+                trigger_every: Duration::from_millis(360),
                 min_server_kills: 40,
-                min_worker_kills: 40,
-                broker_every: 30,
-                pg_every: 40,
+                min_worker_kills: 60,
+                broker_every: 60,
+                pg_every: 80,
+                gap_ms: (3000, 6000),
                 ..base
             },
             (true, false) => Mode {
@@ -106,6 +112,15 @@ pub struct Counts {
     pub worker_exits: usize,
     /// How the processes that exited on their own ended (e.g. `signal: 11 (SIGSEGV)`).
     pub exit_statuses: BTreeSet<String>,
+    /// Workers lost (killed or stopped past their lease): worker id and ms since the epoch.
+    pub losses: Vec<(String, u64)>,
+    /// The largest resident memory (KiB) and open file descriptors of the server seen, and the
+    /// most client connections PostgreSQL held, sampled after every fault.
+    pub max_server_rss_kib: u64,
+    pub max_server_fds: usize,
+    pub max_pg_connections: usize,
+    /// The server's resident memory at the first and the last sample (KiB).
+    pub first_last_rss_kib: (u64, u64),
 }
 
 impl Counts {
@@ -126,6 +141,29 @@ impl Counts {
             self.broker_restarts >= 1 && self.pg_restarts >= 1 && self.db_cuts >= 1 && self.worker_stops >= 1,
             "a fault kind was never injected: {self}"
         );
+    }
+
+    /// Memory and connections stay bounded whatever the faults: the server's resident memory
+    /// under 512 MiB, PostgreSQL's client connections within two pools of the server's (10 each:
+    /// a killed incarnation's connections may linger while the next one connects).
+    pub fn assert_resources_bounded(&self) {
+        assert!(self.max_server_rss_kib > 0, "the server's memory was never sampled: {self}");
+        assert!(self.max_server_rss_kib < 512 * 1024, "the server's memory grew past 512 MiB: {self}");
+        assert!(self.max_pg_connections <= 20, "PostgreSQL held more than two pools of connections: {self}");
+    }
+
+    fn sample(&mut self, c: &Cluster) {
+        if let Some((rss, fds)) = c.server.resources() {
+            self.max_server_rss_kib = self.max_server_rss_kib.max(rss);
+            self.max_server_fds = self.max_server_fds.max(fds);
+            if self.first_last_rss_kib.0 == 0 {
+                self.first_last_rss_kib.0 = rss;
+            }
+            self.first_last_rss_kib.1 = rss;
+        }
+        if let Some(n) = c.pg.client_connections() {
+            self.max_pg_connections = self.max_pg_connections.max(n);
+        }
     }
 
     /// The server must ride out database faults by retrying, never by exiting.
@@ -169,6 +207,16 @@ impl fmt::Display for Counts {
             if exits == 0 { String::new() } else { format!(" after: {:?}", self.server_exits) },
             self.worker_exits,
             if self.exit_statuses.is_empty() { String::new() } else { format!("; ended by {:?}", self.exit_statuses) }
+        )?;
+        write!(
+            f,
+            "; server at most {} MiB resident (first {} MiB, last {} MiB) and {} open files, PostgreSQL at most {} \
+             client connections",
+            self.max_server_rss_kib / 1024,
+            self.first_last_rss_kib.0 / 1024,
+            self.first_last_rss_kib.1 / 1024,
+            self.max_server_fds,
+            self.max_pg_connections
         )
     }
 }
@@ -231,6 +279,8 @@ pub fn inject(mut c: Cluster, mode: Mode, stop: Arc<AtomicBool>, met: Arc<Atomic
     let mut go = nap(Duration::from_millis(1500), &stop);
     while go {
         supervise(&mut c, &mut counts, last);
+        // Sampled before each fault: the server has then run for a whole gap.
+        counts.sample(&c);
         let step = counts.total();
         at.push(now_ms());
         if Mode::due(step, mode.first_broker, mode.broker_every) {
@@ -263,6 +313,7 @@ pub fn inject(mut c: Cluster, mode: Mode, stop: Arc<AtomicBool>, met: Arc<Atomic
                     let i = rng.below(c.workers.len() as u64) as usize;
                     c.workers[i].kill();
                     counts.worker_kills += 1;
+                    counts.losses.push((c.workers[i].id.clone(), now_ms()));
                     std::thread::sleep(Duration::from_millis(100 + rng.below(300)));
                     c.workers[i].spawn();
                     last = "worker kill";
@@ -272,6 +323,7 @@ pub fn inject(mut c: Cluster, mode: Mode, stop: Arc<AtomicBool>, met: Arc<Atomic
                     // whatever it reports after SIGCONT must be fenced off.
                     let i = rng.below(c.workers.len() as u64) as usize;
                     c.workers[i].signal("STOP");
+                    counts.losses.push((c.workers[i].id.clone(), now_ms()));
                     std::thread::sleep(Duration::from_millis(2500));
                     c.workers[i].signal("CONT");
                     counts.worker_stops += 1;
@@ -282,7 +334,7 @@ pub fn inject(mut c: Cluster, mode: Mode, stop: Arc<AtomicBool>, met: Arc<Atomic
         if counts.meets(&mode) {
             met.store(true, Ordering::SeqCst);
         }
-        go = nap(Duration::from_millis(600 + rng.below(1200)), &stop);
+        go = nap(Duration::from_millis(mode.gap_ms.0 + rng.below(mode.gap_ms.1)), &stop);
     }
     supervise(&mut c, &mut counts, last);
     (counts, at, c)

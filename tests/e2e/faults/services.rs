@@ -12,11 +12,19 @@ use super::procs::{free_port, log_file};
 
 /// Waits until something listens on the loopback port, failing loudly with `what` after `within`.
 fn wait_for_port(port: u16, within: Duration, what: &str) {
+    assert!(listens_within(port, within, || false), "{what} did not listen on 127.0.0.1:{port} within {within:?}");
+}
+
+/// Whether something listens on the port within `within`; false early once `gone` says so.
+fn listens_within(port: u16, within: Duration, mut gone: impl FnMut() -> bool) -> bool {
     let deadline = Instant::now() + within;
     while std::net::TcpStream::connect(("127.0.0.1", port)).is_err() {
-        assert!(Instant::now() < deadline, "{what} did not listen on 127.0.0.1:{port} within {within:?}");
+        if Instant::now() >= deadline || gone() {
+            return false;
+        }
         std::thread::sleep(Duration::from_millis(50));
     }
+    true
 }
 
 fn run(cmd: &mut Command, what: &str) {
@@ -62,6 +70,17 @@ impl PrivatePostgres {
 
     pub fn url(&self) -> String {
         format!("postgres://postgres@127.0.0.1:{}/postgres?sslmode=disable", self.port)
+    }
+
+    /// Client connections PostgreSQL holds now (every database), if it answers.
+    pub fn client_connections(&self) -> Option<usize> {
+        let out = Command::new("psql")
+            .args(["-h", "127.0.0.1", "-p", &self.port.to_string(), "-U", "postgres", "-d", "postgres", "-Atc"])
+            .arg("select count(*) from pg_stat_activity where backend_type = 'client backend'")
+            .output()
+            .ok()?;
+        // This query's own connection is not the server's.
+        String::from_utf8_lossy(&out.stdout).trim().parse::<usize>().ok().map(|n| n.saturating_sub(1))
     }
 
     /// `pg_ctlcluster restart -m immediate`: every connection dies, uncommitted work is lost,
@@ -164,7 +183,34 @@ impl PrivateBroker {
         }
     }
 
+    /// Starts the broker and waits until it listens. A start that exits or does not listen in
+    /// time is tried again (three times): after a crash JetStream may take a while to recover its
+    /// store, and a process that died at once says why in broker.log.
     fn spawn(&mut self) {
+        let within = Duration::from_secs(if self.kind == BrokerKind::RabbitMq { 60 } else { 45 });
+        let mut failures = Vec::new();
+        for _ in 0..3 {
+            self.spawn_once();
+            let child = self.child.as_mut().expect("just spawned");
+            if listens_within(self.port, within, || child.try_wait().ok().flatten().is_some()) {
+                return;
+            }
+            let ended = child.try_wait().ok().flatten().map(|s| s.to_string());
+            failures.push(ended.unwrap_or_else(|| format!("not listening after {within:?}")));
+            self.kill();
+            std::thread::sleep(Duration::from_millis(500));
+        }
+        let log = std::fs::read_to_string(self.dir.join("broker.log")).unwrap_or_default();
+        let tail: Vec<&str> = log.lines().rev().take(30).collect();
+        panic!(
+            "the private {} broker did not come up on port {} ({failures:?}); broker.log ends:\n{}",
+            self.kind.label(),
+            self.port,
+            tail.into_iter().rev().collect::<Vec<_>>().join("\n")
+        );
+    }
+
+    fn spawn_once(&mut self) {
         let log = log_file(&self.dir.join("broker.log"));
         let mut cmd = match self.kind {
             BrokerKind::Nats => {
@@ -194,8 +240,6 @@ impl PrivateBroker {
             .spawn()
             .unwrap_or_else(|e| panic!("start the private {} broker: {e}", self.kind.label()));
         self.child = Some(child);
-        let within = Duration::from_secs(if self.kind == BrokerKind::RabbitMq { 60 } else { 15 });
-        wait_for_port(self.port, within, &format!("the private {} broker", self.kind.label()));
     }
 
     /// A RabbitMQ node of its own: a distinct Erlang node name, ports, Mnesia and log directories
