@@ -1,6 +1,7 @@
 //! Translation between the engine's words (events, effects, timers) and the store's and broker's
 //! rows. Adapters translate and never decide (STYLE.md).
 
+use capstan_brokers::Message;
 use capstan_engine::Timestamp;
 use capstan_engine::run::{Effect, Event, Input, RunMeta, TimerKind, WorkerMessage};
 use capstan_proto::{CloudEvent, DispatchMode, TaskOffer, ext, topics, types};
@@ -100,7 +101,10 @@ pub fn promoted_run_id(parent_run: &str, stage: &str, sequence: &str) -> String 
 }
 
 /// Builds the outbox message for an effect that talks to the outside, `None` for the others.
-pub fn outbox_message(meta: &RunMeta, effect: &Effect, time: &str) -> Option<OutboxMessage> {
+/// The outbox row of an effect that sends a message, and the message itself: the partition
+/// commits the row and hands the message to the relay as it is, so that the fast path neither
+/// clones the row nor parses its JSON back (that round trip was ~9 % of the embedded engine's CPU).
+pub fn outbox_message(meta: &RunMeta, effect: &Effect, time: &str) -> Option<(OutboxMessage, Message)> {
     let (topic, event) = match effect {
         Effect::Offer(offer) => (offer_topic(offer), offer_event(offer)),
         Effect::Send { worker_id, message } => (topics::worker(worker_id), worker_event(worker_id, message)),
@@ -118,7 +122,13 @@ pub fn outbox_message(meta: &RunMeta, effect: &Effect, time: &str) -> Option<Out
     let mut event = event;
     event.time = Some(time.to_string());
     event.extensions.entry(ext::CONTEXT.into()).or_insert_with(|| meta.context_id.clone());
-    Some(OutboxMessage { id: event.id.clone(), topic, key: meta.run_id.clone(), payload: event.to_json() })
+    let row = OutboxMessage {
+        id: event.id.clone(),
+        topic: topic.clone(),
+        key: meta.run_id.clone(),
+        payload: event.to_json(),
+    };
+    Some((row, Message { topic, key: meta.run_id.clone(), event }))
 }
 
 fn offer_topic(offer: &TaskOffer) -> String {

@@ -26,7 +26,7 @@ const SWEEP_EVERY: Duration = Duration::from_millis(500);
 pub async fn run(
     shared: Arc<Shared>,
     batch: usize,
-    mut committed: mpsc::UnboundedReceiver<Vec<OutboxMessage>>,
+    mut committed: mpsc::UnboundedReceiver<Vec<Message>>,
     mut shutdown: watch::Receiver<bool>,
 ) {
     // Ids published from memory whose rows are not yet deleted.
@@ -46,7 +46,7 @@ pub async fn run(
                         Err(_) => break,
                     }
                 }
-                let ids: Vec<String> = msgs.iter().map(|m| m.id.clone()).collect();
+                let ids: Vec<String> = msgs.iter().map(|m| m.event.id.clone()).collect();
                 if publish(&shared, msgs).await {
                     published.extend(ids);
                 }
@@ -84,7 +84,7 @@ async fn sweep_table(shared: &Shared, batch: usize, published: &mut HashSet<Stri
         }
         if !late.is_empty() {
             let seqs: HashMap<String, i64> = late.iter().map(|r| (r.message.id.clone(), r.seq)).collect();
-            if publish(shared, late.into_iter().map(|r| r.message).collect()).await {
+            if publish(shared, decode(late.into_iter().map(|r| r.message))).await {
                 done.extend(seqs.into_values());
             }
         }
@@ -102,9 +102,9 @@ async fn sweep_table(shared: &Shared, batch: usize, published: &mut HashSet<Stri
     }
 }
 
-/// Publishes messages; `false` when the broker refused (the sweep publishes them later).
-async fn publish(shared: &Shared, rows: Vec<OutboxMessage>) -> bool {
-    let mut messages = Vec::with_capacity(rows.len());
+/// The messages of outbox rows read from the table.
+fn decode(rows: impl Iterator<Item = OutboxMessage>) -> Vec<Message> {
+    let mut messages = Vec::new();
     for row in rows {
         match CloudEvent::from_json(&row.payload) {
             Ok(event) => messages.push(Message { topic: row.topic, key: row.key, event }),
@@ -113,6 +113,11 @@ async fn publish(shared: &Shared, rows: Vec<OutboxMessage>) -> bool {
             Err(e) => warn!(error = %e, id = %row.id, "unreadable outbox row dropped"),
         }
     }
+    messages
+}
+
+/// Publishes messages; `false` when the broker refused (the sweep publishes them later).
+async fn publish(shared: &Shared, messages: Vec<Message>) -> bool {
     let count = messages.len();
     if let Err(e) = shared.broker.publish(messages).await {
         warn!(error = %e, "publishing the outbox failed; the sweep will retry");

@@ -183,6 +183,8 @@ impl Partition {
         let mut work: HashMap<String, Work> = HashMap::new();
         let mut outcomes = Vec::with_capacity(envs.len());
         let mut batch = Batch::default();
+        // The messages of `batch.outbox`, published from memory once the batch is committed.
+        let mut ready = Vec::new();
         // Last write wins per timer key, in effect order; None means "delete".
         let mut timers: BTreeMap<(String, String), Option<TimerRow>> = BTreeMap::new();
         let mut guarded: Vec<TimerCancel> = Vec::new();
@@ -293,8 +295,9 @@ impl Partition {
                         } else {
                             other
                         };
-                        if let Some(msg) = codec::outbox_message(&meta, effect, &time) {
-                            batch.outbox.push(msg);
+                        if let Some((row, message)) = codec::outbox_message(&meta, effect, &time) {
+                            batch.outbox.push(row);
+                            ready.push(message);
                         }
                     }
                 }
@@ -347,7 +350,6 @@ impl Partition {
             });
         }
 
-        let outbox = batch.outbox.clone();
         let event_count: usize = batch.appends.iter().map(|a| a.events.len()).sum();
         self.shared.faults.point(FaultPoint::MidBatch).await;
         if !batch.is_empty() {
@@ -369,9 +371,9 @@ impl Partition {
             // The lane service may be gone at shutdown; it rebuilds from the run index.
             let _ = self.shared.lane_tx.send(note);
         }
-        if !outbox.is_empty() {
+        if !ready.is_empty() {
             // The relay may be gone at shutdown; the rows are in the table for the next start.
-            let _ = self.shared.outbox_tx.send(outbox);
+            let _ = self.shared.outbox_tx.send(ready);
         }
         if let Some(at) = earliest_timer {
             self.shared.timer_wake(at);

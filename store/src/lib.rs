@@ -330,8 +330,10 @@ pub trait Outbox: Send + Sync {
 pub trait Timers: Send + Sync {
     /// Up to `limit` timers with `fire_at_ms <= now_ms`, earliest first.
     async fn timers_due(&self, now_ms: i64, limit: usize) -> Result<Vec<TimerRow>>;
-    /// The earliest fire time of any timer, if any.
-    async fn next_timer_at(&self) -> Result<Option<i64>>;
+    /// The earliest fire time after `after_ms`, if any. The timer service asks for the timers
+    /// after the ones it already handed out, which stay in the table until their partition
+    /// commits them away.
+    async fn next_timer_at(&self, after_ms: i64) -> Result<Option<i64>>;
 }
 
 /// The run index.

@@ -178,8 +178,8 @@ impl Timers for MemoryStore {
         Ok(due)
     }
 
-    async fn next_timer_at(&self) -> Result<Option<i64>> {
-        Ok(self.lock().timers.values().map(|t| t.fire_at_ms).min())
+    async fn next_timer_at(&self, after_ms: i64) -> Result<Option<i64>> {
+        Ok(self.lock().timers.values().map(|t| t.fire_at_ms).filter(|at| *at > after_ms).min())
     }
 }
 

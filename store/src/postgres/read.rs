@@ -154,8 +154,12 @@ impl Timers for PostgresStore {
             .collect()
     }
 
-    async fn next_timer_at(&self) -> Result<Option<i64>> {
-        sqlx::query_scalar("SELECT MIN(fire_at_ms) FROM timers").fetch_one(&self.pool).await.map_err(db_error)
+    async fn next_timer_at(&self, after_ms: i64) -> Result<Option<i64>> {
+        sqlx::query_scalar("SELECT MIN(fire_at_ms) FROM timers WHERE fire_at_ms > $1")
+            .bind(after_ms)
+            .fetch_one(&self.pool)
+            .await
+            .map_err(db_error)
     }
 }
 

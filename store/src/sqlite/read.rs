@@ -169,8 +169,12 @@ impl Timers for SqliteStore {
             .collect()
     }
 
-    async fn next_timer_at(&self) -> Result<Option<i64>> {
-        sqlx::query_scalar("SELECT MIN(fire_at_ms) FROM timers").fetch_one(&self.reader).await.map_err(db_error)
+    async fn next_timer_at(&self, after_ms: i64) -> Result<Option<i64>> {
+        sqlx::query_scalar("SELECT MIN(fire_at_ms) FROM timers WHERE fire_at_ms > ?")
+            .bind(after_ms)
+            .fetch_one(&self.reader)
+            .await
+            .map_err(db_error)
     }
 }
 

@@ -153,7 +153,7 @@ pub async fn duplicate_input_writes_nothing<S: Store>(store: Arc<S>) {
     assert!(store.inputs_seen(&["in-b".into()]).await.expect("seen").is_empty());
     assert_eq!(store.stream_version("r2").await.expect("version"), 0);
     assert!(store.outbox_pending(10).await.expect("outbox").is_empty());
-    assert_eq!(store.next_timer_at().await.expect("timers"), None);
+    assert_eq!(store.next_timer_at(i64::MIN).await.expect("timers"), None);
     assert!(store.get_run("r2").await.expect("run").is_none());
 
     let twice = Batch { inputs: vec!["in-c".into(), "in-c".into()], ..Batch::default() };

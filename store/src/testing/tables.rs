@@ -73,9 +73,9 @@ pub async fn timers_cancel_with_and_without_guard<S: Store>(store: Arc<S>) {
     assert_eq!(all_timers(&*store).await, vec![triple("r1", "b", 40)]);
 }
 
-/// Due timers come earliest first, up to the limit; `next_timer_at` is the earliest.
+/// Due timers come earliest first, up to the limit; `next_timer_at` is the earliest after a time.
 pub async fn timers_due_order_and_next<S: Store>(store: Arc<S>) {
-    assert_eq!(store.next_timer_at().await.expect("next"), None);
+    assert_eq!(store.next_timer_at(i64::MIN).await.expect("next"), None);
     assert!(store.timers_due(i64::MAX, 10).await.expect("none").is_empty());
     let set = vec![timer("r1", "x", 30), timer("r2", "x", 10), timer("r1", "y", 20), timer("r3", "x", 40)];
     store.commit(with_timers(set, vec![])).await.expect("set");
@@ -85,7 +85,10 @@ pub async fn timers_due_order_and_next<S: Store>(store: Arc<S>) {
     assert_eq!(at(store.timers_due(100, 3).await.expect("due")), vec![10, 20, 30]);
     assert_eq!(at(store.timers_due(10, 10).await.expect("due")), vec![10], "fire_at == now is due");
     assert!(store.timers_due(9, 10).await.expect("none due").is_empty());
-    assert_eq!(store.next_timer_at().await.expect("next"), Some(10));
+    assert_eq!(store.next_timer_at(i64::MIN).await.expect("next"), Some(10));
+    assert_eq!(store.next_timer_at(10).await.expect("next"), Some(20), "strictly after");
+    assert_eq!(store.next_timer_at(25).await.expect("next"), Some(30));
+    assert_eq!(store.next_timer_at(40).await.expect("next"), None);
 }
 
 /// A run record is upserted by run id and read back whole.
