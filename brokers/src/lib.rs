@@ -10,6 +10,9 @@
 //!   when its holder's subscription is dropped) to some member of the group.
 //! - Messages with the same key are delivered in publish order to a competing group with one
 //!   member (per-key order), redeliveries aside.
+//! - No message vanishes silently: one that cannot be decoded, and one its consumer cannot use
+//!   (`dead_letter`), is moved to the broker's dead-letter place with the reason, and only then
+//!   settled.
 
 use std::time::Duration;
 
@@ -28,7 +31,7 @@ pub mod nats;
 #[cfg(any(test, feature = "testing"))]
 pub mod testing;
 
-pub use memory::{MemoryBroker, MemoryConfig};
+pub use memory::{DeadLetter, MemoryBroker, MemoryConfig};
 
 /// A message: a CloudEvent on a topic, with a partition / ordering key (the run id).
 #[derive(Debug, Clone, PartialEq)]
@@ -113,6 +116,12 @@ pub trait Acker: Send + Sync {
     async fn ack(&self) -> Result<()>;
     /// Gives the message back for redelivery after `delay`.
     async fn nack(&self, delay: Duration) -> Result<()>;
+    /// Moves the message, as delivered, to the broker's dead-letter place with `reason`, then
+    /// settles it: for a message that is a CloudEvent its consumer can never use, which must
+    /// neither come again nor vanish. When the move fails the message stays unsettled and the
+    /// error is returned: the caller nacks it (or tries again), so it is not lost. A delivery
+    /// already settled is left alone.
+    async fn dead_letter(&self, reason: &str) -> Result<()>;
 }
 
 /// One delivered message and the means to settle it.
@@ -143,5 +152,11 @@ impl Delivery {
     /// Rejects the delivery: it comes again after `delay`.
     pub async fn nack(&self, delay: Duration) -> Result<()> {
         self.acker.nack(delay).await
+    }
+
+    /// Dead-letters the delivery with `reason` (see [`Acker::dead_letter`]): it will not come
+    /// again, and the broker keeps it with the reason. On an error it is still unsettled.
+    pub async fn dead_letter(&self, reason: &str) -> Result<()> {
+        self.acker.dead_letter(reason).await
     }
 }

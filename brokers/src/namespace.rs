@@ -67,4 +67,19 @@ mod tests {
         let quiet = tokio::time::timeout(std::time::Duration::from_millis(50), sub_a.next()).await;
         assert!(quiet.is_err(), "namespace a saw a message of namespace b");
     }
+
+    #[tokio::test]
+    async fn dead_letters_pass_through() {
+        let shared = MemoryBroker::new();
+        let ns = Namespaced::new(shared.clone(), "ns");
+        let mut sub = ns.subscribe("t", SubscriptionMode::Competing { group: "g".into() }).await.unwrap();
+        ns.publish(vec![testing::message("t", "k", "bad", serde_json::json!({}))]).await.unwrap();
+        let d = sub.next().await.unwrap();
+        d.dead_letter("unusable").await.unwrap();
+        let dead = shared.dead_letters();
+        let kept: Vec<(&str, &str, &str)> =
+            dead.iter().map(|d| (d.message.topic.as_str(), d.message.event.id.as_str(), d.reason.as_str())).collect();
+        assert_eq!(kept, [("ns.t", "bad", "unusable")], "kept by the broker underneath, under its own topic");
+        assert_eq!(shared.backlog("ns.t", "g"), Some(0), "and settled");
+    }
 }

@@ -372,6 +372,48 @@ pub async fn many_messages_exactly_once(broker: &impl Broker, o: &Options) {
     assert_eq!(total, n);
 }
 
+/// A dead-lettered delivery is settled for good and kept with its reason: the message behind it
+/// still comes, a late nack does not bring it back, nor does its subscription's drop hand it to
+/// another member of the group; and the broker's dead-letter place holds it with the reason.
+/// `reason_of(topic, event id)` reads that place, giving the reason kept with that message (or
+/// `None`, after waiting as long as the backend needs). Not part of [`suite`], because only the
+/// test of a backend knows where its dead letters are.
+pub async fn dead_letter_keeps_the_reason(
+    broker: &impl Broker,
+    o: &Options,
+    reason_of: impl AsyncFn(&str, &str) -> Option<String>,
+) {
+    let topic = unique_topic("dead");
+    let mut doomed = sub(broker, &topic, group("g")).await;
+    let sent = vec![message(&topic, "k", "unusable", json!({"bad": true})), message(&topic, "k", "usable", json!(1))];
+    publish(broker, sent).await;
+    let d = recv(&mut doomed, o.patience, "the unusable message").await;
+    assert_eq!(d.message.event.id, "unusable");
+    let reason = "conformance: the payload is unusable";
+    if let Err(e) = d.dead_letter(reason).await {
+        panic!("dead_letter failed: {e}");
+    }
+    // A settle after the dead letter changes nothing.
+    let _ = d.nack(Duration::ZERO).await;
+    let next = recv(&mut doomed, o.patience, "the message behind the dead-lettered one").await;
+    assert_eq!(next.message.event.id, "usable", "the dead-lettered message came again");
+    ack(&next).await;
+
+    // Dropping a subscription hands what it holds unsettled to the group at once (see
+    // `dropped_consumer_is_redelivered`): a dead letter is not among it.
+    let mut survivor = sub(broker, &topic, group("g")).await;
+    drop(d);
+    drop(doomed);
+    publish(broker, vec![message(&topic, "k", "after", json!(2))]).await;
+    let d = recv(&mut survivor, o.patience, "the survivor").await;
+    assert_eq!(d.message.event.id, "after", "the group got a message again");
+    ack(&d).await;
+    expect_quiet(&mut survivor, o.quiet, "the survivor after the last message").await;
+
+    let kept = reason_of(&topic, "unusable").await;
+    assert_eq!(kept.as_deref(), Some(reason), "the dead-letter place keeps the message with its reason");
+}
+
 /// The broker restarts mid-stream while a publisher, a competing member and a broadcast
 /// subscriber stay alive: they reconnect and carry on, and nothing is lost. `restart` stops the
 /// broker and starts it again (keeping its storage, as a production broker does); it is not part

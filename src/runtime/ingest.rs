@@ -1,7 +1,14 @@
 //! Worker messages and sequence triggers from the broker into the partitions. The delivery
 //! travels with the input and is acknowledged only after the input's batch is committed.
+//!
+//! A message nobody can use (an undecodable worker message, a trigger that names no usable
+//! sequence) must neither block the stream nor vanish: it goes to the broker's dead letters with
+//! the error as the reason. A trigger that failed for a passing reason (the store unreachable)
+//! comes again instead.
 
-use capstan_brokers::{Broker, Subscription, SubscriptionMode};
+use std::time::Duration;
+
+use capstan_brokers::{Broker, Delivery, Subscription, SubscriptionMode};
 use capstan_proto::topics;
 use tokio::sync::watch;
 use tracing::{error, warn};
@@ -13,6 +20,9 @@ use std::sync::Arc;
 
 /// The competing group all engine replicas share: each worker message reaches one of them.
 pub const ENGINE_GROUP: &str = "capstan-engine";
+
+/// After how long a delivery comes again when it could not be handled now.
+const RETRY_DELAY: Duration = Duration::from_secs(1);
 
 /// Subscribes to the engine's input topic (before any work is offered, so no answer is missed).
 pub async fn subscribe(broker: &dyn Broker) -> Result<Box<dyn Subscription>, RuntimeError> {
@@ -65,9 +75,13 @@ pub async fn run(
                         return;
                     }
                 }
+                Err(e) if passing(&e) => {
+                    warn!(error = %e, id = %delivery.message.event.id, "sequence trigger not started; it comes again");
+                    retry(&delivery).await;
+                }
                 Err(e) => {
-                    warn!(error = %e, id = %delivery.message.event.id, "unusable sequence trigger dropped");
-                    let _ = delivery.ack().await;
+                    warn!(error = %e, id = %delivery.message.event.id, "unusable sequence trigger dead-lettered");
+                    dead_letter(&delivery, &e.to_string()).await;
                 }
             }
             continue;
@@ -75,9 +89,8 @@ pub async fn run(
         let decoded = match codec::decode_input(&delivery.message.event) {
             Ok(d) => d,
             Err(e) => {
-                // A message nobody can read must neither block the stream nor vanish silently.
-                warn!(error = %e, id = %delivery.message.event.id, "undecodable engine input dropped");
-                let _ = delivery.ack().await;
+                warn!(error = %e, id = %delivery.message.event.id, "undecodable engine input dead-lettered");
+                dead_letter(&delivery, &e.to_string()).await;
                 continue;
             }
         };
@@ -92,5 +105,30 @@ pub async fn run(
         if router.route(env).await.is_err() {
             return;
         }
+    }
+}
+
+/// Whether starting a trigger failed for a reason that passes, so that it should come again.
+fn passing(e: &RuntimeError) -> bool {
+    matches!(
+        e,
+        RuntimeError::Store(capstan_store::Error::Unavailable(_))
+            | RuntimeError::Broker(_)
+            | RuntimeError::ShuttingDown
+    )
+}
+
+/// Moves a delivery nobody can use to the broker's dead letters; if the broker cannot take it
+/// now, it comes again later (and is dead-lettered then) rather than vanish.
+async fn dead_letter(delivery: &Delivery, reason: &str) {
+    if let Err(e) = delivery.dead_letter(reason).await {
+        warn!(error = %e, id = %delivery.message.event.id, "dead-lettering failed; the message comes again");
+        retry(delivery).await;
+    }
+}
+
+async fn retry(delivery: &Delivery) {
+    if let Err(e) = delivery.nack(RETRY_DELAY).await {
+        warn!(error = %e, id = %delivery.message.event.id, "nack failed; the broker redelivers after its deadline");
     }
 }

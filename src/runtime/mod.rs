@@ -395,4 +395,45 @@ mod tests {
         assert_eq!(start(Arc::new(MemoryStore::new()), 0).await, 4);
         assert_eq!(start(sqlite().await, 3).await, 3, "an explicit count wins");
     }
+
+    #[tokio::test]
+    async fn unusable_broker_inputs_are_dead_lettered_with_the_error() {
+        use capstan_brokers::Message;
+        use capstan_proto::{CloudEvent, topics, types};
+
+        let memory = MemoryBroker::new();
+        let broker: Arc<dyn Broker> = Arc::new(memory.clone());
+        let store: Arc<dyn Store> = Arc::new(MemoryStore::new());
+        let rt = Runtime::start(RuntimeConfig::default(), store, broker.clone(), Arc::new(SystemClock))
+            .await
+            .expect("starts");
+        let message = |id: &str, ty: &str, data: Value| Message {
+            topic: topics::ENGINE_INPUTS.into(),
+            key: "run".into(),
+            event: CloudEvent::new(id, "test", ty).with_data(data),
+        };
+        let trigger = serde_json::json!({"project": "nowhere", "stage": "dev", "sequence": "delivery"});
+        broker
+            .publish(vec![
+                message("no-project", types::SEQUENCE_TRIGGERED, trigger),
+                message("no-trigger", types::SEQUENCE_TRIGGERED, serde_json::json!(["not an object"])),
+                message("no-result", types::TASK_FINISHED, serde_json::json!("not a result")),
+            ])
+            .await
+            .expect("publish");
+        let deadline = tokio::time::Instant::now() + Duration::from_secs(10);
+        while memory.dead_letters().len() < 3 {
+            assert!(tokio::time::Instant::now() < deadline, "dead letters: {:?}", memory.dead_letters());
+            tokio::time::sleep(Duration::from_millis(10)).await;
+        }
+        let kept: Vec<(String, String)> =
+            memory.dead_letters().into_iter().map(|d| (d.message.event.id, d.reason)).collect();
+        let ids: Vec<&str> = kept.iter().map(|(id, _)| id.as_str()).collect();
+        assert_eq!(ids, ["no-project", "no-trigger", "no-result"]);
+        assert!(kept[0].1.contains("nowhere"), "the reason is the error: {}", kept[0].1);
+        assert!(kept[1].1.contains("must be a JSON object"), "the reason is the error: {}", kept[1].1);
+        assert!(kept[2].1.contains("does not fit"), "the reason is the error: {}", kept[2].1);
+        assert_eq!(memory.backlog(topics::ENGINE_INPUTS, ingest::ENGINE_GROUP), Some(0), "all settled");
+        rt.shutdown().await;
+    }
 }

@@ -229,6 +229,31 @@ async fn an_award_published_again_after_its_attempt_finished_is_not_run_again() 
     w.stop().await;
 }
 
+#[tokio::test(start_paused = true)]
+async fn a_message_with_a_bad_payload_is_dead_lettered_and_blocks_nothing() {
+    let broker = MemoryBroker::new();
+    let mut engine = Engine::new(&broker).await;
+    let w = start(&broker, echo("w1")).await;
+    let o = offer("run-ok", "deployment", DispatchMode::Auction);
+    engine.offer(&o).await;
+    engine.expect(types::TASK_BID).await;
+    engine.send(topics::worker("w1"), types::TASK_AWARDED, "run-bad", &json!("not an award")).await;
+    // An event of no concern is ignored, not dead-lettered.
+    engine.send(topics::worker("w1"), "dev.capstan.task.nonsense.v1", "run-bad", &json!({})).await;
+    // The inbox is handled in order: once the good award runs, the two before it were handled.
+    engine.award(&o, "w1", 1).await;
+    engine.expect(types::TASK_STARTED).await;
+    engine.expect(types::TASK_FINISHED).await;
+
+    let dead = broker.dead_letters();
+    let kept: Vec<(&str, &str)> =
+        dead.iter().map(|d| (d.message.topic.as_str(), d.message.event.ty.as_str())).collect();
+    assert_eq!(kept, [(topics::worker("w1").as_str(), types::TASK_AWARDED)], "only the bad award is dead-lettered");
+    assert!(dead[0].reason.contains("payload"), "the reason says what is wrong: {}", dead[0].reason);
+    assert_eq!(broker.backlog(&topics::worker("w1"), "w1"), Some(0), "and it is settled");
+    w.stop().await;
+}
+
 /// Real time: the journal's writer is a thread, which paused time would not wait for.
 #[tokio::test]
 async fn with_a_journal_a_restarted_worker_does_not_run_a_republished_award() {

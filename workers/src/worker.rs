@@ -16,8 +16,11 @@
 //! | reservation past its time  | no award came (bid window + grace)          | release the slot                  |
 //! | attempt ended              |                                             | free its slot                     |
 //! | shutdown or broker closed  |                                             | cancel running attempts, return   |
+//! | any of these               | its payload does not decode                 | dead-letter it with the reason    |
 //!
-//! Every delivery is acked once handled (queue offers the worker cannot take are nacked).
+//! Every delivery is acked once handled (queue offers the worker cannot take are nacked). One
+//! with a malformed payload goes to the broker's dead letters instead, where it is kept with the
+//! reason; if the broker cannot take it, it is nacked and comes again.
 //!
 //! "Already taken" is the worker's memory of the awards it started: in memory, and with
 //! [`WorkerConfig::journal`] also on disk, written before the handler starts, so that it outlives
@@ -375,9 +378,17 @@ impl LoopState<'_> {
                 Settle::Ack
             }
         };
+        let retry_delay = self.worker.config.queue_retry_delay;
         let settled = match settle {
             Settle::Ack => delivery.ack().await,
-            Settle::Retry => delivery.nack(self.worker.config.queue_retry_delay).await,
+            Settle::Retry => delivery.nack(retry_delay).await,
+            Settle::DeadLetter(reason) => match delivery.dead_letter(&reason).await {
+                Ok(()) => Ok(()),
+                Err(e) => {
+                    tracing::warn!(error = %e, id = %delivery.message.event.id, "dead-lettering failed; it comes again");
+                    delivery.nack(retry_delay).await
+                }
+            },
         };
         if let Err(e) = settled {
             tracing::warn!(error = %e, "could not settle a delivery");
@@ -490,15 +501,18 @@ impl LoopState<'_> {
     }
 }
 
+/// What becomes of a handled delivery.
 enum Settle {
     Ack,
     Retry,
+    /// To the broker's dead letters, with the reason.
+    DeadLetter(String),
 }
 
 fn bad_payload(event: &capstan_proto::CloudEvent, e: &serde_json::Error) -> Settle {
-    // Redelivering a malformed message would only fail again.
-    tracing::warn!(id = %event.id, ty = %event.ty, error = %e, "dropping a message with a bad payload");
-    Settle::Ack
+    // Redelivering a malformed message would only fail again; kept aside, it can be looked into.
+    tracing::warn!(id = %event.id, ty = %event.ty, error = %e, "dead-lettering a message with a bad payload");
+    Settle::DeadLetter(format!("bad {} payload: {e}", event.ty))
 }
 
 /// Time left until a wall-clock deadline in ms since the Unix epoch (zero if past).

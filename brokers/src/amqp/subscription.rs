@@ -86,10 +86,7 @@ impl AmqpSubscription {
     /// acks it; if that fails, rejects it so that the queue's own dead-lettering takes it.
     async fn dead_letter(&self, d: AmqpDelivery, reason: &str) {
         tracing::warn!(topic = self.topic, reason, "undecodable message moved to dead letters");
-        let props =
-            with_header(&d.properties, DEAD_REASON_HEADER, AMQPValue::LongString(LongString::from(reason.to_string())));
-        let copy = vec![(self.inner.dlx(), self.topic.clone(), d.data.clone(), props)];
-        let outcome = match self.inner.publish_confirmed(copy).await {
+        let outcome = match copy_to_dead_letters(&self.inner, &self.topic, &d, reason).await {
             Ok(()) => d.acker.ack(BasicAckOptions::default()).await,
             Err(_) => d.acker.nack(BasicNackOptions::default()).await,
         };
@@ -97,6 +94,14 @@ impl AmqpSubscription {
             tracing::warn!(error = %e, "settling a dead-lettered message failed");
         }
     }
+}
+
+/// Republishes a message, body and properties unchanged plus the reason header, to the
+/// dead-letter exchange (routing key: the topic), and waits for the confirmation.
+async fn copy_to_dead_letters(inner: &Inner, topic: &str, d: &AmqpDelivery, reason: &str) -> Result<()> {
+    let reason = AMQPValue::LongString(LongString::from(reason.to_string()));
+    let props = with_header(&d.properties, DEAD_REASON_HEADER, reason);
+    inner.publish_confirmed(vec![(inner.dlx(), topic.to_string(), d.data.clone(), props)]).await
 }
 
 /// Forwards deliveries; reopens channel and consumer after a failure; closes the channel
@@ -187,6 +192,7 @@ impl Subscription for AmqpSubscription {
                     inner: Arc::clone(&self.inner),
                     settled: AtomicBool::new(false),
                     count: counted + 1,
+                    topic: self.topic.clone(),
                     queue,
                     delivery: d,
                 }),
@@ -221,6 +227,8 @@ struct AmqpAcker {
     settled: AtomicBool,
     /// The redelivery count a nacked copy carries.
     count: u32,
+    /// The routing key of a dead letter.
+    topic: String,
     queue: String,
     delivery: AmqpDelivery,
 }
@@ -279,6 +287,18 @@ impl Acker for AmqpAcker {
         }
         .map(drop)
         .map_err(unavailable)
+    }
+
+    async fn dead_letter(&self, reason: &str) -> Result<()> {
+        if self.settled.swap(true, Ordering::SeqCst) {
+            return Ok(());
+        }
+        if let Err(e) = copy_to_dead_letters(&self.inner, &self.topic, &self.delivery, reason).await {
+            // Still held unsettled: the caller nacks it, or dropping it requeues it.
+            self.settled.store(false, Ordering::SeqCst);
+            return Err(e);
+        }
+        self.delivery.acker.ack(BasicAckOptions::default()).await.map(drop).map_err(unavailable)
     }
 }
 

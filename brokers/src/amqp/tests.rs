@@ -13,7 +13,10 @@ use async_trait::async_trait;
 use serde_json::json;
 use tokio::time::{Instant, timeout};
 
-use super::{AmqpBroker, AmqpConfig};
+use lapin::options::{BasicAckOptions, BasicGetOptions};
+use lapin::types::FieldTable;
+
+use super::{AmqpBroker, AmqpConfig, DEAD_REASON_HEADER};
 use crate::testing::{Options, expect_quiet, message, recv, unique_topic};
 use crate::{Broker, Message, Result, Subscription, SubscriptionMode};
 
@@ -82,8 +85,8 @@ fn group(name: &str) -> SubscriptionMode {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn reads_structured_events_and_dead_letters_garbage() -> anyhow::Result<()> {
-    use lapin::options::{BasicGetOptions, BasicPublishOptions};
-    use lapin::types::{AMQPValue, FieldTable};
+    use lapin::options::BasicPublishOptions;
+    use lapin::types::AMQPValue;
 
     let b = locked().await;
     let topic = unique_topic("amqp-modes");
@@ -110,18 +113,42 @@ async fn reads_structured_events_and_dead_letters_garbage() -> anyhow::Result<()
     d.ack().await?;
     expect_quiet(&mut s, Duration::from_millis(500), "garbage is not delivered").await;
 
-    // The dead-letter queue is shared by all tests: look for this test's message.
+    let reason = take_dead_letter(&b.broker, &topic).await?.and_then(|h| header(&h, DEAD_REASON_HEADER));
+    assert!(reason.as_deref().is_some_and(|r| r.contains("missing")), "the dead letter says why: {reason:?}");
+    Ok(())
+}
+
+/// The headers of the dead letter of `topic` (its routing key), taken from the dead-letter queue.
+/// All tests share that queue: every other letter read on the way stays unacked until the
+/// channel closes, which puts it back for its own test.
+async fn take_dead_letter(b: &AmqpBroker, topic: &str) -> anyhow::Result<Option<FieldTable>> {
+    let (conn, _) = b.inner.link().await?;
+    let channel = conn.create_channel().await?;
+    let queue = b.dead_letter_queue();
     let mut found = None;
-    while let Some(m) = channel.basic_get(b.broker.dead_letter_queue().into(), BasicGetOptions { no_ack: true }).await?
-    {
+    while let Some(m) = channel.basic_get(queue.as_str().into(), BasicGetOptions { no_ack: false }).await? {
         if m.delivery.routing_key.as_str() == topic {
-            found = m.delivery.properties.headers().clone();
+            m.delivery.acker.ack(BasicAckOptions::default()).await?;
+            found = Some(m.delivery.properties.headers().clone().unwrap_or_default());
             break;
         }
     }
-    let reason = found.and_then(|h| h.inner().get("capstan-dead-reason").and_then(super::subscription::text_of));
-    assert!(reason.as_deref().is_some_and(|r| r.contains("missing")), "the dead letter says why: {reason:?}");
-    Ok(())
+    channel.close(200, "dead letter read".into()).await?;
+    Ok(found)
+}
+
+fn header(headers: &FieldTable, name: &str) -> Option<String> {
+    headers.inner().get(name).and_then(super::subscription::text_of)
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn conformance_dead_letter_keeps_the_reason() {
+    let b = locked().await;
+    let reason_of = async |topic: &str, id: &str| {
+        let kept = take_dead_letter(&b.broker, topic).await.ok()??;
+        (header(&kept, "cloudEvents:id")? == id).then(|| header(&kept, DEAD_REASON_HEADER)).flatten()
+    };
+    crate::testing::dead_letter_keeps_the_reason(&b, &options(), reason_of).await;
 }
 
 /// Starts the RabbitMQ application again when dropped, so that a failing test leaves it up.

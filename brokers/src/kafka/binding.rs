@@ -20,6 +20,8 @@ pub(crate) const REDELIVERIES: &str = "capstan-redeliveries";
 pub(crate) const NOT_BEFORE: &str = "capstan-not-before";
 /// Why a message went to the dead-letter topic.
 pub(crate) const DEAD_LETTER_REASON: &str = "capstan-dead-letter-reason";
+/// Where a dead-lettered message was read: `topic/partition/offset`.
+pub(crate) const DEAD_LETTER_ORIGIN: &str = "capstan-dead-letter-origin";
 
 /// A record as this binding sees it: value and headers, in header order.
 #[derive(Debug, Clone, PartialEq, Default)]

@@ -18,7 +18,7 @@ use tokio::sync::{mpsc, oneshot, watch};
 use tokio::time::Instant;
 use tracing::{debug, error, warn};
 
-use super::binding::{self, DEAD_LETTER_REASON, NOT_BEFORE, REDELIVERIES, Record};
+use super::binding::{self, DEAD_LETTER_ORIGIN, DEAD_LETTER_REASON, NOT_BEFORE, REDELIVERIES, Record};
 use super::tracker::Tracker;
 use super::{Outgoing, Shared, client_config, unavailable};
 use crate::{Acker, Delivery, Error, Message, Result, Subscription, SubscriptionMode};
@@ -332,11 +332,8 @@ impl Reader {
     /// must not vanish), then settles it so the partition moves on.
     async fn dead_letter(&mut self, raw: Raw, reason: String, shutdown: &mut oneshot::Receiver<()>) {
         warn!(topic = self.topic, partition = raw.partition, offset = raw.offset, reason, "dead-lettering a record");
-        let mut record = raw.record.clone();
-        record.headers.push((DEAD_LETTER_REASON.into(), reason.into_bytes()));
-        let origin = format!("{}/{}/{}", self.topic, raw.partition, raw.offset);
-        record.headers.push(("capstan-dead-letter-origin".into(), origin.into_bytes()));
-        let out = Outgoing { topic: self.shared.config.dead_letter_topic.clone(), key: raw.key.clone(), record };
+        let origin = (self.topic.as_str(), raw.partition, raw.offset);
+        let out = dead_letter_of(&self.shared, raw.record.clone(), &raw.key, origin, &reason);
         loop {
             let sent = self.shared.send(vec![out.clone()]).await;
             match sent {
@@ -406,6 +403,15 @@ impl Reader {
             }
         }
     }
+}
+
+/// The dead letter of a record: value and headers unchanged, plus the reason and the origin
+/// (`topic/partition/offset`) headers, for the dead-letter topic under the record's key.
+fn dead_letter_of(shared: &Shared, mut record: Record, key: &str, origin: (&str, i32, i64), reason: &str) -> Outgoing {
+    let (topic, partition, offset) = origin;
+    record.headers.push((DEAD_LETTER_REASON.into(), reason.as_bytes().to_vec()));
+    record.headers.push((DEAD_LETTER_ORIGIN.into(), format!("{topic}/{partition}/{offset}").into_bytes()));
+    Outgoing { topic: shared.config.dead_letter_topic.clone(), key: key.to_string(), record }
 }
 
 /// A record copied out of librdkafka's buffer.
@@ -484,6 +490,19 @@ impl KafkaAcker {
             state.settle(self.item.partition, self.item.offset, self.item.generation);
         }
     }
+
+    /// Sends `copy` (a nacked or dead-lettered copy of the record) and settles the original
+    /// once the broker confirmed it; if the send fails the delivery stays unsettled.
+    async fn replace_with(&self, copy: Outgoing) -> Result<()> {
+        if let Err(e) = self.shared.send(vec![copy]).await {
+            self.settled.store(false, Ordering::SeqCst);
+            return Err(e);
+        }
+        if self.competing {
+            self.settle();
+        }
+        Ok(())
+    }
 }
 
 #[async_trait]
@@ -514,13 +533,16 @@ impl Acker for KafkaAcker {
         record.headers.push((REDELIVERIES.into(), again.to_string().into_bytes()));
         let not_before = unix_ms(SystemTime::now() + delay);
         record.headers.push((NOT_BEFORE.into(), not_before.to_string().into_bytes()));
-        let copy = Outgoing { topic: m.topic.clone(), key: m.key.clone(), record };
-        if let Err(e) = self.shared.send(vec![copy]).await {
-            self.settled.store(false, Ordering::SeqCst);
-            return Err(e);
+        self.replace_with(Outgoing { topic: m.topic.clone(), key: m.key.clone(), record }).await
+    }
+
+    async fn dead_letter(&self, reason: &str) -> Result<()> {
+        if self.settled.swap(true, Ordering::SeqCst) {
+            return Ok(());
         }
-        self.settle();
-        Ok(())
+        let m = &self.item.message;
+        let origin = (m.topic.as_str(), self.item.partition, self.item.offset);
+        self.replace_with(dead_letter_of(&self.shared, binding::encode(&m.event), &m.key, origin, reason)).await
     }
 }
 

@@ -135,7 +135,28 @@ async fn undecodable_records_go_to_the_dead_letter_topic() {
     assert_eq!(d.message, good, "the poison record does not block the partition");
     d.ack().await.expect("ack");
 
-    // Read the dead-letter topic as raw records: find the poison record and its reason.
+    let dlq = &b.config().dead_letter_topic;
+    let Some(dead) = find_dead_letter(&b, &topic) else { panic!("the poison record never reached {dlq}") };
+    assert_eq!(dead.payload.as_deref(), Some(&b"not a cloudevent"[..]), "the record is kept as it was");
+    let reason = dead.header("capstan-dead-letter-reason").unwrap_or_default();
+    assert!(reason.contains("neither binary"), "the reason is given: {reason}");
+}
+
+/// A record of the dead-letter topic.
+struct DeadRecord {
+    payload: Option<Vec<u8>>,
+    headers: Vec<(String, String)>,
+}
+
+impl DeadRecord {
+    fn header(&self, name: &str) -> Option<String> {
+        self.headers.iter().find(|(k, _)| k == name).map(|(_, v)| v.clone())
+    }
+}
+
+/// Reads the dead-letter topic as raw records from its start, for up to 20 s, until the record
+/// that came from `topic` (its origin header).
+fn find_dead_letter(b: &KafkaBroker, topic: &str) -> Option<DeadRecord> {
     let dlq = &b.config().dead_letter_topic;
     let consumer: BaseConsumer = ClientConfig::new()
         .set("bootstrap.servers", ADDRESS)
@@ -151,24 +172,31 @@ async fn undecodable_records_go_to_the_dead_letter_topic() {
     consumer.assign(&tpl).expect("assign");
     let origin_prefix = format!("{topic}/");
     let deadline = std::time::Instant::now() + Duration::from_secs(20);
-    loop {
-        assert!(std::time::Instant::now() < deadline, "the poison record never reached {dlq}");
+    while std::time::Instant::now() < deadline {
         let Some(Ok(m)) = consumer.poll(Duration::from_millis(200)) else { continue };
         let Some(headers) = m.headers() else { continue };
-        let header = |name: &str| {
-            headers
+        let record = DeadRecord {
+            payload: m.payload().map(<[u8]>::to_vec),
+            headers: headers
                 .iter()
-                .find(|h| h.key == name)
-                .and_then(|h| h.value)
-                .map(|v| String::from_utf8_lossy(v).into_owned())
+                .map(|h| (h.key.to_string(), String::from_utf8_lossy(h.value.unwrap_or_default()).into_owned()))
+                .collect(),
         };
-        if header("capstan-dead-letter-origin").is_some_and(|o| o.starts_with(&origin_prefix)) {
-            assert_eq!(m.payload(), Some(&b"not a cloudevent"[..]), "the record is kept as it was");
-            let reason = header("capstan-dead-letter-reason").unwrap_or_default();
-            assert!(reason.contains("neither binary"), "the reason is given: {reason}");
-            break;
+        if record.header("capstan-dead-letter-origin").is_some_and(|o| o.starts_with(&origin_prefix)) {
+            return Some(record);
         }
     }
+    None
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn conformance_dead_letter_keeps_the_reason() {
+    let b = conformance_broker().await;
+    let reason_of = async |topic: &str, id: &str| {
+        let dead = find_dead_letter(&b, topic)?;
+        (dead.header("ce_id")? == id).then(|| dead.header("capstan-dead-letter-reason")).flatten()
+    };
+    crate::testing::dead_letter_keeps_the_reason(&b, &options(), reason_of).await;
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]

@@ -162,22 +162,24 @@ impl Group {
     }
 
     /// Settles a message for good, whoever holds it now: a late ack of a hand-out that already
-    /// expired still saves the group a duplicate.
-    pub(crate) fn ack(&self, seq: u64) {
+    /// expired still saves the group a duplicate. Whether it was still unsettled.
+    pub(crate) fn ack(&self, seq: u64) -> bool {
         let mut st = self.lock();
-        if let Some(entry) = st.entries.remove(&seq) {
-            match entry.state {
-                EntryState::Ready => {
-                    st.ready.remove(&seq);
-                }
-                EntryState::Delayed { until } => {
-                    st.timers.remove(&(until, seq));
-                }
-                EntryState::InFlight { deadline, .. } => {
-                    st.timers.remove(&(deadline, seq));
-                }
+        let Some(entry) = st.entries.remove(&seq) else {
+            return false;
+        };
+        match entry.state {
+            EntryState::Ready => {
+                st.ready.remove(&seq);
+            }
+            EntryState::Delayed { until } => {
+                st.timers.remove(&(until, seq));
+            }
+            EntryState::InFlight { deadline, .. } => {
+                st.timers.remove(&(deadline, seq));
             }
         }
+        true
     }
 
     /// Gives a held message back for redelivery after `delay`. Only the current hand-out may do
@@ -260,7 +262,8 @@ mod tests {
         assert!(matches!(g.take(m, t0), Take::Wait(Some(_))));
         let (id, a2, _, r) = taken(g.take(m, t0 + Duration::from_secs(1)));
         assert_eq!((id.as_str(), r, a2), ("a", 1, a));
-        g.ack(a);
+        assert!(g.ack(a), "an unsettled entry is settled");
+        assert!(!g.ack(a), "a second settle finds nothing");
         // in flight -> ready at the ack deadline
         let (id, _, _, r) = taken(g.take(m, t0 + Duration::from_secs(31)));
         assert_eq!((id.as_str(), r), ("b", 1));

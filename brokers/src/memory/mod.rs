@@ -13,12 +13,14 @@
 //!   ignored, so it cannot disturb the new holder.
 //! - Nothing is kept on disk and memory grows with what subscribers leave unsettled; `publish`
 //!   bounds each message (`max_payload`, measured on the encoded CloudEvent).
+//! - Messages never need decoding here, so only consumers dead-letter: the dead letters are kept
+//!   in memory, the newest `dead_letter_limit` of them, for [`MemoryBroker::dead_letters`].
 
 mod group;
 #[cfg(test)]
 mod tests;
 
-use std::collections::HashMap;
+use std::collections::{HashMap, VecDeque};
 use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
 use std::sync::{Arc, Mutex, RwLock};
 use std::time::Duration;
@@ -37,12 +39,24 @@ pub struct MemoryConfig {
     pub ack_deadline: Duration,
     /// The largest encoded CloudEvent `publish` accepts, in bytes.
     pub max_payload: usize,
+    /// How many dead letters are kept; beyond it the oldest are forgotten (with a warning), so a
+    /// stream of bad messages cannot exhaust memory.
+    pub dead_letter_limit: usize,
 }
 
 impl Default for MemoryConfig {
     fn default() -> Self {
-        MemoryConfig { ack_deadline: Duration::from_secs(30), max_payload: 1024 * 1024 }
+        MemoryConfig { ack_deadline: Duration::from_secs(30), max_payload: 1024 * 1024, dead_letter_limit: 1000 }
     }
+}
+
+/// A message a consumer dead-lettered, and why.
+#[derive(Debug, Clone, PartialEq)]
+pub struct DeadLetter {
+    /// The message as it was delivered.
+    pub message: Message,
+    /// The reason the consumer gave.
+    pub reason: String,
 }
 
 /// The in-memory [`Broker`]; clones share the same topics.
@@ -66,6 +80,28 @@ struct Inner {
     closed: AtomicBool,
     next_private: AtomicU64,
     topics: RwLock<HashMap<String, Arc<Topic>>>,
+    /// The newest dead letters, oldest first.
+    dead: Mutex<VecDeque<DeadLetter>>,
+}
+
+impl Inner {
+    fn dead(&self) -> std::sync::MutexGuard<'_, VecDeque<DeadLetter>> {
+        // Changed by single pushes and pops only, so a poisoned lock is still consistent.
+        self.dead.lock().unwrap_or_else(|poisoned| poisoned.into_inner())
+    }
+
+    /// Keeps a dead letter, forgetting the oldest beyond the limit.
+    fn keep_dead(&self, letter: DeadLetter) {
+        tracing::warn!(topic = %letter.message.topic, id = %letter.message.event.id, reason = %letter.reason,
+            "message moved to dead letters");
+        let mut dead = self.dead();
+        dead.push_back(letter);
+        while dead.len() > self.config.dead_letter_limit {
+            if let Some(old) = dead.pop_front() {
+                tracing::warn!(id = %old.message.event.id, "dead letter forgotten: over the limit");
+            }
+        }
+    }
 }
 
 /// The groups of one topic.
@@ -124,6 +160,11 @@ impl MemoryBroker {
     /// Whether [`close`](Self::close) was called.
     pub fn is_closed(&self) -> bool {
         self.inner.closed.load(Ordering::Acquire)
+    }
+
+    /// The dead letters kept (the newest [`MemoryConfig::dead_letter_limit`]), oldest first.
+    pub fn dead_letters(&self) -> Vec<DeadLetter> {
+        self.inner.dead().iter().cloned().collect()
     }
 
     /// Unsettled messages of a competing group, or `None` if the group does not exist.
@@ -272,8 +313,13 @@ impl Subscription for MemorySubscription {
             }
             match self.group.take(self.member, Instant::now()) {
                 Take::Message { message, seq, delivery, redeliveries } => {
-                    let acker =
-                        MemoryAcker { inner: Arc::clone(&self.inner), group: Arc::clone(&self.group), seq, delivery };
+                    let acker = MemoryAcker {
+                        inner: Arc::clone(&self.inner),
+                        group: Arc::clone(&self.group),
+                        message: Arc::clone(&message),
+                        seq,
+                        delivery,
+                    };
                     return Ok(Delivery {
                         message: Arc::unwrap_or_clone(message),
                         redeliveries,
@@ -305,6 +351,8 @@ impl Drop for MemorySubscription {
 struct MemoryAcker {
     inner: Arc<Inner>,
     group: Arc<Group>,
+    /// What a dead letter keeps.
+    message: Arc<Message>,
     seq: u64,
     delivery: u64,
 }
@@ -316,6 +364,18 @@ impl Acker for MemoryAcker {
             return Err(Error::Closed);
         }
         self.group.ack(self.seq);
+        Ok(())
+    }
+
+    async fn dead_letter(&self, reason: &str) -> Result<()> {
+        if self.inner.closed.load(Ordering::Acquire) {
+            return Err(Error::Closed);
+        }
+        // Settled and kept in one step: only a message still unsettled becomes a dead letter.
+        if self.group.ack(self.seq) {
+            let message = Message::clone(&self.message);
+            self.inner.keep_dead(DeadLetter { message, reason: reason.to_string() });
+        }
         Ok(())
     }
 

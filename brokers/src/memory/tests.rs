@@ -1,5 +1,5 @@
 //! The conformance suite and the in-memory broker's own semantics (ack deadline, close,
-//! group lifetime).
+//! group lifetime, dead letters).
 
 use std::time::Duration;
 
@@ -29,6 +29,44 @@ const PATIENCE: Duration = Duration::from_secs(120);
 #[tokio::test(start_paused = true)]
 async fn whole_suite_runs_through_one_call() {
     crate::testing::suite(|| async { MemoryBroker::new() }, Options::default()).await;
+}
+
+/// The dead letters of `broker`: the reason kept with event `id` of `topic`.
+fn reason_of(broker: &MemoryBroker, topic: &str, id: &str) -> Option<String> {
+    let letters = broker.dead_letters();
+    letters.into_iter().find(|d| d.message.topic == topic && d.message.event.id == id).map(|d| d.reason)
+}
+
+#[tokio::test(start_paused = true)]
+async fn conformance_dead_letter_keeps_the_reason() {
+    let broker = MemoryBroker::new();
+    let read = async |topic: &str, id: &str| reason_of(&broker, topic, id);
+    crate::testing::dead_letter_keeps_the_reason(&broker, &Options::default(), read).await;
+}
+
+#[tokio::test(start_paused = true)]
+async fn dead_letters_are_kept_once_and_bounded() -> anyhow::Result<()> {
+    let broker = MemoryBroker::with_config(MemoryConfig { dead_letter_limit: 2, ..MemoryConfig::default() });
+    let mut s = broker.subscribe("t", group("g")).await?;
+    broker.publish((0..3).map(|i| message("t", "k", &format!("d{i}"), json!(i))).collect()).await?;
+    for i in 0..3 {
+        let d = recv(&mut s, PATIENCE, "a message to dead-letter").await;
+        d.dead_letter(&format!("reason {i}")).await?;
+        // A second settle of a dead-lettered delivery keeps nothing more.
+        d.dead_letter("again").await?;
+    }
+    let kept: Vec<(String, String)> =
+        broker.dead_letters().into_iter().map(|d| (d.message.event.id, d.reason)).collect();
+    let expected = [("d1", "reason 1"), ("d2", "reason 2")].map(|(id, r)| (id.to_string(), r.to_string()));
+    assert_eq!(kept, expected, "the newest two, oldest first");
+    assert_eq!(broker.backlog("t", "g"), Some(0), "dead letters are settled");
+
+    broker.publish(vec![message("t", "k", "late", json!(null))]).await?;
+    let d = recv(&mut s, PATIENCE, "a message held over close").await;
+    broker.close();
+    assert!(matches!(d.dead_letter("closed").await, Err(Error::Closed)));
+    assert_eq!(reason_of(&broker, "t", "late"), None, "a failed dead letter keeps nothing");
+    Ok(())
 }
 
 #[tokio::test(start_paused = true)]

@@ -102,7 +102,7 @@ pub(super) struct NatsSubscription {
     js: jetstream::Context,
     stream: String,
     spec: ConsumerSpec,
-    dead_subject: String,
+    dead_subject: Arc<str>,
     handed_out: Vec<Weak<Pending>>,
 }
 
@@ -125,7 +125,7 @@ impl NatsSubscription {
             js,
             stream: config.stream.clone(),
             spec,
-            dead_subject,
+            dead_subject: dead_subject.into(),
             handed_out: Vec::new(),
         })
     }
@@ -134,24 +134,43 @@ impl NatsSubscription {
     /// redelivery (TERM), so it neither blocks the consumer nor vanishes.
     async fn dead_letter(&self, msg: &jetstream::Message, reason: &str) {
         tracing::warn!(subject = %msg.subject, reason, "undecodable message moved to dead letters");
-        let mut headers = msg.headers.clone().unwrap_or_default();
-        headers.insert(DEAD_REASON_HEADER, reason);
-        let sent = self.js.publish_with_headers(self.dead_subject.clone(), headers, msg.payload.clone()).await;
-        match sent {
-            Ok(ack) => {
-                if let Err(e) = ack.await {
-                    tracing::error!(error = %e, "dead letter not confirmed; leaving it to redelivery");
-                    return;
-                }
-            }
-            Err(e) => {
-                tracing::error!(error = %e, "dead letter not sent; leaving it to redelivery");
-                return;
-            }
+        let original = Original {
+            js: self.js.clone(),
+            dead_subject: Arc::clone(&self.dead_subject),
+            headers: msg.headers.clone(),
+            payload: msg.payload.clone(),
+        };
+        if let Err(e) = original.copy_to_dead_letters(reason).await {
+            tracing::error!(error = %e, "leaving the undecodable message to redelivery");
+            return;
         }
         if let Err(e) = msg.ack_with(AckKind::Term).await {
             tracing::warn!(error = %e, "term of a dead-lettered message failed");
         }
+    }
+}
+
+/// A message as it arrived, and where its dead letter goes.
+struct Original {
+    js: jetstream::Context,
+    dead_subject: Arc<str>,
+    headers: Option<HeaderMap>,
+    payload: Bytes,
+}
+
+impl Original {
+    /// Publishes the message, headers and payload unchanged plus the reason header, to the
+    /// dead-letter stream, and waits until the stream stored it.
+    async fn copy_to_dead_letters(&self, reason: &str) -> Result<()> {
+        let mut headers = self.headers.clone().unwrap_or_default();
+        headers.insert(DEAD_REASON_HEADER, reason);
+        let ack = self
+            .js
+            .publish_with_headers(self.dead_subject.to_string(), headers, self.payload.clone())
+            .await
+            .map_err(|e| Error::Unavailable(format!("dead letter not sent: {e}")))?;
+        ack.await.map_err(|e| Error::Unavailable(format!("dead letter not confirmed: {e}")))?;
+        Ok(())
     }
 }
 
@@ -195,10 +214,16 @@ impl Subscription for NatsSubscription {
                 self.handed_out.retain(|w| w.strong_count() > 0);
             }
             self.handed_out.push(Arc::downgrade(&pending));
+            let original = Original {
+                js: self.js.clone(),
+                dead_subject: Arc::clone(&self.dead_subject),
+                headers: msg.message.headers,
+                payload: msg.message.payload,
+            };
             return Ok(Delivery {
                 message: Message { topic, key, event },
                 redeliveries,
-                acker: Box::new(NatsAcker(pending)),
+                acker: Box::new(NatsAcker { pending, original }),
             });
         }
     }
@@ -302,8 +327,16 @@ struct Pending {
 }
 
 impl Pending {
+    fn lock(&self) -> std::sync::MutexGuard<'_, Option<Subject>> {
+        self.reply.lock().unwrap_or_else(|p| p.into_inner())
+    }
+
     fn take(&self) -> Option<Subject> {
-        self.reply.lock().unwrap_or_else(|p| p.into_inner()).take()
+        self.lock().take()
+    }
+
+    fn is_settled(&self) -> bool {
+        self.lock().is_none()
     }
 }
 
@@ -312,34 +345,48 @@ async fn settle(client: &async_nats::Client, reply: Subject, kind: AckKind) -> R
 }
 
 /// Settles one NATS delivery. A second settle is a no-op; dropping it unsettled NAKs it.
-struct NatsAcker(Arc<Pending>);
+struct NatsAcker {
+    pending: Arc<Pending>,
+    original: Original,
+}
 
-#[async_trait]
-impl Acker for NatsAcker {
-    async fn ack(&self) -> Result<()> {
-        match self.0.take() {
-            Some(reply) => settle(&self.0.client, reply, AckKind::Ack).await,
-            None => Ok(()),
-        }
-    }
-
-    async fn nack(&self, delay: Duration) -> Result<()> {
-        // JetStream (2.7+) holds a NAKed message back for the delay itself.
-        let kind = AckKind::Nak((!delay.is_zero()).then_some(delay));
-        match self.0.take() {
-            Some(reply) => settle(&self.0.client, reply, kind).await,
+impl NatsAcker {
+    async fn settle(&self, kind: AckKind) -> Result<()> {
+        match self.pending.take() {
+            Some(reply) => settle(&self.pending.client, reply, kind).await,
             None => Ok(()),
         }
     }
 }
 
+#[async_trait]
+impl Acker for NatsAcker {
+    async fn ack(&self) -> Result<()> {
+        self.settle(AckKind::Ack).await
+    }
+
+    async fn nack(&self, delay: Duration) -> Result<()> {
+        // JetStream (2.7+) holds a NAKed message back for the delay itself.
+        self.settle(AckKind::Nak((!delay.is_zero()).then_some(delay))).await
+    }
+
+    async fn dead_letter(&self, reason: &str) -> Result<()> {
+        if self.pending.is_settled() {
+            return Ok(());
+        }
+        // Stored in the dead-letter stream first; only then is redelivery ended (TERM).
+        self.original.copy_to_dead_letters(reason).await?;
+        self.settle(AckKind::Term).await
+    }
+}
+
 impl Drop for NatsAcker {
     fn drop(&mut self) {
-        let Some(reply) = self.0.take() else {
+        let Some(reply) = self.pending.take() else {
             return;
         };
         if let Ok(runtime) = tokio::runtime::Handle::try_current() {
-            let client = self.0.client.clone();
+            let client = self.pending.client.clone();
             runtime.spawn(async move { settle(&client, reply, AckKind::Nak(None)).await.ok() });
         }
     }

@@ -111,11 +111,28 @@ async fn reads_structured_events_and_dead_letters_garbage() -> anyhow::Result<()
     d.ack().await?;
     expect_quiet(&mut s, Duration::from_millis(500), "garbage is not delivered").await;
 
-    let dead = js.get_stream(b.broker.dead_letter_stream()).await?;
-    let kept = dead.get_last_raw_message_by_subject(&format!("capstantest-dead.{topic}")).await?;
-    let reason = kept.headers.get(DEAD_REASON_HEADER).map(|v| v.as_str().to_string());
+    let kept = last_dead_letter(&b.broker, &topic).await?;
+    let reason = kept.get(DEAD_REASON_HEADER).map(|v| v.as_str().to_string());
     assert!(reason.as_deref().is_some_and(|r| r.contains("missing")), "the dead letter says why: {reason:?}");
     Ok(())
+}
+
+/// The headers of the last dead letter of `topic`.
+async fn last_dead_letter(b: &NatsBroker, topic: &str) -> anyhow::Result<async_nats::HeaderMap> {
+    let js = async_nats::jetstream::new(b.client().clone());
+    let dead = js.get_stream(b.dead_letter_stream()).await?;
+    Ok(dead.get_last_raw_message_by_subject(&format!("capstantest-dead.{topic}")).await?.headers)
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn conformance_dead_letter_keeps_the_reason() {
+    let b = locked().await;
+    let reason_of = async |topic: &str, id: &str| {
+        let kept = last_dead_letter(&b.broker, topic).await.ok()?;
+        let header = |name: &str| kept.get(name).map(|v| v.as_str().to_string());
+        (header("ce-id")? == id).then(|| header(DEAD_REASON_HEADER)).flatten()
+    };
+    crate::testing::dead_letter_keeps_the_reason(&b, &options(), reason_of).await;
 }
 
 #[tokio::test]

@@ -4,6 +4,7 @@
 //! dead-lettered and block nothing. (`http.rs` and `grpc.rs` check the status codes of the common
 //! cases; this module adds the cases they lack and the "no state change" half of each.)
 
+use std::collections::BTreeMap;
 use std::time::Duration;
 
 use capstan_brokers::nats::{NatsBroker, NatsConfig};
@@ -332,7 +333,8 @@ mod raw_grpc {
 
 /// A worker result for a run nobody started, an undecodable payload, an unknown message type
 /// and raw bytes that are no CloudEvent at all, published where workers publish: none changes
-/// the state, the bytes land in the dead-letter stream, and the engine keeps working.
+/// the state, all but the result for an unknown run (which is refused) land in the dead-letter
+/// stream with their reason, and the engine keeps working.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn malformed_worker_messages_on_the_broker_change_nothing_and_block_nothing() {
     let dir = tempfile::tempdir().expect("tempdir");
@@ -374,12 +376,27 @@ async fn malformed_worker_messages_on_the_broker_change_nothing_and_block_nothin
     broker.client().publish(subject, b"\xff not a CloudEvent"[..].into()).await.expect("publish raw bytes");
     broker.client().flush().await.expect("flush");
 
-    // The raw bytes are dead-lettered, with the reason.
-    let letter = tokio::time::timeout(Duration::from_secs(30), dead.next()).await;
-    let letter = letter.expect("nothing reached the dead-letter stream").expect("subscription open");
-    assert_eq!(letter.payload.as_ref(), b"\xff not a CloudEvent");
-    let reason = letter.headers.as_ref().and_then(|h| h.get(capstan_brokers::nats::DEAD_REASON_HEADER));
-    assert!(reason.is_some(), "a dead letter without its reason: {:?}", letter.headers);
+    // The broker dead-letters the raw bytes, the engine the CloudEvents it cannot use; each
+    // letter carries its reason. By event id, `raw` for the bytes.
+    let mut letters = BTreeMap::new();
+    let deadline = tokio::time::Instant::now() + Duration::from_secs(30);
+    while letters.len() < 3 {
+        let Ok(letter) = tokio::time::timeout_at(deadline, dead.next()).await else {
+            panic!("only {letters:?} reached the dead-letter stream");
+        };
+        let letter = letter.expect("subscription open");
+        let header = |name: &str| letter.headers.as_ref().and_then(|h| h.get(name)).map(|v| v.as_str().to_string());
+        let id = header("ce-id").unwrap_or_else(|| {
+            assert_eq!(letter.payload.as_ref(), b"\xff not a CloudEvent", "kept as it came");
+            "raw".into()
+        });
+        let reason = header(capstan_brokers::nats::DEAD_REASON_HEADER);
+        let reason = reason.unwrap_or_else(|| panic!("a dead letter without its reason: {:?}", letter.headers));
+        letters.insert(id, reason);
+    }
+    assert_eq!(letters.keys().map(String::as_str).collect::<Vec<_>>(), ["bad-payload", "bad-type", "raw"]);
+    assert!(letters["bad-payload"].contains("does not fit"), "the reason says why: {letters:?}");
+    assert!(letters["bad-type"].contains("not an engine input"), "the reason says why: {letters:?}");
 
     // Nothing blocks: a run started after them goes through the same input stream and ends.
     let second = c.trigger("a", "quick").await;
@@ -392,6 +409,8 @@ async fn malformed_worker_messages_on_the_broker_change_nothing_and_block_nothin
     assert!(store.get_run(unknown_run).await.expect("get run").is_none(), "a result created a run");
     let log = server.log();
     for id in ["bad-payload", "bad-type"] {
-        assert!(log.contains(id), "the server did not say why it dropped {id}:\n{log}");
+        assert!(log.contains(id), "the server did not say why it dead-lettered {id}:\n{log}");
     }
+    let late = tokio::time::timeout(Duration::from_millis(500), dead.next()).await;
+    assert!(late.is_err(), "a result for an unknown run is refused, not dead-lettered: {late:?}");
 }
