@@ -261,6 +261,7 @@ fn report(
         "run_p99_ms": latency.run.p99,
         "step_p50_ms": latency.step.p50,
         "step_p99_ms": latency.step.p99,
+        "trigger_award_p99_ms": latency.first_award.p99,
         "latency_ms": latency,
         "server_cpu_s": round(cpu_s),
         "cpu_us_per_task": round(cpu_s * 1e6 / tasks.max(1) as f64),
@@ -327,6 +328,7 @@ fn print_human(r: &Value) {
     let rows = [
         ("trigger -> run finished", "run"),
         ("trigger -> run started", "admit"),
+        ("trigger -> first awarded", "first_award"),
         ("task offered -> awarded", "award"),
         ("task awarded -> started", "start"),
         ("task started -> ended", "finish"),

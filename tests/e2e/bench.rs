@@ -39,6 +39,9 @@ fn bench_chain_on_the_embedded_default_prints_json_last() {
     assert_eq!(report["config"]["store"], "sqlite");
     assert_eq!(report["config"]["dispatch"], "queue");
     assert_eq!(report["latency_ms"]["step"]["count"], 12 * 2, "two steps per 3-task chain: {report}");
+    assert_eq!(report["latency_ms"]["first_award"]["count"], 12, "one first award per run: {report}");
+    let (admit, award) = (&report["latency_ms"]["admit"]["p50"], &report["latency_ms"]["first_award"]["p50"]);
+    assert!(award.as_f64() >= admit.as_f64(), "a run is awarded after it started: {report}");
 }
 
 #[test]

@@ -42,6 +42,8 @@ pub struct Latencies {
     pub run: Vec<i64>,
     /// Client trigger call -> `RunStarted` recorded (admission and the start commit).
     pub admit: Vec<i64>,
+    /// Client trigger call -> the run's first `TaskAwarded` recorded.
+    pub first_award: Vec<i64>,
     /// Per task: first `TaskOffered` -> `TaskAwarded` of its last attempt.
     pub award: Vec<i64>,
     /// Per task: `TaskAwarded` -> `TaskStarted`.
@@ -63,6 +65,7 @@ pub struct Latencies {
 pub struct LatencySummary {
     pub run: Percentiles,
     pub admit: Percentiles,
+    pub first_award: Percentiles,
     pub award: Percentiles,
     pub start: Percentiles,
     pub finish: Percentiles,
@@ -81,6 +84,7 @@ struct TaskTimes {
 #[derive(Default)]
 struct RunTimes {
     started: Option<i64>,
+    first_awarded: Option<i64>,
     finished: Option<i64>,
     tasks: HashMap<String, TaskTimes>,
 }
@@ -110,6 +114,7 @@ impl Collector {
                 if attempt > 1 {
                     self.retries += 1;
                 }
+                run.first_awarded.get_or_insert(at);
                 run.tasks.entry(task).or_default().awarded = Some(at);
             }
             Event::TaskStarted { task, .. } => run.tasks.entry(task).or_default().started = Some(at),
@@ -129,6 +134,9 @@ impl Collector {
                 }
                 if let Some(s) = run.started {
                     l.admit.push(s - t0);
+                }
+                if let Some(a) = run.first_awarded {
+                    l.first_award.push(a - t0);
                 }
             }
             for (name, t) in &run.tasks {
@@ -157,6 +165,7 @@ impl Latencies {
         LatencySummary {
             run: Percentiles::of(self.run),
             admit: Percentiles::of(self.admit),
+            first_award: Percentiles::of(self.first_award),
             award: Percentiles::of(self.award),
             start: Percentiles::of(self.start),
             finish: Percentiles::of(self.finish),
