@@ -8,7 +8,8 @@
 //! `checker`). One harness, run over each broker: the full short suite over NATS (500 runs), a
 //! smaller one over RabbitMQ and over Kafka (Tansu), each broker a private instance.
 //!
-//! Short mode by default; `CAPSTAN_FAULTS_LONG=1` runs more runs and more faults.
+//! Short mode by default; `CAPSTAN_FAULTS_LONG=1` is the long mode (10,000 runs over an hour over
+//! NATS; run it with `cargo test`, see docs/guarantees.md).
 //! `CAPSTAN_FAULTS_SEED` replays a fault schedule.
 
 mod checker;
