@@ -1,5 +1,6 @@
 //! The server's configuration: a TOML file (`capstan server --config capstan.toml`) with
 //! `CAPSTAN_*` environment variables on top, so containers can change one setting without a file.
+//! Durations are written `300ms`, `10s`, `5m`, `1h`, `7d` (or compounds such as `1h30m`).
 //!
 //! ```toml
 //! builtin_workers = false        # run the shell and echo workers in process (tests, demos)
@@ -7,6 +8,8 @@
 //! [store]
 //! url = "postgres://capstan@db/capstan"   # or sqlite:PATH, memory:
 //! schema = "capstan"             # PostgreSQL only: created if missing
+//! input_retention = "7d"         # how long applied input ids are kept to drop redeliveries
+//!                                # (the deduplication window); "off" or "0" keeps them forever
 //! [broker]
 //! kind = "memory"                # memory | nats | kafka | rabbitmq
 //! url = ""
@@ -50,6 +53,7 @@
 use std::collections::HashMap;
 use std::net::SocketAddr;
 use std::path::Path;
+use std::time::Duration;
 
 use serde::Deserialize;
 
@@ -75,6 +79,8 @@ pub enum ConfigError {
     Token { index: usize, name: String, message: String },
     #[error("workers: {0}")]
     Workers(String),
+    #[error("store: {0}")]
+    Store(String),
 }
 
 /// The whole configuration.
@@ -125,11 +131,28 @@ pub struct StoreConfig {
     pub url: String,
     /// A PostgreSQL schema to create and use (so several servers or tests share a database).
     pub schema: Option<String>,
+    /// How long the ids of applied inputs are kept to drop redeliveries (a duration, or `off`
+    /// / `0` to keep them forever). It must outlast the brokers' redelivery window; see
+    /// docs/guarantees.md.
+    pub input_retention: String,
 }
 
 impl Default for StoreConfig {
     fn default() -> Self {
-        StoreConfig { url: "sqlite:.capstan/capstan.db".into(), schema: None }
+        StoreConfig { url: "sqlite:.capstan/capstan.db".into(), schema: None, input_retention: "7d".into() }
+    }
+}
+
+impl StoreConfig {
+    /// The input retention; `None` when pruning is off.
+    pub fn input_retention(&self) -> Result<Option<Duration>, String> {
+        match self.input_retention.trim() {
+            "off" | "0" => Ok(None),
+            text => match capstan_engine::parse_duration(text).map_err(|e| format!("input_retention: {e}"))? {
+                0 => Ok(None),
+                ms => Ok(Some(Duration::from_millis(ms))),
+            },
+        }
     }
 }
 
@@ -245,6 +268,9 @@ impl Config {
         if let Some(v) = get("CAPSTAN_STORE_SCHEMA") {
             self.store.schema = Some(v);
         }
+        if let Some(v) = get("CAPSTAN_INPUT_RETENTION") {
+            self.store.input_retention = v;
+        }
         if let Some(v) = get("CAPSTAN_BROKER") {
             self.broker.kind = v;
         }
@@ -289,8 +315,10 @@ impl Config {
         Ok(())
     }
 
-    /// Checks what serde cannot: token hashes are 64 hex digits and name some project.
+    /// Checks what serde cannot: durations parse, token hashes are 64 hex digits and name some
+    /// project.
     fn check(&self) -> Result<(), ConfigError> {
+        self.store.input_retention().map_err(ConfigError::Store)?;
         for (index, t) in self.tokens.iter().enumerate() {
             let problem = |message: &str| ConfigError::Token { index, name: t.name.clone(), message: message.into() };
             if t.sha256.len() != 64 || hex::decode(&t.sha256).is_err() {
@@ -344,6 +372,22 @@ mod tests {
         assert_eq!(config.limits.max_payload_bytes, 65536);
         assert_eq!(config.auth, AuthMode::Tokens);
         assert_eq!(config.tokens[0].role, Role::Operator);
+        assert_eq!(config.store.input_retention(), Ok(Some(Duration::from_secs(7 * 24 * 3_600))), "the default");
+    }
+
+    #[test]
+    fn input_retention_is_a_duration_or_off() {
+        let retention = |text: &str| Config::parse(text, "c.toml").unwrap().store.input_retention();
+        assert_eq!(retention("[store]\ninput_retention = \"36h\""), Ok(Some(Duration::from_secs(36 * 3_600))));
+        assert_eq!(retention("[store]\ninput_retention = \"off\""), Ok(None));
+        assert_eq!(retention("[store]\ninput_retention = \"0\""), Ok(None));
+        assert_eq!(retention("[store]\ninput_retention = \"0s\""), Ok(None));
+        let err = Config::parse("[store]\ninput_retention = \"a week\"", "c.toml").unwrap().check().unwrap_err();
+        assert!(err.to_string().contains("store: input_retention"), "{err}");
+        let env = HashMap::from([("CAPSTAN_INPUT_RETENTION".to_string(), "2d".to_string())]);
+        let mut config = Config::default();
+        config.apply_env(&env).unwrap();
+        assert_eq!(config.store.input_retention(), Ok(Some(Duration::from_secs(2 * 24 * 3_600))));
     }
 
     #[test]

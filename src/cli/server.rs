@@ -21,6 +21,9 @@ use crate::backends;
 use crate::config::{AuthMode, Config, StoreConfig};
 use crate::runtime::{Runtime, RuntimeConfig, SystemClock};
 
+/// An input retention below this is shorter than some brokers' redelivery window can be.
+const SHORT_RETENTION: Duration = Duration::from_secs(3_600);
+
 /// Arguments of `capstan server`.
 #[derive(Debug, clap::Args)]
 pub struct ServerArgs {
@@ -37,7 +40,14 @@ pub async fn run(args: ServerArgs) -> anyhow::Result<ExitCode> {
     let broker = backends::connect_broker(&config.broker.kind, &config.broker.url)
         .await
         .with_context(|| format!("cannot connect to the {} broker", config.broker.kind))?;
-    let runtime = Runtime::start(RuntimeConfig::default(), store, broker.clone(), Arc::new(SystemClock))
+    let input_retention = config.store.input_retention().map_err(anyhow::Error::msg)?;
+    if input_retention.is_some_and(|r| r < SHORT_RETENTION) {
+        warn!(
+            "store.input_retention is under an hour: a redelivery arriving later is no longer dropped as a duplicate"
+        );
+    }
+    let runtime_config = RuntimeConfig { input_retention, ..RuntimeConfig::default() };
+    let runtime = Runtime::start(runtime_config, store, broker.clone(), Arc::new(SystemClock))
         .await
         .context("cannot start the runtime")?;
     let (stop_workers, stop_rx) = watch::channel(false);

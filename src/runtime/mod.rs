@@ -7,7 +7,8 @@
 //!                                                               timers, inputs, runs)
 //! ```
 //! Components follow Config -> Service -> Handle: [`Runtime::start`] spawns the partitions, the
-//! ingest loop, the timer service and the outbox relay, and returns a cheap [`RuntimeHandle`].
+//! ingest loop, the timer service, the outbox relay and the pruning of processed inputs, and
+//! returns a cheap [`RuntimeHandle`].
 
 mod cache;
 pub mod codec;
@@ -15,6 +16,7 @@ mod definitions;
 mod error;
 pub mod faults;
 mod ingest;
+mod input_pruning;
 mod lanes;
 mod outbox_relay;
 mod partition;
@@ -55,6 +57,12 @@ pub struct RuntimeConfig {
     pub queue_depth: usize,
     /// Outbox rows published per round.
     pub outbox_batch: usize,
+    /// How long the ids of applied inputs are kept to drop redeliveries: the deduplication
+    /// window. It must outlast the brokers' redelivery window; `None` keeps them forever.
+    pub input_retention: Option<Duration>,
+    /// How often ids older than `input_retention` are pruned (the first time shortly after
+    /// start).
+    pub prune_every: Duration,
     /// Crash points for tests; `Faults::none()` in production.
     pub faults: Faults,
 }
@@ -67,6 +75,8 @@ impl Default for RuntimeConfig {
             cache_per_partition: 10_000,
             queue_depth: 4_096,
             outbox_batch: 1_000,
+            input_retention: Some(Duration::from_secs(7 * 24 * 3_600)),
+            prune_every: Duration::from_secs(10 * 60),
             faults: Faults::none(),
         }
     }
@@ -117,6 +127,8 @@ pub struct Metrics {
     pub events: AtomicU64,
     pub published: AtomicU64,
     pub timers_fired: AtomicU64,
+    /// Processed-input ids forgotten after the input retention.
+    pub inputs_pruned: AtomicU64,
 }
 
 impl Metrics {
@@ -215,7 +227,7 @@ pub struct RuntimeHandle {
 }
 
 impl Runtime {
-    /// Starts partitions, ingest, timers and the outbox relay over a store and a broker.
+    /// Starts partitions, ingest, timers, the outbox relay and input pruning over a store and a broker.
     pub async fn start(
         config: RuntimeConfig,
         store: Arc<dyn Store>,
@@ -263,6 +275,10 @@ impl Runtime {
             outbox_rx,
             shutdown_rx.clone(),
         )));
+        if let Some(retention) = config.input_retention.filter(|r| !r.is_zero()) {
+            let pruning = input_pruning::run(shared.clone(), retention, config.prune_every, shutdown_rx.clone());
+            tasks.push(tokio::spawn(pruning));
+        }
         let unfinished = shared.store.unfinished_runs().await?.len();
         if unfinished > 0 {
             info!(runs = unfinished, "resuming unfinished runs from the store");

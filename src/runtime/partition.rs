@@ -182,7 +182,7 @@ impl Partition {
 
         let mut work: HashMap<String, Work> = HashMap::new();
         let mut outcomes = Vec::with_capacity(envs.len());
-        let mut batch = Batch::default();
+        let mut batch = Batch { inputs_at_ms: now_ms, ..Batch::default() };
         // The messages of `batch.outbox`, published from memory once the batch is committed.
         let mut ready = Vec::new();
         // Last write wins per timer key, in effect order; None means "delete".

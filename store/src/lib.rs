@@ -1,6 +1,7 @@
 //! Capstan's event store: the truth. Per-run event streams with expected versions, a global
 //! position for watchers, the outbox, durable timers, processed-input ids, the run index and
-//! definitions, all written by ONE atomic [`Batch`] (group commit).
+//! definitions, all written by ONE atomic [`Batch`] (group commit). Processed-input ids carry
+//! their commit time and are pruned after a retention ([`CommitLog::prune_processed_inputs`]).
 //!
 //! Backends: [`memory::MemoryStore`] (always), SQLite (`sqlite` feature, embedded default) and
 //! PostgreSQL (`postgres` feature, production). [`testing::suite`] is the one conformance suite
@@ -192,6 +193,9 @@ pub struct Batch {
     /// Ids of the inputs applied by this batch; an id already recorded fails the batch with
     /// `Error::DuplicateInput`.
     pub inputs: Vec<String>,
+    /// When `inputs` were applied (ms since the epoch), recorded with them so that
+    /// [`CommitLog::prune_processed_inputs`] can forget them once the retention has passed.
+    pub inputs_at_ms: i64,
     /// Messages to publish after the commit, in this order.
     pub outbox: Vec<OutboxMessage>,
     /// Timers to set (upsert by `(run_id, key)`; the last one of a key in the batch wins).
@@ -295,6 +299,13 @@ pub type Result<T, E = Error> = std::result::Result<T, E>;
 pub trait CommitLog: Send + Sync {
     /// Writes the whole batch or nothing. Checks every expected version and input id first.
     async fn commit(&self, batch: Batch) -> Result<Committed>;
+
+    /// Forgets up to `limit` processed-input ids recorded before `before_ms` (strictly), oldest
+    /// first, and returns how many it forgot. A forgotten id is no longer reported by
+    /// [`EventReader::inputs_seen`] nor refused by a commit, so callers prune only past the
+    /// window in which an input can be redelivered. The limit bounds the work (and the locks) of
+    /// one call: a large backlog is pruned by calling again while a full `limit` comes back.
+    async fn prune_processed_inputs(&self, before_ms: i64, limit: usize) -> Result<u64>;
 
     /// Whether commits run one at a time whatever the caller does (one writer, as SQLite).
     /// Writers then gain nothing from committing concurrently and batch better alone.

@@ -28,7 +28,8 @@ struct Inner {
     /// Per run, the indexes into `events` of its stream, in seq order.
     streams: HashMap<String, Vec<usize>>,
     event_ids: HashSet<String>,
-    inputs: HashSet<String>,
+    /// Processed input ids with the time of their commit.
+    inputs: HashMap<String, i64>,
     runs: HashMap<String, RunRecord>,
     outbox: BTreeMap<i64, OutboxMessage>,
     last_outbox_seq: i64,
@@ -63,7 +64,7 @@ impl CommitLog for MemoryStore {
     async fn commit(&self, batch: Batch) -> Result<Committed> {
         let plan = Plan::new(batch)?;
         let mut inner = self.lock();
-        if let Some(id) = plan.inputs.iter().find(|id| inner.inputs.contains(*id)) {
+        if let Some(id) = plan.inputs.iter().find(|id| inner.inputs.contains_key(*id)) {
             return Err(Error::DuplicateInput(id.clone()));
         }
         let current: HashMap<String, i64> =
@@ -93,7 +94,8 @@ impl CommitLog for MemoryStore {
         }
         let events = sequenced.len();
         drop(sequenced);
-        inner.inputs.extend(plan.inputs);
+        let inputs_at_ms = plan.inputs_at_ms;
+        inner.inputs.extend(plan.inputs.into_iter().map(|id| (id, inputs_at_ms)));
         for run in plan.runs {
             inner.runs.insert(run.run_id.clone(), run);
         }
@@ -123,6 +125,19 @@ impl CommitLog for MemoryStore {
         }
         Ok(Committed { last_position, events })
     }
+
+    async fn prune_processed_inputs(&self, before_ms: i64, limit: usize) -> Result<u64> {
+        let mut inner = self.lock();
+        let mut old: Vec<(i64, &str)> =
+            inner.inputs.iter().filter(|(_, at)| **at < before_ms).map(|(id, at)| (*at, id.as_str())).collect();
+        old.sort_unstable();
+        old.truncate(limit);
+        let old: Vec<String> = old.into_iter().map(|(_, id)| id.to_owned()).collect();
+        for id in &old {
+            inner.inputs.remove(id);
+        }
+        Ok(old.len() as u64)
+    }
 }
 
 #[async_trait]
@@ -148,7 +163,7 @@ impl EventReader for MemoryStore {
 
     async fn inputs_seen(&self, ids: &[String]) -> Result<Vec<String>> {
         let inner = self.lock();
-        Ok(ids.iter().filter(|id| inner.inputs.contains(*id)).cloned().collect())
+        Ok(ids.iter().filter(|id| inner.inputs.contains_key(*id)).cloned().collect())
     }
 }
 

@@ -27,6 +27,8 @@ pub(crate) struct Plan {
     pub runs: Vec<RunRecord>,
     /// Input ids, in batch order.
     pub inputs: Vec<String>,
+    /// When the inputs were applied (ms since the epoch).
+    pub inputs_at_ms: i64,
     /// Outbox messages, in batch order.
     pub outbox: Vec<OutboxMessage>,
     /// Timer sets, one per `(run_id, key)` (the last wins), sorted by key.
@@ -86,6 +88,7 @@ impl Plan {
             appends: batch.appends,
             runs: runs.into_values().collect(),
             inputs: batch.inputs,
+            inputs_at_ms: batch.inputs_at_ms,
             outbox: batch.outbox,
             set_timers: set_timers.into_values().collect(),
             cancel_timers,

@@ -26,7 +26,7 @@ use sqlx::{Connection, PgConnection};
 use tracing::debug;
 
 use crate::plan::Plan;
-use crate::sql::{db_error, migrate_error};
+use crate::sql::{db_error, migrate_error, sql_limit};
 use crate::{Batch, CommitLog, Committed, Error, Result};
 
 /// Migrations embedded at compile time; they need no database then.
@@ -225,10 +225,11 @@ impl CommitLog for PostgresStore {
         // Any early return drops `tx`, which rolls the whole batch back.
         if !plan.inputs.is_empty() {
             let written: Vec<String> = sqlx::query_scalar(
-                "INSERT INTO processed_inputs (id) SELECT * FROM UNNEST($1::text[]) \
-                 ON CONFLICT (id) DO NOTHING RETURNING id",
+                "INSERT INTO processed_inputs (id, processed_at_ms) SELECT id, $2::bigint FROM UNNEST($1::text[]) \
+                 AS u (id) ON CONFLICT (id) DO NOTHING RETURNING id",
             )
             .bind(&plan.inputs)
+            .bind(plan.inputs_at_ms)
             .fetch_all(&mut *tx)
             .await
             .map_err(db_error)?;
@@ -245,6 +246,21 @@ impl CommitLog for PostgresStore {
         let committed = if plan.has_appends() { append_events(&mut tx, &plan).await? } else { Committed::default() };
         tx.commit().await.map_err(db_error)?;
         Ok(committed)
+    }
+
+    async fn prune_processed_inputs(&self, before_ms: i64, limit: usize) -> Result<u64> {
+        // One short transaction per call. SKIP LOCKED lets replicas that prune at the same time
+        // take different rows instead of queueing behind each other.
+        let done = sqlx::query(
+            "DELETE FROM processed_inputs WHERE id IN (SELECT id FROM processed_inputs \
+             WHERE processed_at_ms < $1 ORDER BY processed_at_ms LIMIT $2 FOR UPDATE SKIP LOCKED)",
+        )
+        .bind(before_ms)
+        .bind(sql_limit(limit))
+        .execute(&self.pool)
+        .await
+        .map_err(db_error)?;
+        Ok(done.rows_affected())
     }
 }
 
@@ -298,7 +314,41 @@ async fn append_events(conn: &mut PgConnection, plan: &Plan) -> Result<Committed
 
 #[cfg(test)]
 mod tests {
-    use super::valid_schema;
+    use super::*;
+    use crate::EventReader;
+
+    /// A database made before processed inputs had a time upgrades in place: its ids stay
+    /// processed, with time 0, so they are the first to be pruned.
+    #[tokio::test]
+    async fn inputs_from_before_migration_3_are_pruned_first() {
+        let url = std::env::var("CAPSTAN_TEST_POSTGRES_URL")
+            .unwrap_or_else(|_| "postgres://postgres@127.0.0.1:5432/test?sslmode=disable".to_owned());
+        let schema = format!("capstan_test_{}", uuid::Uuid::new_v4().simple());
+        let options = PgConnectOptions::from_str(&url).expect("URL");
+        let mut conn = PgConnection::connect_with(&options).await.expect("PostgreSQL is required by this test");
+        sqlx::query(sqlx::AssertSqlSafe(format!("CREATE SCHEMA {schema}"))).execute(&mut conn).await.expect("schema");
+        conn.close().await.expect("close");
+        let old = PgPoolOptions::new()
+            .max_connections(1)
+            .connect_with(options.options([("search_path", schema.as_str())]))
+            .await
+            .expect("connect");
+        MIGRATOR.run_to(2, &old).await.expect("schema of migration 2");
+        sqlx::query("INSERT INTO processed_inputs (id) VALUES ('legacy')").execute(&old).await.expect("legacy id");
+        old.close().await;
+
+        let store = PostgresStore::connect_with_schema(&url, &schema).await.expect("upgrade");
+        let batch = Batch { inputs: vec!["fresh".into()], inputs_at_ms: 1_000, ..Batch::default() };
+        store.commit(batch).await.expect("commit");
+        let both = ["legacy".to_owned(), "fresh".to_owned()];
+        let before = store.inputs_seen(&both).await.expect("seen").len();
+        let pruned = store.prune_processed_inputs(1_000, 10).await.expect("prune");
+        let after = store.inputs_seen(&both).await.expect("seen");
+        store.drop_schema().await.expect("drop test schema");
+        assert_eq!(before, 2, "the legacy id is still processed");
+        assert_eq!(pruned, 1);
+        assert_eq!(after, ["fresh"]);
+    }
 
     #[test]
     fn schema_names_are_plain_identifiers() {

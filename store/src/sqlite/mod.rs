@@ -25,7 +25,7 @@ use sqlx::{QueryBuilder, Sqlite, SqliteConnection};
 use tracing::debug;
 
 use crate::plan::{Plan, Sequenced};
-use crate::sql::{db_error, migrate_error};
+use crate::sql::{db_error, migrate_error, sql_limit};
 use crate::{Batch, CommitLog, Committed, Error, Result};
 
 /// Rows per multi-row statement: 7 columns x 500 rows stays far below SQLite's limit of 32766
@@ -119,12 +119,12 @@ impl SqliteStore {
     }
 }
 
-/// Records the input ids; fails with the first one already recorded.
-async fn insert_inputs(conn: &mut SqliteConnection, inputs: &[String]) -> Result<()> {
+/// Records the input ids with their commit time; fails with the first one already recorded.
+async fn insert_inputs(conn: &mut SqliteConnection, inputs: &[String], at_ms: i64) -> Result<()> {
     for chunk in inputs.chunks(CHUNK) {
-        let mut qb = QueryBuilder::<Sqlite>::new("INSERT INTO processed_inputs (id) ");
+        let mut qb = QueryBuilder::<Sqlite>::new("INSERT INTO processed_inputs (id, processed_at_ms) ");
         qb.push_values(chunk, |mut row, id| {
-            row.push_bind(id.as_str());
+            row.push_bind(id.as_str()).push_bind(at_ms);
         });
         qb.push(" ON CONFLICT (id) DO NOTHING RETURNING id");
         let written: Vec<String> = qb.build_query_scalar().fetch_all(&mut *conn).await.map_err(db_error)?;
@@ -255,7 +255,7 @@ impl CommitLog for SqliteStore {
         let plan = Plan::new(batch)?;
         let mut tx = self.begin_write().await?;
         // Any early return drops `tx`, which rolls the whole batch back.
-        insert_inputs(&mut tx, &plan.inputs).await?;
+        insert_inputs(&mut tx, &plan.inputs, plan.inputs_at_ms).await?;
         let mut committed = Committed::default();
         if plan.has_appends() {
             let current = current_versions(&mut tx, &plan.append_run_ids()).await?;
@@ -273,6 +273,21 @@ impl CommitLog for SqliteStore {
         evaluations::insert(&mut tx, &plan.evaluations).await?;
         tx.commit().await.map_err(db_error)?;
         Ok(committed)
+    }
+
+    async fn prune_processed_inputs(&self, before_ms: i64, limit: usize) -> Result<u64> {
+        // One statement on the writer: it waits for a commit in progress and holds the write
+        // lock only for `limit` rows, found through the index on processed_at_ms.
+        let done = sqlx::query(
+            "DELETE FROM processed_inputs WHERE id IN (SELECT id FROM processed_inputs \
+             WHERE processed_at_ms < ? ORDER BY processed_at_ms LIMIT ?)",
+        )
+        .bind(before_ms)
+        .bind(sql_limit(limit))
+        .execute(&self.writer)
+        .await
+        .map_err(db_error)?;
+        Ok(done.rows_affected())
     }
 }
 
@@ -310,6 +325,31 @@ mod tests {
         let mut due = store.timers_due(1, 100).await.expect("due");
         due.sort_by(|a, b| a.key.cmp(&b.key));
         assert_eq!(due.into_iter().map(|t| t.payload).collect::<Vec<_>>(), payloads);
+    }
+
+    /// A database made before processed inputs had a time upgrades in place: its ids stay
+    /// processed, with time 0, so they are the first to be pruned.
+    #[tokio::test]
+    async fn inputs_from_before_migration_3_are_pruned_first() {
+        let dir = tempfile::tempdir().expect("temp dir");
+        let path = dir.path().join("capstan.db");
+        let old = SqlitePoolOptions::new()
+            .max_connections(1)
+            .connect_with(SqliteConnectOptions::new().filename(&path).create_if_missing(true))
+            .await
+            .expect("open");
+        MIGRATOR.run_to(2, &old).await.expect("schema of migration 2");
+        sqlx::query("INSERT INTO processed_inputs (id) VALUES ('legacy')").execute(&old).await.expect("legacy id");
+        old.close().await;
+
+        let store = SqliteStore::open(&path).await.expect("upgrade");
+        let batch = Batch { inputs: vec!["fresh".into()], inputs_at_ms: 1_000, ..Batch::default() };
+        store.commit(batch).await.expect("commit");
+        let both = ["legacy".to_owned(), "fresh".to_owned()];
+        assert_eq!(store.inputs_seen(&both).await.expect("seen").len(), 2, "the legacy id is still processed");
+        assert_eq!(store.prune_processed_inputs(1_000, 10).await.expect("prune"), 1);
+        assert_eq!(store.inputs_seen(&both).await.expect("seen"), ["fresh"]);
+        store.close().await;
     }
 
     /// Unique violations the commit path did not foresee: only those on ids mean "applied".

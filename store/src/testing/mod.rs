@@ -47,6 +47,7 @@ macro_rules! __store_cases {
             concurrent_appends_one_wins,
             concurrent_commits_keep_positions_dense,
             duplicate_input_writes_nothing,
+            prune_processed_inputs_before_the_cut,
             duplicate_event_id_writes_nothing,
             chained_appends_in_one_batch,
             batch_over_many_runs,

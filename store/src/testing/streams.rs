@@ -61,6 +61,7 @@ pub async fn conflict_writes_nothing<S: Store>(store: Arc<S>) {
         set_timers: vec![timer("r2", "new", 100)],
         cancel_timers: vec![cancel("r1", "keep", None)],
         evaluations: vec![super::evaluation("r2", "gate", "cart", 1)],
+        inputs_at_ms: 1,
     };
     let err = store.commit(batch).await.expect_err("stale version");
     match err {
@@ -161,6 +162,40 @@ pub async fn duplicate_input_writes_nothing<S: Store>(store: Arc<S>) {
     assert!(matches!(&err, Error::DuplicateInput(id) if id == "in-c"), "{err:?}");
     let seen = store.inputs_seen(&["in-c".into(), "in-a".into()]).await.expect("seen");
     assert_eq!(seen, vec!["in-a"]);
+}
+
+/// Pruning forgets processed inputs recorded strictly before the cut, oldest first and at most
+/// `limit` per call; later ones stay. A forgotten id can be applied again, a kept one is still a
+/// duplicate.
+pub async fn prune_processed_inputs_before_the_cut<S: Store>(store: Arc<S>) {
+    let applied = |ids: &[&str], at: i64| Batch {
+        inputs: ids.iter().map(|id| (*id).to_owned()).collect(),
+        inputs_at_ms: at,
+        ..Batch::default()
+    };
+    store.commit(applied(&["old-1", "old-2"], 100)).await.expect("old-1, old-2");
+    store.commit(applied(&["old-3"], 200)).await.expect("old-3");
+    store.commit(applied(&["at-cut"], 300)).await.expect("at-cut");
+    store.commit(applied(&["new"], 400)).await.expect("new");
+    let all: Vec<String> = ["old-1", "old-2", "old-3", "at-cut", "new"].map(String::from).to_vec();
+    let seen = async || {
+        let mut seen = store.inputs_seen(&all).await.expect("seen");
+        seen.sort();
+        seen
+    };
+
+    assert_eq!(store.prune_processed_inputs(300, 0).await.expect("limit 0"), 0);
+    assert_eq!(store.prune_processed_inputs(300, 2).await.expect("first call"), 2, "the limit holds");
+    assert_eq!(seen().await, ["at-cut", "new", "old-3"], "the oldest go first");
+    assert_eq!(store.prune_processed_inputs(300, 2).await.expect("second call"), 1);
+    assert_eq!(store.prune_processed_inputs(300, 2).await.expect("third call"), 0, "nothing left before the cut");
+    assert_eq!(seen().await, ["at-cut", "new"]);
+
+    store.commit(applied(&["old-1"], 500)).await.expect("a forgotten id applies again");
+    let err = store.commit(applied(&["at-cut"], 500)).await.expect_err("a kept id is a duplicate");
+    assert!(matches!(&err, Error::DuplicateInput(id) if id == "at-cut"), "{err:?}");
+    assert_eq!(store.prune_processed_inputs(450, 10).await.expect("prune"), 2);
+    assert_eq!(seen().await, ["old-1"], "a re-applied id carries its new time");
 }
 
 /// An event id already stored (in any run) fails the batch, writing nothing.

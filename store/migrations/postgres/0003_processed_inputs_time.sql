@@ -1,0 +1,8 @@
+-- Processed-input ids remember when they were committed, so that they can be pruned once no
+-- redelivery can bring them back (the runtime's input retention). Rows written before this
+-- migration get 0: they are the oldest and pruned first. Adding a column with a constant
+-- default rewrites nothing (PostgreSQL 11+); building the index holds off writes to this
+-- table while it runs, once, during the upgrade.
+
+ALTER TABLE processed_inputs ADD COLUMN processed_at_ms BIGINT NOT NULL DEFAULT 0;
+CREATE INDEX processed_inputs_at ON processed_inputs (processed_at_ms);
