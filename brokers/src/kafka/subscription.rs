@@ -5,7 +5,7 @@
 
 use std::collections::{HashMap, VecDeque};
 use std::sync::atomic::{AtomicBool, Ordering};
-use std::sync::{Arc, Mutex, Weak};
+use std::sync::{Arc, Mutex};
 use std::time::{Duration, SystemTime, UNIX_EPOCH};
 
 use async_trait::async_trait;
@@ -21,7 +21,10 @@ use tracing::{debug, error, warn};
 use super::binding::{self, DEAD_LETTER_ORIGIN, DEAD_LETTER_REASON, NOT_BEFORE, REDELIVERIES, Record};
 use super::tracker::Tracker;
 use super::{Outgoing, Shared, client_config, unavailable};
-use crate::{Acker, Delivery, Error, Message, Result, Subscription, SubscriptionMode};
+use crate::{Delivery, Error, Message, Result, Subscription, SubscriptionMode};
+use acker::KafkaAcker;
+
+mod acker;
 
 /// Records read ahead of the application before the reader pauses fetching.
 const READ_AHEAD: usize = 1000;
@@ -472,77 +475,6 @@ impl Subscription for KafkaSubscription {
             };
             return Ok(Delivery { message, redeliveries, acker: Box::new(acker) });
         }
-    }
-}
-
-/// Settles one delivery.
-struct KafkaAcker {
-    state: Weak<State>,
-    shared: Arc<Shared>,
-    item: Incoming,
-    competing: bool,
-    settled: AtomicBool,
-}
-
-impl KafkaAcker {
-    fn settle(&self) {
-        if let Some(state) = self.state.upgrade() {
-            state.settle(self.item.partition, self.item.offset, self.item.generation);
-        }
-    }
-
-    /// Sends `copy` (a nacked or dead-lettered copy of the record) and settles the original
-    /// once the broker confirmed it; if the send fails the delivery stays unsettled.
-    async fn replace_with(&self, copy: Outgoing) -> Result<()> {
-        if let Err(e) = self.shared.send(vec![copy]).await {
-            self.settled.store(false, Ordering::SeqCst);
-            return Err(e);
-        }
-        if self.competing {
-            self.settle();
-        }
-        Ok(())
-    }
-}
-
-#[async_trait]
-impl Acker for KafkaAcker {
-    async fn ack(&self) -> Result<()> {
-        if !self.settled.swap(true, Ordering::SeqCst) && self.competing {
-            self.settle();
-        }
-        Ok(())
-    }
-
-    async fn nack(&self, delay: Duration) -> Result<()> {
-        if self.settled.swap(true, Ordering::SeqCst) {
-            return Ok(());
-        }
-        let again = self.item.redeliveries.saturating_add(1);
-        if !self.competing {
-            let Some(state) = self.state.upgrade() else { return Ok(()) };
-            let item = Incoming { message: self.item.message.clone(), redeliveries: again, ..self.item };
-            // A closed reader means the subscription is gone, and with it any interest.
-            let _ = state.retry.send((Instant::now() + delay, item));
-            return Ok(());
-        }
-        // Kafka cannot redeliver one record: publish a copy (same key, so same partition) that
-        // consumers hold back until the delay passed, and settle the original once it is safe.
-        let m = &self.item.message;
-        let mut record = binding::encode(&m.event);
-        record.headers.push((REDELIVERIES.into(), again.to_string().into_bytes()));
-        let not_before = unix_ms(SystemTime::now() + delay);
-        record.headers.push((NOT_BEFORE.into(), not_before.to_string().into_bytes()));
-        self.replace_with(Outgoing { topic: m.topic.clone(), key: m.key.clone(), record }).await
-    }
-
-    async fn dead_letter(&self, reason: &str) -> Result<()> {
-        if self.settled.swap(true, Ordering::SeqCst) {
-            return Ok(());
-        }
-        let m = &self.item.message;
-        let origin = (m.topic.as_str(), self.item.partition, self.item.offset);
-        self.replace_with(dead_letter_of(&self.shared, binding::encode(&m.event), &m.key, origin, reason)).await
     }
 }
 
