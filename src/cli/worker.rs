@@ -14,7 +14,9 @@
 //! Each echo attempt sleeps `--delay-ms` (or the task's `sleepMs` property). A task property
 //! `failAttempts: N` fails its first N attempts with a retryable error, and `stallAttempts: N`
 //! makes its first N attempts sleep `stallMs` (default 3 s) so a start-to-close timeout fences
-//! them off; their late `finished` must then be refused by the engine.
+//! them off; their late `finished` must then be refused by the engine. `--answer-twice-every N`
+//! (fault injection) sends every N-th `finished` a second time as a new CloudEvent, as a worker
+//! that answers twice would; the engine must refuse the second answer.
 
 use std::fs::{File, OpenOptions};
 use std::io::Write;
@@ -85,6 +87,9 @@ pub struct WorkerArgs {
     /// the same --id, never starts an award twice (one file per worker id).
     #[arg(long)]
     pub journal: Option<PathBuf>,
+    /// Fault injection: send every N-th `finished` twice, the second time as a new CloudEvent.
+    #[arg(long, hide = true)]
+    pub answer_twice_every: Option<u64>,
     /// Share the broker with other deployments under this namespace (a topic prefix).
     #[arg(long)]
     pub namespace: Option<String>,
@@ -123,6 +128,10 @@ pub async fn run(args: WorkerArgs) -> anyhow::Result<ExitCode> {
                     _ = tokio::time::sleep(Duration::from_millis(500)) => continue,
                 }
             }
+        };
+        let broker: Arc<dyn capstan_brokers::Broker> = match args.answer_twice_every {
+            Some(every) if every > 0 => Arc::new(AnswerTwice::new(broker, every)),
+            _ => broker,
         };
         let worker = match &delivery {
             Some(d) => one_delivery_worker(d, &args)?,
@@ -305,5 +314,48 @@ impl Handler for LedgerEcho {
         // store never saw, which the checker counts as a lost report, not a lost record.
         self.record("finished", &task, json!({ "result": result }));
         outcome
+    }
+}
+
+/// A worker that answers twice: every `every`-th `task.finished` goes out again as a new
+/// CloudEvent (same attempt, token and result), which the engine must refuse.
+struct AnswerTwice {
+    inner: Arc<dyn capstan_brokers::Broker>,
+    every: u64,
+    finished: std::sync::atomic::AtomicU64,
+}
+
+impl AnswerTwice {
+    fn new(inner: Arc<dyn capstan_brokers::Broker>, every: u64) -> Self {
+        AnswerTwice { inner, every, finished: std::sync::atomic::AtomicU64::new(0) }
+    }
+}
+
+#[async_trait]
+impl capstan_brokers::Broker for AnswerTwice {
+    async fn publish(&self, messages: Vec<capstan_brokers::Message>) -> capstan_brokers::Result<()> {
+        let mut out = Vec::with_capacity(messages.len() + 1);
+        for m in messages {
+            let twice = m.event.ty == capstan_proto::types::TASK_FINISHED
+                && (self.finished.fetch_add(1, std::sync::atomic::Ordering::Relaxed) + 1).is_multiple_of(self.every);
+            if twice {
+                let mut again = m.clone();
+                again.event.id = uuid::Uuid::new_v4().to_string();
+                info!(id = %again.event.id, first = %m.event.id, "answered twice");
+                out.push(m);
+                out.push(again);
+            } else {
+                out.push(m);
+            }
+        }
+        self.inner.publish(out).await
+    }
+
+    async fn subscribe(
+        &self,
+        topic: &str,
+        mode: capstan_brokers::SubscriptionMode,
+    ) -> capstan_brokers::Result<Box<dyn capstan_brokers::Subscription>> {
+        self.inner.subscribe(topic, mode).await
     }
 }

@@ -184,6 +184,13 @@ async fn suite(kind: BrokerKind) {
         report.outcome_unknown,
         actions.len()
     );
+    // The workers answer every 25th result twice (a new CloudEvent each time): the tables above
+    // show whether the engine recorded any second answer.
+    let answered_twice: usize = (1..=WORKERS)
+        .map(|i| std::fs::read_to_string(dir.path().join(format!("fw-{i}.log"))).unwrap_or_default())
+        .map(|log| log.matches("answered twice").count())
+        .sum();
+    println!("workers answered twice {answered_twice} times; every second answer had to be refused");
     print!("{}", report.table());
     match report.reoffer_summary() {
         Some((p50, p99, max)) => println!(
@@ -211,6 +218,7 @@ async fn suite(kind: BrokerKind) {
     assert_eq!(open, 0, "{open} runs never ended within the deadline");
     assert!(report.problems.is_empty(), "violations:\n{}", report.problems.join("\n"));
     counts.assert_minimums(&mode);
+    assert!(answered_twice > 0, "no worker answered twice: the fault was never injected");
     counts.assert_server_survived_the_database();
     counts.assert_resources_bounded();
 }

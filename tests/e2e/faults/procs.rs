@@ -182,6 +182,8 @@ impl WorkerProc {
         .into_iter()
         .map(String::from)
         .chain(["--ledger".into(), ledger.display().to_string(), "--journal".into(), journal.display().to_string()])
+        // A worker that answers twice, every 25th result.
+        .chain(["--answer-twice-every".into(), "25".into()])
         .collect();
         let mut w = WorkerProc { id: id.into(), child: None, args, log: dir.join(format!("{id}.log")), ledger };
         w.spawn();

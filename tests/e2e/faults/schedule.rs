@@ -144,12 +144,14 @@ impl Counts {
     }
 
     /// Memory and connections stay bounded whatever the faults: the server's resident memory
-    /// under 512 MiB, PostgreSQL's client connections within two pools of the server's (10 each:
-    /// a killed incarnation's connections may linger while the next one connects).
+    /// under 512 MiB, PostgreSQL's client connections within three pools of the server's (10
+    /// each): the connections of killed incarnations may linger while the next one connects
+    /// (20 were seen right after a crash of the Kafka client), but a leak would grow past any
+    /// bound over the long mode's hundreds of restarts.
     pub fn assert_resources_bounded(&self) {
         assert!(self.max_server_rss_kib > 0, "the server's memory was never sampled: {self}");
         assert!(self.max_server_rss_kib < 512 * 1024, "the server's memory grew past 512 MiB: {self}");
-        assert!(self.max_pg_connections <= 20, "PostgreSQL held more than two pools of connections: {self}");
+        assert!(self.max_pg_connections <= 30, "PostgreSQL held more than three pools of connections: {self}");
     }
 
     fn sample(&mut self, c: &Cluster) {
