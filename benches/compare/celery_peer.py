@@ -21,6 +21,8 @@ import time
 
 import celery
 
+from peer_stats import cpu_s_named, cpu_s_of, percentile
+
 BROKER = os.environ.get("CELERY_PEER_BROKER", "amqp://guest:guest@127.0.0.1:5672//")
 QUEUE = os.environ.get("CELERY_PEER_QUEUE", "capstan-compare")
 
@@ -39,38 +41,6 @@ app.conf.update(
 @app.task(name="noop")
 def noop(i):
     return i
-
-
-def cpu_s_of(pid):
-    """utime + stime of a process, from /proc (100 ticks per second on Linux)."""
-    with open(f"/proc/{pid}/stat") as f:
-        stat = f.read()
-    fields = stat[stat.rfind(")") + 2 :].split()
-    return (int(fields[11]) + int(fields[12])) / 100.0
-
-
-def cpu_s_named(prefix):
-    """CPU seconds of every process whose command name starts with `prefix`."""
-    total = 0.0
-    for pid in os.listdir("/proc"):
-        if not pid.isdigit():
-            continue
-        try:
-            with open(f"/proc/{pid}/stat") as f:
-                stat = f.read()
-        except OSError:
-            continue
-        name = stat[stat.find("(") + 1 : stat.rfind(")")]
-        if name.startswith(prefix):
-            fields = stat[stat.rfind(")") + 2 :].split()
-            total += (int(fields[11]) + int(fields[12])) / 100.0
-    return total
-
-
-def percentile(samples, q):
-    samples = sorted(samples)
-    rank = max(1, min(len(samples), int(-(-q * len(samples) // 1))))
-    return samples[rank - 1]
 
 
 def main(jobs, concurrency):

@@ -5,35 +5,12 @@ the next (the same closed loop `capstan bench` drives with --concurrency C). Pri
 import argparse
 import asyncio
 import json
-import os
 import resource
 import time
 
 import procrastinate
 
-
-def postgres_cpu_s():
-    """CPU seconds of every process named postgres* (the server's backends), from /proc."""
-    total = 0.0
-    for pid in os.listdir("/proc"):
-        if not pid.isdigit():
-            continue
-        try:
-            with open(f"/proc/{pid}/stat") as f:
-                stat = f.read()
-        except OSError:
-            continue
-        name = stat[stat.find("(") + 1 : stat.rfind(")")]
-        if name.startswith("postgres"):
-            fields = stat[stat.rfind(")") + 2 :].split()
-            total += (int(fields[11]) + int(fields[12])) / 100.0
-    return total
-
-
-def percentile(samples, q):
-    samples = sorted(samples)
-    rank = max(1, min(len(samples), int(-(-q * len(samples) // 1))))
-    return samples[rank - 1]
+from peer_stats import cpu_s_named, percentile
 
 
 async def main(dsn, jobs, concurrency):
@@ -66,10 +43,10 @@ async def main(dsn, jobs, concurrency):
                 del done[i]
                 latencies.append((time.perf_counter() - t0) * 1000.0)
 
-        cpu0, pg0, start = resource.getrusage(resource.RUSAGE_SELF), postgres_cpu_s(), time.perf_counter()
+        cpu0, pg0, start = resource.getrusage(resource.RUSAGE_SELF), cpu_s_named("postgres"), time.perf_counter()
         await asyncio.gather(*(client() for _ in range(concurrency)))
         elapsed = time.perf_counter() - start
-        cpu1, pg1 = resource.getrusage(resource.RUSAGE_SELF), postgres_cpu_s()
+        cpu1, pg1 = resource.getrusage(resource.RUSAGE_SELF), cpu_s_named("postgres")
         worker.cancel()
         try:
             await worker
