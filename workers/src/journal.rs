@@ -61,33 +61,7 @@ impl Journal {
         if let Some(dir) = path.parent().filter(|d| !d.as_os_str().is_empty()) {
             std::fs::create_dir_all(dir).map_err(io)?;
         }
-        let mut kept = VecDeque::new();
-        let (mut lines, mut torn, mut ends_cleanly) = (0usize, 0usize, true);
-        match File::open(path) {
-            Ok(file) => {
-                let mut reader = BufReader::new(file);
-                let mut line = Vec::new();
-                loop {
-                    line.clear();
-                    if reader.read_until(b'\n', &mut line).map_err(io)? == 0 {
-                        break;
-                    }
-                    lines += 1;
-                    ends_cleanly = line.ends_with(b"\n");
-                    match serde_json::from_slice::<Entry>(&line) {
-                        Ok(e) => {
-                            kept.push_back(e);
-                            if kept.len() > Self::CAPACITY {
-                                kept.pop_front();
-                            }
-                        }
-                        Err(_) => torn += 1,
-                    }
-                }
-            }
-            Err(e) if e.kind() == std::io::ErrorKind::NotFound => {}
-            Err(e) => return Err(io(e)),
-        }
+        let Contents { kept, mut lines, torn, ends_cleanly } = read(path).map_err(io)?;
         if torn > 0 {
             tracing::warn!(path = %path.display(), lines = torn, "skipped unreadable journal lines (a write cut by a crash)");
         }
@@ -104,7 +78,7 @@ impl Journal {
         }
         let loaded: Vec<_> = kept.iter().map(|e| (e.attempt.clone(), e.token)).collect();
         let (tx, rx) = std_mpsc::channel();
-        let writer = Writer { path: path.to_path_buf(), file, kept, lines };
+        let writer = Writer { path: path.to_path_buf(), file, lines };
         std::thread::Builder::new().name("capstan-journal".into()).spawn(move || writer.run(rx)).map_err(io)?;
         tracing::info!(path = %path.display(), awards = loaded.len(), "award journal open");
         Ok((Journal { path: path.to_path_buf(), tx }, loaded))
@@ -130,8 +104,6 @@ impl Journal {
 struct Writer {
     path: PathBuf,
     file: File,
-    /// The newest entries, for compaction.
-    kept: VecDeque<Entry>,
     /// Lines in the file; at twice the capacity it is rewritten.
     lines: usize,
 }
@@ -147,14 +119,8 @@ impl Writer {
             if let Err(e) = &written {
                 tracing::error!(path = %self.path.display(), error = %e, "cannot write the award journal");
             }
-            for (entry, tx) in group {
+            for (_, tx) in group {
                 let _ = tx.send(reply.clone());
-                if reply.is_ok() {
-                    self.kept.push_back(entry);
-                    if self.kept.len() > Journal::CAPACITY {
-                        self.kept.pop_front();
-                    }
-                }
             }
             if reply.is_ok()
                 && self.lines >= 2 * Journal::CAPACITY
@@ -180,12 +146,52 @@ impl Writer {
         Ok(())
     }
 
+    /// Rewrites the file to its newest entries, read back from the file itself (compaction is
+    /// rare: once per [`Journal::CAPACITY`] awards).
     fn compact(&mut self) -> std::io::Result<()> {
-        rewrite(&self.path, &self.kept)?;
+        let kept = read(&self.path)?.kept;
+        rewrite(&self.path, &kept)?;
         self.file = OpenOptions::new().append(true).open(&self.path)?;
-        self.lines = self.kept.len();
+        self.lines = kept.len();
         Ok(())
     }
+}
+
+/// What a journal file holds.
+struct Contents {
+    /// The newest [`Journal::CAPACITY`] readable entries, oldest first.
+    kept: VecDeque<Entry>,
+    lines: usize,
+    /// Lines that do not parse (a write cut by a crash).
+    torn: usize,
+    /// Whether the last line ends with a newline (true for an empty or missing file).
+    ends_cleanly: bool,
+}
+
+fn read(path: &Path) -> std::io::Result<Contents> {
+    let mut c = Contents { kept: VecDeque::new(), lines: 0, torn: 0, ends_cleanly: true };
+    let file = match File::open(path) {
+        Ok(file) => file,
+        Err(e) if e.kind() == std::io::ErrorKind::NotFound => return Ok(c),
+        Err(e) => return Err(e),
+    };
+    let mut reader = BufReader::new(file);
+    let mut line = Vec::new();
+    while reader.read_until(b'\n', &mut line)? > 0 {
+        c.lines += 1;
+        c.ends_cleanly = line.ends_with(b"\n");
+        match serde_json::from_slice::<Entry>(&line) {
+            Ok(e) => {
+                c.kept.push_back(e);
+                if c.kept.len() > Journal::CAPACITY {
+                    c.kept.pop_front();
+                }
+            }
+            Err(_) => c.torn += 1,
+        }
+        line.clear();
+    }
+    Ok(c)
 }
 
 /// Replaces the file by `entries`, atomically and durably.
