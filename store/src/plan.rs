@@ -113,6 +113,18 @@ impl Plan {
         self.appends.iter().filter(|a| seen.insert(a.run_id.as_str())).map(|a| a.run_id.clone()).collect()
     }
 
+    /// Each run's expected version at its first append, in first-seen order: what the stored
+    /// version must be for the whole batch to apply (later appends to a run chain from it).
+    #[cfg(feature = "postgres")]
+    pub fn first_expected_versions(&self) -> Vec<(String, i64)> {
+        let mut seen = HashSet::new();
+        self.appends
+            .iter()
+            .filter(|a| seen.insert(a.run_id.as_str()))
+            .map(|a| (a.run_id.clone(), a.expected_version))
+            .collect()
+    }
+
     /// The event ids the batch appends, in batch order.
     pub fn event_ids(&self) -> impl Iterator<Item = &str> {
         self.appends.iter().flat_map(|a| a.events.iter().map(|e| e.id.as_str()))

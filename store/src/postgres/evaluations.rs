@@ -1,43 +1,13 @@
-//! The evaluations projection in PostgreSQL: written inside a commit, read newest first.
+//! The evaluations projection in PostgreSQL: written inside a commit (by `capstan_commit`), read
+//! newest first.
 
 use async_trait::async_trait;
-use serde_json::Value;
+use sqlx::Row;
 use sqlx::postgres::PgRow;
-use sqlx::types::Json;
-use sqlx::{PgConnection, Row};
 
 use super::PostgresStore;
 use crate::sql::{db_error, sql_limit};
 use crate::{EvaluationRecord, Evaluations, Result};
-
-/// Inserts the batch's evaluation results; one already kept for `(run_id, task)` stays.
-pub(super) async fn insert(conn: &mut PgConnection, evaluations: &[EvaluationRecord]) -> Result<()> {
-    if evaluations.is_empty() {
-        return Ok(());
-    }
-    let col = |f: fn(&EvaluationRecord) -> &str| evaluations.iter().map(f).collect::<Vec<&str>>();
-    let scores: Vec<Option<f64>> = evaluations.iter().map(|e| e.score).collect();
-    let bodies: Vec<Json<&Value>> = evaluations.iter().map(|e| Json(&e.evaluation)).collect();
-    let created: Vec<i64> = evaluations.iter().map(|e| e.created_at_ms).collect();
-    sqlx::query(
-        "INSERT INTO evaluations (run_id, task, project, stage, service, result, score, evaluation, created_at_ms) \
-         SELECT * FROM UNNEST($1::text[], $2::text[], $3::text[], $4::text[], $5::text[], $6::text[], \
-         $7::float8[], $8::jsonb[], $9::bigint[]) ON CONFLICT (run_id, task) DO NOTHING",
-    )
-    .bind(col(|e| &e.run_id))
-    .bind(col(|e| &e.task))
-    .bind(col(|e| &e.project))
-    .bind(col(|e| &e.stage))
-    .bind(col(|e| e.service.as_deref().unwrap_or("")))
-    .bind(col(|e| &e.result))
-    .bind(scores)
-    .bind(bodies)
-    .bind(created)
-    .execute(&mut *conn)
-    .await
-    .map_err(db_error)?;
-    Ok(())
-}
 
 fn record(row: &PgRow) -> Result<EvaluationRecord> {
     let service: String = row.try_get("service").map_err(db_error)?;

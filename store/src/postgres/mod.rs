@@ -1,25 +1,29 @@
 //! [`PostgresStore`]: the production backend, shared by every `capstan server` replica.
 //!
-//! A commit is one transaction of at most eight statements whatever the batch size: each table
-//! is written by one statement that binds whole columns as arrays and `UNNEST`s them.
+//! A commit is ONE statement, a call of the PL/pgSQL function `capstan_commit` (migration 0004)
+//! run in autocommit: one network round trip whatever the batch size. Each table is written by
+//! one statement inside it that `UNNEST`s whole columns bound as arrays. Before, a commit was
+//! ten round trips (BEGIN, one per table, the position lock, the version check, COMMIT); on a
+//! loaded machine every round trip waits for the scheduler, and three of them were taken while
+//! holding the position lock that serializes all appending commits.
 //!
 //! Global order: a commit that appends increments the single-row counter `event_position` by its
 //! event count and takes its positions from the result. The row lock is held until the
 //! transaction ends, so appending commits are serialized: positions become visible in commit
 //! order without gaps, and a `read_all` watcher never passes a position that commits later (the
 //! classic sequence gap problem). The same lock makes the expected-version check race-free:
-//! under READ COMMITTED every statement after the increment sees all earlier commits. The lock
-//! is taken as late as possible (after inputs, run index, outbox and timers are written), so it
-//! is held for three statements and the WAL flush. Commits that only touch inputs, outbox,
-//! timers or the run index do not take it.
+//! under READ COMMITTED every statement of the function after the increment sees all earlier
+//! commits. The lock is taken last, so it is held for the events insert and the WAL flush.
+//! Commits that only touch inputs, outbox, timers or the run index do not take it.
 
 mod evaluations;
+#[cfg(target_os = "linux")]
+mod nodelay;
 mod read;
 
 use std::str::FromStr;
 
 use async_trait::async_trait;
-use serde_json::Value;
 use sqlx::postgres::{PgConnectOptions, PgPool, PgPoolOptions};
 use sqlx::types::Json;
 use sqlx::{Connection, PgConnection};
@@ -93,11 +97,18 @@ impl PostgresStore {
             conn.close().await.map_err(db_error)?;
             options = options.options([("search_path", schema.as_str())]);
         }
-        let pool = PgPoolOptions::new()
-            .max_connections(config.max_connections.max(1))
-            .connect_with(options)
-            .await
-            .map_err(db_error)?;
+        let mut pool_options = PgPoolOptions::new().max_connections(config.max_connections.max(1));
+        #[cfg(target_os = "linux")]
+        if !options.get_host().starts_with('/') {
+            let server = nodelay::Server { port: options.get_port(), ip: options.get_host().parse().ok() };
+            pool_options = pool_options.after_connect(move |_, _| {
+                Box::pin(async move {
+                    nodelay::apply(server);
+                    Ok(())
+                })
+            });
+        }
+        let pool = pool_options.connect_with(options).await.map_err(db_error)?;
         let store = PostgresStore { pool, schema: config.schema };
         store.migrate().await?;
         debug!(schema = ?store.schema, "connected PostgreSQL store");
@@ -128,124 +139,109 @@ impl PostgresStore {
     }
 }
 
-/// Writes the run index, outbox and timer parts of the plan, one statement per table.
-async fn write_rest(conn: &mut PgConnection, plan: &Plan) -> Result<()> {
-    if !plan.runs.is_empty() {
-        let col = |f: fn(&crate::RunRecord) -> &str| plan.runs.iter().map(f).collect::<Vec<_>>();
-        let num = |f: fn(&crate::RunRecord) -> i64| plan.runs.iter().map(f).collect::<Vec<_>>();
-        let opt = |f: fn(&crate::RunRecord) -> Option<&str>| plan.runs.iter().map(f).collect::<Vec<_>>();
-        sqlx::query(
-            "INSERT INTO runs (run_id, project, context_id, stage, sequence, service, definition, \
-             definition_version, status, result, created_at_ms, updated_at_ms) \
-             SELECT * FROM UNNEST($1::text[], $2::text[], $3::text[], $4::text[], $5::text[], \
-             $6::text[], $7::text[], $8::bigint[], $9::text[], $10::text[], $11::bigint[], $12::bigint[]) \
-             ON CONFLICT (run_id) DO UPDATE SET project = excluded.project, \
-             context_id = excluded.context_id, stage = excluded.stage, \
-             sequence = excluded.sequence, service = excluded.service, \
-             definition = excluded.definition, definition_version = excluded.definition_version, \
-             status = excluded.status, result = excluded.result, \
-             created_at_ms = excluded.created_at_ms, updated_at_ms = excluded.updated_at_ms",
-        )
-        .bind(col(|r| &r.run_id))
-        .bind(col(|r| &r.project))
-        .bind(col(|r| &r.context_id))
-        .bind(col(|r| &r.stage))
-        .bind(col(|r| &r.sequence))
-        .bind(opt(|r| r.service.as_deref()))
-        .bind(col(|r| &r.definition))
-        .bind(num(|r| r.definition_version))
-        .bind(col(|r| &r.status))
-        .bind(opt(|r| r.result.as_deref()))
-        .bind(num(|r| r.created_at_ms))
-        .bind(num(|r| r.updated_at_ms))
-        .execute(&mut *conn)
-        .await
-        .map_err(db_error)?;
+/// The SQLSTATE `capstan_commit` raises for an input or event id already recorded.
+const DUPLICATE_ID: &str = "CP001";
+/// The SQLSTATE `capstan_commit` raises for a run whose version is not the expected one.
+const VERSION_CONFLICT: &str = "CP002";
+
+/// Maps an error of the commit call: the two raised by `capstan_commit` itself carry what the
+/// caller must know (which id, which run and versions); everything else as [`db_error`].
+fn commit_error(err: sqlx::Error) -> Error {
+    if let sqlx::Error::Database(db) = &err {
+        let code = db.code();
+        if code.as_deref() == Some(DUPLICATE_ID) {
+            return Error::DuplicateInput(db.message().to_owned());
+        }
+        if code.as_deref() == Some(VERSION_CONFLICT) {
+            let detail = db.try_downcast_ref::<sqlx::postgres::PgDatabaseError>().and_then(|e| e.detail());
+            let mut versions = detail.unwrap_or_default().split(' ').map(str::parse::<i64>);
+            if let (Some(Ok(expected)), Some(Ok(actual))) = (versions.next(), versions.next()) {
+                return Error::Conflict { run_id: db.message().to_owned(), expected, actual };
+            }
+        }
     }
-    if !plan.outbox.is_empty() {
-        let col = |f: fn(&crate::OutboxMessage) -> &str| plan.outbox.iter().map(f).collect::<Vec<_>>();
-        let payloads: Vec<&[u8]> = plan.outbox.iter().map(|m| m.payload.as_slice()).collect();
-        // ORDER BY the ordinality so the serial seq follows the batch order.
-        sqlx::query(
-            "INSERT INTO outbox (id, topic, key, payload) SELECT id, topic, key, payload \
-             FROM UNNEST($1::text[], $2::text[], $3::text[], $4::bytea[]) WITH ORDINALITY \
-             AS u (id, topic, key, payload, ord) ORDER BY ord",
-        )
-        .bind(col(|m| &m.id))
-        .bind(col(|m| &m.topic))
-        .bind(col(|m| &m.key))
-        .bind(payloads)
-        .execute(&mut *conn)
-        .await
-        .map_err(db_error)?;
-    }
-    if !plan.cancel_timers.is_empty() {
-        let runs: Vec<&str> = plan.cancel_timers.iter().map(|c| c.run_id.as_str()).collect();
-        let keys: Vec<&str> = plan.cancel_timers.iter().map(|c| c.key.as_str()).collect();
-        let guards: Vec<Option<i64>> = plan.cancel_timers.iter().map(|c| c.only_if_fire_at).collect();
-        sqlx::query(
-            "DELETE FROM timers t USING UNNEST($1::text[], $2::text[], $3::bigint[]) \
-             AS c (run_id, key, guard) WHERE t.run_id = c.run_id AND t.key = c.key \
-             AND (c.guard IS NULL OR t.fire_at_ms = c.guard)",
-        )
-        .bind(runs)
-        .bind(keys)
-        .bind(guards)
-        .execute(&mut *conn)
-        .await
-        .map_err(db_error)?;
-    }
-    if !plan.set_timers.is_empty() {
-        let runs: Vec<&str> = plan.set_timers.iter().map(|t| t.run_id.as_str()).collect();
-        let keys: Vec<&str> = plan.set_timers.iter().map(|t| t.key.as_str()).collect();
-        let fire_at: Vec<i64> = plan.set_timers.iter().map(|t| t.fire_at_ms).collect();
-        let payloads: Vec<Json<&Value>> = plan.set_timers.iter().map(|t| Json(&t.payload)).collect();
-        sqlx::query(
-            "INSERT INTO timers (run_id, key, fire_at_ms, payload) \
-             SELECT * FROM UNNEST($1::text[], $2::text[], $3::bigint[], $4::jsonb[]) \
-             ON CONFLICT (run_id, key) DO UPDATE SET fire_at_ms = excluded.fire_at_ms, \
-             payload = excluded.payload",
-        )
-        .bind(runs)
-        .bind(keys)
-        .bind(fire_at)
-        .bind(payloads)
-        .execute(&mut *conn)
-        .await
-        .map_err(db_error)?;
-    }
-    Ok(())
+    db_error(err)
 }
 
 #[async_trait]
 impl CommitLog for PostgresStore {
     async fn commit(&self, batch: Batch) -> Result<Committed> {
         let plan = Plan::new(batch)?;
-        let mut tx = self.pool.begin().await.map_err(db_error)?;
-        // Any early return drops `tx`, which rolls the whole batch back.
-        if !plan.inputs.is_empty() {
-            let written: Vec<String> = sqlx::query_scalar(
-                "INSERT INTO processed_inputs (id, processed_at_ms) SELECT id, $2::bigint FROM UNNEST($1::text[]) \
-                 AS u (id) ON CONFLICT (id) DO NOTHING RETURNING id",
-            )
-            .bind(&plan.inputs)
-            .bind(plan.inputs_at_ms)
-            .fetch_all(&mut *tx)
-            .await
-            .map_err(db_error)?;
-            if let Some(id) = Plan::first_missing(plan.inputs.iter().map(String::as_str), &written) {
-                return Err(Error::DuplicateInput(id));
-            }
+        // Numbers the events from each run's first expected version; this also checks that
+        // appends to one run chain. The function checks those versions against the table.
+        let expected = plan.first_expected_versions();
+        let sequenced = plan.sequence(&expected.iter().cloned().collect())?;
+        let runs = &plan.runs;
+        let run_col = |f: fn(&crate::RunRecord) -> &str| runs.iter().map(f).collect::<Vec<_>>();
+        let run_num = |f: fn(&crate::RunRecord) -> i64| runs.iter().map(f).collect::<Vec<_>>();
+        let run_opt = |f: fn(&crate::RunRecord) -> Option<&str>| runs.iter().map(f).collect::<Vec<_>>();
+        let outbox = &plan.outbox;
+        let out_col = |f: fn(&crate::OutboxMessage) -> &str| outbox.iter().map(f).collect::<Vec<_>>();
+        let cancels = &plan.cancel_timers;
+        let sets = &plan.set_timers;
+        let evals = &plan.evaluations;
+        let eval_col = |f: fn(&crate::EvaluationRecord) -> &str| evals.iter().map(f).collect::<Vec<_>>();
+        let last: i64 = sqlx::query_scalar(
+            "SELECT capstan_commit($1::text[], $2::bigint, \
+             $3::text[], $4::text[], $5::text[], $6::text[], $7::text[], $8::text[], $9::text[], \
+             $10::bigint[], $11::text[], $12::text[], $13::bigint[], $14::bigint[], \
+             $15::text[], $16::text[], $17::text[], $18::bytea[], \
+             $19::text[], $20::text[], $21::bigint[], \
+             $22::text[], $23::text[], $24::bigint[], $25::jsonb[], \
+             $26::text[], $27::text[], $28::text[], $29::text[], $30::text[], $31::text[], \
+             $32::float8[], $33::jsonb[], $34::bigint[], \
+             $35::text[], $36::bigint[], \
+             $37::text[], $38::bigint[], $39::text[], $40::text[], $41::jsonb[], $42::bigint[])",
+        )
+        .bind(&plan.inputs)
+        .bind(plan.inputs_at_ms)
+        .bind(run_col(|r| &r.run_id))
+        .bind(run_col(|r| &r.project))
+        .bind(run_col(|r| &r.context_id))
+        .bind(run_col(|r| &r.stage))
+        .bind(run_col(|r| &r.sequence))
+        .bind(run_opt(|r| r.service.as_deref()))
+        .bind(run_col(|r| &r.definition))
+        .bind(run_num(|r| r.definition_version))
+        .bind(run_col(|r| &r.status))
+        .bind(run_opt(|r| r.result.as_deref()))
+        .bind(run_num(|r| r.created_at_ms))
+        .bind(run_num(|r| r.updated_at_ms))
+        .bind(out_col(|m| &m.id))
+        .bind(out_col(|m| &m.topic))
+        .bind(out_col(|m| &m.key))
+        .bind(outbox.iter().map(|m| m.payload.as_slice()).collect::<Vec<_>>())
+        .bind(cancels.iter().map(|c| c.run_id.as_str()).collect::<Vec<_>>())
+        .bind(cancels.iter().map(|c| c.key.as_str()).collect::<Vec<_>>())
+        .bind(cancels.iter().map(|c| c.only_if_fire_at).collect::<Vec<_>>())
+        .bind(sets.iter().map(|t| t.run_id.as_str()).collect::<Vec<_>>())
+        .bind(sets.iter().map(|t| t.key.as_str()).collect::<Vec<_>>())
+        .bind(sets.iter().map(|t| t.fire_at_ms).collect::<Vec<_>>())
+        .bind(sets.iter().map(|t| Json(&t.payload)).collect::<Vec<_>>())
+        .bind(eval_col(|e| &e.run_id))
+        .bind(eval_col(|e| &e.task))
+        .bind(eval_col(|e| &e.project))
+        .bind(eval_col(|e| &e.stage))
+        .bind(eval_col(|e| e.service.as_deref().unwrap_or("")))
+        .bind(eval_col(|e| &e.result))
+        .bind(evals.iter().map(|e| e.score).collect::<Vec<_>>())
+        .bind(evals.iter().map(|e| Json(&e.evaluation)).collect::<Vec<_>>())
+        .bind(evals.iter().map(|e| e.created_at_ms).collect::<Vec<_>>())
+        .bind(expected.iter().map(|(run, _)| run.as_str()).collect::<Vec<_>>())
+        .bind(expected.iter().map(|(_, version)| *version).collect::<Vec<_>>())
+        .bind(sequenced.iter().map(|s| s.run_id).collect::<Vec<_>>())
+        .bind(sequenced.iter().map(|s| s.seq).collect::<Vec<_>>())
+        .bind(sequenced.iter().map(|s| s.event.id.as_str()).collect::<Vec<_>>())
+        .bind(sequenced.iter().map(|s| s.event.kind.as_str()).collect::<Vec<_>>())
+        .bind(sequenced.iter().map(|s| Json(&s.event.payload)).collect::<Vec<_>>())
+        .bind(sequenced.iter().map(|s| s.event.recorded_at_ms).collect::<Vec<_>>())
+        .fetch_one(&self.pool)
+        .await
+        .map_err(commit_error)?;
+        if sequenced.is_empty() {
+            return Ok(Committed::default());
         }
-        // Everything that does not need the global order is written before the position lock,
-        // so that appending commits hold it for three statements and the flush, not for the
-        // whole batch: with several partitions committing, the time inside the lock is what
-        // bounds commits per second. Nothing here is visible before COMMIT either way.
-        write_rest(&mut tx, &plan).await?;
-        evaluations::insert(&mut tx, &plan.evaluations).await?;
-        let committed = if plan.has_appends() { append_events(&mut tx, &plan).await? } else { Committed::default() };
-        tx.commit().await.map_err(db_error)?;
-        Ok(committed)
+        Ok(Committed { last_position: last, events: sequenced.len() })
     }
 
     async fn prune_processed_inputs(&self, before_ms: i64, limit: usize) -> Result<u64> {
@@ -262,54 +258,6 @@ impl CommitLog for PostgresStore {
         .map_err(db_error)?;
         Ok(done.rows_affected())
     }
-}
-
-/// Takes the position lock, checks the expected versions (after the lock, so the check sees
-/// every earlier appending commit) and inserts the events at their positions.
-async fn append_events(conn: &mut PgConnection, plan: &Plan) -> Result<Committed> {
-    let count = plan.event_count() as i64;
-    let last: i64 = sqlx::query_scalar("UPDATE event_position SET last = last + $1 WHERE id = 1 RETURNING last")
-        .bind(count)
-        .fetch_one(&mut *conn)
-        .await
-        .map_err(db_error)?;
-    let first_position = last - count + 1;
-    let current: Vec<(String, i64)> =
-        sqlx::query_as("SELECT run_id, MAX(seq) FROM events WHERE run_id = ANY($1) GROUP BY run_id")
-            .bind(plan.append_run_ids())
-            .fetch_all(&mut *conn)
-            .await
-            .map_err(db_error)?;
-    let sequenced = plan.sequence(&current.into_iter().collect())?;
-    if sequenced.is_empty() {
-        return Ok(Committed::default());
-    }
-    let positions: Vec<i64> = (0..count).map(|i| first_position + i).collect();
-    let runs: Vec<&str> = sequenced.iter().map(|s| s.run_id).collect();
-    let seqs: Vec<i64> = sequenced.iter().map(|s| s.seq).collect();
-    let ids: Vec<&str> = sequenced.iter().map(|s| s.event.id.as_str()).collect();
-    let kinds: Vec<&str> = sequenced.iter().map(|s| s.event.kind.as_str()).collect();
-    let payloads: Vec<Json<&Value>> = sequenced.iter().map(|s| Json(&s.event.payload)).collect();
-    let recorded: Vec<i64> = sequenced.iter().map(|s| s.event.recorded_at_ms).collect();
-    let written: Vec<String> = sqlx::query_scalar(
-        "INSERT INTO events (position, run_id, seq, id, kind, payload, recorded_at_ms) \
-         SELECT * FROM UNNEST($1::bigint[], $2::text[], $3::bigint[], $4::text[], \
-         $5::text[], $6::jsonb[], $7::bigint[]) ON CONFLICT (id) DO NOTHING RETURNING id",
-    )
-    .bind(positions)
-    .bind(runs)
-    .bind(seqs)
-    .bind(&ids)
-    .bind(kinds)
-    .bind(payloads)
-    .bind(recorded)
-    .fetch_all(&mut *conn)
-    .await
-    .map_err(db_error)?;
-    if let Some(id) = Plan::first_missing(ids.iter().copied(), &written) {
-        return Err(Error::DuplicateInput(id));
-    }
-    Ok(Committed { last_position: first_position + count - 1, events: sequenced.len() })
 }
 
 #[cfg(test)]

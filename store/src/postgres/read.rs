@@ -90,7 +90,7 @@ impl EventReader for PostgresStore {
     }
 
     async fn inputs_seen(&self, ids: &[String]) -> Result<Vec<String>> {
-        let found: Vec<String> = sqlx::query_scalar("SELECT id FROM processed_inputs WHERE id = ANY($1)")
+        let found: Vec<String> = sqlx::query_scalar("SELECT capstan_inputs_seen($1::text[])")
             .bind(ids)
             .fetch_all(&self.pool)
             .await
