@@ -5,6 +5,12 @@ use std::process::ExitCode;
 use capstan::cli;
 use clap::Parser;
 
+/// mimalloc instead of glibc's malloc: the engine allocates and frees many small strings, JSON
+/// trees and buffers per message, and glibc's allocator was ~28 % of the server's CPU
+/// (`_int_malloc`, `malloc_consolidate`, `_int_free`; docs/performance.md).
+#[global_allocator]
+static GLOBAL: mimalloc::MiMalloc = mimalloc::MiMalloc;
+
 fn main() -> ExitCode {
     let args = cli::Cli::parse();
     cli::init_tracing(args.verbose);
