@@ -97,7 +97,7 @@ impl Plan {
     }
 
     /// Whether the batch appends to any stream (and so needs the global position order).
-    #[cfg(any(feature = "sqlite", feature = "postgres"))]
+    #[cfg(feature = "postgres")]
     pub fn has_appends(&self) -> bool {
         !self.appends.is_empty()
     }
@@ -155,7 +155,7 @@ impl Plan {
 
     /// The first of `wanted` (in order) that is missing from `written`: the id a conflict-ignoring
     /// insert skipped because it already existed.
-    #[cfg(any(feature = "sqlite", feature = "postgres"))]
+    #[cfg(feature = "postgres")]
     pub fn first_missing<'a>(wanted: impl IntoIterator<Item = &'a str>, written: &[String]) -> Option<String> {
         let written: HashSet<&str> = written.iter().map(String::as_str).collect();
         wanted.into_iter().find(|id| !written.contains(id)).map(str::to_owned)

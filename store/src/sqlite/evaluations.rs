@@ -2,32 +2,35 @@
 
 use async_trait::async_trait;
 use sqlx::sqlite::SqliteRow;
-use sqlx::{QueryBuilder, Row, Sqlite, SqliteConnection};
+use sqlx::{Row, SqliteConnection};
 
-use super::{CHUNK, SqliteStore};
+use super::SqliteStore;
 use crate::sql::{db_error, parse_json, sql_limit};
 use crate::{EvaluationRecord, Evaluations, Result};
 
 /// Inserts the batch's evaluation results; one already kept for `(run_id, task)` stays.
+///
+/// One fixed single-row statement per result (a batch holds few, one per finished gate), not
+/// the JSON rows of [`super::commit`]: SQLite's decimal-to-double conversion does not give back
+/// every `f64` exactly, and a score must read back as it was written.
 pub(super) async fn insert(conn: &mut SqliteConnection, evaluations: &[EvaluationRecord]) -> Result<()> {
-    for chunk in evaluations.chunks(CHUNK / 2) {
-        let mut qb = QueryBuilder::<Sqlite>::new(
+    for e in evaluations {
+        sqlx::query(
             "INSERT INTO evaluations (run_id, task, project, stage, service, result, score, evaluation, \
-             created_at_ms) ",
-        );
-        qb.push_values(chunk, |mut row, e| {
-            row.push_bind(e.run_id.as_str())
-                .push_bind(e.task.as_str())
-                .push_bind(e.project.as_str())
-                .push_bind(e.stage.as_str())
-                .push_bind(e.service.as_deref().unwrap_or(""))
-                .push_bind(e.result.as_str())
-                .push_bind(e.score)
-                .push_bind(e.evaluation.to_string())
-                .push_bind(e.created_at_ms);
-        });
-        qb.push(" ON CONFLICT (run_id, task) DO NOTHING");
-        qb.build().execute(&mut *conn).await.map_err(db_error)?;
+             created_at_ms) VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?) ON CONFLICT (run_id, task) DO NOTHING",
+        )
+        .bind(e.run_id.as_str())
+        .bind(e.task.as_str())
+        .bind(e.project.as_str())
+        .bind(e.stage.as_str())
+        .bind(e.service.as_deref().unwrap_or(""))
+        .bind(e.result.as_str())
+        .bind(e.score)
+        .bind(e.evaluation.to_string())
+        .bind(e.created_at_ms)
+        .execute(&mut *conn)
+        .await
+        .map_err(db_error)?;
     }
     Ok(())
 }
@@ -69,5 +72,38 @@ impl Evaluations for SqliteStore {
         .await
         .map_err(db_error)?;
         rows.iter().map(record).collect()
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use crate::sqlite::SqliteStore;
+    use crate::{Batch, CommitLog, Evaluations};
+
+    /// Scores are bound as doubles, never written as decimal text: SQLite's text-to-double
+    /// conversion is off by one unit in the last place for some values, like the first two here.
+    #[tokio::test]
+    async fn scores_read_back_bit_for_bit() {
+        let store = SqliteStore::open_in_memory().await.expect("open");
+        let scores = [-6.536982303948592e-214, 1.6902694547073622e168, 1.0 / 3.0, 0.1, 99.99999999999999, 5e-324];
+        let evaluations = scores
+            .iter()
+            .enumerate()
+            .map(|(i, score)| {
+                let mut e = crate::testing::evaluation("r", &format!("gate-{i}"), "svc", 1);
+                e.score = Some(*score);
+                e
+            })
+            .collect();
+        store.commit(Batch { evaluations, ..Batch::default() }).await.expect("commit");
+        let mut read: Vec<u64> = store
+            .recent_evaluations("p", "dev", Some("svc"), 10)
+            .await
+            .expect("read")
+            .into_iter()
+            .map(|e| e.score.expect("scored").to_bits())
+            .collect();
+        read.reverse();
+        assert_eq!(read, scores.map(f64::to_bits));
     }
 }

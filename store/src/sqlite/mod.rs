@@ -12,25 +12,21 @@
 //! what workers already saw; FULL rules that out. [`SqliteConfig::synchronous_full`] trades it
 //! for throughput where that risk is acceptable.
 
+mod commit;
 mod evaluations;
 mod read;
 
-use std::collections::HashMap;
 use std::path::Path;
 use std::time::Duration;
 
 use async_trait::async_trait;
+use sqlx::Sqlite;
 use sqlx::sqlite::{SqliteConnectOptions, SqliteJournalMode, SqlitePool, SqlitePoolOptions, SqliteSynchronous};
-use sqlx::{QueryBuilder, Sqlite, SqliteConnection};
 use tracing::debug;
 
-use crate::plan::{Plan, Sequenced};
+use crate::plan::Plan;
 use crate::sql::{db_error, migrate_error, sql_limit};
-use crate::{Batch, CommitLog, Committed, Error, Result};
-
-/// Rows per multi-row statement: 7 columns x 500 rows stays far below SQLite's limit of 32766
-/// bound variables while still writing a large batch in a few statements.
-const CHUNK: usize = 500;
+use crate::{Batch, CommitLog, Committed, Result};
 
 /// Migrations embedded at compile time; they need no database then.
 static MIGRATOR: sqlx::migrate::Migrator = sqlx::migrate!("./migrations/sqlite");
@@ -119,132 +115,6 @@ impl SqliteStore {
     }
 }
 
-/// Records the input ids with their commit time; fails with the first one already recorded.
-async fn insert_inputs(conn: &mut SqliteConnection, inputs: &[String], at_ms: i64) -> Result<()> {
-    for chunk in inputs.chunks(CHUNK) {
-        let mut qb = QueryBuilder::<Sqlite>::new("INSERT INTO processed_inputs (id, processed_at_ms) ");
-        qb.push_values(chunk, |mut row, id| {
-            row.push_bind(id.as_str()).push_bind(at_ms);
-        });
-        qb.push(" ON CONFLICT (id) DO NOTHING RETURNING id");
-        let written: Vec<String> = qb.build_query_scalar().fetch_all(&mut *conn).await.map_err(db_error)?;
-        if let Some(id) = Plan::first_missing(chunk.iter().map(String::as_str), &written) {
-            return Err(Error::DuplicateInput(id));
-        }
-    }
-    Ok(())
-}
-
-/// The current versions of the given runs (runs without events are absent).
-async fn current_versions(conn: &mut SqliteConnection, run_ids: &[String]) -> Result<HashMap<String, i64>> {
-    let mut versions = HashMap::new();
-    for chunk in run_ids.chunks(CHUNK) {
-        let mut qb = QueryBuilder::<Sqlite>::new("SELECT run_id, MAX(seq) FROM events WHERE run_id IN (");
-        let mut list = qb.separated(", ");
-        for id in chunk {
-            list.push_bind(id.as_str());
-        }
-        qb.push(") GROUP BY run_id");
-        let rows: Vec<(String, i64)> = qb.build_query_as().fetch_all(&mut *conn).await.map_err(db_error)?;
-        versions.extend(rows);
-    }
-    Ok(versions)
-}
-
-/// Inserts the events at positions `first..`; fails with the first event id already stored.
-async fn insert_events(conn: &mut SqliteConnection, events: &[Sequenced<'_>], first: i64) -> Result<()> {
-    for (n, chunk) in events.chunks(CHUNK).enumerate() {
-        let base = first + (n * CHUNK) as i64;
-        let mut qb = QueryBuilder::<Sqlite>::new(
-            "INSERT INTO events (position, run_id, seq, id, kind, payload, recorded_at_ms) ",
-        );
-        qb.push_values(chunk.iter().enumerate(), |mut row, (i, s)| {
-            row.push_bind(base + i as i64)
-                .push_bind(s.run_id)
-                .push_bind(s.seq)
-                .push_bind(s.event.id.as_str())
-                .push_bind(s.event.kind.as_str())
-                .push_bind(s.event.payload.to_string())
-                .push_bind(s.event.recorded_at_ms);
-        });
-        qb.push(" ON CONFLICT (id) DO NOTHING RETURNING id");
-        let written: Vec<String> = qb.build_query_scalar().fetch_all(&mut *conn).await.map_err(db_error)?;
-        if let Some(id) = Plan::first_missing(chunk.iter().map(|s| s.event.id.as_str()), &written) {
-            return Err(Error::DuplicateInput(id));
-        }
-    }
-    Ok(())
-}
-
-/// Writes the run index, outbox and timer parts of the plan.
-async fn write_rest(conn: &mut SqliteConnection, plan: &Plan) -> Result<()> {
-    for chunk in plan.runs.chunks(CHUNK) {
-        let mut qb = QueryBuilder::<Sqlite>::new(
-            "INSERT INTO runs (run_id, project, context_id, stage, sequence, service, definition, \
-             definition_version, status, result, created_at_ms, updated_at_ms) ",
-        );
-        qb.push_values(chunk, |mut row, r| {
-            row.push_bind(r.run_id.as_str())
-                .push_bind(r.project.as_str())
-                .push_bind(r.context_id.as_str())
-                .push_bind(r.stage.as_str())
-                .push_bind(r.sequence.as_str())
-                .push_bind(r.service.as_deref())
-                .push_bind(r.definition.as_str())
-                .push_bind(r.definition_version)
-                .push_bind(r.status.as_str())
-                .push_bind(r.result.as_deref())
-                .push_bind(r.created_at_ms)
-                .push_bind(r.updated_at_ms);
-        });
-        qb.push(
-            " ON CONFLICT (run_id) DO UPDATE SET project = excluded.project, \
-             context_id = excluded.context_id, stage = excluded.stage, \
-             sequence = excluded.sequence, service = excluded.service, \
-             definition = excluded.definition, definition_version = excluded.definition_version, \
-             status = excluded.status, result = excluded.result, \
-             created_at_ms = excluded.created_at_ms, updated_at_ms = excluded.updated_at_ms",
-        );
-        qb.build().execute(&mut *conn).await.map_err(db_error)?;
-    }
-    for chunk in plan.outbox.chunks(CHUNK) {
-        let mut qb = QueryBuilder::<Sqlite>::new("INSERT INTO outbox (id, topic, key, payload) ");
-        qb.push_values(chunk, |mut row, m| {
-            row.push_bind(m.id.as_str())
-                .push_bind(m.topic.as_str())
-                .push_bind(m.key.as_str())
-                .push_bind(m.payload.as_slice());
-        });
-        qb.build().execute(&mut *conn).await.map_err(db_error)?;
-    }
-    for chunk in plan.cancel_timers.chunks(CHUNK) {
-        let mut qb = QueryBuilder::<Sqlite>::new("WITH c (run_id, key, guard) AS (");
-        qb.push_values(chunk, |mut row, c| {
-            row.push_bind(c.run_id.as_str()).push_bind(c.key.as_str()).push_bind(c.only_if_fire_at);
-        });
-        qb.push(
-            ") DELETE FROM timers WHERE EXISTS (SELECT 1 FROM c WHERE c.run_id = timers.run_id \
-             AND c.key = timers.key AND (c.guard IS NULL OR c.guard = timers.fire_at_ms))",
-        );
-        qb.build().execute(&mut *conn).await.map_err(db_error)?;
-    }
-    for chunk in plan.set_timers.chunks(CHUNK) {
-        let mut qb = QueryBuilder::<Sqlite>::new("INSERT INTO timers (run_id, key, fire_at_ms, payload) ");
-        qb.push_values(chunk, |mut row, t| {
-            row.push_bind(t.run_id.as_str())
-                .push_bind(t.key.as_str())
-                .push_bind(t.fire_at_ms)
-                .push_bind(t.payload.to_string());
-        });
-        qb.push(
-            " ON CONFLICT (run_id, key) DO UPDATE SET fire_at_ms = excluded.fire_at_ms, \
-             payload = excluded.payload",
-        );
-        qb.build().execute(&mut *conn).await.map_err(db_error)?;
-    }
-    Ok(())
-}
-
 #[async_trait]
 impl CommitLog for SqliteStore {
     fn serializes_commits(&self) -> bool {
@@ -255,21 +125,14 @@ impl CommitLog for SqliteStore {
         let plan = Plan::new(batch)?;
         let mut tx = self.begin_write().await?;
         // Any early return drops `tx`, which rolls the whole batch back.
-        insert_inputs(&mut tx, &plan.inputs, plan.inputs_at_ms).await?;
-        let mut committed = Committed::default();
-        if plan.has_appends() {
-            let current = current_versions(&mut tx, &plan.append_run_ids()).await?;
-            let sequenced = plan.sequence(&current)?;
-            if !sequenced.is_empty() {
-                let last: i64 = sqlx::query_scalar("SELECT COALESCE(MAX(position), 0) FROM events")
-                    .fetch_one(&mut *tx)
-                    .await
-                    .map_err(db_error)?;
-                insert_events(&mut tx, &sequenced, last + 1).await?;
-                committed = Committed { last_position: last + sequenced.len() as i64, events: sequenced.len() };
-            }
-        }
-        write_rest(&mut tx, &plan).await?;
+        let (last, current) = commit::record_inputs(&mut tx, &plan).await?;
+        let sequenced = plan.sequence(&current)?;
+        commit::write(&mut tx, &plan, &sequenced, last + 1).await?;
+        let committed = if sequenced.is_empty() {
+            Committed::default()
+        } else {
+            Committed { last_position: last + sequenced.len() as i64, events: sequenced.len() }
+        };
         evaluations::insert(&mut tx, &plan.evaluations).await?;
         tx.commit().await.map_err(db_error)?;
         Ok(committed)
@@ -294,7 +157,7 @@ impl CommitLog for SqliteStore {
 #[cfg(test)]
 mod tests {
     use super::*;
-    use crate::{EventReader, NewEvent, StreamAppend, TimerRow, Timers};
+    use crate::{Error, EventReader, NewEvent, StreamAppend, TimerRow, Timers};
     use serde_json::json;
 
     /// Payloads are stored as JSON text: every kind of JSON value must come back as it went in

@@ -5,7 +5,8 @@ use async_trait::async_trait;
 use sqlx::sqlite::SqliteRow;
 use sqlx::{QueryBuilder, Row, Sqlite};
 
-use super::{CHUNK, SqliteStore};
+use super::SqliteStore;
+use super::commit::json;
 use crate::sql::{db_error, parse_json, sql_limit};
 use crate::{
     DefinitionRecord, Definitions, EventReader, Outbox, OutboxMessage, OutboxRow, Position, Result, RunFilter,
@@ -91,19 +92,19 @@ impl EventReader for SqliteStore {
     }
 
     async fn inputs_seen(&self, ids: &[String]) -> Result<Vec<String>> {
-        let mut seen = std::collections::HashSet::new();
-        for chunk in ids.chunks(CHUNK) {
-            let mut qb = QueryBuilder::<Sqlite>::new("SELECT id FROM processed_inputs WHERE id IN (");
-            let mut list = qb.separated(", ");
-            for id in chunk {
-                list.push_bind(id.as_str());
-            }
-            qb.push(")");
-            let found: Vec<String> = qb.build_query_scalar().fetch_all(&self.reader).await.map_err(db_error)?;
-            seen.extend(found);
+        if ids.is_empty() {
+            return Ok(Vec::new());
         }
-        // Answer in the caller's order.
-        Ok(ids.iter().filter(|id| seen.contains(*id)).cloned().collect())
+        // One fixed statement (the ids as one JSON array), so it stays prepared; answered in the
+        // caller's order, each id found through the primary key.
+        sqlx::query_scalar(
+            "SELECT value FROM json_each(?) AS j \
+             WHERE EXISTS (SELECT 1 FROM processed_inputs WHERE id = j.value) ORDER BY j.rowid",
+        )
+        .bind(json(ids)?)
+        .fetch_all(&self.reader)
+        .await
+        .map_err(db_error)
     }
 }
 
@@ -131,15 +132,14 @@ impl Outbox for SqliteStore {
     }
 
     async fn outbox_delete(&self, seqs: &[i64]) -> Result<()> {
-        for chunk in seqs.chunks(CHUNK) {
-            let mut qb = QueryBuilder::<Sqlite>::new("DELETE FROM outbox WHERE seq IN (");
-            let mut list = qb.separated(", ");
-            for seq in chunk {
-                list.push_bind(*seq);
-            }
-            qb.push(")");
-            qb.build().execute(&self.writer).await.map_err(db_error)?;
+        if seqs.is_empty() {
+            return Ok(());
         }
+        sqlx::query("DELETE FROM outbox WHERE seq IN (SELECT value FROM json_each(?))")
+            .bind(json(seqs)?)
+            .execute(&self.writer)
+            .await
+            .map_err(db_error)?;
         Ok(())
     }
 }
