@@ -96,12 +96,6 @@ impl Plan {
         })
     }
 
-    /// Whether the batch appends to any stream (and so needs the global position order).
-    #[cfg(feature = "postgres")]
-    pub fn has_appends(&self) -> bool {
-        !self.appends.is_empty()
-    }
-
     /// How many events the batch appends.
     pub fn event_count(&self) -> usize {
         self.appends.iter().map(|a| a.events.len()).sum()
@@ -151,14 +145,6 @@ impl Plan {
             versions.insert(run_id, actual + append.events.len() as i64);
         }
         Ok(out)
-    }
-
-    /// The first of `wanted` (in order) that is missing from `written`: the id a conflict-ignoring
-    /// insert skipped because it already existed.
-    #[cfg(feature = "postgres")]
-    pub fn first_missing<'a>(wanted: impl IntoIterator<Item = &'a str>, written: &[String]) -> Option<String> {
-        let written: HashSet<&str> = written.iter().map(String::as_str).collect();
-        wanted.into_iter().find(|id| !written.contains(id)).map(str::to_owned)
     }
 }
 
