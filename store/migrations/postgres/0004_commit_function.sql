@@ -15,6 +15,25 @@
 -- enable_seqscan is off inside the call: every statement here is a key lookup, and a plan cached
 -- while a table was small (a new database) would otherwise go on scanning it whole.
 
+-- Raises CP001 with the first of `wanted` (in order) that is not in `written`: the id an insert
+-- with ON CONFLICT DO NOTHING skipped because it was already stored. Nothing to look for when
+-- every id was written, the usual case.
+CREATE FUNCTION capstan_refuse_missing(wanted text[], written text[]) RETURNS void
+LANGUAGE plpgsql
+AS $$
+DECLARE
+    missing text;
+BEGIN
+    IF coalesce(cardinality(written), 0) = cardinality(wanted) THEN
+        RETURN;
+    END IF;
+    SELECT u.id INTO missing FROM unnest(wanted) WITH ORDINALITY AS u (id, ord)
+     WHERE NOT EXISTS (SELECT 1 FROM unnest(written) AS w (id) WHERE w.id = u.id)
+     ORDER BY u.ord LIMIT 1;
+    RAISE EXCEPTION USING ERRCODE = 'CP001', MESSAGE = missing;
+END
+$$;
+
 CREATE FUNCTION capstan_commit(
     in_ids text[], in_at bigint,
     run_ids text[], run_projects text[], run_contexts text[], run_stages text[],
@@ -35,7 +54,7 @@ SET enable_seqscan = off
 SET jit = off
 AS $$
 DECLARE
-    missing text;
+    got text[];
     bad record;
     n bigint := cardinality(ev_ids);
     top bigint := 0;
@@ -45,11 +64,8 @@ BEGIN
             INSERT INTO processed_inputs (id, processed_at_ms)
             SELECT u.id, in_at FROM unnest(in_ids) AS u (id)
             ON CONFLICT (id) DO NOTHING RETURNING processed_inputs.id)
-        SELECT u.id INTO missing FROM unnest(in_ids) WITH ORDINALITY AS u (id, ord)
-        WHERE NOT EXISTS (SELECT 1 FROM written w WHERE w.id = u.id) ORDER BY u.ord LIMIT 1;
-        IF missing IS NOT NULL THEN
-            RAISE EXCEPTION USING ERRCODE = 'CP001', MESSAGE = missing;
-        END IF;
+        SELECT array_agg(id) INTO got FROM written;
+        PERFORM capstan_refuse_missing(in_ids, got);
     END IF;
 
     IF cardinality(run_ids) > 0 THEN
@@ -122,11 +138,8 @@ BEGIN
               FROM unnest(ev_runs, ev_seqs, ev_ids, ev_kinds, ev_payloads, ev_recorded)
                    WITH ORDINALITY AS u (run_id, seq, id, kind, payload, recorded, ord)
             ON CONFLICT (id) DO NOTHING RETURNING events.id)
-        SELECT u.id INTO missing FROM unnest(ev_ids) WITH ORDINALITY AS u (id, ord)
-        WHERE NOT EXISTS (SELECT 1 FROM written w WHERE w.id = u.id) ORDER BY u.ord LIMIT 1;
-        IF missing IS NOT NULL THEN
-            RAISE EXCEPTION USING ERRCODE = 'CP001', MESSAGE = missing;
-        END IF;
+        SELECT array_agg(id) INTO got FROM written;
+        PERFORM capstan_refuse_missing(ev_ids, got);
     END IF;
     RETURN top;
 END

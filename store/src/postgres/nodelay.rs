@@ -139,13 +139,14 @@ mod tests {
         let before = nodelay_of_connections(server);
         assert_eq!(before, [false], "control: a plain sqlx connection (sqlx fixed? remove the workaround)");
 
-        let store = super::super::PostgresStore::connect(&url).await.expect("connect");
+        let schema = format!("capstan_test_{}", uuid::Uuid::new_v4().simple());
+        let store = super::super::PostgresStore::connect_with_schema(&url, &schema).await.expect("connect");
         sqlx::query("SELECT 1").execute(store.pool()).await.expect("query");
         let after = nodelay_of_connections(server);
+        plain.close().await;
+        store.drop_schema().await.expect("drop test schema");
         assert!(after.len() >= 2, "the store's connection is among them: {after:?}");
         assert!(after.iter().all(|on| *on), "{after:?}");
-        plain.close().await;
-        store.pool().close().await;
     }
 
     #[test]
