@@ -101,22 +101,22 @@ impl Plan {
         self.appends.iter().map(|a| a.events.len()).sum()
     }
 
+    /// The first append to each run, in batch order (later ones to the same run chain from it).
+    fn first_appends(&self) -> impl Iterator<Item = &StreamAppend> {
+        let mut seen = HashSet::new();
+        self.appends.iter().filter(move |a| seen.insert(a.run_id.as_str()))
+    }
+
     /// The distinct run ids the batch appends to, in first-seen order.
     pub fn append_run_ids(&self) -> Vec<String> {
-        let mut seen = HashSet::new();
-        self.appends.iter().filter(|a| seen.insert(a.run_id.as_str())).map(|a| a.run_id.clone()).collect()
+        self.first_appends().map(|a| a.run_id.clone()).collect()
     }
 
     /// Each run's expected version at its first append, in first-seen order: what the stored
     /// version must be for the whole batch to apply (later appends to a run chain from it).
     #[cfg(feature = "postgres")]
     pub fn first_expected_versions(&self) -> Vec<(String, i64)> {
-        let mut seen = HashSet::new();
-        self.appends
-            .iter()
-            .filter(|a| seen.insert(a.run_id.as_str()))
-            .map(|a| (a.run_id.clone(), a.expected_version))
-            .collect()
+        self.first_appends().map(|a| (a.run_id.clone(), a.expected_version)).collect()
     }
 
     /// The event ids the batch appends, in batch order.
