@@ -150,11 +150,14 @@ pub fn decode<'a>(
     prefix: HeaderPrefix,
 ) -> Result<CloudEvent> {
     let mut all: Vec<(&str, &str)> = headers.into_iter().collect();
-    if let Some(ct) = content_type {
+    // ONE content type decides the mode and becomes `datacontenttype`: the explicit one, else the
+    // first header. Later duplicates are dropped, so a message cannot be read as binary by one
+    // header and carry another, structured-mode type that would not decode again.
+    let ct = content_type.or_else(|| all.iter().find(|(k, _)| k.eq_ignore_ascii_case(CONTENT_TYPE)).map(|(_, v)| *v));
+    if let Some(ct) = ct {
         all.retain(|(k, _)| !k.eq_ignore_ascii_case(CONTENT_TYPE));
         all.push((CONTENT_TYPE, ct));
     }
-    let ct = all.iter().find(|(k, _)| k.eq_ignore_ascii_case(CONTENT_TYPE)).map(|(_, v)| *v);
     match ct.map(media_type) {
         Some(t) if t == STRUCTURED_CONTENT_TYPE => {
             CloudEvent::from_json(body).map_err(|e| Error::Invalid(format!("structured event: {e}")))
@@ -276,6 +279,25 @@ mod tests {
         assert!(err.to_string().contains("`id`"), "{err}");
         let batch = [("content-type", "application/cloudevents-batch+json")];
         assert!(matches!(decode(batch, None, b"[]", HeaderPrefix::HTTP), Err(Error::Invalid(_))));
+    }
+
+    /// Found by the fuzzer: a binary message with a second content-type header of the structured
+    /// kind was read as binary by the first and carried the second, so it did not decode again.
+    #[test]
+    fn the_first_of_duplicate_content_types_decides() {
+        let headers = [
+            ("ce-specversion", "1.0"),
+            ("ce-id", "b"),
+            ("ce-source", "s"),
+            ("ce-type", "t"),
+            ("content-type", "text/plain"),
+            ("content-type", "application/cloudevents+json"),
+        ];
+        let ev = decode(headers, None, b"hi", HeaderPrefix::HTTP).expect("binary by the first");
+        assert_eq!(ev.datacontenttype.as_deref(), Some("text/plain"));
+        let m = encode(&ev, HeaderPrefix::HTTP).expect("encodes");
+        let again = m.headers.iter().map(|(k, v)| (k.as_str(), v.as_str()));
+        assert_eq!(decode(again, m.content_type.as_deref(), &m.body, HeaderPrefix::HTTP).expect("decodes"), ev);
     }
 
     #[test]
