@@ -532,10 +532,20 @@ fn unix_ms(t: SystemTime) -> u64 {
     t.duration_since(UNIX_EPOCH).map_or(0, |d| u64::try_from(d.as_millis()).unwrap_or(u64::MAX))
 }
 
-/// The instant for a unix-millisecond time, if it lies in the future.
+/// Unix milliseconds rounded up, for a not-before time: rounding down would let a delayed
+/// redelivery come up to a millisecond before its delay passed.
+fn unix_ms_ceil(t: SystemTime) -> u64 {
+    t.duration_since(UNIX_EPOCH).map_or(0, |d| {
+        let ms = u64::try_from(d.as_millis()).unwrap_or(u64::MAX);
+        if d.subsec_nanos() % 1_000_000 == 0 { ms } else { ms.saturating_add(1) }
+    })
+}
+
+/// The instant for a unix-millisecond time, if it lies in the future (measured against the
+/// clock's full precision, not whole milliseconds).
 fn instant_of_unix_ms(ms: u64) -> Option<Instant> {
-    let now = unix_ms(SystemTime::now());
-    (ms > now).then(|| Instant::now() + Duration::from_millis(ms - now))
+    let at = UNIX_EPOCH + Duration::from_millis(ms);
+    at.duration_since(SystemTime::now()).ok().filter(|d| !d.is_zero()).map(|d| Instant::now() + d)
 }
 
 /// A process-unique suffix for broadcast group ids.
@@ -543,4 +553,33 @@ fn unique() -> String {
     static COUNTER: std::sync::atomic::AtomicU64 = std::sync::atomic::AtomicU64::new(0);
     let n = COUNTER.fetch_add(1, Ordering::Relaxed);
     format!("{}-{}-{n}", std::process::id(), unix_ms(SystemTime::now()))
+}
+
+#[cfg(test)]
+mod clock_tests {
+    use super::*;
+
+    #[test]
+    fn a_not_before_time_never_lies_before_the_delay() {
+        let whole = UNIX_EPOCH + Duration::from_millis(1_700_000_000_123);
+        assert_eq!(unix_ms_ceil(whole), 1_700_000_000_123);
+        for nanos in [1, 999_999, 500_000] {
+            let t = whole + Duration::from_nanos(nanos);
+            assert_eq!(unix_ms_ceil(t), 1_700_000_000_124, "{nanos} ns past a millisecond");
+            assert!(UNIX_EPOCH + Duration::from_millis(unix_ms_ceil(t)) >= t);
+        }
+    }
+
+    #[test]
+    fn the_instant_of_a_not_before_time_keeps_sub_millisecond_precision() {
+        assert_eq!(instant_of_unix_ms(unix_ms(SystemTime::now()).saturating_sub(1)), None, "past");
+        let before = Instant::now();
+        let requested = SystemTime::now() + Duration::from_millis(400);
+        let at = instant_of_unix_ms(unix_ms_ceil(requested)).expect("in the future");
+        // Both clocks are read after `before`, so the instant lies at least the delay after it;
+        // the slack only absorbs the two clocks' rates differing over the microseconds between
+        // reads. Whole-millisecond rounding would come up to a millisecond early.
+        let earliest = before + Duration::from_millis(400) - Duration::from_micros(20);
+        assert!(at >= earliest, "{:?} early", earliest.saturating_duration_since(at));
+    }
 }

@@ -12,7 +12,7 @@ use tokio::time::Instant;
 
 use super::super::binding::{self, NOT_BEFORE, REDELIVERIES};
 use super::super::{Outgoing, Shared};
-use super::{Incoming, State, dead_letter_of, unix_ms};
+use super::{Incoming, State, dead_letter_of, unix_ms_ceil};
 use crate::{Acker, Result};
 
 /// Settles one delivery.
@@ -71,7 +71,7 @@ impl Acker for KafkaAcker {
         let m = &self.item.message;
         let mut record = binding::encode(&m.event);
         record.headers.push((REDELIVERIES.into(), again.to_string().into_bytes()));
-        let not_before = unix_ms(SystemTime::now() + delay);
+        let not_before = unix_ms_ceil(SystemTime::now() + delay);
         record.headers.push((NOT_BEFORE.into(), not_before.to_string().into_bytes()));
         self.replace_with(Outgoing { topic: m.topic.clone(), key: m.key.clone(), record }).await
     }
