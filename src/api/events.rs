@@ -37,7 +37,7 @@ impl Api {
         self.auth.authenticate(token)?;
         let mut req = trigger_of(event, project)?;
         self.auth.authorize(token, &req.project, Role::Operator)?;
-        let context_id = req.context_id.get_or_insert_with(|| Uuid::new_v4().to_string()).clone();
+        let context_id = req.context_id.get_or_insert_with(|| Uuid::now_v7().to_string()).clone();
         let project = req.project.clone();
         let run_id = self.trigger(token, req).await.map_err(|e| match e {
             ApiError::AlreadyExists(_) => ApiError::AlreadyExists(format!("event {} was already accepted", event.id)),

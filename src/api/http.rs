@@ -107,7 +107,7 @@ async fn alertmanager(
                 continue;
             }
         };
-        let context = req.context_id.get_or_insert_with(|| uuid::Uuid::new_v4().to_string()).clone();
+        let context = req.context_id.get_or_insert_with(|| uuid::Uuid::now_v7().to_string()).clone();
         let project = req.project.clone();
         match api.trigger_once(token.as_deref(), req).await {
             Ok((run_id, true)) => {

@@ -340,7 +340,7 @@ impl capstan_brokers::Broker for AnswerTwice {
                 && (self.finished.fetch_add(1, std::sync::atomic::Ordering::Relaxed) + 1).is_multiple_of(self.every);
             if twice {
                 let mut again = m.clone();
-                again.event.id = uuid::Uuid::new_v4().to_string();
+                again.event.id = uuid::Uuid::now_v7().to_string();
                 info!(id = %again.event.id, first = %m.event.id, "answered twice");
                 out.push(m);
                 out.push(again);

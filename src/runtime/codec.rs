@@ -110,7 +110,7 @@ pub fn outbox_message(meta: &RunMeta, effect: &Effect, time: &str) -> Option<(Ou
         Effect::Send { worker_id, message } => (topics::worker(worker_id), worker_event(worker_id, message)),
         Effect::Notify(done) => (
             topics::RUN_EVENTS.to_string(),
-            CloudEvent::new(Uuid::new_v4().to_string(), ENGINE_SOURCE, types::SEQUENCE_FINISHED)
+            CloudEvent::new(Uuid::now_v7().to_string(), ENGINE_SOURCE, types::SEQUENCE_FINISHED)
                 .with_data(serde_json::to_value(done).expect("payloads serialize"))
                 .with_ext(ext::PROJECT, &done.project)
                 .with_ext(ext::RUN, &done.run_id)
@@ -139,7 +139,7 @@ fn offer_topic(offer: &TaskOffer) -> String {
 }
 
 fn offer_event(offer: &TaskOffer) -> CloudEvent {
-    CloudEvent::new(Uuid::new_v4().to_string(), ENGINE_SOURCE, types::TASK_OFFERED)
+    CloudEvent::new(Uuid::now_v7().to_string(), ENGINE_SOURCE, types::TASK_OFFERED)
         .with_data(serde_json::to_value(offer).expect("payloads serialize"))
         .with_ext(ext::PROJECT, &offer.attempt.project)
         .with_ext(ext::RUN, &offer.attempt.run_id)
@@ -154,7 +154,7 @@ fn worker_event(worker_id: &str, message: &WorkerMessage) -> CloudEvent {
         WorkerMessage::Rejection(r) => (types::TASK_REJECTED, serde_json::to_value(r), &r.attempt, None),
         WorkerMessage::Cancel(c) => (types::TASK_CANCELLED, serde_json::to_value(c), &c.attempt, None),
     };
-    let mut event = CloudEvent::new(Uuid::new_v4().to_string(), ENGINE_SOURCE, ty)
+    let mut event = CloudEvent::new(Uuid::now_v7().to_string(), ENGINE_SOURCE, ty)
         .with_data(data.expect("payloads serialize"))
         .with_ext(ext::PROJECT, &attempt.project)
         .with_ext(ext::RUN, &attempt.run_id)

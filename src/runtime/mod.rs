@@ -165,11 +165,11 @@ impl Shared {
         let (definition, version) = self.registry.get(&req.project, req.definition.as_deref(), None).await?;
         let run_id = match &req.request_id {
             Some(r) => Uuid::new_v5(&Uuid::NAMESPACE_OID, format!("{}/{r}", req.project).as_bytes()).to_string(),
-            None => Uuid::new_v4().to_string(),
+            None => Uuid::now_v7().to_string(),
         };
         let meta = RunMeta {
             run_id: run_id.clone(),
-            context_id: req.context_id.clone().unwrap_or_else(|| Uuid::new_v4().to_string()),
+            context_id: req.context_id.clone().unwrap_or_else(|| Uuid::now_v7().to_string()),
             project: req.project.clone(),
             stage: req.stage,
             sequence: req.sequence,

@@ -41,7 +41,7 @@ impl Emitter {
         token: Option<u64>,
         data: &impl Serialize,
     ) -> crate::Result<Message> {
-        let mut event = capstan_proto::CloudEvent::new(uuid::Uuid::new_v4().to_string(), &self.source, ty)
+        let mut event = capstan_proto::CloudEvent::new(uuid::Uuid::now_v7().to_string(), &self.source, ty)
             .with_data(serde_json::to_value(data)?)
             .with_ext(ext::PROJECT, &attempt.project)
             .with_ext(ext::RUN, &attempt.run_id)

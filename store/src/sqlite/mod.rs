@@ -71,7 +71,9 @@ impl SqliteStore {
             .filename(path)
             .busy_timeout(config.busy_timeout)
             .foreign_keys(true)
-            .synchronous(synchronous);
+            .synchronous(synchronous)
+            // Statement journals (multi-row upserts inside a transaction) stay off the disk.
+            .pragma("temp_store", "memory");
         let writer = SqlitePoolOptions::new()
             .max_connections(1)
             .connect_with(base.clone().create_if_missing(true).journal_mode(SqliteJournalMode::Wal))
