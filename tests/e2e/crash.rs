@@ -18,7 +18,7 @@ use capstan_store::sqlite::SqliteStore;
 
 use crate::support::{Behaviour, Script, WorkerLog, engine, history, scripted_worker};
 
-const DAG: &str = r#"
+pub(crate) const DAG: &str = r#"
 apiVersion: capstan.dev/v1
 kind: Shipyard
 metadata: {name: crashy}
@@ -100,7 +100,7 @@ async fn runs_survive_crashes_at_random_points() {
     }
 }
 
-async fn all_over(store: &dyn Store, run_ids: &[String]) -> bool {
+pub(crate) async fn all_over(store: &dyn Store, run_ids: &[String]) -> bool {
     for id in run_ids {
         match store.get_run(id).await.expect("get_run") {
             Some(r) if r.is_over() => {}
@@ -117,7 +117,7 @@ async fn wait_all_over(store: &dyn Store, run_ids: &[String]) {
 }
 
 /// One award per attempt, one result per attempt, one end per task, one end per run, all passed.
-fn check_recorded_once(run_id: &str, events: &[Event]) {
+pub(crate) fn check_recorded_once(run_id: &str, events: &[Event]) {
     let mut awards: HashMap<(String, u32), usize> = HashMap::new();
     let mut attempt_ends: HashMap<(String, u32), usize> = HashMap::new();
     let mut task_ends: HashMap<String, Vec<TaskResult>> = HashMap::new();

@@ -17,12 +17,15 @@ mod evaluations;
 mod read;
 
 use std::path::Path;
+use std::sync::Arc;
 use std::time::Duration;
 
 use async_trait::async_trait;
 use sqlx::Sqlite;
 use sqlx::sqlite::{SqliteConnectOptions, SqliteJournalMode, SqlitePool, SqlitePoolOptions, SqliteSynchronous};
-use tracing::debug;
+use tokio::sync::watch;
+use tokio::task::JoinHandle;
+use tracing::{debug, warn};
 
 use crate::plan::Plan;
 use crate::sql::{db_error, migrate_error, sql_limit};
@@ -40,11 +43,20 @@ pub struct SqliteConfig {
     pub busy_timeout: Duration,
     /// Size of the read-only connection pool.
     pub readers: u32,
+    /// Checkpoint the WAL on a connection of its own, every [`CHECKPOINT_EVERY`], instead of
+    /// in the writer's commits (SQLite's automatic checkpoint runs inside the commit that
+    /// crosses 1,000 pages, on the one thread all writes wait for).
+    pub background_checkpoint: bool,
 }
 
 impl Default for SqliteConfig {
     fn default() -> Self {
-        SqliteConfig { synchronous_full: true, busy_timeout: Duration::from_secs(5), readers: 4 }
+        SqliteConfig {
+            synchronous_full: true,
+            busy_timeout: Duration::from_secs(5),
+            readers: 4,
+            background_checkpoint: true,
+        }
     }
 }
 
@@ -55,6 +67,8 @@ pub struct SqliteStore {
     writer: SqlitePool,
     /// Read-only connections (the writer pool itself for an in-memory database).
     reader: SqlitePool,
+    /// Copies the WAL into the database beside the writer; stops with the last clone.
+    checkpointer: Option<Arc<Checkpointer>>,
 }
 
 impl SqliteStore {
@@ -74,12 +88,24 @@ impl SqliteStore {
             .synchronous(synchronous)
             // Statement journals (multi-row upserts inside a transaction) stay off the disk.
             .pragma("temp_store", "memory");
-        let writer = SqlitePoolOptions::new()
-            .max_connections(1)
-            .connect_with(base.clone().create_if_missing(true).journal_mode(SqliteJournalMode::Wal))
-            .await
-            .map_err(db_error)?;
+        let background = config.background_checkpoint;
+        let writer_options = base.clone().create_if_missing(true).journal_mode(SqliteJournalMode::Wal);
+        // With a checkpointer of its own, the writer checkpoints only if that one falls far behind.
+        let writer_options = if background {
+            writer_options.pragma("wal_autocheckpoint", WRITER_CHECKPOINT_PAGES.to_string())
+        } else {
+            writer_options
+        };
+        let writer =
+            SqlitePoolOptions::new().max_connections(1).connect_with(writer_options).await.map_err(db_error)?;
         MIGRATOR.run(&writer).await.map_err(migrate_error)?;
+        let checkpointer = if background {
+            let pool =
+                SqlitePoolOptions::new().max_connections(1).connect_with(base.clone()).await.map_err(db_error)?;
+            Some(Arc::new(Checkpointer::start(pool)))
+        } else {
+            None
+        };
         // Readers open after the writer so the file exists and is already in WAL mode.
         let reader = SqlitePoolOptions::new()
             .max_connections(config.readers.max(1))
@@ -87,7 +113,7 @@ impl SqliteStore {
             .await
             .map_err(db_error)?;
         debug!(path = %path.display(), "opened SQLite store");
-        Ok(SqliteStore { writer, reader })
+        Ok(SqliteStore { writer, reader, checkpointer })
     }
 
     /// A private in-memory database (one connection, kept open for the store's lifetime).
@@ -101,11 +127,14 @@ impl SqliteStore {
             .await
             .map_err(db_error)?;
         MIGRATOR.run(&pool).await.map_err(migrate_error)?;
-        Ok(SqliteStore { writer: pool.clone(), reader: pool })
+        Ok(SqliteStore { writer: pool.clone(), reader: pool, checkpointer: None })
     }
 
-    /// Closes both pools, waiting for connections to finish (checkpointing the WAL).
+    /// Closes the pools, waiting for connections to finish (checkpointing the WAL).
     pub async fn close(&self) {
+        if let Some(c) = &self.checkpointer {
+            c.stop().await;
+        }
         self.reader.close().await;
         self.writer.close().await;
     }
@@ -114,6 +143,57 @@ impl SqliteStore {
     /// never fails half-way with a lock upgrade error.
     async fn begin_write(&self) -> Result<sqlx::Transaction<'static, Sqlite>> {
         self.writer.begin_with("BEGIN IMMEDIATE").await.map_err(db_error)
+    }
+}
+
+/// How often the background checkpointer copies the WAL into the database file.
+pub const CHECKPOINT_EVERY: Duration = Duration::from_millis(100);
+
+/// The writer's own automatic checkpoint threshold (pages) when a checkpointer runs beside it:
+/// a safety net that bounds the WAL should the checkpointer stall.
+const WRITER_CHECKPOINT_PAGES: u32 = 4_096;
+
+/// A task that checkpoints the WAL (`PASSIVE`: it never waits for, nor blocks, the writer or
+/// the readers) on a connection of its own.
+#[derive(Debug)]
+struct Checkpointer {
+    stop: watch::Sender<bool>,
+    task: std::sync::Mutex<Option<JoinHandle<()>>>,
+}
+
+impl Checkpointer {
+    fn start(pool: SqlitePool) -> Self {
+        let (stop, mut stopped) = watch::channel(false);
+        let task = tokio::spawn(async move {
+            let mut tick = tokio::time::interval(CHECKPOINT_EVERY);
+            tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+            loop {
+                tokio::select! {
+                    _ = tick.tick() => {}
+                    _ = stopped.changed() => break,
+                }
+                if let Err(e) = sqlx::query("PRAGMA wal_checkpoint(PASSIVE)").execute(&pool).await {
+                    warn!(error = %e, "background WAL checkpoint failed; the writer checkpoints past its threshold");
+                }
+            }
+            pool.close().await;
+        });
+        Checkpointer { stop, task: std::sync::Mutex::new(Some(task)) }
+    }
+
+    /// Stops the task and waits until its connection is closed.
+    async fn stop(&self) {
+        let _ = self.stop.send(true);
+        let task = self.task.lock().unwrap_or_else(|e| e.into_inner()).take();
+        if let Some(task) = task {
+            let _ = task.await;
+        }
+    }
+}
+
+impl Drop for Checkpointer {
+    fn drop(&mut self) {
+        let _ = self.stop.send(true);
     }
 }
 
@@ -190,6 +270,56 @@ mod tests {
         let mut due = store.timers_due(1, 100).await.expect("due");
         due.sort_by(|a, b| a.key.cmp(&b.key));
         assert_eq!(due.into_iter().map(|t| t.payload).collect::<Vec<_>>(), payloads);
+    }
+
+    /// Events in the database file itself, read from a copy of the file without its WAL (so
+    /// only what a checkpoint copied in counts); `None` while the copy is torn mid-checkpoint.
+    async fn events_in_main_file(path: &Path, dir: &Path) -> Option<i64> {
+        let copy = dir.join("copy.db");
+        std::fs::copy(path, &copy).ok()?;
+        let pool = SqlitePoolOptions::new()
+            .max_connections(1)
+            .connect_with(SqliteConnectOptions::new().filename(&copy).read_only(true))
+            .await
+            .ok()?;
+        let n = sqlx::query_scalar::<_, i64>("SELECT count(*) FROM events").fetch_one(&pool).await.ok();
+        pool.close().await;
+        n
+    }
+
+    async fn wal_checkpointed_within(config: SqliteConfig, wait: Duration) -> bool {
+        let dir = tempfile::tempdir().expect("temp dir");
+        let path = dir.path().join("capstan.db");
+        let store = SqliteStore::open_with(&path, config).await.expect("open");
+        let events = (0..3)
+            .map(|i| NewEvent { id: format!("e{i}"), kind: "k".into(), payload: json!(i), recorded_at_ms: 1 })
+            .collect();
+        let batch = Batch {
+            appends: vec![StreamAppend { run_id: "r".into(), expected_version: 0, events }],
+            ..Batch::default()
+        };
+        store.commit(batch).await.expect("commit");
+        let deadline = tokio::time::Instant::now() + wait;
+        while tokio::time::Instant::now() < deadline {
+            if events_in_main_file(&path, dir.path()).await == Some(3) {
+                return true;
+            }
+            tokio::time::sleep(Duration::from_millis(20)).await;
+        }
+        false
+    }
+
+    /// A small commit stays in the WAL until a checkpoint: the writer would do it only past its
+    /// threshold, the background checkpointer does it within a few of its ticks.
+    #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+    async fn the_background_checkpointer_copies_the_wal_into_the_database() {
+        let with = SqliteConfig { background_checkpoint: true, ..SqliteConfig::default() };
+        assert!(wal_checkpointed_within(with, CHECKPOINT_EVERY * 20).await, "not checkpointed in the background");
+        let without = SqliteConfig { background_checkpoint: false, ..SqliteConfig::default() };
+        assert!(
+            !wal_checkpointed_within(without, CHECKPOINT_EVERY * 5).await,
+            "control: without the checkpointer a small commit must stay in the WAL"
+        );
     }
 
     /// A database made before processed inputs had a time upgrades in place: its ids stay
