@@ -13,8 +13,11 @@ pub struct Cached {
     pub status: &'static str,
 }
 
-/// LRU by count. A state is taken out while a batch works on it and put back after the commit,
-/// so a failed commit can never leave a state in the cache that the store does not have.
+/// LRU by count. A state is taken out while a batch decides on it and put back as soon as the
+/// batch is decided, before its commit, so the next batch can be decided meanwhile; a partition
+/// whose commit fails takes those states out again (the store is the truth). A state evicted
+/// before its commit is folded from the store without the batch's events, and the next append
+/// to that run then fails its expected-version check instead of writing over them.
 pub struct RunCache {
     capacity: usize,
     entries: HashMap<String, (u64, Cached)>,

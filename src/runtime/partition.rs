@@ -21,12 +21,9 @@ use std::time::Duration;
 
 use capstan_brokers::Message;
 use capstan_engine::Timestamp;
-use capstan_engine::run::{Ctx, Effect, Event, Input, RunMeta, RunState, RunStatus, TaskStatus, WorkerMessage};
-use capstan_engine::slo;
-use capstan_store::{Batch, Committed, EvaluationRecord, RunRecord, StreamAppend, TimerCancel, TimerRow};
-use serde_json::{Value, json};
-use tokio::sync::{mpsc, watch};
-use tokio::task::JoinHandle;
+use capstan_engine::run::{Ctx, Effect, Event, Input, RunMeta, RunState, RunStatus};
+use capstan_store::{Batch, EvaluationRecord, RunRecord, StreamAppend, TimerCancel, TimerRow};
+use tokio::sync::mpsc;
 use tracing::{debug, warn};
 
 use super::cache::RunCache;
@@ -35,6 +32,10 @@ use super::error::RuntimeError;
 use super::faults::{FaultPoint, Faults};
 use super::lanes::LaneNote;
 use super::{Envelope, Reply, Shared};
+use gates::{evaluation_record, is_gate, with_previous};
+
+mod gates;
+mod pipeline;
 
 /// What happened to one input.
 #[derive(Debug)]
@@ -81,13 +82,6 @@ struct Prepared {
     earliest_timer: Option<i64>,
 }
 
-/// A batch whose commit is under way in a task of its own.
-struct InFlight {
-    envs: Vec<Envelope>,
-    prepared: Prepared,
-    commit: JoinHandle<capstan_store::Result<Committed>>,
-}
-
 /// The partition service: `run` until shutdown.
 pub struct Partition {
     pub id: usize,
@@ -126,128 +120,6 @@ impl Partition {
             inflight_evaluations: Vec::new(),
             decide_ahead,
         }
-    }
-
-    /// Applies inputs until the channel closes or shutdown is signalled; the batches in hand
-    /// (the one committing and the one decided behind it) are always finished first.
-    pub async fn run(mut self, mut shutdown: watch::Receiver<bool>) {
-        let mut inflight: Option<InFlight> = None;
-        // Decided while `inflight` commits; handed to the store once that one is committed.
-        let mut next: Option<(Vec<Envelope>, Prepared)> = None;
-        loop {
-            tokio::select! {
-                biased;
-                done = async { (&mut inflight.as_mut().expect("guarded").commit).await }, if inflight.is_some() => {
-                    let finished = inflight.take().expect("guarded");
-                    inflight = self.after_commit(finished, done, next.take()).await;
-                }
-                env = self.rx.recv(), if next.is_none() && self.may_decide_ahead(inflight.as_ref()) => {
-                    let Some(first) = env else { break };
-                    let envs = self.gather(first);
-                    match self.prepare(&envs).await {
-                        Ok(prepared) if inflight.is_none() => inflight = self.launch(envs, prepared).await,
-                        Ok(prepared) => next = Some((envs, prepared)),
-                        Err(e) => {
-                            // Deciding could not read the store: finish the batch in flight,
-                            // then this one the slow way, which retries or refuses with reasons.
-                            debug!(partition = self.id, error = %e, "deciding a batch failed");
-                            if let Some(mut finished) = inflight.take() {
-                                let done = (&mut finished.commit).await;
-                                inflight = self.after_commit(finished, done, None).await;
-                            }
-                            self.process(envs).await;
-                        }
-                    }
-                }
-                _ = shutdown.changed() => break,
-            }
-        }
-        while let Some(mut finished) = inflight.take() {
-            let done = (&mut finished.commit).await;
-            inflight = self.after_commit(finished, done, next.take()).await;
-        }
-    }
-
-    /// Whether to take the next batch now: always when nothing commits. While a batch commits,
-    /// only with a store that serializes commits (SQLite: one writer, which deciding ahead keeps
-    /// busy), and only once at least half as many inputs wait as that batch holds. Deciding
-    /// ahead on a few inputs splits the load into more, smaller commits, more work per input
-    /// for the database without more throughput: PostgreSQL (whose partitions already commit
-    /// side by side) lost 17 % with memory and 4-7 % with NATS that way.
-    fn may_decide_ahead(&self, inflight: Option<&InFlight>) -> bool {
-        inflight.is_none_or(|f| self.decide_ahead && self.rx.len() * 2 >= f.envs.len().min(self.max_batch))
-    }
-
-    /// The first envelope and whatever else is queued, up to a batch.
-    fn gather(&mut self, first: Envelope) -> Vec<Envelope> {
-        let mut envs = vec![first];
-        while envs.len() < self.max_batch {
-            match self.rx.try_recv() {
-                Ok(e) => envs.push(e),
-                Err(_) => break,
-            }
-        }
-        envs
-    }
-
-    /// Hands a decided batch to the store in a task of its own; a batch that changed nothing is
-    /// finished at once.
-    async fn launch(&mut self, envs: Vec<Envelope>, mut prepared: Prepared) -> Option<InFlight> {
-        self.shared.faults.point(FaultPoint::MidBatch).await;
-        if prepared.batch.is_empty() {
-            self.finish(envs, prepared, false).await;
-            return None;
-        }
-        self.inflight_inputs = prepared.batch.inputs.iter().cloned().collect();
-        self.inflight_evaluations = prepared.batch.evaluations.clone();
-        let store = self.shared.store.clone();
-        let batch = std::mem::take(&mut prepared.batch);
-        let commit = tokio::spawn(async move { store.commit(batch).await });
-        Some(InFlight { envs, prepared, commit })
-    }
-
-    /// Finishes a batch whose commit returned and launches the one decided behind it. A failed
-    /// commit drops every state decided ahead of the store and applies both batches again, in
-    /// order, the slow way.
-    async fn after_commit(
-        &mut self,
-        finished: InFlight,
-        done: Result<capstan_store::Result<Committed>, tokio::task::JoinError>,
-        next: Option<(Vec<Envelope>, Prepared)>,
-    ) -> Option<InFlight> {
-        self.inflight_inputs.clear();
-        self.inflight_evaluations.clear();
-        let error = match done {
-            Ok(Ok(_)) => {
-                self.finish(finished.envs, finished.prepared, true).await;
-                return match next {
-                    Some((envs, prepared)) => self.launch(envs, prepared).await,
-                    None => None,
-                };
-            }
-            Ok(Err(e)) => e.to_string(),
-            Err(e) => format!("the commit task failed: {e}"),
-        };
-        debug!(partition = self.id, error, "commit failed; applying the batch again");
-        self.forget_states(&finished.prepared.runs);
-        if let Some((_, prepared)) = &next {
-            self.forget_states(&prepared.runs);
-        }
-        self.process(finished.envs).await;
-        if let Some((envs, _)) = next {
-            self.process(envs).await;
-        }
-        None
-    }
-
-    /// Publishes what a batch produced, answers its inputs and releases its timers.
-    async fn finish(&mut self, envs: Vec<Envelope>, prepared: Prepared, committed: bool) {
-        let consumed: Vec<TimerCancel> = envs.iter().filter_map(|e| e.consumed_timer.clone()).collect();
-        let outcomes = self.published(prepared, committed).await;
-        for (env, outcome) in envs.into_iter().zip(outcomes) {
-            answer(&self.shared.faults, env.reply, outcome).await;
-        }
-        self.shared.forget_timers(&consumed);
     }
 
     /// Drops states decided ahead of a commit that failed: they are folded again from the store.
@@ -623,37 +495,6 @@ impl Partition {
         })
     }
 
-    /// Earlier gate results of the run's project, stage and service, oldest first, as the
-    /// evaluation worker reads them (`previousEvaluations`): the store's, then those of the batch
-    /// still committing, then any this batch records before them.
-    async fn previous_evaluations(&self, meta: &RunMeta, in_batch: &[EvaluationRecord]) -> Result<Value, RuntimeError> {
-        let stored = self
-            .shared
-            .store
-            .recent_evaluations(&meta.project, &meta.stage, meta.service.as_deref(), slo::PREVIOUS_EVALUATIONS)
-            .await?;
-        let same_lane =
-            |e: &&EvaluationRecord| e.project == meta.project && e.stage == meta.stage && e.service == meta.service;
-        let mut list: Vec<&EvaluationRecord> = stored.iter().rev().collect();
-        list.extend(self.inflight_evaluations.iter().chain(in_batch).filter(same_lane));
-        let skip = list.len().saturating_sub(slo::PREVIOUS_EVALUATIONS);
-        Ok(Value::Array(
-            list[skip..]
-                .iter()
-                .map(|e| {
-                    json!({
-                        "result": e.result,
-                        "values": e.evaluation.get("values").cloned().unwrap_or_else(|| json!({})),
-                        "score": e.score,
-                        "runId": e.run_id,
-                        "task": e.task,
-                        "at": codec::rfc3339(e.created_at_ms),
-                    })
-                })
-                .collect(),
-        ))
-    }
-
     /// splitmix64: the random draw handed to the engine for backoff jitter.
     fn next_random(&mut self) -> u64 {
         self.rng = self.rng.wrapping_add(0x9E37_79B9_7F4A_7C15);
@@ -675,53 +516,6 @@ fn lane_note(state: &RunState, event: &Event) -> Option<LaneNote> {
         Event::RunFinished { .. } => Some(LaneNote::Ended { lane, run_id }),
         _ => None,
     }
-}
-
-/// Whether an effect hands a quality gate its input (its offer or its award).
-fn is_gate(effect: &Effect) -> bool {
-    match effect {
-        Effect::Offer(o) => o.task_type == slo::EVALUATION_TASK_TYPE,
-        Effect::Send { message: WorkerMessage::Award(a), .. } => a.task_type == slo::EVALUATION_TASK_TYPE,
-        _ => false,
-    }
-}
-
-/// The effect with `previousEvaluations` in the gate's input, unless the input has them already
-/// (given with the trigger or in the task's properties).
-fn with_previous(effect: &Effect, previous: Value) -> Effect {
-    let mut effect = effect.clone();
-    let input = match &mut effect {
-        Effect::Offer(o) => &mut o.input,
-        Effect::Send { message: WorkerMessage::Award(a), .. } => &mut a.input,
-        _ => return effect,
-    };
-    if let Value::Object(map) = input {
-        map.entry("previousEvaluations").or_insert(previous);
-    }
-    effect
-}
-
-/// The projection row of a quality gate that just finished with a scored evaluation.
-fn evaluation_record(state: &RunState, event: &Event, now_ms: i64) -> Option<EvaluationRecord> {
-    let Event::TaskEnded { task, status: TaskStatus::Finished, result, output, .. } = event else {
-        return None;
-    };
-    let evaluation = output.get("evaluation").filter(|e| e.is_object())?;
-    if state.task(task)?.task_type != slo::EVALUATION_TASK_TYPE {
-        return None;
-    }
-    let meta = state.meta()?;
-    Some(EvaluationRecord {
-        run_id: meta.run_id.clone(),
-        task: task.clone(),
-        project: meta.project.clone(),
-        stage: meta.stage.clone(),
-        service: meta.service.clone(),
-        result: result.as_str().to_string(),
-        score: evaluation.get("score").and_then(Value::as_f64),
-        evaluation: evaluation.clone(),
-        created_at_ms: now_ms,
-    })
 }
 
 /// Answers the sender of an input once its fate is sealed.
