@@ -1,5 +1,8 @@
 //! The partition's two-stage pipeline: while one batch commits (in a task of its own), the next
 //! may be decided on top of its states; see the module doc of `partition` for when and why.
+//! With nothing waiting to be decided, a batch commits in the partition's own task: handing it
+//! to another task costs two thread wake-ups per commit, which at one run in flight had moved
+//! the median step from 1 ms to 2 ms.
 
 use capstan_store::Committed;
 use tokio::sync::watch;
@@ -26,8 +29,8 @@ impl Partition {
             tokio::select! {
                 biased;
                 done = async { (&mut inflight.as_mut().expect("guarded").commit).await }, if inflight.is_some() => {
-                    let finished = inflight.take().expect("guarded");
-                    inflight = self.after_commit(finished, done, next.take()).await;
+                    let InFlight { envs, prepared, .. } = inflight.take().expect("guarded");
+                    inflight = self.after_commit(envs, prepared, joined(done), next.take()).await;
                 }
                 env = self.rx.recv(), if next.is_none() && self.may_decide_ahead(inflight.as_ref()) => {
                     let Some(first) = env else { break };
@@ -39,9 +42,8 @@ impl Partition {
                             // Deciding could not read the store: finish the batch in flight,
                             // then this one the slow way, which retries or refuses with reasons.
                             debug!(partition = self.id, error = %e, "deciding a batch failed");
-                            if let Some(mut finished) = inflight.take() {
-                                let done = (&mut finished.commit).await;
-                                inflight = self.after_commit(finished, done, None).await;
+                            if let Some(InFlight { envs, prepared, commit }) = inflight.take() {
+                                inflight = self.after_commit(envs, prepared, joined(commit.await), None).await;
                             }
                             self.process(envs).await;
                         }
@@ -50,9 +52,8 @@ impl Partition {
                 _ = shutdown.changed() => break,
             }
         }
-        while let Some(mut finished) = inflight.take() {
-            let done = (&mut finished.commit).await;
-            inflight = self.after_commit(finished, done, next.take()).await;
+        while let Some(InFlight { envs, prepared, commit }) = inflight.take() {
+            inflight = self.after_commit(envs, prepared, joined(commit.await), next.take()).await;
         }
     }
 
@@ -78,18 +79,22 @@ impl Partition {
         envs
     }
 
-    /// Hands a decided batch to the store in a task of its own; a batch that changed nothing is
-    /// finished at once.
+    /// Hands a decided batch to the store: in a task of its own when inputs wait that could be
+    /// decided meanwhile, else right here. A batch that changed nothing is finished at once.
     async fn launch(&mut self, envs: Vec<Envelope>, mut prepared: Prepared) -> Option<InFlight> {
         self.shared.faults.point(FaultPoint::MidBatch).await;
         if prepared.batch.is_empty() {
             self.finish(envs, prepared, false).await;
             return None;
         }
-        self.inflight_inputs = prepared.batch.inputs.iter().cloned().collect();
-        self.inflight_evaluations = prepared.batch.evaluations.clone();
-        let store = self.shared.store.clone();
         let batch = std::mem::take(&mut prepared.batch);
+        if !self.decide_ahead || self.rx.is_empty() {
+            let done = self.shared.store.commit(batch).await.map(drop).map_err(|e| e.to_string());
+            return Box::pin(self.after_commit(envs, prepared, done, None)).await;
+        }
+        self.inflight_inputs = batch.inputs.iter().cloned().collect();
+        self.inflight_evaluations = batch.evaluations.clone();
+        let store = self.shared.store.clone();
         let commit = tokio::spawn(async move { store.commit(batch).await });
         Some(InFlight { envs, prepared, commit })
     }
@@ -99,29 +104,26 @@ impl Partition {
     /// order, the slow way.
     async fn after_commit(
         &mut self,
-        finished: InFlight,
-        done: Result<capstan_store::Result<Committed>, tokio::task::JoinError>,
+        envs: Vec<Envelope>,
+        prepared: Prepared,
+        done: Result<(), String>,
         next: Option<(Vec<Envelope>, Prepared)>,
     ) -> Option<InFlight> {
         self.inflight_inputs.clear();
         self.inflight_evaluations.clear();
-        let error = match done {
-            Ok(Ok(_)) => {
-                self.finish(finished.envs, finished.prepared, true).await;
-                return match next {
-                    Some((envs, prepared)) => self.launch(envs, prepared).await,
-                    None => None,
-                };
-            }
-            Ok(Err(e)) => e.to_string(),
-            Err(e) => format!("the commit task failed: {e}"),
+        let Err(error) = done else {
+            self.finish(envs, prepared, true).await;
+            return match next {
+                Some((envs, prepared)) => self.launch(envs, prepared).await,
+                None => None,
+            };
         };
         debug!(partition = self.id, error, "commit failed; applying the batch again");
-        self.forget_states(&finished.prepared.runs);
+        self.forget_states(&prepared.runs);
         if let Some((_, prepared)) = &next {
             self.forget_states(&prepared.runs);
         }
-        self.process(finished.envs).await;
+        self.process(envs).await;
         if let Some((envs, _)) = next {
             self.process(envs).await;
         }
@@ -136,5 +138,14 @@ impl Partition {
             answer(&self.shared.faults, env.reply, outcome).await;
         }
         self.shared.forget_timers(&consumed);
+    }
+}
+
+/// A commit task's outcome, with a task that died counted as a failed commit.
+fn joined(done: Result<capstan_store::Result<Committed>, tokio::task::JoinError>) -> Result<(), String> {
+    match done {
+        Ok(Ok(_)) => Ok(()),
+        Ok(Err(e)) => Err(e.to_string()),
+        Err(e) => Err(format!("the commit task failed: {e}")),
     }
 }
