@@ -92,7 +92,7 @@ impl CloudEvent {
 
     /// Encodes as a structured-mode JSON CloudEvent.
     pub fn to_json(&self) -> Vec<u8> {
-        serde_json::to_vec(&self.to_value()).expect("a JSON value always serializes")
+        serde_json::to_vec(self).expect("a CloudEvent always serializes")
     }
 
     /// Decodes from a JSON value (structured mode).
@@ -189,9 +189,56 @@ fn required(map: &mut Map<String, Value>, name: &'static str) -> Result<String, 
     }
 }
 
-impl Serialize for CloudEvent {
+/// One top-level member of the structured encoding, borrowed from the event.
+#[derive(Clone, Copy)]
+enum Member<'a> {
+    Text(&'a str),
+    Json(&'a Value),
+}
+
+impl Serialize for Member<'_> {
     fn serialize<S: Serializer>(&self, serializer: S) -> Result<S::Ok, S::Error> {
-        self.to_value().serialize(serializer)
+        match self {
+            Member::Text(t) => serializer.serialize_str(t),
+            Member::Json(v) => v.serialize(serializer),
+        }
+    }
+}
+
+impl Serialize for CloudEvent {
+    /// The same JSON as [`CloudEvent::to_value`] (members in key order, an extension named like
+    /// a context attribute wins), written from borrowed fields: publishing, sizing and storing
+    /// an event no longer clone its data into a `Value` tree first.
+    fn serialize<S: Serializer>(&self, serializer: S) -> Result<S::Ok, S::Error> {
+        use serde::ser::SerializeMap;
+        let mut members: BTreeMap<&str, Member<'_>> = BTreeMap::new();
+        members.insert("specversion", Member::Text(SPEC_VERSION));
+        members.insert("id", Member::Text(&self.id));
+        members.insert("source", Member::Text(&self.source));
+        members.insert("type", Member::Text(&self.ty));
+        let optional = [
+            ("subject", &self.subject),
+            ("time", &self.time),
+            ("datacontenttype", &self.datacontenttype),
+            ("dataschema", &self.dataschema),
+            ("data_base64", &self.data_base64),
+        ];
+        for (name, value) in optional {
+            if let Some(v) = value {
+                members.insert(name, Member::Text(v));
+            }
+        }
+        if let Some(data) = &self.data {
+            members.insert("data", Member::Json(data));
+        }
+        for (name, value) in &self.extensions {
+            members.insert(name, Member::Text(value));
+        }
+        let mut map = serializer.serialize_map(Some(members.len()))?;
+        for (name, member) in &members {
+            map.serialize_entry(name, member)?;
+        }
+        map.end()
     }
 }
 
@@ -206,6 +253,31 @@ impl<'de> Deserialize<'de> for CloudEvent {
 mod tests {
     use super::*;
     use serde_json::json;
+
+    /// Serializing writes exactly the bytes of the `Value` encoding: key order, optional
+    /// attributes, nested data, and an extension that shadows a context attribute.
+    #[test]
+    fn serializing_matches_the_value_encoding_byte_for_byte() {
+        let mut full = CloudEvent::new("id-1", "src", "t.ype")
+            .with_data(json!({"z": [1, 2.5, null, "\u{7}\"q\""], "a": {"b": true}}))
+            .with_ext("zeta", "last")
+            .with_ext("aardvark", "first")
+            .with_ext("capstanrun", "r-1");
+        full.subject = Some("subj".into());
+        full.time = Some("2026-11-27T10:00:00Z".into());
+        full.datacontenttype = Some("application/json".into());
+        full.dataschema = Some("https://schema".into());
+        let mut shadowed = CloudEvent::new("id-2", "src", "t");
+        shadowed.extensions.insert("source".into(), "from-an-extension".into());
+        let mut binary = CloudEvent::new("id-3", "src", "t");
+        binary.data_base64 = Some("AAEC".into());
+        for event in [full, shadowed, binary, CloudEvent::new("id-4", "s", "t")] {
+            let direct = serde_json::to_vec(&event).expect("serializes");
+            let via_value = serde_json::to_vec(&event.to_value()).expect("serializes");
+            assert_eq!(String::from_utf8_lossy(&direct), String::from_utf8_lossy(&via_value));
+            assert_eq!(event.to_json(), via_value);
+        }
+    }
 
     #[test]
     fn round_trips_with_extensions() {
