@@ -198,12 +198,43 @@ impl MemoryBroker {
 
     fn check_size(&self, message: &Message) -> Result<()> {
         let limit = self.inner.config.max_payload;
+        // Almost every message is far below the limit: a bound from the lengths alone settles it
+        // without writing the JSON (which was ~9 % of the embedded engine's CPU).
+        if size_bound(&message.event) <= limit {
+            return Ok(());
+        }
         let size = encoded_size(message);
         if size > limit {
             return Err(Error::TooLarge { size, limit });
         }
         Ok(())
     }
+}
+
+/// At least the size of the structured-mode JSON encoding: every string counted as if each byte
+/// needed a six-byte escape, every number at its longest.
+fn size_bound(event: &capstan_proto::CloudEvent) -> usize {
+    fn text(s: &str) -> usize {
+        2 + 6 * s.len()
+    }
+    fn json(v: &serde_json::Value) -> usize {
+        use serde_json::Value;
+        match v {
+            Value::Null | Value::Bool(_) => 5,
+            // The longest shortest-round-trip f64 and i64/u64 renderings are under 25 bytes.
+            Value::Number(_) => 25,
+            Value::String(s) => text(s),
+            Value::Array(items) => 2 + items.iter().map(|i| json(i) + 1).sum::<usize>(),
+            Value::Object(map) => 2 + map.iter().map(|(k, v)| text(k) + 1 + json(v) + 1).sum::<usize>(),
+        }
+    }
+    let member = |name: &str, value: usize| text(name) + 1 + value + 1;
+    let mut n = 2 + member("specversion", text(capstan_proto::SPEC_VERSION));
+    n += member("id", text(&event.id)) + member("source", text(&event.source)) + member("type", text(&event.ty));
+    let optional = [&event.subject, &event.time, &event.datacontenttype, &event.dataschema, &event.data_base64];
+    n += optional.into_iter().flatten().map(|v| member("datacontenttype", text(v))).sum::<usize>();
+    n += event.data.as_ref().map_or(0, |d| member("data", json(d)));
+    n + event.extensions.iter().map(|(k, v)| member(k, text(v))).sum::<usize>()
 }
 
 /// The size of the structured-mode JSON encoding, counted without keeping the bytes.

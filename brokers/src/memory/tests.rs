@@ -153,3 +153,42 @@ async fn clones_share_topics() -> anyhow::Result<()> {
     assert_eq!(recv(&mut s, PATIENCE, "via the clone").await.message.event.id, "shared");
     Ok(())
 }
+
+/// The quick size bound never undercounts, so a message it lets through really fits: escapes,
+/// extreme numbers, nesting, extensions and every optional attribute.
+#[test]
+fn the_size_bound_never_undercounts() {
+    let datas = [
+        json!(null),
+        json!(-1.797_693_134_862_315_7e308),
+        json!(i64::MIN),
+        json!(u64::MAX),
+        json!("\u{1}\u{2}\"\\\n ü 𝄞"),
+        json!({"a": [1, {"b": [true, false, null, "\u{7f}"]}], "": ""}),
+        json!([[], {}, [[]], ""]),
+    ];
+    for data in datas {
+        let mut m = message("t", "k", "id\u{0}", data);
+        m.event.subject = Some("s\t".into());
+        m.event.time = Some("2026-11-27T10:00:00Z".into());
+        m.event.datacontenttype = Some("application/json".into());
+        m.event.dataschema = Some("x".into());
+        m.event.data_base64 = Some("AAEC".into());
+        m.event.extensions.insert("capstan\u{1}".into(), "\u{0}".into());
+        let (bound, exact) = (super::size_bound(&m.event), super::encoded_size(&m));
+        assert!(bound >= exact, "bound {bound} < encoded {exact} for {:?}", m.event.data);
+    }
+}
+
+/// A message whose quick bound passes the limit but whose encoding fits is measured exactly
+/// and accepted.
+#[tokio::test(start_paused = true)]
+async fn a_message_over_the_quick_bound_is_measured_exactly() -> anyhow::Result<()> {
+    let broker = MemoryBroker::with_config(MemoryConfig { max_payload: 1000, ..MemoryConfig::default() });
+    let mut s = broker.subscribe("t", group("g")).await?;
+    let m = message("t", "k", "fits", json!("a".repeat(400)));
+    assert!(super::size_bound(&m.event) > 1000 && super::encoded_size(&m) < 1000);
+    broker.publish(vec![m]).await?;
+    assert_eq!(recv(&mut s, PATIENCE, "the message that fits").await.message.event.id, "fits");
+    Ok(())
+}
