@@ -132,6 +132,17 @@ impl CloudEvent {
         Ok(CloudEvent { id, source, ty, subject, time, datacontenttype, dataschema, data, data_base64, extensions })
     }
 
+    /// The optional string attributes, by name.
+    fn optional_attributes(&self) -> [(&'static str, &Option<String>); 5] {
+        [
+            ("subject", &self.subject),
+            ("time", &self.time),
+            ("datacontenttype", &self.datacontenttype),
+            ("dataschema", &self.dataschema),
+            ("data_base64", &self.data_base64),
+        ]
+    }
+
     /// The structured-mode JSON object.
     pub fn to_value(&self) -> Value {
         let mut map = Map::new();
@@ -139,14 +150,7 @@ impl CloudEvent {
         map.insert("id".into(), self.id.clone().into());
         map.insert("source".into(), self.source.clone().into());
         map.insert("type".into(), self.ty.clone().into());
-        let optional = [
-            ("subject", &self.subject),
-            ("time", &self.time),
-            ("datacontenttype", &self.datacontenttype),
-            ("dataschema", &self.dataschema),
-            ("data_base64", &self.data_base64),
-        ];
-        for (name, value) in optional {
+        for (name, value) in self.optional_attributes() {
             if let Some(v) = value {
                 map.insert(name.into(), v.clone().into());
             }
@@ -216,14 +220,7 @@ impl Serialize for CloudEvent {
         members.insert("id", Member::Text(&self.id));
         members.insert("source", Member::Text(&self.source));
         members.insert("type", Member::Text(&self.ty));
-        let optional = [
-            ("subject", &self.subject),
-            ("time", &self.time),
-            ("datacontenttype", &self.datacontenttype),
-            ("dataschema", &self.dataschema),
-            ("data_base64", &self.data_base64),
-        ];
-        for (name, value) in optional {
+        for (name, value) in self.optional_attributes() {
             if let Some(v) = value {
                 members.insert(name, Member::Text(v));
             }

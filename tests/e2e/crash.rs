@@ -52,14 +52,7 @@ async fn runs_survive_crashes_at_random_points() {
     rt.apply_definition("p", DAG).await.expect("definition");
     let mut run_ids = Vec::new();
     for i in 0..RUNS {
-        let req = TriggerRequest {
-            project: "p".into(),
-            stage: "dev".into(),
-            sequence: "dag".into(),
-            request_id: Some(format!("run-{i}")),
-            ..Default::default()
-        };
-        run_ids.push(rt.trigger(req).await.expect("trigger"));
+        run_ids.push(rt.trigger(dag_trigger(i)).await.expect("trigger"));
     }
     rt.abort();
 
@@ -97,6 +90,17 @@ async fn runs_survive_crashes_at_random_points() {
     for run_id in &run_ids {
         let events = history(&*store, run_id).await;
         check_recorded_once(run_id, &events);
+    }
+}
+
+/// The trigger of run `i` of `DAG` in project `p`, idempotent by its request id.
+pub(crate) fn dag_trigger(i: usize) -> TriggerRequest {
+    TriggerRequest {
+        project: "p".into(),
+        stage: "dev".into(),
+        sequence: "dag".into(),
+        request_id: Some(format!("run-{i}")),
+        ..Default::default()
     }
 }
 

@@ -8,7 +8,7 @@ use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 
 use async_trait::async_trait;
-use capstan::runtime::{RuntimeConfig, TriggerRequest};
+use capstan::runtime::RuntimeConfig;
 use capstan_proto::TaskResult;
 use capstan_store::sqlite::SqliteStore;
 use capstan_store::{
@@ -16,7 +16,7 @@ use capstan_store::{
     Outbox, OutboxRow, Position, Result, RunFilter, RunIndex, RunRecord, Store, StoredEvent, TimerRow, Timers,
 };
 
-use crate::crash::{DAG, all_over, check_recorded_once};
+use crate::crash::{DAG, all_over, check_recorded_once, dag_trigger};
 use crate::support::{Behaviour, Script, WorkerLog, engine, history, scripted_worker};
 
 /// A store whose every third commit fails: one time before writing anything, the next time
@@ -159,15 +159,8 @@ async fn inputs_decided_behind_a_failed_commit_are_applied_again_once() {
         .map(|i| {
             let rt = rt.clone();
             tokio::spawn(async move {
-                let req = TriggerRequest {
-                    project: "p".into(),
-                    stage: "dev".into(),
-                    sequence: "dag".into(),
-                    request_id: Some(format!("run-{i}")),
-                    ..Default::default()
-                };
                 // A start whose commit reply was lost is found started on the retry: same id.
-                rt.trigger(req).await.expect("trigger")
+                rt.trigger(dag_trigger(i)).await.expect("trigger")
             })
         })
         .collect();
