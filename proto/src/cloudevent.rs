@@ -132,8 +132,8 @@ impl CloudEvent {
         Ok(CloudEvent { id, source, ty, subject, time, datacontenttype, dataschema, data, data_base64, extensions })
     }
 
-    /// The optional string attributes, by name.
-    fn optional_attributes(&self) -> [(&'static str, &Option<String>); 5] {
+    /// The optional string attributes, by name (set or not).
+    pub fn optional_attributes(&self) -> [(&'static str, &Option<String>); 5] {
         [
             ("subject", &self.subject),
             ("time", &self.time),

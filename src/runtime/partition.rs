@@ -7,9 +7,9 @@
 //! becomes free, so an idle engine commits each input at once and a busy one commits many inputs
 //! per transaction while the previous commit is in flight.
 //!
-//! Deciding and committing overlap (a two-stage pipeline): while batch N commits, the partition
-//! decides batch N+1 on top of N's states, which go back into the cache as soon as they are
-//! decided. N+1 is handed to the store only once N is known to be committed; if N fails, N+1 is
+//! Deciding and committing overlap (a two-stage pipeline, `pipeline.rs`) over a store that
+//! serializes commits, once enough inputs wait: while batch N commits, the partition decides
+//! batch N+1 on top of N's states, which go back into the cache as soon as they are decided. N+1 is handed to the store only once N is known to be committed; if N fails, N+1 is
 //! thrown away undecided, the states of both are dropped from the cache (the store is the truth)
 //! and both are applied again one after the other the slow way. A state that left the cache
 //! early (evicted) is folded from the store without N's events, so N+1's append then fails its

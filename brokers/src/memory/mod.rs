@@ -231,8 +231,9 @@ fn size_bound(event: &capstan_proto::CloudEvent) -> usize {
     let member = |name: &str, value: usize| text(name) + 1 + value + 1;
     let mut n = 2 + member("specversion", text(capstan_proto::SPEC_VERSION));
     n += member("id", text(&event.id)) + member("source", text(&event.source)) + member("type", text(&event.ty));
-    let optional = [&event.subject, &event.time, &event.datacontenttype, &event.dataschema, &event.data_base64];
-    n += optional.into_iter().flatten().map(|v| member("datacontenttype", text(v))).sum::<usize>();
+    for (name, value) in event.optional_attributes() {
+        n += value.as_deref().map_or(0, |v| member(name, text(v)));
+    }
     n += event.data.as_ref().map_or(0, |d| member("data", json(d)));
     n + event.extensions.iter().map(|(k, v)| member(k, text(v))).sum::<usize>()
 }
