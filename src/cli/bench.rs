@@ -72,6 +72,10 @@ pub struct BenchArgs {
     /// Most inputs per commit (default: the runtime's own default).
     #[arg(long)]
     pub max_batch: Option<usize>,
+    /// Batches partitions decide and commit at once over PostgreSQL, 0 for no limit (default:
+    /// the runtime's own default).
+    #[arg(long)]
+    pub commit_slots: Option<usize>,
     /// Soak instead of throughput: leave this many runs waiting on a manual approval, then
     /// report resident memory and how fast List, Get and Watch answer.
     #[arg(long, value_name = "RUNS")]
@@ -127,11 +131,12 @@ pub async fn run(args: BenchArgs) -> anyhow::Result<ExitCode> {
     let mut config = RuntimeConfig::default();
     config.partitions = args.partitions.unwrap_or(config.partitions);
     config.max_batch = args.max_batch.unwrap_or(config.max_batch);
+    config.commit_slots = args.commit_slots.unwrap_or(config.commit_slots);
     let config_json = json!({
         "store": store_kind, "broker": args.broker, "shape": args.shape, "tasks": args.tasks,
         "dispatch": args.dispatch, "runs": args.runs, "duration_s": args.duration,
         "concurrency": args.concurrency, "workers": args.workers, "slots": args.slots,
-        "partitions": config.partitions, "max_batch": config.max_batch,
+        "partitions": config.partitions, "max_batch": config.max_batch, "commit_slots": config.commit_slots,
         "cache_per_partition": config.cache_per_partition,
     });
     eprintln!("capstan bench: {config_json}");

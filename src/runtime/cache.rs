@@ -31,6 +31,11 @@ impl RunCache {
         RunCache { capacity: capacity.max(1), entries: HashMap::new(), order: VecDeque::new(), generation: 0 }
     }
 
+    /// Whether a run's state is held.
+    pub fn contains(&self, run_id: &str) -> bool {
+        self.entries.contains_key(run_id)
+    }
+
     /// Removes and returns a run's state.
     pub fn take(&mut self, run_id: &str) -> Option<Cached> {
         self.entries.remove(run_id).map(|(_, c)| c)

@@ -22,7 +22,7 @@ use std::time::Duration;
 use capstan_brokers::Message;
 use capstan_engine::Timestamp;
 use capstan_engine::run::{Ctx, Effect, Event, Input, RunMeta, RunState, RunStatus};
-use capstan_store::{Batch, EvaluationRecord, RunRecord, StreamAppend, TimerCancel, TimerRow};
+use capstan_store::{Batch, EvaluationRecord, RunRecord, StoredEvent, StreamAppend, TimerCancel, TimerRow};
 use tokio::sync::mpsc;
 use tracing::{debug, warn};
 
@@ -238,11 +238,26 @@ impl Partition {
         let now_ms = self.shared.clock.now_ms();
         let time = codec::rfc3339(now_ms);
         let ids: Vec<String> = envs.iter().filter_map(|e| e.input_id.clone()).collect();
-        let mut seen: HashSet<String> = if ids.is_empty() {
-            HashSet::new()
-        } else {
-            self.shared.store.inputs_seen(&ids).await?.into_iter().collect()
-        };
+        // Which inputs were applied before, and the streams of the runs in no cache: two reads
+        // at once, each one round trip for the whole batch.
+        let mut listed = HashSet::new();
+        let uncached: Vec<String> = envs
+            .iter()
+            .filter(|e| !self.cache.contains(&e.run_id) && listed.insert(e.run_id.as_str()))
+            .map(|e| e.run_id.clone())
+            .collect();
+        let store = &self.shared.store;
+        let (seen, stored) = tokio::try_join!(
+            async { if ids.is_empty() { Ok(Vec::new()) } else { store.inputs_seen(&ids).await } },
+            async { if uncached.is_empty() { Ok(Vec::new()) } else { store.read_streams(&uncached).await } },
+        )?;
+        let mut seen: HashSet<String> = seen.into_iter().collect();
+        let mut streams: HashMap<String, Vec<StoredEvent>> = uncached.into_iter().map(|r| (r, Vec::new())).collect();
+        for event in stored {
+            if let Some(stream) = streams.get_mut(&event.run_id) {
+                stream.push(event);
+            }
+        }
         seen.extend(ids.iter().filter(|id| self.inflight_inputs.contains(*id)).cloned());
 
         let mut work: HashMap<String, Work> = HashMap::new();
@@ -265,7 +280,7 @@ impl Partition {
                 continue;
             }
             if !work.contains_key(&env.run_id) {
-                match self.load(&env.run_id, &env.input).await {
+                match self.load(&env.run_id, &env.input, streams.remove(&env.run_id)).await {
                     Ok(w) => {
                         work.insert(env.run_id.clone(), w);
                     }
@@ -429,8 +444,14 @@ impl Partition {
         Ok(Prepared { outcomes, batch, inputs: envs.len(), event_count, runs, lane_notes, ready, earliest_timer })
     }
 
-    /// The run's state: from the cache, or folded from its stream; a new one for `Start`.
-    async fn load(&mut self, run_id: &str, input: &Input) -> Result<Work, RuntimeError> {
+    /// The run's state: from the cache, or folded from its stream (`stored` when the caller
+    /// read it already); a new one for `Start`.
+    async fn load(
+        &mut self,
+        run_id: &str,
+        input: &Input,
+        stored: Option<Vec<StoredEvent>>,
+    ) -> Result<Work, RuntimeError> {
         if let Some(c) = self.cache.take(run_id) {
             return Ok(Work {
                 state: c.state,
@@ -441,7 +462,10 @@ impl Partition {
                 events: Vec::new(),
             });
         }
-        let stored = self.shared.store.read_stream(run_id, 1).await?;
+        let stored = match stored {
+            Some(stored) => stored,
+            None => self.shared.store.read_stream(run_id, 1).await?,
+        };
         let Some(first) = stored.first() else {
             return match input {
                 Input::Start { meta, .. } => {

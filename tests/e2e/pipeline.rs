@@ -19,37 +19,71 @@ use capstan_store::{
 use crate::crash::{DAG, all_over, check_recorded_once, dag_trigger};
 use crate::support::{Behaviour, Script, WorkerLog, engine, history, scripted_worker};
 
-/// A store whose every third commit fails: one time before writing anything, the next time
-/// after writing everything. Each commit also takes a while, so inputs queue up behind it and
-/// the partition decides the next batch meanwhile.
-struct FailingCommits {
+/// A SQLite store that counts what the runtime asks of it. With `failing`, every third commit
+/// fails: one time before writing anything, the next time after writing everything. Each
+/// commit also takes a while, so inputs queue up behind it and partitions overlap.
+struct Instrumented {
     inner: SqliteStore,
+    /// Whether to tell the runtime commits run one at a time (SQLite's truth) or side by side.
+    serializes: bool,
+    failing: bool,
     commits: AtomicU64,
     failed_before: AtomicU64,
     failed_after: AtomicU64,
+    /// Calls of `read_stream` (one run) and of `read_streams` (every uncached run of a batch).
+    single_reads: AtomicU64,
+    batch_reads: AtomicU64,
+    /// Commits under way now, and the most ever under way at once.
+    under_way: AtomicU64,
+    most_under_way: AtomicU64,
 }
 
-#[async_trait]
-impl CommitLog for FailingCommits {
-    fn serializes_commits(&self) -> bool {
-        true
+impl Instrumented {
+    async fn open(dir: &std::path::Path, serializes: bool, failing: bool) -> Arc<Self> {
+        Arc::new(Instrumented {
+            inner: SqliteStore::open(&dir.join("p.db")).await.expect("sqlite"),
+            serializes,
+            failing,
+            commits: AtomicU64::new(0),
+            failed_before: AtomicU64::new(0),
+            failed_after: AtomicU64::new(0),
+            single_reads: AtomicU64::new(0),
+            batch_reads: AtomicU64::new(0),
+            under_way: AtomicU64::new(0),
+            most_under_way: AtomicU64::new(0),
+        })
     }
 
-    async fn commit(&self, batch: Batch) -> Result<Committed> {
+    async fn commit_failing(&self, batch: Batch) -> Result<Committed> {
         tokio::time::sleep(Duration::from_millis(5)).await;
         let n = self.commits.fetch_add(1, Ordering::SeqCst) + 1;
         match n % 6 {
-            3 => {
+            3 if self.failing => {
                 self.failed_before.fetch_add(1, Ordering::SeqCst);
                 Err(Error::Unavailable("injected: nothing written".into()))
             }
-            0 => {
+            0 if self.failing => {
                 self.inner.commit(batch).await?;
                 self.failed_after.fetch_add(1, Ordering::SeqCst);
                 Err(Error::Unavailable("injected: written, reply lost".into()))
             }
             _ => self.inner.commit(batch).await,
         }
+    }
+}
+
+#[async_trait]
+impl CommitLog for Instrumented {
+    fn serializes_commits(&self) -> bool {
+        self.serializes
+    }
+
+    async fn commit(&self, batch: Batch) -> Result<Committed> {
+        let now = self.under_way.fetch_add(1, Ordering::SeqCst) + 1;
+        self.most_under_way.fetch_max(now, Ordering::SeqCst);
+        let done = self.commit_failing(batch).await;
+        self.under_way.fetch_sub(1, Ordering::SeqCst);
+        done
     }
 
     async fn prune_processed_inputs(&self, before_ms: i64, limit: usize) -> Result<u64> {
@@ -58,9 +92,14 @@ impl CommitLog for FailingCommits {
 }
 
 #[async_trait]
-impl EventReader for FailingCommits {
+impl EventReader for Instrumented {
     async fn read_stream(&self, run_id: &str, from_seq: i64) -> Result<Vec<StoredEvent>> {
+        self.single_reads.fetch_add(1, Ordering::SeqCst);
         self.inner.read_stream(run_id, from_seq).await
+    }
+    async fn read_streams(&self, run_ids: &[String]) -> Result<Vec<StoredEvent>> {
+        self.batch_reads.fetch_add(1, Ordering::SeqCst);
+        self.inner.read_streams(run_ids).await
     }
     async fn read_all(&self, after: Position, limit: usize) -> Result<Vec<StoredEvent>> {
         self.inner.read_all(after, limit).await
@@ -74,7 +113,7 @@ impl EventReader for FailingCommits {
 }
 
 #[async_trait]
-impl Outbox for FailingCommits {
+impl Outbox for Instrumented {
     async fn outbox_pending(&self, limit: usize) -> Result<Vec<OutboxRow>> {
         self.inner.outbox_pending(limit).await
     }
@@ -84,7 +123,7 @@ impl Outbox for FailingCommits {
 }
 
 #[async_trait]
-impl Timers for FailingCommits {
+impl Timers for Instrumented {
     async fn timers_due(&self, now_ms: i64, limit: usize) -> Result<Vec<TimerRow>> {
         self.inner.timers_due(now_ms, limit).await
     }
@@ -94,7 +133,7 @@ impl Timers for FailingCommits {
 }
 
 #[async_trait]
-impl RunIndex for FailingCommits {
+impl RunIndex for Instrumented {
     async fn get_run(&self, run_id: &str) -> Result<Option<RunRecord>> {
         self.inner.get_run(run_id).await
     }
@@ -107,7 +146,7 @@ impl RunIndex for FailingCommits {
 }
 
 #[async_trait]
-impl Definitions for FailingCommits {
+impl Definitions for Instrumented {
     async fn put_definition(&self, project: &str, name: &str, source: &str, now_ms: i64) -> Result<i64> {
         self.inner.put_definition(project, name, source, now_ms).await
     }
@@ -125,7 +164,7 @@ impl Definitions for FailingCommits {
 }
 
 #[async_trait]
-impl Evaluations for FailingCommits {
+impl Evaluations for Instrumented {
     async fn recent_evaluations(
         &self,
         project: &str,
@@ -137,20 +176,13 @@ impl Evaluations for FailingCommits {
     }
 }
 
-#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-async fn inputs_decided_behind_a_failed_commit_are_applied_again_once() {
-    let dir = tempfile::tempdir().expect("tempdir");
-    let failing = Arc::new(FailingCommits {
-        inner: SqliteStore::open(&dir.path().join("p.db")).await.expect("sqlite"),
-        commits: AtomicU64::new(0),
-        failed_before: AtomicU64::new(0),
-        failed_after: AtomicU64::new(0),
-    });
-    let store: Arc<dyn Store> = failing.clone();
+/// Triggers 60 runs of the crash test's DAG at once over `store` and waits until all are over;
+/// their ids.
+async fn drive(store: Arc<dyn Store>, config: RuntimeConfig) -> Vec<String> {
     let script: Script =
         Arc::new(|_, _| Behaviour::Complete { after: Duration::from_millis(2), result: TaskResult::Pass, error: None });
     let log = Arc::new(Mutex::new(WorkerLog::default()));
-    let (rt, broker) = engine(store.clone(), RuntimeConfig::default()).await;
+    let (rt, broker) = engine(store.clone(), config).await;
     let workers = scripted_worker(broker, "w", BTreeMap::new(), &["work"], script, log).await;
     rt.apply_definition("p", DAG).await.expect("definition");
 
@@ -170,14 +202,27 @@ async fn inputs_decided_behind_a_failed_commit_are_applied_again_once() {
     }
     let started = Instant::now();
     while !all_over(&*store, &run_ids).await {
-        assert!(started.elapsed() < Duration::from_secs(60), "runs did not finish behind failing commits");
+        assert!(started.elapsed() < Duration::from_secs(60), "runs did not finish");
         tokio::time::sleep(Duration::from_millis(25)).await;
     }
     rt.shutdown().await;
     for w in workers {
         w.abort();
     }
+    run_ids
+}
 
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn inputs_decided_behind_a_failed_commit_are_applied_again_once() {
+    let dir = tempfile::tempdir().expect("tempdir");
+    let failing = Instrumented::open(dir.path(), true, true).await;
+    let store: Arc<dyn Store> = failing.clone();
+    let run_ids = drive(store.clone(), RuntimeConfig::default()).await;
+
+    // A failed commit drops the states it decided, so the runs are folded from the store again:
+    // all the runs a batch holds in no cache with one read, never one read per run.
+    let (single, batched) = (failing.single_reads.load(Ordering::SeqCst), failing.batch_reads.load(Ordering::SeqCst));
+    assert!(single == 0 && batched > 0, "streams read one by one {single} times, by batch {batched} times");
     let before = failing.failed_before.load(Ordering::SeqCst);
     let after = failing.failed_after.load(Ordering::SeqCst);
     // Every sixth commit fails each way; a loaded machine batches more per commit, so fewer.
@@ -187,5 +232,27 @@ async fn inputs_decided_behind_a_failed_commit_are_applied_again_once() {
     );
     for run_id in &run_ids {
         check_recorded_once(run_id, &history(&*store, run_id).await);
+    }
+}
+
+/// Over a store whose commits run side by side, partitions decide and commit at most
+/// `commit_slots` batches at once; without the limit they overlap (the control).
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn commit_slots_bound_the_commits_under_way() {
+    for (slots, bounded) in [(1, true), (0, false)] {
+        let dir = tempfile::tempdir().expect("tempdir");
+        let counted = Instrumented::open(dir.path(), false, false).await;
+        let config = RuntimeConfig { partitions: 4, commit_slots: slots, ..RuntimeConfig::default() };
+        let run_ids = drive(counted.clone(), config).await;
+        let store: &dyn Store = &*counted;
+        for run_id in &run_ids {
+            check_recorded_once(run_id, &history(store, run_id).await);
+        }
+        let most = counted.most_under_way.load(Ordering::SeqCst);
+        if bounded {
+            assert_eq!(most, 1, "{slots} commit slot(s), yet {most} commits were under way at once");
+        } else {
+            assert!(most >= 2, "without a limit the four partitions' commits never overlapped ({most})");
+        }
     }
 }

@@ -34,6 +34,13 @@ impl Partition {
                 }
                 env = self.rx.recv(), if next.is_none() && self.may_decide_ahead(inflight.as_ref()) => {
                     let Some(first) = env else { break };
+                    // Over a store committing side by side, wait for a slot first: the inputs
+                    // queued meanwhile join this batch (see `RuntimeConfig::commit_slots`).
+                    let shared = self.shared.clone();
+                    let _slot = match &shared.commit_slots {
+                        Some(slots) => Some(slots.acquire().await.expect("the slots are never closed")),
+                        None => None,
+                    };
                     let envs = self.gather(first);
                     match self.prepare(&envs).await {
                         Ok(prepared) if inflight.is_none() => inflight = self.launch(envs, prepared).await,

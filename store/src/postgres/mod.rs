@@ -97,7 +97,12 @@ impl PostgresStore {
             conn.close().await.map_err(db_error)?;
             options = options.options([("search_path", schema.as_str())]);
         }
-        let mut pool_options = PgPoolOptions::new().max_connections(config.max_connections.max(1));
+        // No ping before handing out a pooled connection: sqlx's default sends one (a Sync and
+        // a wait for ReadyForQuery) before every query, on top of the one it sends when the
+        // connection comes back. A connection that died meanwhile fails its query instead, as
+        // `Unavailable`, which every caller already retries.
+        let mut pool_options =
+            PgPoolOptions::new().max_connections(config.max_connections.max(1)).test_before_acquire(false);
         #[cfg(target_os = "linux")]
         if !options.get_host().starts_with('/') {
             let server = nodelay::Server { port: options.get_port(), ip: options.get_host().parse().ok() };

@@ -70,6 +70,18 @@ impl EventReader for PostgresStore {
         rows.iter().map(event).collect()
     }
 
+    async fn read_streams(&self, run_ids: &[String]) -> Result<Vec<StoredEvent>> {
+        if run_ids.is_empty() {
+            return Ok(Vec::new());
+        }
+        let rows = sqlx::query("SELECT * FROM capstan_read_streams($1::text[])")
+            .bind(crate::distinct(run_ids))
+            .fetch_all(&self.pool)
+            .await
+            .map_err(db_error)?;
+        rows.iter().map(event).collect()
+    }
+
     async fn read_all(&self, after: Position, limit: usize) -> Result<Vec<StoredEvent>> {
         let sql = format!("SELECT {EVENT_COLUMNS} FROM events WHERE position > $1 ORDER BY position LIMIT $2");
         let rows = sqlx::query(sqlx::AssertSqlSafe(sql))

@@ -96,8 +96,14 @@ impl SqliteStore {
         } else {
             writer_options
         };
-        let writer =
-            SqlitePoolOptions::new().max_connections(1).connect_with(writer_options).await.map_err(db_error)?;
+        // No ping before handing out a connection (sqlx's default, a round trip to the
+        // connection's thread before every query): a local file's connection does not go away.
+        let writer = SqlitePoolOptions::new()
+            .max_connections(1)
+            .test_before_acquire(false)
+            .connect_with(writer_options)
+            .await
+            .map_err(db_error)?;
         MIGRATOR.run(&writer).await.map_err(migrate_error)?;
         let checkpointer = if background {
             let pool =
@@ -109,6 +115,7 @@ impl SqliteStore {
         // Readers open after the writer so the file exists and is already in WAL mode.
         let reader = SqlitePoolOptions::new()
             .max_connections(config.readers.max(1))
+            .test_before_acquire(false)
             .connect_with(base.read_only(true))
             .await
             .map_err(db_error)?;

@@ -72,6 +72,24 @@ impl EventReader for SqliteStore {
         rows.iter().map(event).collect()
     }
 
+    async fn read_streams(&self, run_ids: &[String]) -> Result<Vec<StoredEvent>> {
+        if run_ids.is_empty() {
+            return Ok(Vec::new());
+        }
+        // One fixed statement (the ids as one JSON array); CROSS JOIN keeps the array as the
+        // outer loop, so each run is found through the (run_id, seq) index.
+        // The columns are qualified: json_each has an `id` column too.
+        let rows = sqlx::query(
+            "SELECT e.position, e.run_id, e.seq, e.id, e.kind, e.payload, e.recorded_at_ms \
+             FROM json_each(?) AS j CROSS JOIN events AS e ON e.run_id = j.value ORDER BY j.rowid, e.seq",
+        )
+        .bind(json(&crate::distinct(run_ids))?)
+        .fetch_all(&self.reader)
+        .await
+        .map_err(db_error)?;
+        rows.iter().map(event).collect()
+    }
+
     async fn read_all(&self, after: Position, limit: usize) -> Result<Vec<StoredEvent>> {
         let sql = format!("SELECT {EVENT_COLUMNS} FROM events WHERE position > ? ORDER BY position LIMIT ?");
         let rows = sqlx::query(sqlx::AssertSqlSafe(sql))

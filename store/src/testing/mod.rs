@@ -52,6 +52,7 @@ macro_rules! __store_cases {
             chained_appends_in_one_batch,
             batch_over_many_runs,
             read_all_orders_and_pages,
+            read_streams_of_several_runs,
             outbox_pending_and_delete,
             timers_upsert_and_replace,
             timers_cancel_with_and_without_guard,

@@ -280,3 +280,18 @@ pub async fn read_all_orders_and_pages<S: Store>(store: Arc<S>) {
     assert_eq!(tail, vec![5, 6]);
     assert!(store.read_all(0, 0).await.expect("limit 0").is_empty());
 }
+
+/// `read_streams` reads several whole streams at once: runs in the order asked (a repeat read
+/// once, an unknown run empty), each in `seq` order, the same events `read_stream` returns.
+pub async fn read_streams_of_several_runs<S: Store>(store: Arc<S>) {
+    store.commit(appends(vec![append("a", 0, &["a1", "a2"]), append("b", 0, &["b1"])])).await.expect("c1");
+    store.commit(appends(vec![append("c", 0, &["c1"]), append("a", 2, &["a3"])])).await.expect("c2");
+    let asked: Vec<String> = ["b", "unknown", "a", "b"].iter().map(|id| id.to_string()).collect();
+    let read = store.read_streams(&asked).await.expect("read_streams");
+    let ids: Vec<(&str, i64, &str)> = read.iter().map(|e| (e.run_id.as_str(), e.seq, e.id.as_str())).collect();
+    assert_eq!(ids, vec![("b", 1, "b1"), ("a", 1, "a1"), ("a", 2, "a2"), ("a", 3, "a3")]);
+    let mut one_by_one = store.read_stream("b", 1).await.expect("b");
+    one_by_one.extend(store.read_stream("a", 1).await.expect("a"));
+    assert_eq!(read, one_by_one, "the same events, payloads and positions as read_stream");
+    assert!(store.read_streams(&[]).await.expect("nothing asked").is_empty());
+}
