@@ -126,8 +126,9 @@ pub trait Acker: Send + Sync {
 
 /// One delivered message and the means to settle it.
 pub struct Delivery {
-    /// The message as published.
-    pub message: Message,
+    /// The message as published; shared with the broker, which may hold it for a redelivery, so
+    /// handing it out copies nothing.
+    pub message: std::sync::Arc<Message>,
     /// How many times this message was delivered before (0 on first delivery).
     pub redeliveries: u32,
     /// Settles this delivery (see [`Delivery::ack`] and [`Delivery::nack`]).

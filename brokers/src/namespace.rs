@@ -42,7 +42,8 @@ impl Subscription for Stripped {
     async fn next(&mut self) -> Result<Delivery> {
         let mut d = self.inner.next().await?;
         if let Some(rest) = d.message.topic.strip_prefix(&self.prefix) {
-            d.message.topic = rest.to_string();
+            // A copy of the message only when the broker still holds it too.
+            std::sync::Arc::make_mut(&mut d.message).topic = rest.to_string();
         }
         Ok(d)
     }

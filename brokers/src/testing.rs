@@ -153,7 +153,7 @@ pub async fn publish_subscribe(broker: &impl Broker, o: &Options) {
     publish(broker, sent.clone()).await;
     for expected in sent {
         let d = recv(&mut s, o.patience, "publish_subscribe").await;
-        assert_eq!(d.message, expected, "the delivered message equals the published one");
+        assert_eq!(*d.message, expected, "the delivered message equals the published one");
         assert_eq!(d.redeliveries, 0);
         ack(&d).await;
     }
@@ -315,7 +315,7 @@ pub async fn payload_limit(broker: &impl Broker, o: &Options) {
     let fits = message(&topic, "k", "fits", json!("y".repeat(o.max_payload - 4096)));
     publish(broker, vec![fits.clone()]).await;
     let d = recv(&mut s, o.patience, "a large message under the limit").await;
-    assert_eq!(d.message, fits);
+    assert_eq!(*d.message, fits);
     ack(&d).await;
 }
 

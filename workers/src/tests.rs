@@ -85,12 +85,12 @@ impl Engine {
         d.ack().await.expect("ack");
         assert_eq!(d.message.event.ty, ty, "unexpected input {:?}", d.message.event.data);
         assert_eq!(d.message.key, d.message.event.ext(ext::RUN).unwrap_or_default(), "keyed by run id");
-        d.message.event
+        d.message.event.clone()
     }
 
     async fn expect_quiet(&mut self, quiet: Duration) {
         if let Ok(d) = tokio::time::timeout(quiet, self.inputs.next()).await {
-            panic!("unexpected input: {:?}", d.map(|d| d.message.event));
+            panic!("unexpected input: {:?}", d.map(|d| d.message.event.clone()));
         }
     }
 }
@@ -181,7 +181,7 @@ async fn an_award_runs_with_its_token_heartbeats_and_finishes() {
     let finished = loop {
         let ev = tokio::time::timeout(PATIENCE, engine.inputs.next()).await.expect("input").expect("sub");
         ev.ack().await.expect("ack");
-        let ev = ev.message.event;
+        let ev = ev.message.event.clone();
         events.push(ev.clone());
         match ev.ty.as_str() {
             types::TASK_HEARTBEAT => {

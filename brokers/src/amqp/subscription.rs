@@ -186,7 +186,7 @@ impl Subscription for AmqpSubscription {
             let counted: u32 = get(REDELIVERIES_HEADER).and_then(|v| v.parse().ok()).unwrap_or(0);
             let redeliveries = counted + u32::from(d.redelivered);
             return Ok(Delivery {
-                message: Message { topic: self.topic.clone(), key, event },
+                message: Arc::new(Message { topic: self.topic.clone(), key, event }),
                 redeliveries,
                 acker: Box::new(AmqpAcker {
                     inner: Arc::clone(&self.inner),

@@ -465,7 +465,7 @@ impl Subscription for KafkaSubscription {
                 let entry = (item.message.clone(), redeliveries);
                 self.state.outstanding().insert((item.partition, item.offset), entry);
             }
-            let message = item.message.clone();
+            let message = Arc::new(item.message.clone());
             let acker = KafkaAcker {
                 state: Arc::downgrade(&self.state),
                 shared: Arc::clone(&self.shared),

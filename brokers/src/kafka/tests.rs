@@ -132,7 +132,7 @@ async fn undecodable_records_go_to_the_dead_letter_topic() {
     let good = message(&topic, "k", "after-poison", json!(null));
     b.publish(vec![good.clone()]).await.expect("publish");
     let d = recv(&mut s, Duration::from_secs(30), "the record after the poison one").await;
-    assert_eq!(d.message, good, "the poison record does not block the partition");
+    assert_eq!(*d.message, good, "the poison record does not block the partition");
     d.ack().await.expect("ack");
 
     let dlq = &b.config().dead_letter_topic;

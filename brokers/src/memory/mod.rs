@@ -352,11 +352,7 @@ impl Subscription for MemorySubscription {
                         seq,
                         delivery,
                     };
-                    return Ok(Delivery {
-                        message: Arc::unwrap_or_clone(message),
-                        redeliveries,
-                        acker: Box::new(acker),
-                    });
+                    return Ok(Delivery { message, redeliveries, acker: Box::new(acker) });
                 }
                 Take::Wait(Some(due)) => {
                     tokio::select! {

@@ -221,7 +221,7 @@ impl Subscription for NatsSubscription {
                 payload: msg.message.payload,
             };
             return Ok(Delivery {
-                message: Message { topic, key, event },
+                message: Arc::new(Message { topic, key, event }),
                 redeliveries,
                 acker: Box::new(NatsAcker { pending, original }),
             });
