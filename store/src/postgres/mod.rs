@@ -17,6 +17,7 @@
 //! Commits that only touch inputs, outbox, timers or the run index do not take it.
 
 mod evaluations;
+mod lease;
 #[cfg(target_os = "linux")]
 mod nodelay;
 mod read;
@@ -57,6 +58,8 @@ impl Default for PostgresConfig {
 pub struct PostgresStore {
     pool: PgPool,
     schema: Option<String>,
+    /// Connections for the per-batch statements, without sqlx's ping on release (`lease.rs`).
+    lender: std::sync::Arc<lease::Lender>,
 }
 
 /// Whether `name` is a plain lower-case identifier, safe to splice into SQL unquoted.
@@ -113,8 +116,9 @@ impl PostgresStore {
                 })
             });
         }
+        let lender = std::sync::Arc::new(lease::Lender::new(options.clone(), config.max_connections as usize));
         let pool = pool_options.connect_with(options).await.map_err(db_error)?;
-        let store = PostgresStore { pool, schema: config.schema };
+        let store = PostgresStore { pool, schema: config.schema, lender };
         store.migrate().await?;
         debug!(schema = ?store.schema, "connected PostgreSQL store");
         Ok(store)
@@ -139,6 +143,7 @@ impl PostgresStore {
                 .await
                 .map_err(db_error)?;
         }
+        self.lender.close().await;
         self.pool.close().await;
         Ok(())
     }
@@ -186,7 +191,7 @@ impl CommitLog for PostgresStore {
         let sets = &plan.set_timers;
         let evals = &plan.evaluations;
         let eval_col = |f: fn(&crate::EvaluationRecord) -> &str| evals.iter().map(f).collect::<Vec<_>>();
-        let last: i64 = sqlx::query_scalar(
+        let call = sqlx::query_scalar(
             "SELECT capstan_commit($1::text[], $2::bigint, \
              $3::text[], $4::text[], $5::text[], $6::text[], $7::text[], $8::text[], $9::text[], \
              $10::bigint[], $11::text[], $12::text[], $13::bigint[], $14::bigint[], \
@@ -239,10 +244,10 @@ impl CommitLog for PostgresStore {
         .bind(sequenced.iter().map(|s| s.event.id.as_str()).collect::<Vec<_>>())
         .bind(sequenced.iter().map(|s| s.event.kind.as_str()).collect::<Vec<_>>())
         .bind(sequenced.iter().map(|s| Json(&s.event.payload)).collect::<Vec<_>>())
-        .bind(sequenced.iter().map(|s| s.event.recorded_at_ms).collect::<Vec<_>>())
-        .fetch_one(&self.pool)
-        .await
-        .map_err(commit_error)?;
+        .bind(sequenced.iter().map(|s| s.event.recorded_at_ms).collect::<Vec<_>>());
+        let mut lease = self.lender.lend().await?;
+        let done = call.fetch_one(lease.conn()).await;
+        let last: i64 = lease.settle(done).map_err(commit_error)?;
         if sequenced.is_empty() {
             return Ok(Committed::default());
         }
@@ -301,6 +306,48 @@ mod tests {
         assert_eq!(before, 2, "the legacy id is still processed");
         assert_eq!(pruned, 1);
         assert_eq!(after, ["fresh"]);
+    }
+
+    /// The per-batch statements reuse one lent connection, also after the database refused a
+    /// batch; a connection that died while idle fails one call as `Unavailable` and is replaced.
+    #[tokio::test]
+    async fn lent_connections_are_reused_and_replaced_once_dead() {
+        let url = std::env::var("CAPSTAN_TEST_POSTGRES_URL")
+            .unwrap_or_else(|_| "postgres://postgres@127.0.0.1:5432/test?sslmode=disable".to_owned());
+        let schema = format!("capstan_test_{}", uuid::Uuid::new_v4().simple());
+        let store =
+            PostgresStore::connect_with_schema(&url, &schema).await.expect("PostgreSQL is required by this test");
+        let batch = |input: &str| Batch { inputs: vec![input.to_owned()], inputs_at_ms: 1, ..Batch::default() };
+        for i in 0..20 {
+            store.commit(batch(&format!("in-{i}"))).await.expect("commit");
+            store.inputs_seen(&[format!("in-{i}")]).await.expect("seen");
+        }
+        let refused = store.commit(batch("in-3")).await;
+        assert!(matches!(refused, Err(Error::DuplicateInput(_))), "{refused:?}");
+        assert_eq!(store.lender.opened(), 1, "one connection served every call, the refused one too");
+
+        let killed: i64 = sqlx::query_scalar(
+            "SELECT count(pg_terminate_backend(pid)) FROM pg_stat_activity \
+             WHERE datname = current_database() AND pid <> pg_backend_pid() AND query LIKE 'SELECT capstan_%'",
+        )
+        .fetch_one(store.pool())
+        .await
+        .expect("terminate the lent connection");
+        assert_eq!(killed, 1, "the lent connection is found by its last statement");
+        let mut dead = store.commit(batch("after-1")).await;
+        for _ in 0..50 {
+            // The server may not have closed the socket yet: the first call can still get through.
+            if matches!(dead, Err(Error::Unavailable(_))) || store.lender.opened() > 1 {
+                break;
+            }
+            tokio::time::sleep(std::time::Duration::from_millis(20)).await;
+            dead = store.commit(batch(&format!("after-{}", store.lender.opened() + 1))).await;
+        }
+        store.commit(batch("after-last")).await.expect("a fresh connection");
+        let opened = store.lender.opened();
+        store.drop_schema().await.expect("drop test schema");
+        assert!(matches!(dead, Err(Error::Unavailable(_))), "the dead connection's call: {dead:?}");
+        assert_eq!(opened, 2, "the dead connection was replaced once");
     }
 
     #[test]

@@ -74,11 +74,12 @@ impl EventReader for PostgresStore {
         if run_ids.is_empty() {
             return Ok(Vec::new());
         }
-        let rows = sqlx::query("SELECT * FROM capstan_read_streams($1::text[])")
+        let mut lease = self.lender.lend().await?;
+        let done = sqlx::query("SELECT * FROM capstan_read_streams($1::text[])")
             .bind(crate::distinct(run_ids))
-            .fetch_all(&self.pool)
-            .await
-            .map_err(db_error)?;
+            .fetch_all(lease.conn())
+            .await;
+        let rows = lease.settle(done).map_err(db_error)?;
         rows.iter().map(event).collect()
     }
 
@@ -102,11 +103,9 @@ impl EventReader for PostgresStore {
     }
 
     async fn inputs_seen(&self, ids: &[String]) -> Result<Vec<String>> {
-        let found: Vec<String> = sqlx::query_scalar("SELECT capstan_inputs_seen($1::text[])")
-            .bind(ids)
-            .fetch_all(&self.pool)
-            .await
-            .map_err(db_error)?;
+        let mut lease = self.lender.lend().await?;
+        let done = sqlx::query_scalar("SELECT capstan_inputs_seen($1::text[])").bind(ids).fetch_all(lease.conn()).await;
+        let found: Vec<String> = lease.settle(done).map_err(db_error)?;
         let seen: std::collections::HashSet<String> = found.into_iter().collect();
         // Answer in the caller's order.
         Ok(ids.iter().filter(|id| seen.contains(*id)).cloned().collect())
