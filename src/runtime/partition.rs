@@ -240,19 +240,15 @@ impl Partition {
         let ids: Vec<String> = envs.iter().filter_map(|e| e.input_id.clone()).collect();
         // Which inputs were applied before, and the streams of the runs in no cache: two reads
         // at once, each one round trip for the whole batch.
-        let mut listed = HashSet::new();
-        let uncached: Vec<String> = envs
-            .iter()
-            .filter(|e| !self.cache.contains(&e.run_id) && listed.insert(e.run_id.as_str()))
-            .map(|e| e.run_id.clone())
-            .collect();
+        let mut streams: HashMap<String, Vec<StoredEvent>> =
+            envs.iter().filter(|e| !self.cache.contains(&e.run_id)).map(|e| (e.run_id.clone(), Vec::new())).collect();
+        let uncached: Vec<String> = streams.keys().cloned().collect();
         let store = &self.shared.store;
         let (seen, stored) = tokio::try_join!(
             async { if ids.is_empty() { Ok(Vec::new()) } else { store.inputs_seen(&ids).await } },
             async { if uncached.is_empty() { Ok(Vec::new()) } else { store.read_streams(&uncached).await } },
         )?;
         let mut seen: HashSet<String> = seen.into_iter().collect();
-        let mut streams: HashMap<String, Vec<StoredEvent>> = uncached.into_iter().map(|r| (r, Vec::new())).collect();
         for event in stored {
             if let Some(stream) = streams.get_mut(&event.run_id) {
                 stream.push(event);

@@ -37,8 +37,7 @@ impl Lender {
     /// Lends at most `limit` connections at once, opened with `options` when none is idle.
     pub fn new(options: PgConnectOptions, limit: usize) -> Self {
         #[cfg(target_os = "linux")]
-        let nodelay = (!options.get_host().starts_with('/'))
-            .then(|| super::nodelay::Server { port: options.get_port(), ip: options.get_host().parse().ok() });
+        let nodelay = super::nodelay::Server::of(&options);
         Lender {
             options,
             idle: Mutex::new(Vec::new()),

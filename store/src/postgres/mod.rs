@@ -107,8 +107,7 @@ impl PostgresStore {
         let mut pool_options =
             PgPoolOptions::new().max_connections(config.max_connections.max(1)).test_before_acquire(false);
         #[cfg(target_os = "linux")]
-        if !options.get_host().starts_with('/') {
-            let server = nodelay::Server { port: options.get_port(), ip: options.get_host().parse().ok() };
+        if let Some(server) = nodelay::Server::of(&options) {
             pool_options = pool_options.after_connect(move |_, _| {
                 Box::pin(async move {
                     nodelay::apply(server);

@@ -31,6 +31,12 @@ pub(super) struct Server {
 }
 
 impl Server {
+    /// The server `options` connect to over TCP; `None` for a Unix socket (no Nagle there).
+    pub fn of(options: &sqlx::postgres::PgConnectOptions) -> Option<Self> {
+        let host = options.get_host();
+        (!host.starts_with('/')).then(|| Server { port: options.get_port(), ip: host.parse().ok() })
+    }
+
     fn matches(&self, peer: &SocketAddr) -> bool {
         peer.port() == self.port && self.ip.is_none_or(|ip| ip == peer.ip())
     }
