@@ -83,6 +83,12 @@ pub struct BenchArgs {
     /// Timed calls of each read in a soak.
     #[arg(long, default_value_t = 20)]
     pub samples: usize,
+    /// Trigger data of each soak run padded to about this many KiB (large states).
+    #[arg(long, value_name = "KIB", default_value_t = 0)]
+    pub data_kib: usize,
+    /// MiB of run states the runtime caches (default: the runtime's own default).
+    #[arg(long, value_name = "MIB")]
+    pub cache_mib: Option<usize>,
     /// Print one JSON object as the last line.
     #[arg(long)]
     pub json: bool,
@@ -95,6 +101,7 @@ struct Counters {
     inputs: u64,
     events: u64,
     published: u64,
+    runs_evicted: u64,
     cpu_s: f64,
     postgres_cpu_s: Option<f64>,
 }
@@ -107,6 +114,7 @@ impl Counters {
             inputs: m.inputs.load(Ordering::Relaxed),
             events: m.events.load(Ordering::Relaxed),
             published: m.published.load(Ordering::Relaxed),
+            runs_evicted: m.runs_evicted.load(Ordering::Relaxed),
             cpu_s: stats::process_cpu_s().unwrap_or(0.0),
             postgres_cpu_s: if with_postgres { stats::cpu_s_of_processes("postgres") } else { None },
         }
@@ -132,12 +140,13 @@ pub async fn run(args: BenchArgs) -> anyhow::Result<ExitCode> {
     config.partitions = args.partitions.unwrap_or(config.partitions);
     config.max_batch = args.max_batch.unwrap_or(config.max_batch);
     config.commit_slots = args.commit_slots.unwrap_or(config.commit_slots);
+    config.cache_bytes = args.cache_mib.map_or(config.cache_bytes, |mib| mib << 20);
     let config_json = json!({
         "store": store_kind, "broker": args.broker, "shape": args.shape, "tasks": args.tasks,
         "dispatch": args.dispatch, "runs": args.runs, "duration_s": args.duration,
         "concurrency": args.concurrency, "workers": args.workers, "slots": args.slots,
         "partitions": config.partitions, "max_batch": config.max_batch, "commit_slots": config.commit_slots,
-        "cache_per_partition": config.cache_per_partition,
+        "cache_bytes": config.cache_bytes,
     });
     eprintln!("capstan bench: {config_json}");
 
@@ -150,6 +159,7 @@ pub async fn run(args: BenchArgs) -> anyhow::Result<ExitCode> {
             runs,
             concurrency: args.concurrency.max(1),
             samples: args.samples.max(1),
+            data_bytes: args.data_kib << 10,
         };
         let report = soak::run(&runtime, &plan, config_json).await;
         runtime.shutdown().await;
@@ -276,6 +286,7 @@ fn report(
         "inputs": inputs,
         "events": events,
         "published": after.published - before.published,
+        "runs_evicted": after.runs_evicted - before.runs_evicted,
         "events_per_s": round(events as f64 / secs),
         "commits_per_s": round(commits as f64 / secs),
         "inputs_per_commit": round(inputs as f64 / commits.max(1) as f64),
@@ -298,6 +309,7 @@ fn print_soak(r: &Value) {
         f("peak_rss_mb"),
         f("rss_start_mb")
     );
+    println!("cache        {} run states evicted (each read back from the store at its next input)", r["runs_evicted"]);
     println!("reads (ms, gRPC in process)          p50      p90      max    count");
     for (label, key) in [
         ("List first page by status", "list_ms"),

@@ -58,8 +58,10 @@ pub struct RuntimeConfig {
     /// slots for four partitions: PostgreSQL + NATS 1.2-1.3x the tasks/s of no limit, with
     /// half the PostgreSQL CPU per task; one slot starved PostgreSQL + memory (docs/performance.md).
     pub commit_slots: usize,
-    /// Run states cached per partition.
-    pub cache_per_partition: usize,
+    /// Estimated bytes of run states cached, shared equally by the partitions
+    /// (`RunState::approx_bytes`; a run with large trigger data or many tasks costs more). A run
+    /// not cached is folded from its events at its next input.
+    pub cache_bytes: usize,
     /// Queue depth per partition before senders wait (backpressure).
     pub queue_depth: usize,
     /// Outbox rows published per round.
@@ -80,7 +82,7 @@ impl Default for RuntimeConfig {
             partitions: 0,
             max_batch: 512,
             commit_slots: 2,
-            cache_per_partition: 10_000,
+            cache_bytes: 64 << 20,
             queue_depth: 4_096,
             outbox_batch: 1_000,
             input_retention: Some(Duration::from_secs(7 * 24 * 3_600)),
@@ -137,6 +139,9 @@ pub struct Metrics {
     pub timers_fired: AtomicU64,
     /// Processed-input ids forgotten after the input retention.
     pub inputs_pruned: AtomicU64,
+    /// Run states dropped from the partitions' caches to stay within `cache_bytes`; each costs
+    /// a read of the run's events at its next input.
+    pub runs_evicted: AtomicU64,
 }
 
 impl Metrics {
@@ -274,7 +279,8 @@ impl Runtime {
         for id in 0..partitions {
             let (tx, rx) = mpsc::channel(config.queue_depth);
             senders.push(tx);
-            let p = partition::Partition::new(id, rx, shared.clone(), config.cache_per_partition, config.max_batch);
+            let p =
+                partition::Partition::new(id, rx, shared.clone(), config.cache_bytes / partitions, config.max_batch);
             tasks.push(tokio::spawn(p.run(shutdown_rx.clone())));
         }
         let senders = Arc::new(senders);

@@ -17,6 +17,7 @@
 
 use std::collections::{BTreeMap, HashMap, HashSet};
 use std::sync::Arc;
+use std::sync::atomic::Ordering;
 use std::time::Duration;
 
 use capstan_brokers::Message;
@@ -104,7 +105,7 @@ impl Partition {
         id: usize,
         rx: mpsc::Receiver<Envelope>,
         shared: Arc<Shared>,
-        cache_capacity: usize,
+        cache_bytes: usize,
         max_batch: usize,
     ) -> Self {
         let seed = shared.clock.now_ms() as u64 ^ ((id as u64 + 1) << 48);
@@ -113,7 +114,7 @@ impl Partition {
             id,
             rx,
             shared,
-            cache: RunCache::new(cache_capacity),
+            cache: RunCache::new(cache_bytes),
             max_batch,
             rng: seed,
             inflight_inputs: HashSet::new(),
@@ -431,10 +432,12 @@ impl Partition {
             let version = i64::try_from(w.state.version()).unwrap_or(i64::MAX);
             if !w.state.is_over() {
                 runs.push(run_id.clone());
-                self.cache.put(
-                    run_id,
-                    super::cache::Cached { state: w.state, version, created_at_ms: w.created_at_ms, status: w.status },
-                );
+                let cached =
+                    super::cache::Cached { state: w.state, version, created_at_ms: w.created_at_ms, status: w.status };
+                let evicted = self.cache.put(run_id, cached);
+                if evicted > 0 {
+                    self.shared.metrics.runs_evicted.fetch_add(evicted as u64, Ordering::Relaxed);
+                }
             }
         }
         Ok(Prepared { outcomes, batch, inputs: envs.len(), event_count, runs, lane_notes, ready, earliest_timer })

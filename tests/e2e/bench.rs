@@ -68,8 +68,16 @@ fn bench_fanout_auction_in_memory_prints_json_last() {
 
 #[test]
 fn bench_soak_leaves_runs_waiting_and_reports_memory_and_reads() {
-    let report = bench(&["--soak", "200", "--samples", "3", "--concurrency", "16"]);
+    // 64 KiB of trigger data per run, 1 MiB of cache: about 15 states fit, the rest are evicted.
+    let args = ["--soak", "200", "--samples", "3", "--concurrency", "16", "--data-kib", "64", "--cache-mib", "1"];
+    let report = bench(&args);
     assert_eq!(report["config"]["mode"], "soak", "{report}");
+    assert_eq!(
+        (report["config"]["cache_bytes"].as_u64(), report["config"]["data_bytes"].as_u64()),
+        (Some(1 << 20), Some(64 << 10))
+    );
+    let evicted = report["runs_evicted"].as_u64().expect("runs_evicted");
+    assert!((170..=200).contains(&evicted), "{evicted} of 200 large states evicted from a 1 MiB cache: {report}");
     assert_eq!(report["config"]["store"], "sqlite", "{report}");
     assert_eq!(report["runs"], 200, "{report}");
     for key in ["trigger_s", "triggers_per_s", "rss_mb", "rss_end_mb", "peak_rss_mb"] {

@@ -177,8 +177,8 @@ impl Evaluations for Instrumented {
 }
 
 /// Triggers 60 runs of the crash test's DAG at once over `store` and waits until all are over;
-/// their ids.
-async fn drive(store: Arc<dyn Store>, config: RuntimeConfig) -> Vec<String> {
+/// their ids and how many run states the runtime evicted from its caches.
+async fn drive(store: Arc<dyn Store>, config: RuntimeConfig) -> (Vec<String>, u64) {
     let script: Script =
         Arc::new(|_, _| Behaviour::Complete { after: Duration::from_millis(2), result: TaskResult::Pass, error: None });
     let log = Arc::new(Mutex::new(WorkerLog::default()));
@@ -205,11 +205,12 @@ async fn drive(store: Arc<dyn Store>, config: RuntimeConfig) -> Vec<String> {
         assert!(started.elapsed() < Duration::from_secs(60), "runs did not finish");
         tokio::time::sleep(Duration::from_millis(25)).await;
     }
+    let evicted = rt.metrics().runs_evicted.load(Ordering::Relaxed);
     rt.shutdown().await;
     for w in workers {
         w.abort();
     }
-    run_ids
+    (run_ids, evicted)
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
@@ -217,7 +218,7 @@ async fn inputs_decided_behind_a_failed_commit_are_applied_again_once() {
     let dir = tempfile::tempdir().expect("tempdir");
     let failing = Instrumented::open(dir.path(), true, true).await;
     let store: Arc<dyn Store> = failing.clone();
-    let run_ids = drive(store.clone(), RuntimeConfig::default()).await;
+    let (run_ids, _) = drive(store.clone(), RuntimeConfig::default()).await;
 
     // A failed commit drops the states it decided, so the runs are folded from the store again:
     // all the runs a batch holds in no cache with one read, never one read per run.
@@ -243,7 +244,7 @@ async fn commit_slots_bound_the_commits_under_way() {
         let dir = tempfile::tempdir().expect("tempdir");
         let counted = Instrumented::open(dir.path(), false, false).await;
         let config = RuntimeConfig { partitions: 4, commit_slots: slots, ..RuntimeConfig::default() };
-        let run_ids = drive(counted.clone(), config).await;
+        let (run_ids, _) = drive(counted.clone(), config).await;
         let store: &dyn Store = &*counted;
         for run_id in &run_ids {
             check_recorded_once(run_id, &history(store, run_id).await);
@@ -253,6 +254,32 @@ async fn commit_slots_bound_the_commits_under_way() {
             assert_eq!(most, 1, "{slots} commit slot(s), yet {most} commits were under way at once");
         } else {
             assert!(most >= 2, "without a limit the four partitions' commits never overlapped ({most})");
+        }
+    }
+}
+
+/// The run-state cache is bounded by the states' estimated bytes. With a budget smaller than
+/// any state nothing stays cached: every batch folds its runs from the store (one read per
+/// batch) and every run still ends with each task recorded once. The control, the default
+/// budget, keeps these 60 small runs without evicting one.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_cache_too_small_for_any_run_reads_runs_back_and_loses_nothing() {
+    for (cache_bytes, starved) in [(1_000, true), (RuntimeConfig::default().cache_bytes, false)] {
+        let dir = tempfile::tempdir().expect("tempdir");
+        let counted = Instrumented::open(dir.path(), true, false).await;
+        let config = RuntimeConfig { cache_bytes, ..RuntimeConfig::default() };
+        let (run_ids, evicted) = drive(counted.clone(), config).await;
+        let store: &dyn Store = &*counted;
+        for run_id in &run_ids {
+            check_recorded_once(run_id, &history(store, run_id).await);
+        }
+        let batched = counted.batch_reads.load(Ordering::SeqCst);
+        if starved {
+            // Each run's start and each of its tasks' results is a batch the run is read back in.
+            assert!(evicted >= 60 * 2, "a {cache_bytes}-byte cache evicted only {evicted} states");
+            assert!(batched >= 60 / 8, "runs were read back only {batched} times");
+        } else {
+            assert_eq!(evicted, 0, "the default cache evicted {evicted} of 60 small runs");
         }
     }
 }

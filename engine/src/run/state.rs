@@ -8,7 +8,7 @@ use std::sync::Arc;
 
 use serde_json::Value;
 
-use super::types::{AttemptOutcome, Event, RecordedBid, RunMeta, RunStatus, TaskResult, TaskStatus};
+use super::types::{AttemptOutcome, Event, RecordedBid, RunMeta, RunStatus, TaskResult, TaskStatus, WorkerInfo};
 use crate::definition::model::{Definition, Sequence, Task};
 use crate::duration::Timestamp;
 
@@ -225,6 +225,25 @@ impl RunState {
         self.sequence()?.task_index(name)
     }
 
+    /// About how many bytes the state holds, its own struct included and the definition (shared
+    /// by every run pinned to it) excluded: what a cache bounded by memory charges for it. An
+    /// estimate from capacities, allocations rounded to 16 bytes and JSON objects counted as
+    /// the B-tree nodes they allocate (a one-key object takes a whole 11-slot node).
+    pub fn approx_bytes(&self) -> usize {
+        let meta = self.meta.as_ref().map_or(0, |m| {
+            let optional = [&m.service, &m.triggered_by];
+            [&m.run_id, &m.context_id, &m.project, &m.stage, &m.sequence, &m.definition]
+                .into_iter()
+                .chain(optional.into_iter().flatten())
+                .map(|s| alloc(s.capacity()))
+                .sum::<usize>()
+        });
+        let expanded = self.expanded.as_ref().map_or(0, |s| sequence_bytes(s));
+        let tasks = alloc(self.tasks.capacity() * size_of::<TaskState>())
+            + self.tasks.iter().map(TaskState::heap_bytes).sum::<usize>();
+        size_of::<RunState>() + meta + value_bytes(&self.data) + expanded + tasks
+    }
+
     /// Applies one event. The runtime calls this for every stored event, in order.
     pub fn evolve(&mut self, event: &Event) {
         self.version += 1;
@@ -330,6 +349,72 @@ impl RunState {
         let i = self.index(name)?;
         self.tasks.get_mut(i)
     }
+}
+
+impl TaskState {
+    /// The bytes this task's state holds outside its own struct.
+    fn heap_bytes(&self) -> usize {
+        let bids = alloc(self.bids.capacity() * size_of::<RecordedBid>())
+            + self.bids.iter().map(|b| worker_bytes(&b.worker)).sum::<usize>();
+        let holders = alloc(self.holders.capacity() * size_of::<Holder>())
+            + self.holders.iter().map(|h| alloc(h.worker_id.capacity())).sum::<usize>();
+        bids + holders + value_bytes(&self.output)
+    }
+}
+
+/// A heap allocation of `n` bytes: rounded up to the allocator's 16-byte size classes.
+fn alloc(n: usize) -> usize {
+    if n == 0 { 0 } else { n.next_multiple_of(16) }
+}
+
+/// A `BTreeMap` of `len` entries of `entry` bytes (key and value): leaves of 11 slots, whole
+/// for up to 11 entries and about two thirds full once they split.
+fn btree(len: usize, entry: usize) -> usize {
+    let nodes = match len {
+        0 => 0,
+        1..=11 => 1,
+        _ => len.div_ceil(8),
+    };
+    nodes * alloc(16 + 11 * entry)
+}
+
+fn worker_bytes(w: &WorkerInfo) -> usize {
+    alloc(w.id.capacity())
+        + btree(w.labels.len(), 2 * size_of::<String>())
+        + w.labels.iter().map(|(k, v)| alloc(k.capacity()) + alloc(v.capacity())).sum::<usize>()
+}
+
+/// The bytes a JSON value holds outside its own `Value`.
+fn value_bytes(value: &Value) -> usize {
+    match value {
+        Value::Null | Value::Bool(_) | Value::Number(_) => 0,
+        Value::String(s) => alloc(s.capacity()),
+        Value::Array(items) => {
+            alloc(items.capacity() * size_of::<Value>()) + items.iter().map(value_bytes).sum::<usize>()
+        }
+        Value::Object(map) => map_bytes(map),
+    }
+}
+
+fn map_bytes(map: &serde_json::Map<String, Value>) -> usize {
+    btree(map.len(), size_of::<String>() + size_of::<Value>())
+        + map.iter().map(|(k, v)| alloc(k.capacity()) + value_bytes(v)).sum::<usize>()
+}
+
+/// A sequence made for one run (a runbook's expansion): its own struct and its tasks.
+fn sequence_bytes(s: &Sequence) -> usize {
+    let task = |t: &Task| {
+        size_of::<Task>()
+            + alloc(t.name.capacity())
+            + alloc(t.task_type.capacity())
+            + map_bytes(&t.properties)
+            + alloc(t.depends_on.capacity() * size_of::<String>())
+            + t.depends_on.iter().map(|d| alloc(d.capacity())).sum::<usize>()
+    };
+    alloc(size_of::<Sequence>())
+        + alloc(s.name.capacity())
+        + alloc(s.tasks.capacity() * size_of::<Task>())
+        + s.tasks.iter().map(task).sum::<usize>()
 }
 
 /// Skipped tasks never produced a result; every other end carries one (fail when unknown).

@@ -50,6 +50,8 @@ pub struct Soak {
     pub concurrency: usize,
     /// Timed calls of each read.
     pub samples: usize,
+    /// Padding in each run's trigger data, in bytes.
+    pub data_bytes: usize,
 }
 
 /// Timings of one kind of call, in milliseconds (sub-millisecond precision).
@@ -92,6 +94,7 @@ pub async fn run(runtime: &RuntimeHandle, soak: &Soak, mut config: Value) -> any
     if let Some(c) = config.as_object_mut() {
         c.insert("mode".into(), json!("soak"));
         c.insert("samples".into(), json!(soak.samples));
+        c.insert("data_bytes".into(), json!(soak.data_bytes));
     }
     let mut report = json!({
         "config": config,
@@ -103,6 +106,7 @@ pub async fn run(runtime: &RuntimeHandle, soak: &Soak, mut config: Value) -> any
         "rss_mb": rss_after_trigger_mb.map(round),
         "rss_end_mb": stats::rss_mb().map(round),
         "peak_rss_mb": stats::peak_rss_mb().map(round),
+        "runs_evicted": runtime.metrics().runs_evicted.load(Ordering::Relaxed),
     });
     if let (Some(r), Some(extra)) = (report.as_object_mut(), reads.as_object()) {
         r.extend(extra.clone());
@@ -128,9 +132,10 @@ async fn trigger_all(runtime: &RuntimeHandle, soak: &Soak) -> anyhow::Result<Vec
     });
     // Every `stride`-th run is kept as a sample, so samples are not all among the oldest runs.
     let stride = (soak.runs / soak.samples.max(1) as u64).max(1);
+    let padding = "x".repeat(soak.data_bytes);
     let mut drivers = Vec::new();
     for _ in 0..soak.concurrency.max(1) {
-        let (runtime, next, soak) = (runtime.clone(), next.clone(), soak.clone());
+        let (runtime, next, soak, padding) = (runtime.clone(), next.clone(), soak.clone(), padding.clone());
         drivers.push(tokio::spawn(async move {
             let mut kept = Vec::new();
             loop {
@@ -144,7 +149,7 @@ async fn trigger_all(runtime: &RuntimeHandle, soak: &Soak) -> anyhow::Result<Vec
                         definition: Some(DEFINITION.into()),
                         stage: STAGE.into(),
                         sequence: SEQUENCE.into(),
-                        data: json!({"soak": n}),
+                        data: json!({"soak": n, "padding": padding}),
                         ..TriggerRequest::default()
                     })
                     .await

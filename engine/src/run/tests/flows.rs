@@ -405,3 +405,27 @@ fn a_runbook_is_checked_when_the_definition_is_read() {
     let err = crate::definition::parse(&named).expect_err("named escalation").to_string();
     assert!(err.contains("takes no `name`"), "{err}");
 }
+
+#[test]
+fn the_size_estimate_grows_with_what_the_run_holds() {
+    let def = single(vec![task("a", &[]), task("b", &["a"])]);
+    let empty = RunState::new(def.clone()).approx_bytes();
+    let (small, _) = Run::start(def.clone(), json!({"image": "shop:1"}));
+    let small_bytes = small.state.approx_bytes();
+    assert!(small_bytes > empty + 2 * size_of::<state::TaskState>(), "{small_bytes} vs empty {empty}");
+
+    // A megabyte of trigger data is charged as a megabyte, not as one entry.
+    let big = "x".repeat(1 << 20);
+    let (mut run, _) = Run::start(def, json!({"image": "shop:1", "blob": [big.clone(), {"nested": big}]}));
+    let before = run.state.approx_bytes();
+    assert!(before >= small_bytes + (2 << 20), "{before} vs {small_bytes}");
+
+    // Holders, and then the outputs tasks report, are charged as they arrive.
+    let token = run.award("a", 1, "w-with-a-long-worker-id");
+    let awarded = run.state.approx_bytes();
+    assert!(awarded > before, "{awarded} vs {before}");
+    run.apply(started("a", 1, "w-with-a-long-worker-id", token));
+    let output = json!({"report": "y".repeat(10_000)});
+    run.apply(finished_with("a", 1, "w-with-a-long-worker-id", token, TaskResult::Pass, output, None));
+    assert!(run.state.approx_bytes() >= awarded + 10_000, "{} vs {awarded}", run.state.approx_bytes());
+}
