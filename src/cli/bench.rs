@@ -66,6 +66,10 @@ pub struct BenchArgs {
     /// Slots (attempts at once) of each worker.
     #[arg(long, default_value_t = 1024)]
     pub slots: u32,
+    /// The workers report `started` only for attempts still running after this many ms
+    /// (`WorkerConfig::started_after`); 0 reports every start.
+    #[arg(long, value_name = "MS", default_value_t = 0)]
+    pub started_after_ms: u64,
     /// Runtime partitions (default: the runtime's own default).
     #[arg(long)]
     pub partitions: Option<usize>,
@@ -145,6 +149,7 @@ pub async fn run(args: BenchArgs) -> anyhow::Result<ExitCode> {
         "store": store_kind, "broker": args.broker, "shape": args.shape, "tasks": args.tasks,
         "dispatch": args.dispatch, "runs": args.runs, "duration_s": args.duration,
         "concurrency": args.concurrency, "workers": args.workers, "slots": args.slots,
+        "started_after_ms": args.started_after_ms,
         "partitions": config.partitions, "max_batch": config.max_batch, "commit_slots": config.commit_slots,
         "cache_bytes": config.cache_bytes,
     });
@@ -173,7 +178,13 @@ pub async fn run(args: BenchArgs) -> anyhow::Result<ExitCode> {
     let bench = shipyard::generate(args.shape, args.tasks, args.dispatch);
     runtime.apply_definition(PROJECT, &bench.yaml).await.context("cannot apply the bench definition")?;
     let (stop_workers, stop_rx) = watch::channel(false);
-    let workers = driver::spawn_workers(&broker, args.workers, args.slots, &stop_rx);
+    let workers = driver::spawn_workers(
+        &broker,
+        args.workers,
+        args.slots,
+        Duration::from_millis(args.started_after_ms),
+        &stop_rx,
+    );
 
     let load = Load {
         project: PROJECT.into(),

@@ -66,6 +66,18 @@ fn bench_fanout_auction_in_memory_prints_json_last() {
     assert_eq!(report["latency_ms"]["step"]["count"], 6 * 3, "{report}");
 }
 
+/// Workers that report `started` only after 10 s: the bench's no-op tasks all end before, so
+/// the engine records no `TaskStarted`, takes every `finished` straight from the award's
+/// holder, and every run still passes.
+#[test]
+fn bench_with_workers_that_skip_started_for_quick_tasks() {
+    let report = bench(&["--runs", "12", "--tasks", "3", "--concurrency", "4", "--started-after-ms", "10000"]);
+    assert_eq!(report["config"]["started_after_ms"], 10_000, "{report}");
+    assert_eq!((report["tasks_ended"].as_u64(), report["not_passed"].as_u64()), (Some(36), Some(0)), "{report}");
+    assert_eq!(report["latency_ms"]["start"]["count"], 0, "no TaskStarted expected: {report}");
+    assert_eq!(report["latency_ms"]["task"]["count"], 36, "{report}");
+}
+
 #[test]
 fn bench_soak_leaves_runs_waiting_and_reports_memory_and_reads() {
     // 64 KiB of trigger data per run, 1 MiB of cache: about 15 states fit, the rest are evicted.

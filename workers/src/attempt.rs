@@ -15,6 +15,15 @@ use tokio::time::{Instant, MissedTickBehavior};
 use crate::handler::{CancelSignal, Handler, Outcome, RunPlace, TaskContext};
 use crate::journal::Journal;
 
+/// Reports that an attempt started. A failure is only logged: the handler runs anyway, and the
+/// engine hears of the attempt through heartbeats or `finished`, or times it out and fences it
+/// off, which makes the result moot but harmless.
+async fn send_started(emitter: &Emitter, attempt: &AttemptRef, token: u64, progress: &Progress) {
+    if let Err(e) = emitter.send(types::TASK_STARTED, attempt, Some(token), progress).await {
+        tracing::warn!(error = %e, task = %attempt.task, "could not send started");
+    }
+}
+
 /// Builds and sends the worker's CloudEvents to the engine.
 #[derive(Clone)]
 pub(crate) struct Emitter {
@@ -119,6 +128,7 @@ pub(crate) async fn run_attempt(
     place: Option<RunPlace>,
     cancel: CancelSignal,
     cancel_grace: Duration,
+    started_after: Duration,
     done: DoneGuard,
 ) {
     let attempt = award.attempt.clone();
@@ -138,12 +148,14 @@ pub(crate) async fn run_attempt(
         drop(done);
         return;
     }
-    if let Err(e) = emitter.send(types::TASK_STARTED, &attempt, Some(token), &progress).await {
-        // The handler still runs: the engine hears of the attempt through heartbeats or finished,
-        // or times it out and fences it off, which makes the result moot but harmless.
-        tracing::warn!(error = %e, task = %attempt.task, "could not send started");
-    }
     let heartbeat = award.heartbeat_ms.map(|ms| Duration::from_millis((ms / 3).max(1)));
+    // `started` goes out before the handler runs, or once it has run `started_after` (never
+    // later than the first heartbeat would be due); a handler done sooner reports only `finished`.
+    let started_after = heartbeat.map_or(started_after, |period| started_after.min(period));
+    let mut started = started_after.is_zero();
+    if started {
+        send_started(&emitter, &attempt, token, &progress).await;
+    }
     let ctx = TaskContext::new(award, worker_id.clone(), cancel.clone()).with_place(place);
     // The handler runs in its own task so that a panic in it becomes a reported error and an
     // abort after the cancel grace really stops it (dropping a child process with it).
@@ -152,12 +164,19 @@ pub(crate) async fn run_attempt(
         async move { handler.handle(ctx).await }
     });
     let far = Duration::from_secs(86_400 * 365);
+    let started_due = tokio::time::sleep(started_after);
+    tokio::pin!(started_due);
     let period = heartbeat.unwrap_or(far);
     let mut ticks = tokio::time::interval_at(Instant::now() + period, period);
     ticks.set_missed_tick_behavior(MissedTickBehavior::Delay);
     let joined = loop {
         tokio::select! {
+            biased;
             joined = &mut task => break Some(joined),
+            _ = &mut started_due, if !started => {
+                started = true;
+                send_started(&emitter, &attempt, token, &progress).await;
+            }
             _ = ticks.tick(), if heartbeat.is_some() => {
                 if let Err(e) = emitter.send(types::TASK_HEARTBEAT, &attempt, Some(token), &progress).await {
                     tracing::warn!(error = %e, task = %attempt.task, "could not send heartbeat");

@@ -212,6 +212,80 @@ async fn an_award_runs_with_its_token_heartbeats_and_finishes() {
     w.stop().await;
 }
 
+/// Awards `o` to `worker` and returns the engine's inputs up to `finished`, each with the time
+/// it arrived after the award.
+async fn award_and_collect(engine: &mut Engine, o: &TaskOffer, worker: &str, token: u64) -> Vec<(String, Duration)> {
+    engine.award(o, worker, token).await;
+    let awarded = tokio::time::Instant::now();
+    let mut seen = Vec::new();
+    loop {
+        let d = tokio::time::timeout(PATIENCE, engine.inputs.next()).await.expect("an input").expect("inputs");
+        d.ack().await.expect("ack");
+        let ty = d.message.event.ty.clone();
+        seen.push((ty.clone(), awarded.elapsed()));
+        if ty == types::TASK_FINISHED {
+            return seen;
+        }
+    }
+}
+
+/// With `started_after`, an attempt that ends sooner reports only `finished`; a longer one
+/// reports `started` once it has run that long, or when its first heartbeat is due if that
+/// comes first. The control, the default, reports `started` before the handler runs.
+#[tokio::test(start_paused = true)]
+async fn started_is_reported_only_for_attempts_that_outlast_started_after() {
+    let broker = MemoryBroker::new();
+    let mut engine = Engine::new(&broker).await;
+    let ms = Duration::from_millis;
+    let slow = || EchoWorker::with_config(EchoConfig { delay: Duration::from_secs(1), ..EchoConfig::default() });
+    let types_of = |seen: &[(String, Duration)]| seen.iter().map(|(t, _)| t.clone()).collect::<Vec<_>>();
+
+    // A quick handler: only `finished`.
+    let config = WorkerConfig::new("w-quick", ["deployment"]).started_after(ms(50));
+    let w = start(&broker, Worker::new(config, EchoWorker::new())).await;
+    let o = offer("run-quick", "deployment", DispatchMode::Auction);
+    engine.offer(&o).await;
+    engine.expect(types::TASK_BID).await;
+    let seen = award_and_collect(&mut engine, &o, "w-quick", 1).await;
+    assert_eq!(types_of(&seen), [types::TASK_FINISHED]);
+    w.stop().await;
+
+    // A handler of 1 s: `started` after 200 ms, `finished` after 1 s.
+    let config = WorkerConfig::new("w-slow", ["deployment"]).started_after(ms(200));
+    let w = start(&broker, Worker::new(config, slow())).await;
+    let o = offer("run-slow", "deployment", DispatchMode::Auction);
+    engine.offer(&o).await;
+    engine.expect(types::TASK_BID).await;
+    let seen = award_and_collect(&mut engine, &o, "w-slow", 2).await;
+    assert_eq!(types_of(&seen), [types::TASK_STARTED, types::TASK_FINISHED]);
+    assert!(seen[0].1 >= ms(200) && seen[0].1 < ms(300), "started after {:?}", seen[0].1);
+    assert!(seen[1].1 >= ms(1_000), "finished after {:?}", seen[1].1);
+    w.stop().await;
+
+    // A heartbeat timeout of 300 ms (a heartbeat every 100 ms): `started` comes first, at 100 ms.
+    let config = WorkerConfig::new("w-beat", ["deployment"]).started_after(Duration::from_secs(10));
+    let w = start(&broker, Worker::new(config, slow())).await;
+    let mut o = offer("run-beat", "deployment", DispatchMode::Auction);
+    o.heartbeat_ms = Some(300);
+    engine.offer(&o).await;
+    engine.expect(types::TASK_BID).await;
+    let seen = award_and_collect(&mut engine, &o, "w-beat", 3).await;
+    assert_eq!(seen[0].0, types::TASK_STARTED, "{seen:?}");
+    assert!(seen[0].1 >= ms(100) && seen[0].1 < ms(200), "started after {:?}", seen[0].1);
+    assert!(seen[1..seen.len() - 1].iter().all(|(t, _)| t == types::TASK_HEARTBEAT), "{seen:?}");
+    w.stop().await;
+
+    // The default reports `started` at once, even for a quick handler.
+    let w = start(&broker, echo("w-default")).await;
+    let o = offer("run-default", "deployment", DispatchMode::Auction);
+    engine.offer(&o).await;
+    engine.expect(types::TASK_BID).await;
+    let seen = award_and_collect(&mut engine, &o, "w-default", 4).await;
+    assert_eq!(types_of(&seen), [types::TASK_STARTED, types::TASK_FINISHED]);
+    assert_eq!(seen[0].1, Duration::ZERO);
+    w.stop().await;
+}
+
 #[tokio::test(start_paused = true)]
 async fn an_award_published_again_after_its_attempt_finished_is_not_run_again() {
     let broker = MemoryBroker::new();

@@ -63,6 +63,12 @@ pub struct WorkerConfig {
     pub cancel_grace: Duration,
     /// When a queue offer cannot be taken, after how long it comes back.
     pub queue_retry_delay: Duration,
+    /// How long an attempt runs before the worker reports `started`. An attempt whose handler
+    /// returns sooner reports only `finished`, saving a message, an input and an event per task
+    /// (its history then shows it awarded, then ended); a longer one reports `started` at this
+    /// point (at the latest a third of its heartbeat timeout). Zero reports at once. Keep it far
+    /// below the tasks' schedule-to-start timeout, which runs until `started` or `finished`.
+    pub started_after: Duration,
     /// A file where the worker records every award before its handler starts. Set it for a
     /// worker that runs non-idempotent tasks under a stable id: restarted, it then never starts
     /// an award again that the engine's outbox republished after a crash. One file per worker id.
@@ -81,6 +87,7 @@ impl WorkerConfig {
             award_grace: Duration::from_secs(2),
             cancel_grace: Duration::from_secs(5),
             queue_retry_delay: Duration::from_secs(1),
+            started_after: Duration::ZERO,
             journal: None,
         }
     }
@@ -88,6 +95,13 @@ impl WorkerConfig {
     /// Records awards in a journal file (see [`WorkerConfig::journal`]).
     pub fn journal(mut self, path: impl Into<std::path::PathBuf>) -> Self {
         self.journal = Some(path.into());
+        self
+    }
+
+    /// Reports `started` only for attempts still running after `after` (see
+    /// [`WorkerConfig::started_after`]).
+    pub fn started_after(mut self, after: Duration) -> Self {
+        self.started_after = after;
         self
     }
 
@@ -467,6 +481,7 @@ impl LoopState<'_> {
             reservation.map(|r| r.place),
             signal,
             self.worker.config.cancel_grace,
+            self.worker.config.started_after,
             done,
         ));
         Settle::Ack

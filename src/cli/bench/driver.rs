@@ -50,11 +50,14 @@ pub fn spawn_workers(
     broker: &Arc<dyn Broker>,
     count: usize,
     slots: u32,
+    started_after: Duration,
     stop: &watch::Receiver<bool>,
 ) -> Vec<JoinHandle<()>> {
     (0..count.max(1))
         .map(|i| {
-            let config = WorkerConfig::new(format!("bench-echo-{}", i + 1), [TASK_TYPE]).slots(slots);
+            let config = WorkerConfig::new(format!("bench-echo-{}", i + 1), [TASK_TYPE])
+                .slots(slots)
+                .started_after(started_after);
             let worker = Worker::new(config, EchoWorker::new());
             let broker = broker.clone();
             let mut stop = stop.clone();
