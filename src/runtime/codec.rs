@@ -100,11 +100,11 @@ pub fn promoted_run_id(parent_run: &str, stage: &str, sequence: &str) -> String 
     Uuid::new_v5(&RUN_ID_NAMESPACE, format!("{parent_run}/{stage}/{sequence}").as_bytes()).to_string()
 }
 
-/// Builds the outbox message for an effect that talks to the outside, `None` for the others.
-/// The outbox row of an effect that sends a message, and the message itself: the partition
-/// commits the row and hands the message to the relay as it is, so that the fast path neither
-/// clones the row nor parses its JSON back (that round trip was ~9 % of the embedded engine's CPU).
-pub fn outbox_message(meta: &RunMeta, effect: &Effect, time: &str) -> Option<(OutboxMessage, Message)> {
+/// The message of an effect that talks to the outside, `None` for the others. The partition
+/// commits its outbox row ([`outbox_row`]) and hands the message itself to the relay, so the
+/// fast path never parses the row's JSON back (that round trip was ~9 % of the embedded
+/// engine's CPU).
+pub fn effect_message(meta: &RunMeta, effect: &Effect, time: &str) -> Option<Message> {
     let (topic, event) = match effect {
         Effect::Offer(offer) => (offer_topic(offer), offer_event(offer)),
         Effect::Send { worker_id, message } => (topics::worker(worker_id), worker_event(worker_id, message)),
@@ -122,13 +122,25 @@ pub fn outbox_message(meta: &RunMeta, effect: &Effect, time: &str) -> Option<(Ou
     let mut event = event;
     event.time = Some(time.to_string());
     event.extensions.entry(ext::CONTEXT.into()).or_insert_with(|| meta.context_id.clone());
-    let row = OutboxMessage {
-        id: event.id.clone(),
-        topic: topic.clone(),
-        key: meta.run_id.clone(),
-        payload: event.to_json(),
-    };
-    Some((row, Message { topic, key: meta.run_id.clone(), event }))
+    Some(Message { topic, key: meta.run_id.clone(), event })
+}
+
+/// The outbox row that makes a message durable.
+pub fn outbox_row(message: &Message) -> OutboxMessage {
+    OutboxMessage {
+        id: message.event.id.clone(),
+        topic: message.topic.clone(),
+        key: message.key.clone(),
+        payload: message.event.to_json(),
+    }
+}
+
+/// Whether an effect's message needs no outbox row: a rejection (of a late bid or claim, or of a
+/// report with a stale token) only lets a worker give up a reservation or a result early. Lost
+/// with a crash, the worker's reservation runs out by itself and a stale report stays refused,
+/// so it is published after the commit, best effort, without a row to write and delete.
+pub fn is_advisory(effect: &Effect) -> bool {
+    matches!(effect, Effect::Send { message: WorkerMessage::Rejection(_), .. })
 }
 
 fn offer_topic(offer: &TaskOffer) -> String {

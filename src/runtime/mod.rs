@@ -161,7 +161,7 @@ pub struct Shared {
     pub metrics: Metrics,
     pub faults: Faults,
     /// The rows of each commit, for the relay to publish from memory.
-    outbox_tx: mpsc::UnboundedSender<Vec<capstan_brokers::Message>>,
+    outbox_tx: mpsc::UnboundedSender<outbox_relay::Outgoing>,
     /// Runs queued and ended in their lanes, for the lane service.
     lane_tx: mpsc::UnboundedSender<lanes::LaneNote>,
     timer_wake: Notify,

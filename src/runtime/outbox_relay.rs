@@ -3,7 +3,8 @@
 //! outbox table is the safety net: a sweep deletes rows already published and publishes rows that
 //! stayed unpublished for a whole sweep interval (a crash between commit and publish, a publish
 //! that failed, rows left by a previous process). A row may thus be published twice; consumers
-//! deduplicate by CloudEvent id.
+//! deduplicate by CloudEvent id. Advisory messages (rejections) come without rows and are
+//! published once, best effort.
 
 use std::collections::{HashMap, HashSet};
 use std::sync::Arc;
@@ -19,6 +20,15 @@ use tracing::warn;
 use super::Shared;
 use super::faults::FaultPoint;
 
+/// What a commit hands the relay.
+pub struct Outgoing {
+    /// Messages whose outbox rows the commit wrote: the sweep deletes a row once its message
+    /// was published.
+    pub stored: Vec<Message>,
+    /// Messages without rows (`codec::is_advisory`): published once, best effort.
+    pub advisory: Vec<Message>,
+}
+
 /// How often the table is swept.
 const SWEEP_EVERY: Duration = Duration::from_millis(500);
 
@@ -26,7 +36,7 @@ const SWEEP_EVERY: Duration = Duration::from_millis(500);
 pub async fn run(
     shared: Arc<Shared>,
     batch: usize,
-    mut committed: mpsc::UnboundedReceiver<Vec<Message>>,
+    mut committed: mpsc::UnboundedReceiver<Outgoing>,
     mut shutdown: watch::Receiver<bool>,
 ) {
     // Ids published from memory whose rows are not yet deleted.
@@ -37,16 +47,21 @@ pub async fn run(
     sweep.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
     loop {
         tokio::select! {
-            msgs = committed.recv() => {
-                let Some(mut msgs) = msgs else { return };
+            out = committed.recv() => {
+                let Some(Outgoing { stored: mut msgs, mut advisory }) = out else { return };
                 // Take whatever else is queued: one broker round trip for many commits.
-                while msgs.len() < batch {
+                while msgs.len() + advisory.len() < batch {
                     match committed.try_recv() {
-                        Ok(more) => msgs.extend(more),
+                        Ok(more) => {
+                            msgs.extend(more.stored);
+                            advisory.extend(more.advisory);
+                        }
                         Err(_) => break,
                     }
                 }
+                // Only stored messages leave rows for the sweep to delete.
                 let ids: Vec<String> = msgs.iter().map(|m| m.event.id.clone()).collect();
+                msgs.append(&mut advisory);
                 if publish(&shared, msgs).await {
                     published.extend(ids);
                 }

@@ -32,6 +32,7 @@ use super::codec;
 use super::error::RuntimeError;
 use super::faults::{FaultPoint, Faults};
 use super::lanes::LaneNote;
+use super::outbox_relay::Outgoing;
 use super::{Envelope, Reply, Shared};
 use gates::{evaluation_record, is_gate, with_previous};
 
@@ -80,6 +81,9 @@ struct Prepared {
     lane_notes: Vec<LaneNote>,
     /// The messages of `batch.outbox`, published from memory once the batch is committed.
     ready: Vec<Message>,
+    /// Messages without outbox rows (`codec::is_advisory`), published best effort once the
+    /// batch is committed.
+    advisory: Vec<Message>,
     earliest_timer: Option<i64>,
 }
 
@@ -222,9 +226,9 @@ impl Partition {
             // The lane service may be gone at shutdown; it rebuilds from the run index.
             let _ = self.shared.lane_tx.send(note);
         }
-        if !prepared.ready.is_empty() {
+        if !prepared.ready.is_empty() || !prepared.advisory.is_empty() {
             // The relay may be gone at shutdown; the rows are in the table for the next start.
-            let _ = self.shared.outbox_tx.send(prepared.ready);
+            let _ = self.shared.outbox_tx.send(Outgoing { stored: prepared.ready, advisory: prepared.advisory });
         }
         if let Some(at) = prepared.earliest_timer {
             self.shared.timer_wake(at);
@@ -261,6 +265,7 @@ impl Partition {
         let mut outcomes = Vec::with_capacity(envs.len());
         let mut batch = Batch { inputs_at_ms: now_ms, ..Batch::default() };
         let mut ready = Vec::new();
+        let mut advisory = Vec::new();
         // Last write wins per timer key, in effect order; None means "delete".
         let mut timers: BTreeMap<(String, String), Option<TimerRow>> = BTreeMap::new();
         let mut guarded: Vec<TimerCancel> = Vec::new();
@@ -371,9 +376,13 @@ impl Partition {
                         } else {
                             other
                         };
-                        if let Some((row, message)) = codec::outbox_message(&meta, effect, &time) {
-                            batch.outbox.push(row);
-                            ready.push(message);
+                        if let Some(message) = codec::effect_message(&meta, effect, &time) {
+                            if codec::is_advisory(effect) {
+                                advisory.push(message);
+                            } else {
+                                batch.outbox.push(codec::outbox_row(&message));
+                                ready.push(message);
+                            }
                         }
                     }
                 }
@@ -440,7 +449,17 @@ impl Partition {
                 }
             }
         }
-        Ok(Prepared { outcomes, batch, inputs: envs.len(), event_count, runs, lane_notes, ready, earliest_timer })
+        Ok(Prepared {
+            outcomes,
+            batch,
+            inputs: envs.len(),
+            event_count,
+            runs,
+            lane_notes,
+            ready,
+            advisory,
+            earliest_timer,
+        })
     }
 
     /// The run's state: from the cache, or folded from its stream (`stored` when the caller

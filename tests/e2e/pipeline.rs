@@ -36,6 +36,8 @@ struct Instrumented {
     /// Commits under way now, and the most ever under way at once.
     under_way: AtomicU64,
     most_under_way: AtomicU64,
+    /// The CloudEvent type of every outbox row handed to `commit`.
+    outbox_types: Mutex<Vec<String>>,
 }
 
 impl Instrumented {
@@ -51,6 +53,7 @@ impl Instrumented {
             batch_reads: AtomicU64::new(0),
             under_way: AtomicU64::new(0),
             most_under_way: AtomicU64::new(0),
+            outbox_types: Mutex::new(Vec::new()),
         })
     }
 
@@ -79,6 +82,11 @@ impl CommitLog for Instrumented {
     }
 
     async fn commit(&self, batch: Batch) -> Result<Committed> {
+        let types = batch.outbox.iter().map(|row| {
+            let event: serde_json::Value = serde_json::from_slice(&row.payload).expect("an outbox row is JSON");
+            event["type"].as_str().unwrap_or_default().to_string()
+        });
+        self.outbox_types.lock().expect("types").extend(types);
         let now = self.under_way.fetch_add(1, Ordering::SeqCst) + 1;
         self.most_under_way.fetch_max(now, Ordering::SeqCst);
         let done = self.commit_failing(batch).await;
@@ -281,5 +289,51 @@ async fn a_cache_too_small_for_any_run_reads_runs_back_and_loses_nothing() {
         } else {
             assert_eq!(evicted, 0, "the default cache evicted {evicted} of 60 small runs");
         }
+    }
+}
+
+/// A losing bid's rejection reaches its worker without an outbox row (rejections are published
+/// after the commit, best effort: `codec::is_advisory`), while offers and awards keep theirs.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn rejections_reach_the_losing_bidders_without_outbox_rows() {
+    let dir = tempfile::tempdir().expect("tempdir");
+    let counted = Instrumented::open(dir.path(), true, false).await;
+    let (rt, broker) = engine(counted.clone(), RuntimeConfig::default()).await;
+    let script: Script =
+        Arc::new(|_, _| Behaviour::Complete { after: Duration::from_millis(2), result: TaskResult::Pass, error: None });
+    let log = Arc::new(Mutex::new(WorkerLog::default()));
+    let mut workers = Vec::new();
+    for id in ["w1", "w2"] {
+        workers
+            .extend(scripted_worker(broker.clone(), id, BTreeMap::new(), &["work"], script.clone(), log.clone()).await);
+    }
+    rt.apply_definition("p", DAG).await.expect("definition");
+    let mut run_ids = Vec::new();
+    for i in 0..10 {
+        run_ids.push(rt.trigger(dag_trigger(i)).await.expect("trigger"));
+    }
+    let started = Instant::now();
+    while !all_over(&*counted, &run_ids).await {
+        assert!(started.elapsed() < Duration::from_secs(60), "runs did not finish");
+        tokio::time::sleep(Duration::from_millis(25)).await;
+    }
+    // The last rejections may still be on their way.
+    let auctioned = 10 * 3;
+    while log.lock().expect("log").rejections.len() < auctioned && started.elapsed() < Duration::from_secs(60) {
+        tokio::time::sleep(Duration::from_millis(10)).await;
+    }
+    rt.shutdown().await;
+    for w in workers {
+        w.abort();
+    }
+    // Three auctioned tasks per run, each bid for by both workers: one loses every time.
+    let rejections = log.lock().expect("log").rejections.len();
+    assert!(rejections >= auctioned, "{rejections} rejections for {auctioned} auctions");
+    let types = counted.outbox_types.lock().expect("types");
+    let count = |ty: &str| types.iter().filter(|t| *t == ty).count();
+    assert_eq!(count(capstan_proto::types::TASK_REJECTED), 0, "rejections were written to the outbox");
+    assert!(count(capstan_proto::types::TASK_AWARDED) >= 10 * 4, "awards lost their outbox rows: {types:?}");
+    for run_id in &run_ids {
+        check_recorded_once(run_id, &history(&*counted, run_id).await);
     }
 }
