@@ -329,7 +329,7 @@ async fn rejections_reach_the_losing_bidders_without_outbox_rows() {
     // Three auctioned tasks per run, each bid for by both workers: one loses every time.
     let rejections = log.lock().expect("log").rejections.len();
     assert!(rejections >= auctioned, "{rejections} rejections for {auctioned} auctions");
-    let types = counted.outbox_types.lock().expect("types");
+    let types = counted.outbox_types.lock().expect("types").clone();
     let count = |ty: &str| types.iter().filter(|t| *t == ty).count();
     assert_eq!(count(capstan_proto::types::TASK_REJECTED), 0, "rejections were written to the outbox");
     assert!(count(capstan_proto::types::TASK_AWARDED) >= 10 * 4, "awards lost their outbox rows: {types:?}");
