@@ -94,16 +94,22 @@ impl Partition {
             self.finish(envs, prepared, false).await;
             return None;
         }
-        let batch = std::mem::take(&mut prepared.batch);
         if !self.decide_ahead || self.rx.is_empty() {
+            let batch = std::mem::take(&mut prepared.batch);
             let done = self.shared.store.commit(batch).await.map(drop).map_err(|e| e.to_string());
             return Box::pin(self.after_commit(envs, prepared, done, None)).await;
         }
+        Some(self.spawn_commit(envs, prepared))
+    }
+
+    /// Starts a decided batch's commit in a task of its own.
+    fn spawn_commit(&mut self, envs: Vec<Envelope>, mut prepared: Prepared) -> InFlight {
+        let batch = std::mem::take(&mut prepared.batch);
         self.inflight_inputs = batch.inputs.iter().cloned().collect();
         self.inflight_evaluations = batch.evaluations.clone();
         let store = self.shared.store.clone();
         let commit = tokio::spawn(async move { store.commit(batch).await });
-        Some(InFlight { envs, prepared, commit })
+        InFlight { envs, prepared, commit }
     }
 
     /// Finishes a batch whose commit returned and launches the one decided behind it. A failed
@@ -119,10 +125,24 @@ impl Partition {
         self.inflight_inputs.clear();
         self.inflight_evaluations.clear();
         let Err(error) = done else {
-            self.finish(envs, prepared, true).await;
             return match next {
-                Some((envs, prepared)) => self.launch(envs, prepared).await,
-                None => None,
+                // The batch decided ahead goes to the writer first, so it does not sit idle while
+                // this one's messages and answers go out (their order is kept: the next batch
+                // finishes after this one).
+                Some((next_envs, next_prepared)) if !next_prepared.batch.is_empty() => {
+                    self.shared.faults.point(FaultPoint::MidBatch).await;
+                    let inflight = self.spawn_commit(next_envs, next_prepared);
+                    self.finish(envs, prepared, true).await;
+                    Some(inflight)
+                }
+                Some((next_envs, next_prepared)) => {
+                    self.finish(envs, prepared, true).await;
+                    self.launch(next_envs, next_prepared).await
+                }
+                None => {
+                    self.finish(envs, prepared, true).await;
+                    None
+                }
             };
         };
         debug!(partition = self.id, error, "commit failed; applying the batch again");
