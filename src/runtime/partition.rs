@@ -20,7 +20,6 @@ use std::sync::Arc;
 use std::sync::atomic::Ordering;
 use std::time::Duration;
 
-use capstan_brokers::Message;
 use capstan_engine::Timestamp;
 use capstan_engine::run::{Ctx, Effect, Event, Input, RunMeta, RunState, RunStatus};
 use capstan_store::{Batch, EvaluationRecord, RunRecord, StoredEvent, StreamAppend, TimerCancel, TimerRow};
@@ -79,11 +78,9 @@ struct Prepared {
     /// Runs whose decided states went back into the cache ahead of the commit.
     runs: Vec<String>,
     lane_notes: Vec<LaneNote>,
-    /// The messages of `batch.outbox`, published from memory once the batch is committed.
-    ready: Vec<Message>,
-    /// Messages without outbox rows (`codec::is_advisory`), published best effort once the
-    /// batch is committed.
-    advisory: Vec<Message>,
+    /// The messages of `batch.outbox`, and those without rows (`codec::is_advisory`), for the
+    /// relay to publish from memory once the batch is committed.
+    outgoing: Outgoing,
     earliest_timer: Option<i64>,
 }
 
@@ -226,9 +223,9 @@ impl Partition {
             // The lane service may be gone at shutdown; it rebuilds from the run index.
             let _ = self.shared.lane_tx.send(note);
         }
-        if !prepared.ready.is_empty() || !prepared.advisory.is_empty() {
+        if !prepared.outgoing.stored.is_empty() || !prepared.outgoing.advisory.is_empty() {
             // The relay may be gone at shutdown; the rows are in the table for the next start.
-            let _ = self.shared.outbox_tx.send(Outgoing { stored: prepared.ready, advisory: prepared.advisory });
+            let _ = self.shared.outbox_tx.send(prepared.outgoing);
         }
         if let Some(at) = prepared.earliest_timer {
             self.shared.timer_wake(at);
@@ -264,8 +261,7 @@ impl Partition {
         let mut work: HashMap<String, Work> = HashMap::new();
         let mut outcomes = Vec::with_capacity(envs.len());
         let mut batch = Batch { inputs_at_ms: now_ms, ..Batch::default() };
-        let mut ready = Vec::new();
-        let mut advisory = Vec::new();
+        let mut outgoing = Outgoing { stored: Vec::new(), advisory: Vec::new() };
         // Last write wins per timer key, in effect order; None means "delete".
         let mut timers: BTreeMap<(String, String), Option<TimerRow>> = BTreeMap::new();
         let mut guarded: Vec<TimerCancel> = Vec::new();
@@ -378,10 +374,10 @@ impl Partition {
                         };
                         if let Some(message) = codec::effect_message(&meta, effect, &time) {
                             if codec::is_advisory(effect) {
-                                advisory.push(message);
+                                outgoing.advisory.push(message);
                             } else {
                                 batch.outbox.push(codec::outbox_row(&message));
-                                ready.push(message);
+                                outgoing.stored.push(message);
                             }
                         }
                     }
@@ -449,17 +445,7 @@ impl Partition {
                 }
             }
         }
-        Ok(Prepared {
-            outcomes,
-            batch,
-            inputs: envs.len(),
-            event_count,
-            runs,
-            lane_notes,
-            ready,
-            advisory,
-            earliest_timer,
-        })
+        Ok(Prepared { outcomes, batch, inputs: envs.len(), event_count, runs, lane_notes, outgoing, earliest_timer })
     }
 
     /// The run's state: from the cache, or folded from its stream (`stored` when the caller

@@ -221,6 +221,13 @@ async fn drive(store: Arc<dyn Store>, config: RuntimeConfig) -> (Vec<String>, u6
     (run_ids, evicted)
 }
 
+/// Checks that every run recorded each award and result once.
+async fn all_recorded_once(store: &dyn Store, run_ids: &[String]) {
+    for run_id in run_ids {
+        check_recorded_once(run_id, &history(store, run_id).await);
+    }
+}
+
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn inputs_decided_behind_a_failed_commit_are_applied_again_once() {
     let dir = tempfile::tempdir().expect("tempdir");
@@ -239,9 +246,7 @@ async fn inputs_decided_behind_a_failed_commit_are_applied_again_once() {
         before >= 2 && after >= 2,
         "too few failures injected to mean anything: {before} before, {after} after writing"
     );
-    for run_id in &run_ids {
-        check_recorded_once(run_id, &history(&*store, run_id).await);
-    }
+    all_recorded_once(&*store, &run_ids).await;
 }
 
 /// Over a store whose commits run side by side, partitions decide and commit at most
@@ -253,10 +258,7 @@ async fn commit_slots_bound_the_commits_under_way() {
         let counted = Instrumented::open(dir.path(), false, false).await;
         let config = RuntimeConfig { partitions: 4, commit_slots: slots, ..RuntimeConfig::default() };
         let (run_ids, _) = drive(counted.clone(), config).await;
-        let store: &dyn Store = &*counted;
-        for run_id in &run_ids {
-            check_recorded_once(run_id, &history(store, run_id).await);
-        }
+        all_recorded_once(&*counted, &run_ids).await;
         let most = counted.most_under_way.load(Ordering::SeqCst);
         if bounded {
             assert_eq!(most, 1, "{slots} commit slot(s), yet {most} commits were under way at once");
@@ -277,10 +279,7 @@ async fn a_cache_too_small_for_any_run_reads_runs_back_and_loses_nothing() {
         let counted = Instrumented::open(dir.path(), true, false).await;
         let config = RuntimeConfig { cache_bytes, ..RuntimeConfig::default() };
         let (run_ids, evicted) = drive(counted.clone(), config).await;
-        let store: &dyn Store = &*counted;
-        for run_id in &run_ids {
-            check_recorded_once(run_id, &history(store, run_id).await);
-        }
+        all_recorded_once(&*counted, &run_ids).await;
         let batched = counted.batch_reads.load(Ordering::SeqCst);
         if starved {
             // Each run's start and each of its tasks' results is a batch the run is read back in.
@@ -333,7 +332,5 @@ async fn rejections_reach_the_losing_bidders_without_outbox_rows() {
     let count = |ty: &str| types.iter().filter(|t| *t == ty).count();
     assert_eq!(count(capstan_proto::types::TASK_REJECTED), 0, "rejections were written to the outbox");
     assert!(count(capstan_proto::types::TASK_AWARDED) >= 10 * 4, "awards lost their outbox rows: {types:?}");
-    for run_id in &run_ids {
-        check_recorded_once(run_id, &history(&*counted, run_id).await);
-    }
+    all_recorded_once(&*counted, &run_ids).await;
 }
