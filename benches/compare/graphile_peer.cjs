@@ -1,15 +1,30 @@
 // The Graphile Worker side of benches/compare/run.sh: N no-op jobs with C clients, each adding
 // one job and waiting until it has run before adding the next (the closed loop `capstan bench`
 // drives with --concurrency C). The worker runs in this process with concurrency C and its
-// defaults (LISTEN/NOTIFY wake-ups); the no-op task resolves the client's promise. Prints one
-// JSON line. graphile-worker is resolved through NODE_PATH (run.sh installs it in its cache).
+// defaults (LISTEN/NOTIFY wake-ups); the no-op task resolves the client's promise. With
+// --batched it also uses the batching options Graphile Worker's performance page runs with: a
+// local queue of C + 1 jobs fetched at once (the size its release notes recommend) and job
+// completions and failures flushed in batches (`completeJobBatchDelay` and `failJobBatchDelay`
+// 0). Prints one JSON line. graphile-worker is resolved through NODE_PATH (run.sh installs it
+// in its cache).
 //
-//   NODE_PATH=.../node_modules node graphile_peer.cjs --dsn postgres://... --jobs 2000 --concurrency 64
+//   NODE_PATH=.../node_modules node graphile_peer.cjs --dsn postgres://... --jobs 2000 --concurrency 64 [--batched]
 "use strict";
 
 const fs = require("fs");
+const path = require("path");
 const { run } = require("graphile-worker");
-const version = require("graphile-worker/package.json").version;
+// The installed version, read from the package's own package.json: 0.18 no longer exports it.
+const version = (() => {
+  for (let dir = path.dirname(require.resolve("graphile-worker")); dir !== path.dirname(dir); dir = path.dirname(dir)) {
+    const file = path.join(dir, "package.json");
+    if (fs.existsSync(file)) {
+      const pkg = JSON.parse(fs.readFileSync(file, "utf8"));
+      if (pkg.name === "graphile-worker") return pkg.version;
+    }
+  }
+  return "?";
+})();
 
 function arg(name, fallback) {
   const i = process.argv.indexOf(`--${name}`);
@@ -46,10 +61,15 @@ async function main() {
   const dsn = arg("dsn");
   const jobs = Number(arg("jobs", "2000"));
   const concurrency = Number(arg("concurrency", "64"));
+  const batched = process.argv.includes("--batched");
   const waiting = new Map();
+  const preset = batched
+    ? { worker: { localQueue: { size: concurrency + 1 }, completeJobBatchDelay: 0, failJobBatchDelay: 0 } }
+    : undefined;
   const runner = await run({
     connectionString: dsn,
     concurrency,
+    preset,
     noHandleSignals: true,
     logger: new (require("graphile-worker").Logger)(() => () => {}),
     taskList: {
@@ -86,6 +106,7 @@ async function main() {
     JSON.stringify({
       peer: "graphile-worker",
       version,
+      batched,
       jobs,
       concurrency,
       elapsed_s: round(elapsed, 3),

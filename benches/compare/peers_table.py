@@ -14,6 +14,7 @@ PEERS = [
     ("procrastinate", "procrastinate {version} (PostgreSQL)"),
     ("celery", "Celery {version} (RabbitMQ, rpc:// results, threads pool)"),
     ("graphile", "Graphile Worker {version} (PostgreSQL)"),
+    ("graphile-batched", "Graphile Worker {version}, batched (PostgreSQL; local queue, batched completions)"),
 ]
 
 

@@ -6,11 +6,14 @@
 #     --concurrency C; once with the in-memory broker, once with RabbitMQ (the broker Celery uses);
 #   - procrastinate (PyPI), a PostgreSQL job queue;
 #   - Celery (PyPI) on RabbitMQ, `rpc://` result backend, a threads-pool worker with C threads;
-#   - Graphile Worker (npm), a PostgreSQL job queue, worker concurrency C.
+#   - Graphile Worker (npm), a PostgreSQL job queue, worker concurrency C, with its defaults
+#     (`graphile`) and with the batching options of its performance page (`graphile-batched`:
+#     a local queue of C + 1 jobs, job completions flushed in batches).
 # Every PostgreSQL-backed system gets a fresh database per repetition; the medians and the ratio
 # Capstan / best peer are printed as a markdown table.
 #
-#   benches/compare/run.sh [--jobs N] [--concurrency C] [--repeat R] [--peers "procrastinate celery graphile"]
+#   benches/compare/run.sh [--jobs N] [--concurrency C] [--repeat R]
+#                          [--peers "procrastinate celery graphile graphile-batched"]
 #
 # The peers are installed by this script under ${XDG_CACHE_HOME:-~/.cache}/capstan-compare: a
 # Python venv (procrastinate, celery) and an npm folder (graphile-worker).
@@ -22,7 +25,7 @@ cd "$(dirname "$0")/../.."
 JOBS=2000
 CONCURRENCY=64
 REPEAT=3
-PEERS="procrastinate celery graphile"
+PEERS="procrastinate celery graphile graphile-batched"
 while [ $# -gt 0 ]; do
   case "$1" in
     --jobs) JOBS="$2"; shift 2 ;;
@@ -46,10 +49,11 @@ if ! "$VENV/bin/python" -c "import procrastinate, psycopg_pool, celery" 2>/dev/n
   python3 -m venv "$VENV"
   "$VENV/bin/pip" install -q "procrastinate>=3,<4" "psycopg[pool]>=3.1" "celery>=5.3,<6"
 fi
-if has_peer graphile && [ ! -f "$NODE_DIR/node_modules/graphile-worker/package.json" ]; then
-  echo "installing graphile-worker into $NODE_DIR" >&2
+GRAPHILE_VERSION=0.18.0
+if { has_peer graphile || has_peer graphile-batched; } && [ "$(node -p "require('$NODE_DIR/node_modules/graphile-worker/package.json').version" 2>/dev/null)" != "$GRAPHILE_VERSION" ]; then
+  echo "installing graphile-worker $GRAPHILE_VERSION into $NODE_DIR" >&2
   mkdir -p "$NODE_DIR"
-  (cd "$NODE_DIR" && { [ -f package.json ] || npm init -y >/dev/null; } && npm install --silent "graphile-worker@^0.16")
+  (cd "$NODE_DIR" && { [ -f package.json ] || npm init -y >/dev/null; } && npm install --silent "graphile-worker@$GRAPHILE_VERSION")
 fi
 
 fresh_db() {
@@ -81,6 +85,12 @@ for i in $(seq "$REPEAT"); do
     fresh_db capstan_peer
     NODE_PATH="$NODE_DIR/node_modules" node benches/compare/graphile_peer.cjs --dsn "$PG/capstan_peer" \
       --jobs "$JOBS" --concurrency "$CONCURRENCY" 2>/dev/null | tail -n 1 >>"$OUT/graphile.jsonl"
+  fi
+  if has_peer graphile-batched; then
+    echo "== graphile-worker, batched #$i" >&2
+    fresh_db capstan_peer
+    NODE_PATH="$NODE_DIR/node_modules" node benches/compare/graphile_peer.cjs --dsn "$PG/capstan_peer" \
+      --jobs "$JOBS" --concurrency "$CONCURRENCY" --batched 2>/dev/null | tail -n 1 >>"$OUT/graphile-batched.jsonl"
   fi
 done
 psql -q "$PG/postgres" -c "DROP DATABASE IF EXISTS capstan_cmp WITH (FORCE)" -c "DROP DATABASE IF EXISTS capstan_peer WITH (FORCE)"

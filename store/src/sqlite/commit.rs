@@ -1,11 +1,13 @@
 //! The write statements of a [`SqliteStore`](super::SqliteStore) commit, each with one SQL text
 //! whatever the batch holds.
 //!
-//! Between `BEGIN IMMEDIATE` and `COMMIT`, a commit sends SQLite two scripts: [`RECORD_INPUTS`]
-//! (input ids, then the versions the appends need) and [`WRITE`] (events, run index, outbox,
-//! timers); evaluation results, rare, follow one by one (see `evaluations.rs`). sqlx hands a
-//! script to its connection thread as one message, so a commit costs four round trips whatever
-//! it holds. A script's parameters are plain `?`, bound in the order they appear in its text:
+//! A commit sends SQLite two scripts: [`RECORD_INPUTS`] (`BEGIN IMMEDIATE`, input ids, then the
+//! versions the appends need) and [`WRITE_AND_COMMIT`] (events, run index, outbox, timers, then
+//! `COMMIT`). sqlx hands a script to its connection thread as one message, so a commit costs two
+//! round trips whatever it holds (four while `BEGIN` and `COMMIT` went on their own). A batch
+//! with evaluation results, rare, sends [`WRITE`] instead, the results one by one (see
+//! `evaluations.rs`), then `COMMIT`. A script stops at its first failing statement, inside the
+//! still-open transaction, which the caller then rolls back (`writer.rs`). A script's parameters are plain `?`, bound in the order they appear in its text:
 //! sqlx gives each statement of a script the next arguments in line, and a numbered `?NNN` in a
 //! later statement can silently stay NULL.
 //!
@@ -33,9 +35,10 @@ use serde::Serialize;
 use serde_json::Value;
 use sqlx::SqliteConnection;
 
+use super::evaluations;
 use crate::plan::{Plan, Sequenced};
 use crate::sql::db_error;
-use crate::{Error, Result};
+use crate::{Committed, Error, Result};
 
 /// Serializes rows (tuples, slices or values) as one JSON array.
 pub(super) fn json<T: Serialize + ?Sized>(rows: &T) -> Result<String> {
@@ -78,24 +81,23 @@ async fn first_stored(conn: &mut SqliteConnection, lookup: &'static str, ids: St
     }
 }
 
-/// Records the input ids (a JSON array) with their commit time, then reads the position of the
+/// Begins the write transaction (holding SQLite's write lock from its first statement, so it
+/// never fails half-way with a lock upgrade error), records the input ids (a JSON array) with
+/// their commit time, then reads the position of the
 /// last event stored (0 for none) and the current version of each run in a JSON array. The
 /// versions come back as one JSON object rather than as rows, which sqlx would hand over one
 /// channel message each.
 const RECORD_INPUTS: &str = "\
+    BEGIN IMMEDIATE; \
     INSERT INTO processed_inputs (id, processed_at_ms) SELECT value, ? FROM json_each(?); \
     SELECT COALESCE((SELECT MAX(position) FROM events), 0), \
         (SELECT json_group_object(r.value, COALESCE((SELECT MAX(seq) FROM events WHERE run_id = r.value), 0)) \
          FROM json_each(?) AS r)";
 
-/// Events, run index upserts, outbox rows, timer cancels, then timer sets. Parameters in order:
-/// first event position, event payloads, event rows; run rows; outbox payloads, outbox rows;
-/// cancel rows; timer payloads, timer rows.
-///
-/// `WHERE true` keeps SQLite from reading an upsert's `ON CONFLICT` as a join constraint. Timer
-/// cancels are driven by the cancel list: each finds its timer through the primary key, so the
-/// statement never scans the table.
-const WRITE: &str = "\
+/// The text of [`WRITE`], for [`WRITE_AND_COMMIT`] to extend.
+macro_rules! write_statements {
+    () => {
+        "\
     INSERT INTO events (position, run_id, seq, id, kind, payload, recorded_at_ms) \
     SELECT ? + key, value ->> 0, value ->> 1, value ->> 2, value ->> 3, \
         CAST(substr(?, value ->> 4, value ->> 5) AS TEXT), value ->> 6 \
@@ -120,10 +122,42 @@ const WRITE: &str = "\
     INSERT INTO timers (run_id, key, fire_at_ms, payload) \
     SELECT value ->> 0, value ->> 1, value ->> 2, CAST(substr(?, value ->> 3, value ->> 4) AS TEXT) \
     FROM jsonb_each(?) WHERE true \
-    ON CONFLICT (run_id, key) DO UPDATE SET fire_at_ms = excluded.fire_at_ms, payload = excluded.payload";
+    ON CONFLICT (run_id, key) DO UPDATE SET fire_at_ms = excluded.fire_at_ms, payload = excluded.payload"
+    };
+}
 
-/// Records the batch's input ids with their commit time, failing with the first one already
-/// recorded; returns the position of the last event stored and the current versions of the runs
+/// Events, run index upserts, outbox rows, timer cancels, then timer sets. Parameters in order:
+/// first event position, event payloads, event rows; run rows; outbox payloads, outbox rows;
+/// cancel rows; timer payloads, timer rows.
+///
+/// `WHERE true` keeps SQLite from reading an upsert's `ON CONFLICT` as a join constraint. Timer
+/// cancels are driven by the cancel list: each finds its timer through the primary key, so the
+/// statement never scans the table.
+const WRITE: &str = write_statements!();
+
+/// [`WRITE`], then `COMMIT`.
+const WRITE_AND_COMMIT: &str = concat!(write_statements!(), "; COMMIT");
+
+/// Writes the whole batch in one transaction, committed unless an error is returned (the
+/// caller rolls back then).
+pub(super) async fn run(conn: &mut SqliteConnection, plan: &Plan) -> Result<Committed> {
+    let (last, current) = record_inputs(conn, plan).await?;
+    let sequenced = plan.sequence(&current)?;
+    let separate = !plan.evaluations.is_empty();
+    write(conn, plan, &sequenced, last + 1, !separate).await?;
+    if separate {
+        evaluations::insert(conn, &plan.evaluations).await?;
+        sqlx::raw_sql("COMMIT").execute(&mut *conn).await.map_err(db_error)?;
+    }
+    Ok(if sequenced.is_empty() {
+        Committed::default()
+    } else {
+        Committed { last_position: last + sequenced.len() as i64, events: sequenced.len() }
+    })
+}
+
+/// Begins the transaction and records the batch's input ids with their commit time, failing
+/// with the first one already recorded; returns the position of the last event stored and the current versions of the runs
 /// the batch appends to.
 pub(super) async fn record_inputs(conn: &mut SqliteConnection, plan: &Plan) -> Result<(i64, HashMap<String, i64>)> {
     let read = sqlx::query_as::<_, (i64, String)>(RECORD_INPUTS)
@@ -151,12 +185,14 @@ pub(super) async fn record_inputs(conn: &mut SqliteConnection, plan: &Plan) -> R
 }
 
 /// Writes the events (numbered from position `first`, in order) and the run index, outbox and
-/// timer parts of the plan; fails with the first event id already stored.
+/// timer parts of the plan, then commits if `commit`; fails with the first event id already
+/// stored.
 pub(super) async fn write(
     conn: &mut SqliteConnection,
     plan: &Plan,
     events: &[Sequenced<'_>],
     first: i64,
+    commit: bool,
 ) -> Result<()> {
     let mut event_payloads = Blobs::default();
     let mut event_rows = Vec::with_capacity(events.len());
@@ -201,7 +237,7 @@ pub(super) async fn write(
         timers.push((&t.run_id, &t.key, t.fire_at_ms, start, len));
     }
 
-    let written = sqlx::query(WRITE)
+    let written = sqlx::query(if commit { WRITE_AND_COMMIT } else { WRITE })
         .bind(first)
         .bind(event_payloads.0)
         .bind(json(&event_rows)?)
@@ -331,8 +367,9 @@ mod tests {
         // The same seq again under another id, as a writer with a stale version would write it.
         let plan = Plan::new(appends(vec![append("r", 0, &["e2"])])).expect("plan");
         let stale = plan.sequence(&HashMap::new()).expect("sequenced against version 0");
-        let mut tx = store.begin_write().await.expect("begin");
-        let err = write(&mut tx, &plan, &stale, 2).await.expect_err("seq taken");
+        let mut held = store.writer.hold().await.expect("writer");
+        sqlx::raw_sql("BEGIN IMMEDIATE").execute(&mut *held).await.expect("begin");
+        let err = write(&mut held, &plan, &stale, 2, true).await.expect_err("seq taken");
         assert!(matches!(err, Error::Unavailable(_)), "{err:?}");
     }
 }

@@ -1,6 +1,6 @@
 //! [`SqliteStore`]: the embedded backend (`capstan dev`, `capstan demo`), one SQLite file.
 //!
-//! Writes go through a pool of exactly one connection and start with `BEGIN IMMEDIATE`, so
+//! Writes go through exactly one connection (`writer.rs`) and start with `BEGIN IMMEDIATE`, so
 //! commits are serialized (SQLite allows one writer anyway) and event positions are assigned as
 //! `max(position) + 1` inside the transaction: they follow commit order without gaps. Reads use a
 //! separate pool of read-only connections, which WAL mode lets run beside the writer.
@@ -15,14 +15,15 @@
 mod commit;
 mod evaluations;
 mod read;
+mod writer;
 
 use std::path::Path;
 use std::sync::Arc;
 use std::time::Duration;
 
 use async_trait::async_trait;
-use sqlx::Sqlite;
 use sqlx::sqlite::{SqliteConnectOptions, SqliteJournalMode, SqlitePool, SqlitePoolOptions, SqliteSynchronous};
+use sqlx::{Connection, SqliteConnection};
 use tokio::sync::watch;
 use tokio::task::JoinHandle;
 use tracing::{debug, warn};
@@ -30,6 +31,7 @@ use tracing::{debug, warn};
 use crate::plan::Plan;
 use crate::sql::{db_error, migrate_error, sql_limit};
 use crate::{Batch, CommitLog, Committed, Result};
+use writer::Writer;
 
 /// Migrations embedded at compile time; they need no database then.
 static MIGRATOR: sqlx::migrate::Migrator = sqlx::migrate!("./migrations/sqlite");
@@ -64,7 +66,7 @@ impl Default for SqliteConfig {
 #[derive(Debug, Clone)]
 pub struct SqliteStore {
     /// Exactly one connection: the only writer.
-    writer: SqlitePool,
+    writer: Arc<Writer>,
     /// Read-only connections (the writer pool itself for an in-memory database).
     reader: SqlitePool,
     /// Copies the WAL into the database beside the writer; stops with the last clone.
@@ -96,15 +98,9 @@ impl SqliteStore {
         } else {
             writer_options
         };
-        // No ping before handing out a connection (sqlx's default, a round trip to the
-        // connection's thread before every query): a local file's connection does not go away.
-        let writer = SqlitePoolOptions::new()
-            .max_connections(1)
-            .test_before_acquire(false)
-            .connect_with(writer_options)
-            .await
-            .map_err(db_error)?;
-        MIGRATOR.run(&writer).await.map_err(migrate_error)?;
+        let mut writer = SqliteConnection::connect_with(&writer_options).await.map_err(db_error)?;
+        MIGRATOR.run(&mut writer).await.map_err(migrate_error)?;
+        let writer = Arc::new(Writer::own(writer));
         let checkpointer = if background {
             let pool =
                 SqlitePoolOptions::new().max_connections(1).connect_with(base.clone()).await.map_err(db_error)?;
@@ -112,7 +108,9 @@ impl SqliteStore {
         } else {
             None
         };
-        // Readers open after the writer so the file exists and is already in WAL mode.
+        // Readers open after the writer so the file exists and is already in WAL mode. No ping
+        // before handing one out (sqlx's default, a round trip to the connection's thread before
+        // every query): a local file's connection does not go away.
         let reader = SqlitePoolOptions::new()
             .max_connections(config.readers.max(1))
             .test_before_acquire(false)
@@ -134,22 +132,16 @@ impl SqliteStore {
             .await
             .map_err(db_error)?;
         MIGRATOR.run(&pool).await.map_err(migrate_error)?;
-        Ok(SqliteStore { writer: pool.clone(), reader: pool, checkpointer: None })
+        Ok(SqliteStore { writer: Arc::new(Writer::shared(pool.clone())), reader: pool, checkpointer: None })
     }
 
-    /// Closes the pools, waiting for connections to finish (checkpointing the WAL).
+    /// Closes the connections, waiting for them to finish (checkpointing the WAL).
     pub async fn close(&self) {
         if let Some(c) = &self.checkpointer {
             c.stop().await;
         }
         self.reader.close().await;
         self.writer.close().await;
-    }
-
-    /// Begins a write transaction that holds SQLite's write lock from its first statement, so it
-    /// never fails half-way with a lock upgrade error.
-    async fn begin_write(&self) -> Result<sqlx::Transaction<'static, Sqlite>> {
-        self.writer.begin_with("BEGIN IMMEDIATE").await.map_err(db_error)
     }
 }
 
@@ -214,19 +206,18 @@ impl CommitLog for SqliteStore {
 
     async fn commit(&self, batch: Batch) -> Result<Committed> {
         let plan = Plan::new(batch)?;
-        let mut tx = self.begin_write().await?;
-        // Any early return drops `tx`, which rolls the whole batch back.
-        let (last, current) = commit::record_inputs(&mut tx, &plan).await?;
-        let sequenced = plan.sequence(&current)?;
-        commit::write(&mut tx, &plan, &sequenced, last + 1).await?;
-        let committed = if sequenced.is_empty() {
-            Committed::default()
-        } else {
-            Committed { last_position: last + sequenced.len() as i64, events: sequenced.len() }
-        };
-        evaluations::insert(&mut tx, &plan.evaluations).await?;
-        tx.commit().await.map_err(db_error)?;
-        Ok(committed)
+        let mut held = self.writer.hold().await?;
+        self.writer.begin();
+        match commit::run(&mut held, &plan).await {
+            Ok(committed) => {
+                self.writer.committed();
+                Ok(committed)
+            }
+            Err(e) => {
+                self.writer.end(&mut held).await;
+                Err(e)
+            }
+        }
     }
 
     async fn prune_processed_inputs(&self, before_ms: i64, limit: usize) -> Result<u64> {
@@ -238,7 +229,7 @@ impl CommitLog for SqliteStore {
         )
         .bind(before_ms)
         .bind(sql_limit(limit))
-        .execute(&self.writer)
+        .execute(&mut *self.writer.hold().await?)
         .await
         .map_err(db_error)?;
         Ok(done.rows_affected())
@@ -248,6 +239,7 @@ impl CommitLog for SqliteStore {
 #[cfg(test)]
 mod tests {
     use super::*;
+    use crate::testing::{append, appends};
     use crate::{Error, EventReader, NewEvent, StreamAppend, TimerRow, Timers};
     use serde_json::json;
 
@@ -356,13 +348,75 @@ mod tests {
         store.close().await;
     }
 
+    /// A commit cut short inside its transaction (its future dropped between the script that
+    /// begins it and the one that commits it) leaves the transaction open on the writer; the
+    /// next holder must roll it back, so the cut batch leaves nothing and the next one lands.
+    #[tokio::test]
+    async fn a_transaction_left_open_by_a_cut_short_commit_is_rolled_back() {
+        let dir = tempfile::tempdir().expect("temp dir");
+        let store = SqliteStore::open(&dir.path().join("capstan.db")).await.expect("open");
+        let begin_and_leave = async |store: &SqliteStore, mark: bool| {
+            let mut held = store.writer.hold().await.expect("writer");
+            if mark {
+                store.writer.begin();
+            }
+            sqlx::raw_sql("BEGIN IMMEDIATE; INSERT INTO processed_inputs (id) VALUES ('cut')")
+                .execute(&mut *held)
+                .await
+                .expect("begin");
+        };
+        let next = |id: &str| Batch { inputs: vec![id.to_owned()], ..appends(vec![append(id, 0, &[id])]) };
+
+        begin_and_leave(&store, true).await;
+        store.commit(next("after")).await.expect("the next commit lands");
+        assert_eq!(store.inputs_seen(&["cut".into(), "after".into()]).await.expect("seen"), ["after"]);
+
+        // Control: a transaction left open without the mark makes the next commit fail.
+        begin_and_leave(&store, false).await;
+        store.commit(next("unmarked")).await.expect_err("BEGIN inside an open transaction");
+        // Its failure rolled back what was open, so the writer is usable again.
+        store.commit(next("again")).await.expect("writer recovered");
+        let ids = ["cut".to_owned(), "unmarked".to_owned(), "again".to_owned()];
+        assert_eq!(store.inputs_seen(&ids).await.expect("seen"), ["again"]);
+        store.close().await;
+    }
+
+    /// Commits dropped at arbitrary points: each batch is stored whole or not at all, and the
+    /// writer keeps working.
+    #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+    async fn commits_dropped_at_any_point_are_all_or_nothing() {
+        let dir = tempfile::tempdir().expect("temp dir");
+        let store = SqliteStore::open(&dir.path().join("capstan.db")).await.expect("open");
+        let batch = |i: usize| {
+            let id = format!("b{i}");
+            Batch { inputs: vec![id.clone()], ..appends(vec![append(&id, 0, &[&id, &format!("{id}-2")])]) }
+        };
+        let mut cut = 0;
+        for i in 0..60 {
+            let wait = Duration::from_micros(50 * (i % 20) as u64);
+            if tokio::time::timeout(wait, store.commit(batch(i))).await.is_err() {
+                cut += 1;
+            }
+        }
+        store.commit(batch(60)).await.expect("a commit after the cut ones");
+        assert!(cut > 0, "no commit was cut short; the test proves nothing");
+        for i in 0..=60 {
+            let id = format!("b{i}");
+            let seen = !store.inputs_seen(std::slice::from_ref(&id)).await.expect("seen").is_empty();
+            let events = store.read_stream(&id, 1).await.expect("read").len();
+            assert!((seen && events == 2) || (!seen && events == 0), "{id}: input seen {seen}, {events} events");
+        }
+        store.close().await;
+    }
+
     /// Unique violations the commit path did not foresee: only those on ids mean "applied".
     #[tokio::test]
     async fn unforeseen_unique_violations_map_by_constraint() {
         let store = SqliteStore::open_in_memory().await.expect("open");
         let insert_input = || sqlx::query("INSERT INTO processed_inputs (id) VALUES ('i')");
-        insert_input().execute(&store.writer).await.expect("first");
-        let err = db_error(insert_input().execute(&store.writer).await.expect_err("dup"));
+        insert_input().execute(&mut *store.writer.hold().await.expect("writer")).await.expect("first");
+        let err =
+            db_error(insert_input().execute(&mut *store.writer.hold().await.expect("writer")).await.expect_err("dup"));
         assert!(matches!(err, Error::DuplicateInput(_)), "{err:?}");
 
         let insert_event = |position: i64, run: &str, id: &str| {
@@ -374,10 +428,23 @@ mod tests {
             .bind(run.to_owned())
             .bind(id.to_owned())
         };
-        insert_event(1, "r", "e1").execute(&store.writer).await.expect("first event");
-        let err = db_error(insert_event(2, "r", "e2").execute(&store.writer).await.expect_err("same seq"));
+        insert_event(1, "r", "e1")
+            .execute(&mut *store.writer.hold().await.expect("writer"))
+            .await
+            .expect("first event");
+        let err = db_error(
+            insert_event(2, "r", "e2")
+                .execute(&mut *store.writer.hold().await.expect("writer"))
+                .await
+                .expect_err("same seq"),
+        );
         assert!(matches!(err, Error::Unavailable(_)), "{err:?}");
-        let err = db_error(insert_event(3, "s", "e1").execute(&store.writer).await.expect_err("same id"));
+        let err = db_error(
+            insert_event(3, "s", "e1")
+                .execute(&mut *store.writer.hold().await.expect("writer"))
+                .await
+                .expect_err("same id"),
+        );
         assert!(matches!(err, Error::DuplicateInput(_)), "{err:?}");
     }
 }

@@ -3,7 +3,7 @@
 
 use async_trait::async_trait;
 use sqlx::sqlite::SqliteRow;
-use sqlx::{QueryBuilder, Row, Sqlite};
+use sqlx::{Connection, QueryBuilder, Row, Sqlite};
 
 use super::SqliteStore;
 use super::commit::json;
@@ -155,7 +155,7 @@ impl Outbox for SqliteStore {
         }
         sqlx::query("DELETE FROM outbox WHERE seq IN (SELECT value FROM json_each(?))")
             .bind(json(seqs)?)
-            .execute(&self.writer)
+            .execute(&mut *self.writer.hold().await?)
             .await
             .map_err(db_error)?;
         Ok(())
@@ -251,7 +251,8 @@ impl RunIndex for SqliteStore {
 impl Definitions for SqliteStore {
     async fn put_definition(&self, project: &str, name: &str, source: &str, now_ms: i64) -> Result<i64> {
         // The single writer serializes concurrent puts, so read-then-insert cannot race.
-        let mut tx = self.begin_write().await?;
+        let mut held = self.writer.hold().await?;
+        let mut tx = held.begin_with("BEGIN IMMEDIATE").await.map_err(db_error)?;
         let latest: Option<(i64, String)> = sqlx::query_as(
             "SELECT version, source FROM definitions WHERE project = ? AND name = ? \
              ORDER BY version DESC LIMIT 1",
