@@ -68,7 +68,7 @@ impl Evaluations for SqliteStore {
         .bind(stage)
         .bind(service.unwrap_or(""))
         .bind(sql_limit(limit))
-        .fetch_all(&self.reader)
+        .fetch_all(&mut *self.read().await?)
         .await
         .map_err(db_error)?;
         rows.iter().map(record).collect()

@@ -3,7 +3,8 @@
 //! Writes go through exactly one connection (`writer.rs`) and start with `BEGIN IMMEDIATE`, so
 //! commits are serialized (SQLite allows one writer anyway) and event positions are assigned as
 //! `max(position) + 1` inside the transaction: they follow commit order without gaps. Reads use a
-//! separate pool of read-only connections, which WAL mode lets run beside the writer.
+//! separate pool of read-only connections, which WAL mode lets run beside the writer (an
+//! in-memory database, which has one connection, reads through the writer).
 //!
 //! Durability: the default is `synchronous = FULL`, which fsyncs the WAL at every commit. In WAL
 //! mode `NORMAL` already survives a killed process (committed pages sit in the OS cache and are
@@ -31,7 +32,7 @@ use tracing::{debug, warn};
 use crate::plan::Plan;
 use crate::sql::{db_error, migrate_error, sql_limit};
 use crate::{Batch, CommitLog, Committed, Result};
-use writer::Writer;
+use writer::{Held, Writer};
 
 /// Migrations embedded at compile time; they need no database then.
 static MIGRATOR: sqlx::migrate::Migrator = sqlx::migrate!("./migrations/sqlite");
@@ -67,8 +68,8 @@ impl Default for SqliteConfig {
 pub struct SqliteStore {
     /// Exactly one connection: the only writer.
     writer: Arc<Writer>,
-    /// Read-only connections (the writer pool itself for an in-memory database).
-    reader: SqlitePool,
+    /// Read-only connections; `None` for an in-memory database, read through the writer.
+    reader: Option<SqlitePool>,
     /// Copies the WAL into the database beside the writer; stops with the last clone.
     checkpointer: Option<Arc<Checkpointer>>,
 }
@@ -118,7 +119,7 @@ impl SqliteStore {
             .await
             .map_err(db_error)?;
         debug!(path = %path.display(), "opened SQLite store");
-        Ok(SqliteStore { writer, reader, checkpointer })
+        Ok(SqliteStore { writer, reader: Some(reader), checkpointer })
     }
 
     /// A private in-memory database (one connection, kept open for the store's lifetime).
@@ -132,7 +133,7 @@ impl SqliteStore {
             .await
             .map_err(db_error)?;
         MIGRATOR.run(&pool).await.map_err(migrate_error)?;
-        Ok(SqliteStore { writer: Arc::new(Writer::shared(pool.clone())), reader: pool, checkpointer: None })
+        Ok(SqliteStore { writer: Arc::new(Writer::shared(pool)), reader: None, checkpointer: None })
     }
 
     /// Closes the connections, waiting for them to finish (checkpointing the WAL).
@@ -140,8 +141,20 @@ impl SqliteStore {
         if let Some(c) = &self.checkpointer {
             c.stop().await;
         }
-        self.reader.close().await;
+        if let Some(reader) = &self.reader {
+            reader.close().await;
+        }
         self.writer.close().await;
+    }
+
+    /// A connection for reads: a read-only one, or for an in-memory database the writer itself
+    /// (after rolling back whatever a cut-short commit left open, which a read on the same
+    /// connection would otherwise see).
+    async fn read(&self) -> Result<Held<'_>> {
+        match &self.reader {
+            Some(pool) => Ok(Held::Pooled(pool.acquire().await.map_err(db_error)?)),
+            None => self.writer.hold().await,
+        }
     }
 }
 
@@ -379,6 +392,24 @@ mod tests {
         let ids = ["cut".to_owned(), "unmarked".to_owned(), "again".to_owned()];
         assert_eq!(store.inputs_seen(&ids).await.expect("seen"), ["again"]);
         store.close().await;
+    }
+
+    /// An in-memory database reads through its one connection: a read after a cut-short commit
+    /// must not see what that commit's open transaction wrote.
+    #[tokio::test]
+    async fn an_in_memory_read_does_not_see_a_cut_short_commit() {
+        let store = SqliteStore::open_in_memory().await.expect("open");
+        {
+            let mut held = store.writer.hold().await.expect("writer");
+            store.writer.begin();
+            sqlx::raw_sql("BEGIN IMMEDIATE; INSERT INTO processed_inputs (id) VALUES ('cut')")
+                .execute(&mut *held)
+                .await
+                .expect("begin");
+        }
+        assert!(store.inputs_seen(&["cut".into()]).await.expect("seen").is_empty(), "read an uncommitted input");
+        store.commit(Batch { inputs: vec!["after".into()], ..Batch::default() }).await.expect("commit");
+        assert_eq!(store.inputs_seen(&["cut".into(), "after".into()]).await.expect("seen"), ["after"]);
     }
 
     /// Commits dropped at arbitrary points: each batch is stored whole or not at all, and the

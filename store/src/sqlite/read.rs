@@ -66,7 +66,7 @@ impl EventReader for SqliteStore {
         let rows = sqlx::query(sqlx::AssertSqlSafe(sql))
             .bind(run_id)
             .bind(from_seq)
-            .fetch_all(&self.reader)
+            .fetch_all(&mut *self.read().await?)
             .await
             .map_err(db_error)?;
         rows.iter().map(event).collect()
@@ -84,7 +84,7 @@ impl EventReader for SqliteStore {
              FROM json_each(?) AS j CROSS JOIN events AS e ON e.run_id = j.value ORDER BY j.rowid, e.seq",
         )
         .bind(json(&crate::distinct(run_ids))?)
-        .fetch_all(&self.reader)
+        .fetch_all(&mut *self.read().await?)
         .await
         .map_err(db_error)?;
         rows.iter().map(event).collect()
@@ -95,7 +95,7 @@ impl EventReader for SqliteStore {
         let rows = sqlx::query(sqlx::AssertSqlSafe(sql))
             .bind(after)
             .bind(sql_limit(limit))
-            .fetch_all(&self.reader)
+            .fetch_all(&mut *self.read().await?)
             .await
             .map_err(db_error)?;
         rows.iter().map(event).collect()
@@ -104,7 +104,7 @@ impl EventReader for SqliteStore {
     async fn stream_version(&self, run_id: &str) -> Result<i64> {
         sqlx::query_scalar("SELECT COALESCE(MAX(seq), 0) FROM events WHERE run_id = ?")
             .bind(run_id)
-            .fetch_one(&self.reader)
+            .fetch_one(&mut *self.read().await?)
             .await
             .map_err(db_error)
     }
@@ -120,7 +120,7 @@ impl EventReader for SqliteStore {
              WHERE EXISTS (SELECT 1 FROM processed_inputs WHERE id = j.value) ORDER BY j.rowid",
         )
         .bind(json(ids)?)
-        .fetch_all(&self.reader)
+        .fetch_all(&mut *self.read().await?)
         .await
         .map_err(db_error)
     }
@@ -131,7 +131,7 @@ impl Outbox for SqliteStore {
     async fn outbox_pending(&self, limit: usize) -> Result<Vec<OutboxRow>> {
         let rows = sqlx::query("SELECT seq, id, topic, key, payload FROM outbox ORDER BY seq LIMIT ?")
             .bind(sql_limit(limit))
-            .fetch_all(&self.reader)
+            .fetch_all(&mut *self.read().await?)
             .await
             .map_err(db_error)?;
         rows.iter()
@@ -171,7 +171,7 @@ impl Timers for SqliteStore {
         )
         .bind(now_ms)
         .bind(sql_limit(limit))
-        .fetch_all(&self.reader)
+        .fetch_all(&mut *self.read().await?)
         .await
         .map_err(db_error)?;
         rows.iter()
@@ -190,7 +190,7 @@ impl Timers for SqliteStore {
     async fn next_timer_at(&self, after_ms: i64) -> Result<Option<i64>> {
         sqlx::query_scalar("SELECT MIN(fire_at_ms) FROM timers WHERE fire_at_ms > ?")
             .bind(after_ms)
-            .fetch_one(&self.reader)
+            .fetch_one(&mut *self.read().await?)
             .await
             .map_err(db_error)
     }
@@ -200,8 +200,11 @@ impl Timers for SqliteStore {
 impl RunIndex for SqliteStore {
     async fn get_run(&self, run_id: &str) -> Result<Option<RunRecord>> {
         let sql = format!("SELECT {RUN_COLUMNS} FROM runs WHERE run_id = ?");
-        let row =
-            sqlx::query(sqlx::AssertSqlSafe(sql)).bind(run_id).fetch_optional(&self.reader).await.map_err(db_error)?;
+        let row = sqlx::query(sqlx::AssertSqlSafe(sql))
+            .bind(run_id)
+            .fetch_optional(&mut *self.read().await?)
+            .await
+            .map_err(db_error)?;
         row.as_ref().map(run).transpose()
     }
 
@@ -233,7 +236,7 @@ impl RunIndex for SqliteStore {
         if filter.limit > 0 {
             qb.push(" LIMIT ").push_bind(sql_limit(filter.limit));
         }
-        let rows = qb.build().fetch_all(&self.reader).await.map_err(db_error)?;
+        let rows = qb.build().fetch_all(&mut *self.read().await?).await.map_err(db_error)?;
         rows.iter().map(run).collect()
     }
 
@@ -242,7 +245,7 @@ impl RunIndex for SqliteStore {
             "SELECT {RUN_COLUMNS} FROM runs WHERE status NOT IN ('finished', 'cancelled') \
              ORDER BY created_at_ms, run_id"
         );
-        let rows = sqlx::query(sqlx::AssertSqlSafe(sql)).fetch_all(&self.reader).await.map_err(db_error)?;
+        let rows = sqlx::query(sqlx::AssertSqlSafe(sql)).fetch_all(&mut *self.read().await?).await.map_err(db_error)?;
         rows.iter().map(run).collect()
     }
 }
@@ -297,7 +300,7 @@ impl Definitions for SqliteStore {
             .bind(name)
             .bind(version)
             .bind(version)
-            .fetch_optional(&self.reader)
+            .fetch_optional(&mut *self.read().await?)
             .await
             .map_err(db_error)?;
         row.as_ref().map(definition).transpose()
@@ -309,8 +312,11 @@ impl Definitions for SqliteStore {
              (SELECT MAX(version) FROM definitions l WHERE l.project = d.project AND l.name = d.name) \
              ORDER BY name"
         );
-        let rows =
-            sqlx::query(sqlx::AssertSqlSafe(sql)).bind(project).fetch_all(&self.reader).await.map_err(db_error)?;
+        let rows = sqlx::query(sqlx::AssertSqlSafe(sql))
+            .bind(project)
+            .fetch_all(&mut *self.read().await?)
+            .await
+            .map_err(db_error)?;
         rows.iter().map(definition).collect()
     }
 }

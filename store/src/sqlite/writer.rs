@@ -3,7 +3,8 @@
 //! A file database's writer is a connection of its own behind a lock, not a pool: sqlx pings a
 //! pooled connection each time it comes back (a round trip to the connection's thread), and the
 //! next commit's acquire waited for that ping, on the path every batch takes. An in-memory
-//! database keeps its single pooled connection, which the readers share.
+//! database keeps its single pooled connection, which its reads go through as well (see
+//! `SqliteStore::read`).
 //!
 //! A commit's `BEGIN IMMEDIATE` and `COMMIT` travel inside its scripts (two round trips for the
 //! whole commit, see `commit.rs`), out of sqlx's transaction tracking. A commit cut short in
@@ -36,10 +37,10 @@ pub(super) struct Writer {
     open: AtomicBool,
 }
 
-/// The writer, held until dropped.
+/// A connection held until dropped: the writer, or a pooled one.
 pub(super) enum Held<'a> {
     Own(MutexGuard<'a, Option<SqliteConnection>>),
-    Shared(PoolConnection<Sqlite>),
+    Pooled(PoolConnection<Sqlite>),
 }
 
 impl Deref for Held<'_> {
@@ -48,7 +49,7 @@ impl Deref for Held<'_> {
     fn deref(&self) -> &SqliteConnection {
         match self {
             Held::Own(guard) => guard.as_ref().expect("a held writer is open"),
-            Held::Shared(conn) => conn,
+            Held::Pooled(conn) => conn,
         }
     }
 }
@@ -57,7 +58,7 @@ impl DerefMut for Held<'_> {
     fn deref_mut(&mut self) -> &mut SqliteConnection {
         match self {
             Held::Own(guard) => guard.as_mut().expect("a held writer is open"),
-            Held::Shared(conn) => conn,
+            Held::Pooled(conn) => conn,
         }
     }
 }
@@ -81,7 +82,7 @@ impl Writer {
                 }
                 Held::Own(guard)
             }
-            Conn::Shared(pool) => Held::Shared(pool.acquire().await.map_err(db_error)?),
+            Conn::Shared(pool) => Held::Pooled(pool.acquire().await.map_err(db_error)?),
         };
         if self.open.load(Ordering::Acquire) {
             self.end(&mut held).await;
