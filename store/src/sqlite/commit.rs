@@ -2,12 +2,12 @@
 //! whatever the batch holds.
 //!
 //! A commit sends SQLite two scripts: [`RECORD_INPUTS`] (`BEGIN IMMEDIATE`, input ids, then the
-//! versions the appends need) and [`WRITE_AND_COMMIT`] (events, run index, outbox, timers, then
-//! `COMMIT`). sqlx hands a script to its connection thread as one message, so a commit costs two
-//! round trips whatever it holds (four while `BEGIN` and `COMMIT` went on their own). A batch
-//! with evaluation results, rare, sends [`WRITE`] instead, the results one by one (see
-//! `evaluations.rs`), then `COMMIT`. A script stops at its first failing statement, inside the
-//! still-open transaction, which the caller then rolls back (`writer.rs`). A script's parameters are plain `?`, bound in the order they appear in its text:
+//! versions the appends need) and [`WRITE`] (events, run index, outbox, timers, then `COMMIT`);
+//! evaluation results, rare, go one by one between the two (see `evaluations.rs`). sqlx hands a
+//! script to its connection thread as one message, so a commit costs two round trips whatever it
+//! holds (four while `BEGIN` and `COMMIT` went on their own). A script stops at its first failing
+//! statement, inside the still-open transaction, which the caller then rolls back (`writer.rs`).
+//! A script's parameters are plain `?`, bound in the order they appear in its text:
 //! sqlx gives each statement of a script the next arguments in line, and a numbered `?NNN` in a
 //! later statement can silently stay NULL.
 //!
@@ -83,10 +83,9 @@ async fn first_stored(conn: &mut SqliteConnection, lookup: &'static str, ids: St
 
 /// Begins the write transaction (holding SQLite's write lock from its first statement, so it
 /// never fails half-way with a lock upgrade error), records the input ids (a JSON array) with
-/// their commit time, then reads the position of the
-/// last event stored (0 for none) and the current version of each run in a JSON array. The
-/// versions come back as one JSON object rather than as rows, which sqlx would hand over one
-/// channel message each.
+/// their commit time, then reads the position of the last event stored (0 for none) and the
+/// current version of each run in a JSON array. The versions come back as one JSON object rather
+/// than as rows, which sqlx would hand over one channel message each.
 const RECORD_INPUTS: &str = "\
     BEGIN IMMEDIATE; \
     INSERT INTO processed_inputs (id, processed_at_ms) SELECT value, ? FROM json_each(?); \
@@ -94,10 +93,14 @@ const RECORD_INPUTS: &str = "\
         (SELECT json_group_object(r.value, COALESCE((SELECT MAX(seq) FROM events WHERE run_id = r.value), 0)) \
          FROM json_each(?) AS r)";
 
-/// The text of [`WRITE`], for [`WRITE_AND_COMMIT`] to extend.
-macro_rules! write_statements {
-    () => {
-        "\
+/// Events, run index upserts, outbox rows, timer cancels, timer sets, then `COMMIT`. Parameters
+/// in order: first event position, event payloads, event rows; run rows; outbox payloads, outbox
+/// rows; cancel rows; timer payloads, timer rows.
+///
+/// `WHERE true` keeps SQLite from reading an upsert's `ON CONFLICT` as a join constraint. Timer
+/// cancels are driven by the cancel list: each finds its timer through the primary key, so the
+/// statement never scans the table.
+const WRITE: &str = "\
     INSERT INTO events (position, run_id, seq, id, kind, payload, recorded_at_ms) \
     SELECT ? + key, value ->> 0, value ->> 1, value ->> 2, value ->> 3, \
         CAST(substr(?, value ->> 4, value ->> 5) AS TEXT), value ->> 6 \
@@ -122,33 +125,16 @@ macro_rules! write_statements {
     INSERT INTO timers (run_id, key, fire_at_ms, payload) \
     SELECT value ->> 0, value ->> 1, value ->> 2, CAST(substr(?, value ->> 3, value ->> 4) AS TEXT) \
     FROM jsonb_each(?) WHERE true \
-    ON CONFLICT (run_id, key) DO UPDATE SET fire_at_ms = excluded.fire_at_ms, payload = excluded.payload"
-    };
-}
-
-/// Events, run index upserts, outbox rows, timer cancels, then timer sets. Parameters in order:
-/// first event position, event payloads, event rows; run rows; outbox payloads, outbox rows;
-/// cancel rows; timer payloads, timer rows.
-///
-/// `WHERE true` keeps SQLite from reading an upsert's `ON CONFLICT` as a join constraint. Timer
-/// cancels are driven by the cancel list: each finds its timer through the primary key, so the
-/// statement never scans the table.
-const WRITE: &str = write_statements!();
-
-/// [`WRITE`], then `COMMIT`.
-const WRITE_AND_COMMIT: &str = concat!(write_statements!(), "; COMMIT");
+    ON CONFLICT (run_id, key) DO UPDATE SET fire_at_ms = excluded.fire_at_ms, payload = excluded.payload; \
+    COMMIT";
 
 /// Writes the whole batch in one transaction, committed unless an error is returned (the
 /// caller rolls back then).
 pub(super) async fn run(conn: &mut SqliteConnection, plan: &Plan) -> Result<Committed> {
     let (last, current) = record_inputs(conn, plan).await?;
     let sequenced = plan.sequence(&current)?;
-    let separate = !plan.evaluations.is_empty();
-    write(conn, plan, &sequenced, last + 1, !separate).await?;
-    if separate {
-        evaluations::insert(conn, &plan.evaluations).await?;
-        sqlx::raw_sql("COMMIT").execute(&mut *conn).await.map_err(db_error)?;
-    }
+    evaluations::insert(conn, &plan.evaluations).await?;
+    write(conn, plan, &sequenced, last + 1).await?;
     Ok(if sequenced.is_empty() {
         Committed::default()
     } else {
@@ -157,8 +143,8 @@ pub(super) async fn run(conn: &mut SqliteConnection, plan: &Plan) -> Result<Comm
 }
 
 /// Begins the transaction and records the batch's input ids with their commit time, failing
-/// with the first one already recorded; returns the position of the last event stored and the current versions of the runs
-/// the batch appends to.
+/// with the first one already recorded; returns the position of the last event stored and the
+/// current versions of the runs the batch appends to.
 pub(super) async fn record_inputs(conn: &mut SqliteConnection, plan: &Plan) -> Result<(i64, HashMap<String, i64>)> {
     let read = sqlx::query_as::<_, (i64, String)>(RECORD_INPUTS)
         .bind(plan.inputs_at_ms)
@@ -185,14 +171,12 @@ pub(super) async fn record_inputs(conn: &mut SqliteConnection, plan: &Plan) -> R
 }
 
 /// Writes the events (numbered from position `first`, in order) and the run index, outbox and
-/// timer parts of the plan, then commits if `commit`; fails with the first event id already
-/// stored.
+/// timer parts of the plan, then commits; fails with the first event id already stored.
 pub(super) async fn write(
     conn: &mut SqliteConnection,
     plan: &Plan,
     events: &[Sequenced<'_>],
     first: i64,
-    commit: bool,
 ) -> Result<()> {
     let mut event_payloads = Blobs::default();
     let mut event_rows = Vec::with_capacity(events.len());
@@ -237,7 +221,7 @@ pub(super) async fn write(
         timers.push((&t.run_id, &t.key, t.fire_at_ms, start, len));
     }
 
-    let written = sqlx::query(if commit { WRITE_AND_COMMIT } else { WRITE })
+    let written = sqlx::query(WRITE)
         .bind(first)
         .bind(event_payloads.0)
         .bind(json(&event_rows)?)
@@ -369,7 +353,7 @@ mod tests {
         let stale = plan.sequence(&HashMap::new()).expect("sequenced against version 0");
         let mut held = store.writer.hold().await.expect("writer");
         sqlx::raw_sql("BEGIN IMMEDIATE").execute(&mut *held).await.expect("begin");
-        let err = write(&mut held, &plan, &stale, 2, true).await.expect_err("seq taken");
+        let err = write(&mut held, &plan, &stale, 2).await.expect_err("seq taken");
         assert!(matches!(err, Error::Unavailable(_)), "{err:?}");
     }
 }
