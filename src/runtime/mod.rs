@@ -20,6 +20,7 @@ mod input_pruning;
 mod lanes;
 mod outbox_relay;
 mod partition;
+mod recovery;
 mod timers;
 pub mod triggers;
 
@@ -137,6 +138,10 @@ pub struct Metrics {
     pub events: AtomicU64,
     pub published: AtomicU64,
     pub timers_fired: AtomicU64,
+    /// Timers set in memory only, and timer rows written to the store (set at once, or kept
+    /// and written once they lived a while: see `partition/deferred.rs`).
+    pub timers_kept: AtomicU64,
+    pub timers_written: AtomicU64,
     /// Processed-input ids forgotten after the input retention.
     pub inputs_pruned: AtomicU64,
     /// Run states dropped from the partitions' caches to stay within `cache_bytes`; each costs
@@ -276,11 +281,13 @@ impl Runtime {
             0 => 4,
             n => n,
         };
+        let names: Vec<String> = (0..partitions).map(partition::Partition::checkpoint_name).collect();
+        let start_position = recovery::derive_lost_timers(&shared, &names).await?;
         for id in 0..partitions {
             let (tx, rx) = mpsc::channel(config.queue_depth);
             senders.push(tx);
-            let p =
-                partition::Partition::new(id, rx, shared.clone(), config.cache_bytes / partitions, config.max_batch);
+            let cache = config.cache_bytes / partitions;
+            let p = partition::Partition::new(id, rx, shared.clone(), cache, config.max_batch, start_position);
             tasks.push(tokio::spawn(p.run(shutdown_rx.clone())));
         }
         let senders = Arc::new(senders);

@@ -21,8 +21,10 @@ use std::sync::atomic::Ordering;
 use std::time::Duration;
 
 use capstan_engine::Timestamp;
-use capstan_engine::run::{Ctx, Effect, Event, Input, RunMeta, RunState, RunStatus};
-use capstan_store::{Batch, EvaluationRecord, RunRecord, StoredEvent, StreamAppend, TimerCancel, TimerRow};
+use capstan_engine::run::{Ctx, Effect, Event, RunMeta, RunState, RunStatus};
+use capstan_store::{
+    Batch, Committed, EvaluationRecord, Position, RunRecord, StoredEvent, StreamAppend, TimerCancel, TimerRow,
+};
 use tokio::sync::mpsc;
 use tracing::{debug, warn};
 
@@ -35,8 +37,14 @@ use super::outbox_relay::Outgoing;
 use super::{Envelope, Reply, Shared};
 use gates::{evaluation_record, is_gate, with_previous};
 
+mod deferred;
 mod gates;
+mod load;
 mod pipeline;
+
+pub(super) use load::fold;
+
+use deferred::{DEFER_MIN_MS, Deferred, Undo};
 
 /// What happened to one input.
 #[derive(Debug)]
@@ -82,6 +90,11 @@ struct Prepared {
     /// relay to publish from memory once the batch is committed.
     outgoing: Outgoing,
     earliest_timer: Option<i64>,
+    /// What the batch changed among the timers kept in memory.
+    undo: Undo,
+    /// Timers the batch kept in memory, and timer rows it writes.
+    timers_kept: usize,
+    timers_written: usize,
 }
 
 /// The partition service: `run` until shutdown.
@@ -98,6 +111,8 @@ pub struct Partition {
     inflight_evaluations: Vec<EvaluationRecord>,
     /// Whether a batch may be decided while the previous one commits (see `may_decide_ahead`).
     decide_ahead: bool,
+    /// Timers kept in memory until they have lived a while (`deferred.rs`).
+    deferred: Deferred,
 }
 
 impl Partition {
@@ -108,6 +123,7 @@ impl Partition {
         shared: Arc<Shared>,
         cache_bytes: usize,
         max_batch: usize,
+        start_position: Position,
     ) -> Self {
         let seed = shared.clock.now_ms() as u64 ^ ((id as u64 + 1) << 48);
         let decide_ahead = shared.store.serializes_commits();
@@ -121,6 +137,7 @@ impl Partition {
             inflight_inputs: HashSet::new(),
             inflight_evaluations: Vec::new(),
             decide_ahead,
+            deferred: Deferred::new(start_position),
         }
     }
 
@@ -205,20 +222,51 @@ impl Partition {
         let mut prepared = self.prepare(envs).await?;
         self.shared.faults.point(FaultPoint::MidBatch).await;
         let committed = !prepared.batch.is_empty();
-        if committed && let Err(e) = self.shared.store.commit(std::mem::take(&mut prepared.batch)).await {
-            self.forget_states(&prepared.runs);
-            return Err(e.into());
+        let mut done = None;
+        if committed {
+            match self.shared.store.commit(std::mem::take(&mut prepared.batch)).await {
+                Ok(c) => done = Some(c),
+                Err(e) => {
+                    self.forget_states(&prepared.runs);
+                    self.deferred.undo(prepared.undo);
+                    return Err(e.into());
+                }
+            }
         }
-        Ok(self.published(prepared, committed).await)
+        Ok(self.published(prepared, done).await)
+    }
+
+    /// The name of this partition's timer checkpoint in the store.
+    pub fn checkpoint_name(id: usize) -> String {
+        format!("partition/{id}")
+    }
+
+    /// Writes the timer checkpoint when it moved (in a task of its own: a checkpoint written
+    /// late or lost only makes a recovery read more).
+    fn write_checkpoint(&mut self) {
+        let now_ms = self.shared.clock.now_ms();
+        if let Some(position) = self.deferred.checkpoint_due(now_ms) {
+            let store = self.shared.store.clone();
+            let name = Self::checkpoint_name(self.id);
+            tokio::spawn(async move {
+                if let Err(e) = store.set_timer_checkpoint(&name, position).await {
+                    warn!(%name, error = %e, "writing the timer checkpoint failed; retrying later");
+                }
+            });
+        }
     }
 
     /// After the commit (if the batch had anything to commit): hands the lane service, the
     /// outbox relay and the timer service their part, and returns the inputs' outcomes.
-    async fn published(&mut self, prepared: Prepared, committed: bool) -> Vec<Outcome> {
-        if committed {
+    async fn published(&mut self, prepared: Prepared, committed: Option<Committed>) -> Vec<Outcome> {
+        self.deferred.settled(prepared.undo, committed);
+        if committed.is_some() {
             self.shared.faults.point(FaultPoint::AfterCommit).await;
             self.shared.metrics.record_commit(prepared.inputs, prepared.event_count);
+            self.shared.metrics.timers_written.fetch_add(prepared.timers_written as u64, Ordering::Relaxed);
         }
+        self.shared.metrics.timers_kept.fetch_add(prepared.timers_kept as u64, Ordering::Relaxed);
+        self.write_checkpoint();
         for note in prepared.lane_notes {
             // The lane service may be gone at shutdown; it rebuilds from the run index.
             let _ = self.shared.lane_tx.send(note);
@@ -262,8 +310,9 @@ impl Partition {
         let mut outcomes = Vec::with_capacity(envs.len());
         let mut batch = Batch { inputs_at_ms: now_ms, ..Batch::default() };
         let mut outgoing = Outgoing { stored: Vec::new(), advisory: Vec::new() };
-        // Last write wins per timer key, in effect order; None means "delete".
-        let mut timers: BTreeMap<(String, String), Option<TimerRow>> = BTreeMap::new();
+        // Last write wins per timer key, in effect order; None means "delete". A set carries
+        // whether it may be kept in memory (see `deferred.rs`).
+        let mut timers: BTreeMap<(String, String), Option<(TimerRow, bool)>> = BTreeMap::new();
         let mut guarded: Vec<TimerCancel> = Vec::new();
         let mut lane_notes: Vec<LaneNote> = Vec::new();
 
@@ -340,10 +389,14 @@ impl Partition {
             for effect in &decision.effects {
                 match effect {
                     Effect::SetTimer { kind, at } => {
-                        timers.insert(
-                            (env.run_id.clone(), kind.key()),
-                            Some(codec::engine_timer_row(&env.run_id, kind, *at)),
-                        );
+                        // Kept in memory only when a crash cannot lose it for good: the engine
+                        // derives it from the state, and this commit's events for the run put
+                        // the run after the checkpoint.
+                        let keep = !decision.events.is_empty()
+                            && w.state.derives(kind)
+                            && at.0 as i64 >= now_ms + DEFER_MIN_MS;
+                        let row = codec::engine_timer_row(&env.run_id, kind, *at);
+                        timers.insert((env.run_id.clone(), kind.key()), Some((row, keep)));
                     }
                     Effect::CancelTimer { kind } => {
                         timers.insert((env.run_id.clone(), kind.key()), None);
@@ -361,7 +414,7 @@ impl Partition {
                             triggered_by: Some(triggered_by.clone()),
                         };
                         let row = codec::start_run_row(&env.run_id, &child, data, now_ms);
-                        timers.insert((row.run_id.clone(), row.key.clone()), Some(row));
+                        timers.insert((row.run_id.clone(), row.key.clone()), Some((row, false)));
                     }
                     other => {
                         let gate;
@@ -390,16 +443,38 @@ impl Partition {
             }));
         }
 
-        let mut earliest_timer: Option<i64> = None;
-        for ((run_id, key), row) in timers {
+        // Nothing above may fail from here on: the kept timers change with no way back but
+        // `undo`.
+        let mut undo = Undo::default();
+        let mut written: Vec<TimerRow> = Vec::new();
+        let mut timers_kept = 0;
+        for (key, row) in timers {
             match row {
-                Some(row) => {
-                    earliest_timer = Some(earliest_timer.map_or(row.fire_at_ms, |t| t.min(row.fire_at_ms)));
-                    guarded.retain(|g| !(g.run_id == run_id && g.key == key));
-                    batch.set_timers.push(row);
+                Some((row, true)) => {
+                    // The fired row this may replace is deleted by its guard, kept below.
+                    match self.deferred.keep(key, row, now_ms, &mut undo) {
+                        Some(row) => written.push(row),
+                        None => timers_kept += 1,
+                    }
                 }
-                None => batch.cancel_timers.push(TimerCancel { run_id, key, only_if_fire_at: None }),
+                Some((row, false)) => {
+                    self.deferred.written(&key, &mut undo);
+                    written.push(row);
+                }
+                None => {
+                    if self.deferred.cancel(&key, &mut undo) {
+                        let (run_id, key) = key;
+                        batch.cancel_timers.push(TimerCancel { run_id, key, only_if_fire_at: None });
+                    }
+                }
             }
+        }
+        self.deferred.flush_due(now_ms, &mut undo, &mut written);
+        let mut earliest_timer: Option<i64> = None;
+        for row in written {
+            earliest_timer = Some(earliest_timer.map_or(row.fire_at_ms, |t| t.min(row.fire_at_ms)));
+            guarded.retain(|g| !(g.run_id == row.run_id && g.key == row.key));
+            batch.set_timers.push(row);
         }
         batch.cancel_timers.extend(guarded);
 
@@ -445,81 +520,19 @@ impl Partition {
                 }
             }
         }
-        Ok(Prepared { outcomes, batch, inputs: envs.len(), event_count, runs, lane_notes, outgoing, earliest_timer })
-    }
-
-    /// The run's state: from the cache, or folded from its stream (`stored` when the caller
-    /// read it already); a new one for `Start`.
-    async fn load(
-        &mut self,
-        run_id: &str,
-        input: &Input,
-        stored: Option<Vec<StoredEvent>>,
-    ) -> Result<Work, RuntimeError> {
-        if let Some(c) = self.cache.take(run_id) {
-            return Ok(Work {
-                state: c.state,
-                base_version: c.version,
-                created_at_ms: c.created_at_ms,
-                status: c.status,
-                index_dirty: false,
-                events: Vec::new(),
-            });
-        }
-        let stored = match stored {
-            Some(stored) => stored,
-            None => self.shared.store.read_stream(run_id, 1).await?,
-        };
-        let Some(first) = stored.first() else {
-            return match input {
-                Input::Start { meta, .. } => {
-                    let (definition, _) = self
-                        .shared
-                        .registry
-                        .get(&meta.project, Some(&meta.definition), Some(i64::from(meta.definition_version)))
-                        .await?;
-                    Ok(Work {
-                        state: RunState::new(definition),
-                        base_version: 0,
-                        created_at_ms: 0,
-                        status: "running",
-                        index_dirty: false,
-                        events: Vec::new(),
-                    })
-                }
-                _ => Err(RuntimeError::NotFound(format!("run {run_id}"))),
-            };
-        };
-        let Event::RunStarted { meta, .. } = codec::decode_event(first)? else {
-            return Err(RuntimeError::NotFound(format!("the start of run {run_id}")));
-        };
-        let (definition, _) = self
-            .shared
-            .registry
-            .get(&meta.project, Some(&meta.definition), Some(i64::from(meta.definition_version)))
-            .await?;
-        let mut state = RunState::new(definition);
-        let mut status = "running";
-        for s in &stored {
-            let event = codec::decode_event(s)?;
-            status = match &event {
-                Event::RunQueued { .. } => "queued",
-                Event::RunAdmitted { .. } => "running",
-                Event::RunPaused { .. } => "paused",
-                Event::RunResumed { .. } => "running",
-                Event::RunFinished { status: RunStatus::Finished, .. } => "finished",
-                Event::RunFinished { status: RunStatus::Cancelled, .. } => "cancelled",
-                _ => status,
-            };
-            state.evolve(&event);
-        }
-        Ok(Work {
-            state,
-            base_version: stored.len() as i64,
-            created_at_ms: first.recorded_at_ms,
-            status,
-            index_dirty: false,
-            events: Vec::new(),
+        let timers_written = batch.set_timers.len();
+        Ok(Prepared {
+            outcomes,
+            batch,
+            inputs: envs.len(),
+            event_count,
+            runs,
+            lane_notes,
+            outgoing,
+            earliest_timer,
+            undo,
+            timers_kept,
+            timers_written,
         })
     }
 

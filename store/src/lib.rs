@@ -341,6 +341,8 @@ pub trait EventReader: Send + Sync {
     async fn stream_version(&self, run_id: &str) -> Result<i64>;
     /// Which of these input ids were already applied.
     async fn inputs_seen(&self, ids: &[String]) -> Result<Vec<String>>;
+    /// The position of the last event written (0 for an empty store).
+    async fn last_position(&self) -> Result<Position>;
 }
 
 /// The outbox: rows written by commits, published and deleted by the relay.
@@ -361,6 +363,12 @@ pub trait Timers: Send + Sync {
     /// after the ones it already handed out, which stay in the table until their partition
     /// commits them away.
     async fn next_timer_at(&self, after_ms: i64) -> Result<Option<i64>>;
+    /// Every timer checkpoint, by name. A runtime that keeps some timers in memory records
+    /// under its name the position up to which every timer it set is in the table (or moot);
+    /// after a crash it derives again the timers of the runs written after the lowest one.
+    async fn timer_checkpoints(&self) -> Result<Vec<(String, Position)>>;
+    /// Records (or replaces) one timer checkpoint.
+    async fn set_timer_checkpoint(&self, name: &str, position: Position) -> Result<()>;
 }
 
 /// The run index.

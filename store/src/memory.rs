@@ -34,6 +34,7 @@ struct Inner {
     outbox: BTreeMap<i64, OutboxMessage>,
     last_outbox_seq: i64,
     timers: BTreeMap<(String, String), TimerRow>,
+    timer_checkpoints: BTreeMap<String, Position>,
     /// Evaluation results in commit order, unique by `(run_id, task)`.
     evaluations: Vec<EvaluationRecord>,
     /// Per `(project, name)`, the versions in order.
@@ -165,6 +166,10 @@ impl EventReader for MemoryStore {
         let inner = self.lock();
         Ok(ids.iter().filter(|id| inner.inputs.contains_key(*id)).cloned().collect())
     }
+
+    async fn last_position(&self) -> Result<Position> {
+        Ok(self.lock().events.len() as Position)
+    }
 }
 
 #[async_trait]
@@ -195,6 +200,15 @@ impl Timers for MemoryStore {
 
     async fn next_timer_at(&self, after_ms: i64) -> Result<Option<i64>> {
         Ok(self.lock().timers.values().map(|t| t.fire_at_ms).filter(|at| *at > after_ms).min())
+    }
+
+    async fn timer_checkpoints(&self) -> Result<Vec<(String, Position)>> {
+        Ok(self.lock().timer_checkpoints.iter().map(|(name, at)| (name.clone(), *at)).collect())
+    }
+
+    async fn set_timer_checkpoint(&self, name: &str, position: Position) -> Result<()> {
+        self.lock().timer_checkpoints.insert(name.to_string(), position);
+        Ok(())
     }
 }
 

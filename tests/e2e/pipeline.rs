@@ -118,6 +118,9 @@ impl EventReader for Instrumented {
     async fn inputs_seen(&self, ids: &[String]) -> Result<Vec<String>> {
         self.inner.inputs_seen(ids).await
     }
+    async fn last_position(&self) -> Result<Position> {
+        self.inner.last_position().await
+    }
 }
 
 #[async_trait]
@@ -137,6 +140,12 @@ impl Timers for Instrumented {
     }
     async fn next_timer_at(&self, after_ms: i64) -> Result<Option<i64>> {
         self.inner.next_timer_at(after_ms).await
+    }
+    async fn timer_checkpoints(&self) -> Result<Vec<(String, Position)>> {
+        self.inner.timer_checkpoints().await
+    }
+    async fn set_timer_checkpoint(&self, name: &str, position: Position) -> Result<()> {
+        self.inner.set_timer_checkpoint(name, position).await
     }
 }
 

@@ -174,3 +174,106 @@ async fn a_second_answer_is_refused_and_recorded() {
     let accepted = events.iter().filter(|e| matches!(e, Event::AttemptEnded { .. })).count();
     assert_eq!(accepted, 1, "exactly one result recorded");
 }
+
+const LONG_TIMEOUTS: &str = r#"
+apiVersion: capstan.dev/v1
+kind: Shipyard
+metadata: {name: timeouts}
+spec:
+  stages:
+    - name: dev
+      sequences:
+        - name: run
+          tasks:
+            - name: work
+              type: work
+              dispatch: queue
+              retry: {maxAttempts: 2, initialInterval: 1s, backoffCoefficient: 2, maxInterval: 4s}
+              timeouts: {scheduleToStart: 1m, startToClose: 2500ms}
+"#;
+
+/// A partition keeps a new timer in memory for up to a second. A runtime that crashes in that
+/// second loses it, and the next one must derive it again from the run's events: here the
+/// start-to-close deadline of a worker that took the task and fell silent.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_deadline_kept_in_memory_still_fires_after_a_crash() {
+    let store: Arc<dyn Store> = Arc::new(MemoryStore::new());
+    let (rt, broker) = engine(store.clone(), RuntimeConfig::default()).await;
+    let log = Arc::new(Mutex::new(WorkerLog::default()));
+    let script: Script = Arc::new(|_, attempt| if attempt == 1 { Behaviour::NeverStart } else { ok_after(10) });
+    let workers = scripted_worker(broker, "w1", BTreeMap::new(), &["work"], script.clone(), log.clone()).await;
+    rt.apply_definition("p", LONG_TIMEOUTS).await.expect("definition applies");
+    let request =
+        TriggerRequest { project: "p".into(), stage: "dev".into(), sequence: "run".into(), ..Default::default() };
+    let run_id = rt.trigger(request).await.expect("trigger");
+    let deadline = tokio::time::Instant::now() + Duration::from_secs(10);
+    while log.lock().expect("log").awards.is_empty() {
+        assert!(tokio::time::Instant::now() < deadline, "the task was never awarded");
+        tokio::time::sleep(Duration::from_millis(5)).await;
+    }
+    rt.abort();
+    for w in workers {
+        w.abort();
+    }
+    let stored: Vec<String> =
+        store.timers_due(i64::MAX, 100).await.expect("timers").into_iter().map(|t| t.key).collect();
+    assert!(
+        !stored.iter().any(|k| k.starts_with("start-to-close/")),
+        "the deadline must still be in memory only when the runtime dies: {stored:?}"
+    );
+
+    let (rt, broker) = engine(store.clone(), RuntimeConfig::default()).await;
+    let workers = scripted_worker(broker, "w2", BTreeMap::new(), &["work"], script, log.clone()).await;
+    let record = wait_run_over(&*store, &run_id, Duration::from_secs(20)).await;
+    rt.shutdown().await;
+    for w in workers {
+        w.abort();
+    }
+    let events = history(&*store, &run_id).await;
+    let outcomes = attempt_outcomes(&events);
+    assert!(
+        matches!(outcomes[0], (1, AttemptOutcome::TimedOut { timeout: TimeoutKind::StartToClose }, true)),
+        "{outcomes:?}"
+    );
+    assert_eq!(ended_once(&events), TaskResult::Pass);
+    assert_eq!(record.result.as_deref(), Some("pass"));
+}
+
+/// Timers moot within a second never reach the store: runs whose tasks finish at once write
+/// no timer rows at all, though each task sets three (re-offer, schedule-to-start and
+/// start-to-close deadlines). Checked through the timer checkpoint too: it moves on.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn short_lived_timers_never_reach_the_store() {
+    let store: Arc<dyn Store> = Arc::new(MemoryStore::new());
+    let (rt, broker) = engine(store.clone(), RuntimeConfig { partitions: 1, ..RuntimeConfig::default() }).await;
+    let log = Arc::new(Mutex::new(WorkerLog::default()));
+    let script: Script = Arc::new(|_, _| ok_after(0));
+    let workers = scripted_worker(broker, "w1", BTreeMap::new(), &["work"], script, log.clone()).await;
+    rt.apply_definition("p", LONG_TIMEOUTS).await.expect("definition applies");
+    let before = store.timer_checkpoints().await.expect("checkpoints");
+    let mut runs = Vec::new();
+    for _ in 0..10 {
+        let request =
+            TriggerRequest { project: "p".into(), stage: "dev".into(), sequence: "run".into(), ..Default::default() };
+        runs.push(rt.trigger(request).await.expect("trigger"));
+    }
+    for run_id in &runs {
+        wait_run_over(&*store, run_id, Duration::from_secs(20)).await;
+    }
+    // The checkpoint moves at most once a second, after a commit or when the partition idles.
+    let deadline = tokio::time::Instant::now() + Duration::from_secs(10);
+    while store.timer_checkpoints().await.expect("checkpoints") == before {
+        assert!(tokio::time::Instant::now() < deadline, "the checkpoint never moved from {before:?}");
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+    rt.shutdown().await;
+    for w in workers {
+        w.abort();
+    }
+    let metrics = rt.metrics();
+    let kept = metrics.timers_kept.load(std::sync::atomic::Ordering::Relaxed);
+    let written = metrics.timers_written.load(std::sync::atomic::Ordering::Relaxed);
+    assert!(kept >= 30, "three timers per task are kept in memory, {kept} were ({written} written)");
+    assert_eq!(written, 0, "no timer of these runs lived long enough to be written");
+    assert!(store.timers_due(i64::MAX, 10).await.expect("timers").is_empty());
+}

@@ -15,6 +15,9 @@
 //! - Every timer the state machine relies on is requested with `Effect::SetTimer`, and cancelled
 //!   with `Effect::CancelTimer` once moot. A fired timer that is moot yields an empty decision.
 //! - Heartbeats record no event: they only push the heartbeat timer (`SetTimer` with a later time).
+//! - Timers of a kind `RunState::derives` are set again by `RunState::derived_timers` from the
+//!   state alone (`derived.rs`), so the runtime may keep them in memory until they have lived a
+//!   while and derive them again after a crash.
 //! - A worker's message about a task of a run that is over gets a `Rejection` and no event.
 //! - Commands (`Cancel`, `Pause`, `Resume`, `Approve`) on a run that is over are
 //!   `Err(Error::RunOver)`; `Pause` on a paused run and `Resume` on a running one change nothing.
@@ -26,6 +29,7 @@
 
 mod attempt;
 mod commands;
+mod derived;
 mod flow;
 mod history;
 mod machine;

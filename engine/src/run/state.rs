@@ -68,6 +68,11 @@ pub(super) struct TaskState {
     pub offer: u32,
     /// `Delayed`: when the delay ends; `Backoff`: when the next attempt is due.
     pub until: Option<Timestamp>,
+    /// When the current attempt was first offered (its schedule-to-start clock), or when the
+    /// approval was requested: what timers are derived from after a crash (`derived.rs`).
+    pub offered_at: Option<Timestamp>,
+    /// When the current attempt was first awarded (its start-to-close clock).
+    pub awarded_at: Option<Timestamp>,
     /// Bids collected for the current attempt (auction policies that wait for the window).
     pub bids: Vec<RecordedBid>,
     /// Holders of the current attempt.
@@ -87,6 +92,8 @@ impl TaskState {
             attempt: 0,
             offer: 0,
             until: None,
+            offered_at: None,
+            awarded_at: None,
             bids: Vec::new(),
             holders: Vec::new(),
             ever_started: false,
@@ -255,12 +262,16 @@ impl RunState {
                     t.until = Some(*until);
                 }
             }
-            Event::TaskOffered { task, attempt, offer, .. } => {
+            Event::TaskOffered { task, attempt, offer, at, .. } => {
                 if let Some(t) = self.task_mut(task) {
                     if t.attempt != *attempt {
                         t.attempt = *attempt;
                         t.bids.clear();
                         t.holders.clear();
+                        t.awarded_at = None;
+                    }
+                    if *offer == 1 {
+                        t.offered_at = Some(*at);
                     }
                     t.offer = *offer;
                     t.until = None;
@@ -272,9 +283,12 @@ impl RunState {
                     t.bids.push(bid.clone());
                 }
             }
-            Event::TaskAwarded { task, worker, token, .. } => {
+            Event::TaskAwarded { task, worker, token, at, .. } => {
                 self.last_token = self.last_token.max(*token);
                 if let Some(t) = self.task_mut(task) {
+                    if t.holders.is_empty() {
+                        t.awarded_at = Some(*at);
+                    }
                     t.holders.push(Holder {
                         worker_id: worker.id.clone(),
                         token: *token,
@@ -309,9 +323,10 @@ impl RunState {
                     }
                 }
             }
-            Event::ApprovalRequested { task, .. } => {
+            Event::ApprovalRequested { task, at } => {
                 if let Some(t) = self.task_mut(task) {
                     t.phase = TaskPhase::AwaitingApproval;
+                    t.offered_at = Some(*at);
                 }
             }
             Event::TaskEnded { task, status, result, output, .. } => {

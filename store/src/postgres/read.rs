@@ -110,6 +110,10 @@ impl EventReader for PostgresStore {
         // Answer in the caller's order.
         Ok(ids.iter().filter(|id| seen.contains(*id)).cloned().collect())
     }
+
+    async fn last_position(&self) -> Result<Position> {
+        sqlx::query_scalar("SELECT last FROM event_position WHERE id = 1").fetch_one(&self.pool).await.map_err(db_error)
+    }
 }
 
 #[async_trait]
@@ -171,6 +175,26 @@ impl Timers for PostgresStore {
             .fetch_one(&self.pool)
             .await
             .map_err(db_error)
+    }
+
+    async fn timer_checkpoints(&self) -> Result<Vec<(String, Position)>> {
+        sqlx::query_as("SELECT name, position FROM timer_checkpoints ORDER BY name")
+            .fetch_all(&self.pool)
+            .await
+            .map_err(db_error)
+    }
+
+    async fn set_timer_checkpoint(&self, name: &str, position: Position) -> Result<()> {
+        sqlx::query(
+            "INSERT INTO timer_checkpoints (name, position) VALUES ($1, $2) \
+             ON CONFLICT (name) DO UPDATE SET position = excluded.position",
+        )
+        .bind(name)
+        .bind(position)
+        .execute(&self.pool)
+        .await
+        .map_err(db_error)?;
+        Ok(())
     }
 }
 

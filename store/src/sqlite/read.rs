@@ -124,6 +124,13 @@ impl EventReader for SqliteStore {
         .await
         .map_err(db_error)
     }
+
+    async fn last_position(&self) -> Result<Position> {
+        sqlx::query_scalar("SELECT COALESCE(MAX(position), 0) FROM events")
+            .fetch_one(&mut *self.read().await?)
+            .await
+            .map_err(db_error)
+    }
 }
 
 #[async_trait]
@@ -193,6 +200,26 @@ impl Timers for SqliteStore {
             .fetch_one(&mut *self.read().await?)
             .await
             .map_err(db_error)
+    }
+
+    async fn timer_checkpoints(&self) -> Result<Vec<(String, Position)>> {
+        sqlx::query_as("SELECT name, position FROM timer_checkpoints ORDER BY name")
+            .fetch_all(&mut *self.read().await?)
+            .await
+            .map_err(db_error)
+    }
+
+    async fn set_timer_checkpoint(&self, name: &str, position: Position) -> Result<()> {
+        sqlx::query(
+            "INSERT INTO timer_checkpoints (name, position) VALUES (?, ?) \
+             ON CONFLICT (name) DO UPDATE SET position = excluded.position",
+        )
+        .bind(name)
+        .bind(position)
+        .execute(&mut *self.writer.hold().await?)
+        .await
+        .map_err(db_error)?;
+        Ok(())
     }
 }
 

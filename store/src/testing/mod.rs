@@ -57,6 +57,7 @@ macro_rules! __store_cases {
             timers_upsert_and_replace,
             timers_cancel_with_and_without_guard,
             timers_due_order_and_next,
+            timer_checkpoints_and_last_position,
             run_index_upsert_and_get,
             run_index_filters_and_paging,
             unfinished_runs_oldest_first,

@@ -18,6 +18,22 @@ fn triple(run: &str, key: &str, at: i64) -> (String, String, i64) {
     (run.to_owned(), key.to_owned(), at)
 }
 
+/// Timer checkpoints are kept by name, a second write replacing the first; the last position
+/// follows the events written.
+pub async fn timer_checkpoints_and_last_position<S: Store>(store: Arc<S>) {
+    assert_eq!(store.last_position().await.expect("empty"), 0);
+    assert!(store.timer_checkpoints().await.expect("none yet").is_empty());
+    let batch = super::appends(vec![super::append("a", 0, &["a1", "a2"]), super::append("b", 0, &["b1"])]);
+    store.commit(batch).await.expect("append");
+    assert_eq!(store.last_position().await.expect("after"), 3);
+
+    store.set_timer_checkpoint("partition/1", 2).await.expect("set 1");
+    store.set_timer_checkpoint("partition/0", 1).await.expect("set 0");
+    store.set_timer_checkpoint("partition/1", 3).await.expect("replace 1");
+    let names = |v: Vec<(String, i64)>| v.into_iter().map(|(n, p)| format!("{n}={p}")).collect::<Vec<_>>();
+    assert_eq!(names(store.timer_checkpoints().await.expect("read")), vec!["partition/0=1", "partition/1=3"]);
+}
+
 /// Outbox rows come oldest first across commits; deleting removes exactly the given seqs.
 pub async fn outbox_pending_and_delete<S: Store>(store: Arc<S>) {
     let batch = |ids: &[&str]| Batch { outbox: ids.iter().map(|id| message(id)).collect(), ..Batch::default() };

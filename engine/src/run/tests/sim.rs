@@ -113,6 +113,41 @@ impl Sim {
         for effect in d.effects {
             self.effect(effect);
         }
+        self.check_derived();
+    }
+
+    /// What a restarted runtime would set again from the state alone covers every live timer
+    /// of a derived kind (at the same time, but for a re-offer's), and whatever it adds or
+    /// leaves out is moot when it fires.
+    fn check_derived(&self) {
+        let st = &self.run.state;
+        let derived: BTreeMap<String, (TimerKind, u64)> =
+            st.derived_timers(Timestamp(self.run.now)).into_iter().map(|(k, at)| (k.key(), (k, at.0))).collect();
+        for (key, (kind, at)) in &self.timers {
+            if !st.derives(kind) {
+                continue;
+            }
+            match derived.get(key) {
+                Some((_, d)) if !matches!(kind, TimerKind::Reoffer { .. }) => {
+                    assert_eq!(d, at, "{key} derived at another time\n{}", self.run.history())
+                }
+                Some(_) => {}
+                None => assert!(self.moot(kind, *at), "live {key} not derived\n{}", self.run.history()),
+            }
+        }
+        for (key, (kind, at)) in &derived {
+            assert!(st.derives(kind), "{key} derived but not derivable");
+            if !self.timers.contains_key(key) {
+                assert!(self.moot(kind, *at), "{key} derived but neither live nor moot\n{}", self.run.history());
+            }
+        }
+    }
+
+    /// Whether `kind` firing at `at` would change nothing.
+    fn moot(&self, kind: &TimerKind, at: u64) -> bool {
+        let ctx = Ctx { now: Timestamp(self.run.now.max(at)), random: 0 };
+        let d = self.run.state.decide(&timer(kind.clone()), &ctx).expect("a timer of a known task applies");
+        d.events.is_empty() && d.effects.is_empty()
     }
 
     /// Checks one event against the state it is about to be folded into.

@@ -1,0 +1,94 @@
+//! Timers derived from a state alone. Most timers a run sets are moot within milliseconds (a
+//! task's schedule-to-start deadline once it starts, its start-to-close deadline once it ends).
+//! The runtime may therefore keep such a timer in memory and write it only once it has lived a
+//! while, provided that after a crash it can set again every timer the lost memory held. This
+//! module is that derivation: which timers a state relies on, and when they are due.
+//!
+//! Only kinds whose deadline the events determine are derived (`RunState::derives`):
+//! schedule-to-start, start-to-close, retry, delay and approval timeout at their exact times,
+//! and the re-offer of a queue or fanout offer at `now` (its wait is random, and offering again
+//! right after a restart is what a lost offer needs anyway). Heartbeat deadlines move without
+//! events, and an auction's bid window and its re-offer depend on bids and on timers that fired
+//! without events: those are never derived, so the runtime always writes them at once.
+//!
+//! A derived timer may be one the live run had no longer armed (a delay that fired while the
+//! run was paused, say). Such a timer is moot when it fires; the simulator checks both halves.
+
+use capstan_proto::DispatchMode;
+
+use super::state::{RunState, TaskPhase};
+use super::types::TimerKind;
+use crate::duration::{Timestamp, parse_duration};
+
+impl RunState {
+    /// Whether [`RunState::derived_timers`] would set `kind` again for this state: the runtime may
+    /// then keep it in memory only. `false` for kinds whose deadlines the events do not carry
+    /// and for tasks this run does not know.
+    pub fn derives(&self, kind: &TimerKind) -> bool {
+        let task = match kind {
+            TimerKind::Heartbeat { .. } | TimerKind::BidWindow { .. } => return false,
+            TimerKind::Reoffer { task, .. } => {
+                return self
+                    .index(task)
+                    .and_then(|i| self.spec(i))
+                    .is_some_and(|s| s.dispatch != DispatchMode::Auction);
+            }
+            TimerKind::ScheduleToStart { task, .. }
+            | TimerKind::StartToClose { task, .. }
+            | TimerKind::Retry { task, .. }
+            | TimerKind::Delay { task }
+            | TimerKind::ApprovalTimeout { task } => task,
+        };
+        self.index(task).is_some()
+    }
+
+    /// Every timer of a kind [`RunState::derives`] that this state relies on, with its due time.
+    /// `now` is when a derived re-offer fires. Empty once the run is over.
+    pub fn derived_timers(&self, now: Timestamp) -> Vec<(TimerKind, Timestamp)> {
+        let mut timers = Vec::new();
+        if self.is_over() || self.meta.is_none() {
+            return timers;
+        }
+        let specs = self.sequence().map(|s| s.tasks.as_slice()).unwrap_or(&[]);
+        for (spec, t) in specs.iter().zip(&self.tasks) {
+            let task = || spec.name.clone();
+            let attempt = t.attempt;
+            match t.phase {
+                TaskPhase::Offered | TaskPhase::Awarded | TaskPhase::Running => {
+                    let started = t.holders.iter().any(|h| h.started);
+                    if let (Some(limit), Some(since), false) = (spec.timeouts.schedule_to_start, t.offered_at, started)
+                    {
+                        timers.push((TimerKind::ScheduleToStart { task: task(), attempt }, since.plus(limit)));
+                    }
+                    if let (Some(limit), Some(since)) = (spec.timeouts.start_to_close, t.awarded_at)
+                        && !t.holders.is_empty()
+                    {
+                        timers.push((TimerKind::StartToClose { task: task(), attempt }, since.plus(limit)));
+                    }
+                    if t.phase == TaskPhase::Offered && t.holders.is_empty() && spec.dispatch != DispatchMode::Auction {
+                        timers.push((TimerKind::Reoffer { task: task(), attempt, offer: t.offer }, now));
+                    }
+                }
+                TaskPhase::Backoff => {
+                    if let Some(until) = t.until {
+                        timers.push((TimerKind::Retry { task: task(), attempt }, until));
+                    }
+                }
+                TaskPhase::Delayed => {
+                    if let Some(until) = t.until {
+                        timers.push((TimerKind::Delay { task: task() }, until));
+                    }
+                }
+                TaskPhase::AwaitingApproval => {
+                    let limit =
+                        spec.properties.get("timeout").and_then(|v| v.as_str()).and_then(|v| parse_duration(v).ok());
+                    if let (Some(limit), Some(since)) = (limit, t.offered_at) {
+                        timers.push((TimerKind::ApprovalTimeout { task: task() }, since.plus(limit)));
+                    }
+                }
+                TaskPhase::Pending | TaskPhase::Ended(_) => {}
+            }
+        }
+        timers
+    }
+}

@@ -1,0 +1,305 @@
+//! Timers a partition keeps in memory instead of writing them at once.
+//!
+//! Most timers are moot within milliseconds: a task's re-offer and schedule-to-start deadlines
+//! once a worker claims and starts it, its start-to-close deadline once it finishes. Written
+//! through, each one is a row inserted by one commit and deleted by the next: on the compare
+//! workload (one task per run) 6 of ~22 row writes per run. A timer of a kind the engine
+//! derives from the run's state (`RunState::derives`) is therefore kept here and written only
+//! when it has lived `KEEP_MS`, or `FLUSH_LEAD_MS` before it is due, whichever comes first;
+//! cancelled before that, it never reaches the store.
+//!
+//! A crash loses what is kept here. The store keeps a checkpoint per partition: the event
+//! position up to which every timer this partition set is in the timers table (or moot). A
+//! timer is kept here only when the commit that set it appended events to its run, so after a
+//! crash the runtime finds every run whose timers may be lost among the events after the lowest
+//! checkpoint, and derives their timers again from their states (`recovery.rs`).
+//!
+//! Batches change this map when they are decided, before their commit. Each batch records what
+//! it changed ([`Undo`]): a failed commit puts the map back, a successful one dates the timers
+//! it set by the commit's position and forgets those it wrote.
+
+use std::collections::HashMap;
+
+use capstan_store::{Committed, Position, TimerRow};
+
+/// A timer goes to the store this long before it is due, so that the timer service fires it
+/// on time from there.
+pub const FLUSH_LEAD_MS: i64 = 250;
+/// The longest a timer stays in memory only: this bounds how much a crash leaves to derive.
+pub const KEEP_MS: i64 = 1_000;
+/// Timers due sooner than this after they are set are written at once.
+pub const DEFER_MIN_MS: i64 = 2 * FLUSH_LEAD_MS;
+/// How often, at most, a partition's checkpoint is written.
+pub const CHECKPOINT_EVERY_MS: i64 = 1_000;
+
+/// A timer's identity: its run and key.
+pub type TimerKey = (String, String);
+
+#[derive(Debug, Clone)]
+struct Entry {
+    row: TimerRow,
+    /// When it goes to the store.
+    flush_at: i64,
+    /// The position before the events of the commit that set it; `None` while that commit is
+    /// under way. Recovery reads the events after it.
+    before: Option<Position>,
+    /// Written by a batch whose commit is under way: a later cancel must then reach the store.
+    flushing: bool,
+}
+
+/// What one batch changed, to undo it if its commit fails or settle it once it succeeds.
+#[derive(Debug, Default)]
+pub struct Undo {
+    /// Each key's entry before the batch first changed it, in the order changed.
+    log: Vec<(TimerKey, Option<Entry>)>,
+    /// Keys the batch set in memory.
+    kept: Vec<TimerKey>,
+    /// Keys the batch writes to the store.
+    flushed: Vec<TimerKey>,
+}
+
+impl Undo {
+    fn record(&mut self, key: &TimerKey, before: Option<Entry>) {
+        self.log.push((key.clone(), before));
+    }
+}
+
+/// The timers a partition keeps in memory, and its checkpoint.
+#[derive(Debug)]
+pub struct Deferred {
+    entries: HashMap<TimerKey, Entry>,
+    /// No entry is due to be written before this (may be early after removals).
+    next_flush_at: i64,
+    /// The position of this partition's last commit that appended events.
+    last_position: Position,
+    /// The checkpoint last written, and when.
+    written: Position,
+    written_at_ms: i64,
+}
+
+impl Deferred {
+    /// An empty map; `position` is where the store's events ended when the partition started
+    /// (every timer before it is in the store, or derived again).
+    pub fn new(position: Position) -> Self {
+        Deferred {
+            entries: HashMap::new(),
+            next_flush_at: i64::MAX,
+            last_position: position,
+            written: position,
+            written_at_ms: 0,
+        }
+    }
+
+    /// How many timers are kept in memory.
+    #[cfg(test)]
+    pub fn len(&self) -> usize {
+        self.entries.len()
+    }
+
+    /// Keeps a timer in memory. Returns it back when it must be written instead: the store is
+    /// about to get an earlier value of it from a batch under way, which this one must follow.
+    pub fn keep(&mut self, key: TimerKey, row: TimerRow, now_ms: i64, undo: &mut Undo) -> Option<TimerRow> {
+        let previous = self.entries.get(&key).cloned();
+        if previous.as_ref().is_some_and(|e| e.flushing) {
+            undo.record(&key, self.entries.remove(&key));
+            return Some(row);
+        }
+        // Set again while kept (a resume re-arming a delay): it keeps its first position, the
+        // one recovery must read from.
+        let before = previous.as_ref().and_then(|e| e.before);
+        let flush_at = (now_ms + KEEP_MS).min(row.fire_at_ms - FLUSH_LEAD_MS);
+        let flush_at = previous.as_ref().map_or(flush_at, |e| e.flush_at.min(flush_at));
+        self.next_flush_at = self.next_flush_at.min(flush_at);
+        undo.record(&key, previous);
+        undo.kept.push(key.clone());
+        self.entries.insert(key, Entry { row, flush_at, before, flushing: false });
+        None
+    }
+
+    /// A timer written through: whatever was kept of it is replaced by the store's row.
+    pub fn written(&mut self, key: &TimerKey, undo: &mut Undo) {
+        if let Some(e) = self.entries.remove(key) {
+            undo.record(key, Some(e));
+        }
+    }
+
+    /// A timer cancelled. Returns whether the store must delete it too (it may be there).
+    pub fn cancel(&mut self, key: &TimerKey, undo: &mut Undo) -> bool {
+        match self.entries.remove(key) {
+            Some(e) => {
+                let flushing = e.flushing;
+                undo.record(key, Some(e));
+                flushing
+            }
+            None => true,
+        }
+    }
+
+    /// Moves the timers due to be written into `out` (they stay here, marked, until the batch
+    /// writing them is committed).
+    pub fn flush_due(&mut self, now_ms: i64, undo: &mut Undo, out: &mut Vec<TimerRow>) {
+        if now_ms < self.next_flush_at {
+            return;
+        }
+        let mut next = i64::MAX;
+        for (key, e) in self.entries.iter_mut().filter(|(_, e)| !e.flushing) {
+            if e.flush_at <= now_ms {
+                undo.log.push((key.clone(), Some(e.clone())));
+                undo.flushed.push(key.clone());
+                e.flushing = true;
+                out.push(e.row.clone());
+            } else {
+                next = next.min(e.flush_at);
+            }
+        }
+        self.next_flush_at = next;
+    }
+
+    /// The batch's commit failed: its changes are undone, newest first.
+    pub fn undo(&mut self, undo: Undo) {
+        for (key, before) in undo.log.into_iter().rev() {
+            match before {
+                Some(e) => {
+                    self.next_flush_at = self.next_flush_at.min(e.flush_at);
+                    self.entries.insert(key, e);
+                }
+                None => {
+                    self.entries.remove(&key);
+                }
+            }
+        }
+    }
+
+    /// The batch is committed (`None`: it had nothing to write): the timers it kept are dated by
+    /// its position, those it wrote are forgotten.
+    pub fn settled(&mut self, undo: Undo, committed: Option<Committed>) {
+        let before = match committed {
+            Some(c) if c.events > 0 => c.last_position - c.events as Position,
+            _ => self.last_position,
+        };
+        if let Some(c) = committed.filter(|c| c.events > 0) {
+            self.last_position = self.last_position.max(c.last_position);
+        }
+        for key in undo.kept {
+            if let Some(e) = self.entries.get_mut(&key)
+                && e.before.is_none()
+            {
+                e.before = Some(before);
+            }
+        }
+        for key in undo.flushed {
+            if self.entries.get(&key).is_some_and(|e| e.flushing) {
+                self.entries.remove(&key);
+            }
+        }
+    }
+
+    /// The position up to which every timer this partition set is in the store (or moot).
+    /// Timers of batches still committing date from after the last committed position.
+    pub fn checkpoint(&self) -> Position {
+        self.entries.values().filter_map(|e| e.before).fold(self.last_position, Position::min)
+    }
+
+    /// The checkpoint to write now, if it moved and the last write is old enough.
+    pub fn checkpoint_due(&mut self, now_ms: i64) -> Option<Position> {
+        let at = self.checkpoint();
+        if at <= self.written || now_ms < self.written_at_ms + CHECKPOINT_EVERY_MS {
+            return None;
+        }
+        self.written = at;
+        self.written_at_ms = now_ms;
+        Some(at)
+    }
+
+    /// When an idle partition has something to do here: write timers, or its checkpoint.
+    pub fn wake_at(&self) -> Option<i64> {
+        let flush = (!self.entries.is_empty()).then_some(self.next_flush_at);
+        let checkpoint = (self.checkpoint() > self.written).then_some(self.written_at_ms + CHECKPOINT_EVERY_MS);
+        flush.into_iter().chain(checkpoint).min()
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use serde_json::json;
+
+    fn row(run: &str, key: &str, at: i64) -> TimerRow {
+        TimerRow { run_id: run.into(), key: key.into(), fire_at_ms: at, payload: json!({}) }
+    }
+
+    fn key(run: &str, k: &str) -> TimerKey {
+        (run.into(), k.into())
+    }
+
+    fn committed(last: Position, events: usize) -> Option<Committed> {
+        Some(Committed { last_position: last, events })
+    }
+
+    #[test]
+    fn a_timer_cancelled_in_time_never_reaches_the_store() {
+        let mut d = Deferred::new(10);
+        let mut u = Undo::default();
+        assert!(d.keep(key("r", "a"), row("r", "a", 60_000), 1_000, &mut u).is_none());
+        d.settled(u, committed(13, 3));
+        assert_eq!(d.checkpoint(), 10, "the timer holds the checkpoint before its commit's events");
+        let mut u = Undo::default();
+        assert!(!d.cancel(&key("r", "a"), &mut u), "kept only: nothing to delete in the store");
+        d.settled(u, committed(15, 2));
+        assert_eq!((d.len(), d.checkpoint()), (0, 15));
+    }
+
+    #[test]
+    fn timers_are_written_after_a_while_or_before_they_are_due() {
+        let mut d = Deferred::new(0);
+        let mut u = Undo::default();
+        d.keep(key("r", "long"), row("r", "long", 3_600_000), 1_000, &mut u);
+        d.keep(key("r", "soon"), row("r", "soon", 1_600), 1_000, &mut u);
+        d.settled(u, committed(2, 2));
+        let mut out = Vec::new();
+        d.flush_due(1_349, &mut Undo::default(), &mut out);
+        assert!(out.is_empty());
+        assert_eq!(d.wake_at(), Some(1_350));
+        let mut u = Undo::default();
+        d.flush_due(1_350, &mut u, &mut out);
+        assert_eq!(out, vec![row("r", "soon", 1_600)], "250 ms before it is due");
+        d.settled(u, committed(3, 1));
+        let mut u = Undo::default();
+        out.clear();
+        d.flush_due(2_000, &mut u, &mut out);
+        assert_eq!(out, vec![row("r", "long", 3_600_000)], "after one second in memory");
+        assert!(d.cancel(&key("r", "long"), &mut u), "being written: the store must delete it too");
+    }
+
+    #[test]
+    fn a_failed_commit_puts_the_map_back() {
+        let mut d = Deferred::new(5);
+        let mut u = Undo::default();
+        d.keep(key("r", "a"), row("r", "a", 60_000), 0, &mut u);
+        d.settled(u, committed(7, 2));
+        let mut u = Undo::default();
+        d.cancel(&key("r", "a"), &mut u);
+        d.keep(key("r", "b"), row("r", "b", 60_000), 0, &mut u);
+        let mut out = Vec::new();
+        d.flush_due(5_000, &mut u, &mut out);
+        assert_eq!(out, vec![row("r", "b", 60_000)]);
+        d.undo(u);
+        assert_eq!(d.len(), 1, "a is back, b is gone");
+        let mut out = Vec::new();
+        d.flush_due(5_000, &mut Undo::default(), &mut out);
+        assert_eq!(out, vec![row("r", "a", 60_000)], "a is due to be written again");
+        assert_eq!(d.checkpoint(), 5);
+    }
+
+    #[test]
+    fn the_checkpoint_is_written_when_it_moved_at_most_once_a_second() {
+        let mut d = Deferred::new(0);
+        d.settled(Undo::default(), committed(4, 4));
+        assert_eq!(d.checkpoint_due(10_000), Some(4));
+        d.settled(Undo::default(), committed(9, 5));
+        assert_eq!(d.checkpoint_due(10_500), None, "too soon");
+        assert_eq!(d.wake_at(), Some(11_000));
+        assert_eq!(d.checkpoint_due(11_000), Some(9));
+        assert_eq!(d.wake_at(), None);
+    }
+}
