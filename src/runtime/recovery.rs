@@ -15,7 +15,7 @@ use std::collections::HashSet;
 
 use capstan_engine::Timestamp;
 use capstan_store::{Batch, Position};
-use tracing::info;
+use tracing::{info, warn};
 
 use super::error::RuntimeError;
 use super::{Shared, codec, partition};
@@ -48,7 +48,17 @@ pub async fn derive_lost_timers(shared: &Shared, names: &[String]) -> Result<Pos
         let mut batch = Batch::default();
         for stream in events.chunk_by(|a, b| a.run_id == b.run_id) {
             let run_id = &stream[0].run_id;
-            let (state, _) = partition::fold(shared, run_id, stream).await?;
+            // A run that cannot be folded (unreadable events, a definition gone) is refused at its
+            // next input too; it must not keep the others from starting. A store that fails
+            // stops the start: it is retried, not skipped.
+            let state = match partition::fold(shared, run_id, stream).await {
+                Ok((state, _)) => state,
+                Err(e @ RuntimeError::Store(_)) => return Err(e),
+                Err(e) => {
+                    warn!(%run_id, error = %e, "cannot fold the run to derive its timers");
+                    continue;
+                }
+            };
             for (kind, at) in state.derived_timers(Timestamp(now_ms as u64)) {
                 batch.set_timers.push(codec::engine_timer_row(run_id, &kind, at));
             }
