@@ -249,16 +249,18 @@ async fn short_lived_timers_never_reach_the_store() {
     let log = Arc::new(Mutex::new(WorkerLog::default()));
     let script: Script = Arc::new(|_, _| ok_after(0));
     let workers = scripted_worker(broker, "w1", BTreeMap::new(), &["work"], script, log.clone()).await;
-    rt.apply_definition("p", LONG_TIMEOUTS).await.expect("definition applies");
+    // A re-offer 5-10 s away: every timer of a task is written only if the task is still
+    // under way a second after it was offered. One run at a time, so none waits for the worker.
+    let slow_reoffers = LONG_TIMEOUTS
+        .replace("initialInterval: 1s", "initialInterval: 10s")
+        .replace("maxInterval: 4s", "maxInterval: 40s");
+    rt.apply_definition("p", &slow_reoffers).await.expect("definition applies");
     let before = store.timer_checkpoints().await.expect("checkpoints");
-    let mut runs = Vec::new();
     for _ in 0..10 {
         let request =
             TriggerRequest { project: "p".into(), stage: "dev".into(), sequence: "run".into(), ..Default::default() };
-        runs.push(rt.trigger(request).await.expect("trigger"));
-    }
-    for run_id in &runs {
-        wait_run_over(&*store, run_id, Duration::from_secs(20)).await;
+        let run_id = rt.trigger(request).await.expect("trigger");
+        wait_run_over(&*store, &run_id, Duration::from_secs(20)).await;
     }
     // The checkpoint moves at most once a second, after a commit or when the partition idles.
     let deadline = tokio::time::Instant::now() + Duration::from_secs(10);
