@@ -175,22 +175,22 @@ async fn a_second_answer_is_refused_and_recorded() {
     assert_eq!(accepted, 1, "exactly one result recorded");
 }
 
-const LONG_TIMEOUTS: &str = r#"
-apiVersion: capstan.dev/v1
-kind: Shipyard
-metadata: {name: timeouts}
-spec:
-  stages:
-    - name: dev
-      sequences:
-        - name: run
-          tasks:
-            - name: work
-              type: work
-              dispatch: queue
-              retry: {maxAttempts: 2, initialInterval: 1s, backoffCoefficient: 2, maxInterval: 4s}
-              timeouts: {scheduleToStart: 1m, startToClose: 2500ms}
-"#;
+/// The one-task sequence on the queue with timeouts long enough to be kept in memory, and
+/// re-offers `reoffer` seconds away at first.
+fn long_timeouts(reoffer: u64) -> String {
+    let retry = format!(
+        "dispatch: queue\n              retry: {{maxAttempts: 2, initialInterval: {reoffer}s, backoffCoefficient: 2, maxInterval: {}s}}",
+        reoffer * 4
+    );
+    let yaml = ONE_TASK
+        .replace("retry: {maxAttempts: 3, initialInterval: 100ms, backoffCoefficient: 2, maxInterval: 400ms}", &retry)
+        .replace(
+            "{scheduleToStart: 700ms, startToClose: 900ms, heartbeat: 300ms}",
+            "{scheduleToStart: 1m, startToClose: 2500ms}",
+        );
+    assert!(yaml.contains("dispatch: queue") && yaml.contains("startToClose: 2500ms"), "{yaml}");
+    yaml
+}
 
 /// A partition keeps a new timer in memory for up to a second. A runtime that crashes in that
 /// second loses it, and the next one must derive it again from the run's events: here the
@@ -202,7 +202,7 @@ async fn a_deadline_kept_in_memory_still_fires_after_a_crash() {
     let log = Arc::new(Mutex::new(WorkerLog::default()));
     let script: Script = Arc::new(|_, attempt| if attempt == 1 { Behaviour::NeverStart } else { ok_after(10) });
     let workers = scripted_worker(broker, "w1", BTreeMap::new(), &["work"], script.clone(), log.clone()).await;
-    rt.apply_definition("p", LONG_TIMEOUTS).await.expect("definition applies");
+    rt.apply_definition("p", &long_timeouts(1)).await.expect("definition applies");
     let request =
         TriggerRequest { project: "p".into(), stage: "dev".into(), sequence: "run".into(), ..Default::default() };
     let run_id = rt.trigger(request).await.expect("trigger");
@@ -251,10 +251,7 @@ async fn short_lived_timers_never_reach_the_store() {
     let workers = scripted_worker(broker, "w1", BTreeMap::new(), &["work"], script, log.clone()).await;
     // A re-offer 5-10 s away: every timer of a task is written only if the task is still
     // under way a second after it was offered. One run at a time, so none waits for the worker.
-    let slow_reoffers = LONG_TIMEOUTS
-        .replace("initialInterval: 1s", "initialInterval: 10s")
-        .replace("maxInterval: 4s", "maxInterval: 40s");
-    rt.apply_definition("p", &slow_reoffers).await.expect("definition applies");
+    rt.apply_definition("p", &long_timeouts(10)).await.expect("definition applies");
     let before = store.timer_checkpoints().await.expect("checkpoints");
     for _ in 0..10 {
         let request =
