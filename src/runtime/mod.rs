@@ -25,7 +25,7 @@ mod timers;
 pub mod triggers;
 
 use std::collections::HashSet;
-use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::atomic::{AtomicI64, AtomicU64, Ordering};
 use std::sync::{Arc, Mutex};
 use std::time::{Duration, SystemTime, UNIX_EPOCH};
 
@@ -177,6 +177,9 @@ pub struct Shared {
     /// Slots for the batches partitions decide and commit side by side
     /// ([`RuntimeConfig::commit_slots`]); `None` when unlimited or the store serializes commits.
     pub commit_slots: Option<tokio::sync::Semaphore>,
+    /// The highest event position of the commits that returned: where an idle partition moves
+    /// its timer checkpoint to (`partition/deferred.rs`).
+    log_end: AtomicI64,
 }
 
 impl Shared {
@@ -272,6 +275,7 @@ impl Runtime {
             inflight_timers: Mutex::new(HashSet::new()),
             commit_slots: (config.commit_slots > 0 && !serializes)
                 .then(|| tokio::sync::Semaphore::new(config.commit_slots)),
+            log_end: AtomicI64::new(0),
         });
         let (shutdown, shutdown_rx) = watch::channel(false);
         let mut senders = Vec::new();
@@ -283,6 +287,7 @@ impl Runtime {
         };
         let names: Vec<String> = (0..partitions).map(partition::Partition::checkpoint_name).collect();
         let start_position = recovery::derive_lost_timers(&shared, &names).await?;
+        shared.log_end.store(start_position, Ordering::Relaxed);
         for id in 0..partitions {
             let (tx, rx) = mpsc::channel(config.queue_depth);
             senders.push(tx);

@@ -260,6 +260,9 @@ impl Partition {
     /// outbox relay and the timer service their part, and returns the inputs' outcomes.
     async fn published(&mut self, prepared: Prepared, committed: Option<Committed>) -> Vec<Outcome> {
         self.deferred.settled(prepared.undo, committed);
+        if let Some(c) = committed.filter(|c| c.events > 0) {
+            self.shared.log_end.fetch_max(c.last_position, Ordering::Relaxed);
+        }
         if committed.is_some() {
             self.shared.faults.point(FaultPoint::AfterCommit).await;
             self.shared.metrics.record_commit(prepared.inputs, prepared.event_count);

@@ -211,11 +211,23 @@ impl Deferred {
         Some(at)
     }
 
-    /// When an idle partition has something to do here: write timers, or its checkpoint.
-    pub fn wake_at(&self) -> Option<i64> {
+    /// When an idle partition has something to do here: write timers, or its checkpoint (also
+    /// when only other partitions wrote events, up to `log_end`, see [`Self::idle`]).
+    pub fn wake_at(&self, log_end: Position) -> Option<i64> {
         let flush = (!self.entries.is_empty()).then_some(self.next_flush_at);
-        let checkpoint = (self.checkpoint() > self.written).then_some(self.written_at_ms + CHECKPOINT_EVERY_MS);
+        let behind = self.checkpoint().max(if self.entries.is_empty() { log_end } else { 0 }) > self.written;
+        let checkpoint = behind.then_some(self.written_at_ms + CHECKPOINT_EVERY_MS);
         flush.into_iter().chain(checkpoint).min()
+    }
+
+    /// The partition is idle (no batch decided or committing) and the log ends at `log_end`
+    /// (positions of commits already returned). With no timer in memory, nothing of this
+    /// partition lies after its checkpoint, so the checkpoint may move there: a partition
+    /// that gets no runs must not hold every recovery back to where it last committed.
+    pub fn idle(&mut self, log_end: Position) {
+        if self.entries.is_empty() {
+            self.last_position = self.last_position.max(log_end);
+        }
     }
 }
 
@@ -259,7 +271,7 @@ mod tests {
         let mut out = Vec::new();
         d.flush_due(1_349, &mut Undo::default(), &mut out);
         assert!(out.is_empty());
-        assert_eq!(d.wake_at(), Some(1_350));
+        assert_eq!(d.wake_at(0), Some(1_350));
         let mut u = Undo::default();
         d.flush_due(1_350, &mut u, &mut out);
         assert_eq!(out, vec![row("r", "soon", 1_600)], "250 ms before it is due");
@@ -298,8 +310,27 @@ mod tests {
         assert_eq!(d.checkpoint_due(10_000), Some(4));
         d.settled(Undo::default(), committed(9, 5));
         assert_eq!(d.checkpoint_due(10_500), None, "too soon");
-        assert_eq!(d.wake_at(), Some(11_000));
+        assert_eq!(d.wake_at(9), Some(11_000));
         assert_eq!(d.checkpoint_due(11_000), Some(9));
-        assert_eq!(d.wake_at(), None);
+        assert_eq!(d.wake_at(9), None);
+    }
+
+    #[test]
+    fn an_idle_partition_moves_its_checkpoint_to_the_end_of_the_log_only_with_nothing_kept() {
+        let mut d = Deferred::new(3);
+        let mut u = Undo::default();
+        d.keep(key("r", "a"), row("r", "a", 60_000), 0, &mut u);
+        d.settled(u, committed(5, 2));
+        assert_eq!(d.wake_at(40), Some(1_000), "the kept timer is written first");
+        d.idle(40);
+        assert_eq!(d.checkpoint(), 3, "a kept timer holds the checkpoint back");
+        let mut u = Undo::default();
+        d.cancel(&key("r", "a"), &mut u);
+        d.settled(u, committed(6, 1));
+        assert_eq!(d.checkpoint_due(1_000), Some(6));
+        assert_eq!(d.wake_at(40), Some(2_000), "other partitions wrote up to 40");
+        d.idle(40);
+        assert_eq!(d.checkpoint_due(2_000), Some(40));
+        assert_eq!(d.wake_at(40), None);
     }
 }

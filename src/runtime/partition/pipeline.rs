@@ -4,7 +4,11 @@
 //! to another task costs two thread wake-ups per commit, which at one run in flight had moved
 //! the median step from 1 ms to 2 ms.
 
+use std::sync::atomic::Ordering;
 use std::time::Duration;
+
+/// How often an idle partition looks whether its timers or checkpoint need a write.
+const IDLE_LOOK_MS: i64 = 1_000;
 
 use capstan_store::Committed;
 use tokio::sync::watch;
@@ -30,7 +34,11 @@ impl Partition {
         loop {
             // When an idle partition must write kept timers or its checkpoint (at least a few
             // ms away, so that a clock that does not move cannot spin the loop).
-            let wake = self.deferred.wake_at().map(|at| (at - self.shared.clock.now_ms()).clamp(5, 60_000) as u64);
+            // An idle partition also looks once a second whether other partitions moved the end
+            // of the log, which its checkpoint may follow (`Deferred::idle`).
+            let log_end = self.shared.log_end.load(Ordering::Relaxed);
+            let now_ms = self.shared.clock.now_ms();
+            let wake = self.deferred.wake_at(log_end).map_or(IDLE_LOOK_MS, |at| (at - now_ms).clamp(5, IDLE_LOOK_MS));
             tokio::select! {
                 biased;
                 done = async { (&mut inflight.as_mut().expect("guarded").commit).await }, if inflight.is_some() => {
@@ -62,8 +70,12 @@ impl Partition {
                     }
                 }
                 // Idle: write the kept timers that are due to be written, and the checkpoint.
-                _ = tokio::time::sleep(Duration::from_millis(wake.unwrap_or(0))), if wake.is_some() && inflight.is_none() && next.is_none() => {
-                    self.process(Vec::new()).await;
+                _ = tokio::time::sleep(Duration::from_millis(wake as u64)), if inflight.is_none() && next.is_none() => {
+                    let log_end = self.shared.log_end.load(Ordering::Relaxed);
+                    self.deferred.idle(log_end);
+                    if self.deferred.wake_at(log_end).is_some_and(|at| at <= self.shared.clock.now_ms()) {
+                        self.process(Vec::new()).await;
+                    }
                 }
                 _ = shutdown.changed() => break,
             }
