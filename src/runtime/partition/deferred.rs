@@ -248,6 +248,16 @@ mod tests {
         Some(Committed { last_position: last, events })
     }
 
+    /// A map started at `start` that kept timer `a` (due in a minute) in a commit of two events
+    /// ending at `last`.
+    fn kept_a(start: Position, last: Position) -> Deferred {
+        let mut d = Deferred::new(start);
+        let mut u = Undo::default();
+        d.keep(key("r", "a"), row("r", "a", 60_000), 0, &mut u);
+        d.settled(u, committed(last, 2));
+        d
+    }
+
     #[test]
     fn a_timer_cancelled_in_time_never_reaches_the_store() {
         let mut d = Deferred::new(10);
@@ -285,10 +295,7 @@ mod tests {
 
     #[test]
     fn a_failed_commit_puts_the_map_back() {
-        let mut d = Deferred::new(5);
-        let mut u = Undo::default();
-        d.keep(key("r", "a"), row("r", "a", 60_000), 0, &mut u);
-        d.settled(u, committed(7, 2));
+        let mut d = kept_a(5, 7);
         let mut u = Undo::default();
         d.cancel(&key("r", "a"), &mut u);
         d.keep(key("r", "b"), row("r", "b", 60_000), 0, &mut u);
@@ -317,10 +324,7 @@ mod tests {
 
     #[test]
     fn an_idle_partition_moves_its_checkpoint_to_the_end_of_the_log_only_with_nothing_kept() {
-        let mut d = Deferred::new(3);
-        let mut u = Undo::default();
-        d.keep(key("r", "a"), row("r", "a", 60_000), 0, &mut u);
-        d.settled(u, committed(5, 2));
+        let mut d = kept_a(3, 5);
         assert_eq!(d.wake_at(40), Some(1_000), "the kept timer is written first");
         d.idle(40);
         assert_eq!(d.checkpoint(), 3, "a kept timer holds the checkpoint back");
