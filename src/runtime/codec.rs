@@ -135,12 +135,18 @@ pub fn outbox_row(message: &Message) -> OutboxMessage {
     }
 }
 
-/// Whether an effect's message needs no outbox row: a rejection (of a late bid or claim, or of a
-/// report with a stale token) only lets a worker give up a reservation or a result early. Lost
-/// with a crash, the worker's reservation runs out by itself and a stale report stays refused,
-/// so it is published after the commit, best effort, without a row to write and delete.
+/// Whether an effect's message needs no outbox row; it is then published after the commit, best
+/// effort, without a row to write and delete:
+/// - a rejection (of a late bid or claim, or of a report with a stale token) only lets a worker
+///   give up a reservation or a result early. Lost, the worker's reservation runs out by itself
+///   and a stale report stays refused;
+/// - an offer is a doorbell: every offer arms a re-offer (a queue or fanout offer) or a bid
+///   window (an auction, whose close arms a re-offer) until a worker takes the attempt, and a
+///   crash sets a lost re-offer again at start, due at once (`RunState::derived_timers`). A lost
+///   offer thus only waits for the next one.
+/// Awards, cancels and notifications keep their rows: nothing would send them again.
 pub fn is_advisory(effect: &Effect) -> bool {
-    matches!(effect, Effect::Send { message: WorkerMessage::Rejection(_), .. })
+    matches!(effect, Effect::Send { message: WorkerMessage::Rejection(_), .. } | Effect::Offer(_))
 }
 
 fn offer_topic(offer: &TaskOffer) -> String {

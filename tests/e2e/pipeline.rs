@@ -300,8 +300,8 @@ async fn a_cache_too_small_for_any_run_reads_runs_back_and_loses_nothing() {
     }
 }
 
-/// A losing bid's rejection reaches its worker without an outbox row (rejections are published
-/// after the commit, best effort: `codec::is_advisory`), while offers and awards keep theirs.
+/// A losing bid's rejection reaches its worker without an outbox row (rejections and offers are
+/// published after the commit, best effort: `codec::is_advisory`), while awards keep theirs.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn rejections_reach_the_losing_bidders_without_outbox_rows() {
     let dir = tempfile::tempdir().expect("tempdir");
@@ -340,6 +340,7 @@ async fn rejections_reach_the_losing_bidders_without_outbox_rows() {
     let types = counted.outbox_types.lock().expect("types").clone();
     let count = |ty: &str| types.iter().filter(|t| *t == ty).count();
     assert_eq!(count(capstan_proto::types::TASK_REJECTED), 0, "rejections were written to the outbox");
+    assert_eq!(count(capstan_proto::types::TASK_OFFERED), 0, "offers were written to the outbox");
     assert!(count(capstan_proto::types::TASK_AWARDED) >= 10 * 4, "awards lost their outbox rows: {types:?}");
     all_recorded_once(&*counted, &run_ids).await;
 }
