@@ -144,6 +144,7 @@ pub fn outbox_row(message: &Message) -> OutboxMessage {
 ///   window (an auction, whose close arms a re-offer) until a worker takes the attempt, and a
 ///   crash sets a lost re-offer again at start, due at once (`RunState::derived_timers`). A lost
 ///   offer thus only waits for the next one.
+///
 /// Awards, cancels and notifications keep their rows: nothing would send them again.
 pub fn is_advisory(effect: &Effect) -> bool {
     matches!(effect, Effect::Send { message: WorkerMessage::Rejection(_), .. } | Effect::Offer(_))
