@@ -291,8 +291,8 @@ impl Runtime {
         for id in 0..partitions {
             let (tx, rx) = mpsc::channel(config.queue_depth);
             senders.push(tx);
-            let cache = config.cache_bytes / partitions;
-            let p = partition::Partition::new(id, rx, shared.clone(), cache, config.max_batch, start_position);
+            let p =
+                partition::Partition::new(id, rx, shared.clone(), config.cache_bytes / partitions, config.max_batch);
             tasks.push(tokio::spawn(p.run(shutdown_rx.clone())));
         }
         let senders = Arc::new(senders);

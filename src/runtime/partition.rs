@@ -22,9 +22,7 @@ use std::time::Duration;
 
 use capstan_engine::Timestamp;
 use capstan_engine::run::{Ctx, Effect, Event, RunMeta, RunState, RunStatus};
-use capstan_store::{
-    Batch, Committed, EvaluationRecord, Position, RunRecord, StoredEvent, StreamAppend, TimerCancel, TimerRow,
-};
+use capstan_store::{Batch, Committed, EvaluationRecord, RunRecord, StoredEvent, StreamAppend, TimerCancel, TimerRow};
 use tokio::sync::mpsc;
 use tracing::{debug, warn};
 
@@ -123,10 +121,11 @@ impl Partition {
         shared: Arc<Shared>,
         cache_bytes: usize,
         max_batch: usize,
-        start_position: Position,
     ) -> Self {
         let seed = shared.clock.now_ms() as u64 ^ ((id as u64 + 1) << 48);
         let decide_ahead = shared.store.serializes_commits();
+        // Every timer before the end of the log at start is in the store (recovery.rs).
+        let deferred = Deferred::new(shared.log_end.load(Ordering::Relaxed));
         Partition {
             id,
             rx,
@@ -137,7 +136,7 @@ impl Partition {
             inflight_inputs: HashSet::new(),
             inflight_evaluations: Vec::new(),
             decide_ahead,
-            deferred: Deferred::new(start_position),
+            deferred,
         }
     }
 
@@ -461,7 +460,7 @@ impl Partition {
                     }
                 }
                 Some((row, false)) => {
-                    self.deferred.written(&key, &mut undo);
+                    self.deferred.write_through(&key, &mut undo);
                     written.push(row);
                 }
                 None => {

@@ -50,10 +50,8 @@ struct Entry {
 /// What one batch changed, to undo it if its commit fails or settle it once it succeeds.
 #[derive(Debug, Default)]
 pub struct Undo {
-    /// Each key's entry before the batch first changed it, in the order changed.
+    /// Each key's entry before the batch changed it, in the order changed.
     log: Vec<(TimerKey, Option<Entry>)>,
-    /// Keys the batch set in memory.
-    kept: Vec<TimerKey>,
     /// Keys the batch writes to the store.
     flushed: Vec<TimerKey>,
 }
@@ -111,13 +109,12 @@ impl Deferred {
         let flush_at = previous.as_ref().map_or(flush_at, |e| e.flush_at.min(flush_at));
         self.next_flush_at = self.next_flush_at.min(flush_at);
         undo.record(&key, previous);
-        undo.kept.push(key.clone());
         self.entries.insert(key, Entry { row, flush_at, before, flushing: false });
         None
     }
 
     /// A timer written through: whatever was kept of it is replaced by the store's row.
-    pub fn written(&mut self, key: &TimerKey, undo: &mut Undo) {
+    pub fn write_through(&mut self, key: &TimerKey, undo: &mut Undo) {
         if let Some(e) = self.entries.remove(key) {
             undo.record(key, Some(e));
         }
@@ -171,7 +168,9 @@ impl Deferred {
     }
 
     /// The batch is committed (`None`: it had nothing to write): the timers it kept are dated by
-    /// its position, those it wrote are forgotten.
+    /// its position, those it wrote are forgotten. A key the batch changed that still waits for
+    /// its date was kept by this batch (or set again by the one decided behind it, which this
+    /// earlier date only makes recovery read from a little sooner).
     pub fn settled(&mut self, undo: Undo, committed: Option<Committed>) {
         let before = match committed {
             Some(c) if c.events > 0 => c.last_position - c.events as Position,
@@ -180,7 +179,7 @@ impl Deferred {
         if let Some(c) = committed.filter(|c| c.events > 0) {
             self.last_position = self.last_position.max(c.last_position);
         }
-        for key in undo.kept {
+        for (key, _) in undo.log {
             if let Some(e) = self.entries.get_mut(&key)
                 && e.before.is_none()
             {

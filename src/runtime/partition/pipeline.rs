@@ -7,15 +7,15 @@
 use std::sync::atomic::Ordering;
 use std::time::Duration;
 
-/// How often an idle partition looks whether its timers or checkpoint need a write.
-const IDLE_LOOK_MS: i64 = 1_000;
-
 use capstan_store::Committed;
 use tokio::sync::watch;
 use tokio::task::JoinHandle;
 use tracing::debug;
 
 use super::{Envelope, FaultPoint, Partition, Prepared, TimerCancel, answer};
+
+/// How often an idle partition looks whether its timers or checkpoint need a write.
+const IDLE_LOOK_MS: i64 = 1_000;
 
 /// A batch whose commit is under way in a task of its own.
 struct InFlight {
@@ -32,10 +32,9 @@ impl Partition {
         // Decided while `inflight` commits; handed to the store once that one is committed.
         let mut next: Option<(Vec<Envelope>, Prepared)> = None;
         loop {
-            // When an idle partition must write kept timers or its checkpoint (at least a few
-            // ms away, so that a clock that does not move cannot spin the loop).
-            // An idle partition also looks once a second whether other partitions moved the end
-            // of the log, which its checkpoint may follow (`Deferred::idle`).
+            // When an idle partition must write kept timers or its checkpoint: at least a few ms
+            // away (a clock that does not move cannot spin the loop), and at most a second, to
+            // see whether other partitions moved the end of the log (`Deferred::idle`).
             let log_end = self.shared.log_end.load(Ordering::Relaxed);
             let now_ms = self.shared.clock.now_ms();
             let wake = self.deferred.wake_at(log_end).map_or(IDLE_LOOK_MS, |at| (at - now_ms).clamp(5, IDLE_LOOK_MS));
