@@ -25,12 +25,13 @@ pub enum CodecError {
     Timer { run_id: String, key: String, source: serde_json::Error },
 }
 
-/// Encodes an engine event as the `seq`-th event of its run. The id is deterministic, so a
-/// replayed decision can never store the same event twice under two ids.
-pub fn encode_event(run_id: &str, seq: i64, event: &Event, now_ms: i64) -> NewEvent {
+/// Encodes an engine event for its run's stream. Its id follows from the place it lands
+/// (`capstan_store::event_id`), so a replayed decision can never store one event twice under
+/// two ids.
+pub fn encode_event(event: &Event, now_ms: i64) -> NewEvent {
     let payload = serde_json::to_value(event).expect("engine events always serialize");
     let kind = payload.get("event").and_then(Value::as_str).unwrap_or("unknown").to_string();
-    NewEvent { id: format!("{run_id}:{seq}"), kind, payload, recorded_at_ms: now_ms }
+    NewEvent { kind, payload, recorded_at_ms: now_ms }
 }
 
 /// Decodes a stored event back into the engine's word.

@@ -355,8 +355,7 @@ impl Partition {
                 }
             };
             for event in &decision.events {
-                let seq = w.base_version + w.events.len() as i64 + 1;
-                w.events.push(codec::encode_event(&env.run_id, seq, event, now_ms));
+                w.events.push(codec::encode_event(event, now_ms));
                 w.state.evolve(event);
                 let status = match event {
                     Event::RunStarted { .. } => {

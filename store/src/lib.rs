@@ -32,11 +32,9 @@ pub use memory::MemoryStore;
 /// A position in the global order of all events (strictly increasing with commit order).
 pub type Position = i64;
 
-/// An event to append. `id` is its CloudEvent id and unique across the store.
+/// An event to append. Its id is not given but follows from where it lands: see [`event_id`].
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
 pub struct NewEvent {
-    /// The CloudEvent id; unique across the store.
-    pub id: String,
     /// The event type.
     pub kind: String,
     /// The event's data, opaque to the store.
@@ -54,7 +52,8 @@ pub struct StoredEvent {
     pub run_id: String,
     /// Place in the run's stream, from 1.
     pub seq: i64,
-    /// The CloudEvent id.
+    /// The CloudEvent id, [`event_id`]`(run_id, seq)`: not stored, since the stream position
+    /// already makes it unique.
     pub id: String,
     /// The event type.
     pub kind: String,
@@ -62,6 +61,13 @@ pub struct StoredEvent {
     pub payload: Value,
     /// Milliseconds since the Unix epoch, as given when appended.
     pub recorded_at_ms: i64,
+}
+
+/// The id of a run's `seq`-th event: `<run_id>:<seq>`. Unique across the store because
+/// `(run_id, seq)` is, so no backend stores or indexes it (an index of its own cost every
+/// append a third b-tree insert).
+pub fn event_id(run_id: &str, seq: i64) -> String {
+    format!("{run_id}:{seq}")
 }
 
 /// Appends to one run's stream, expecting it to hold exactly `expected_version` events now.
@@ -280,8 +286,8 @@ pub enum Error {
         /// The version found.
         actual: i64,
     },
-    /// The input (or event id) was already applied: drop it.
-    #[error("input or event {0} was already applied")]
+    /// The input was already applied: drop it.
+    #[error("input {0} was already applied")]
     DuplicateInput(String),
     /// Bad data from the caller; retrying will not help.
     #[error("invalid: {0}")]

@@ -1,10 +1,11 @@
 //! Backend-independent preparation of a [`Batch`]: validation, de-duplication and sequencing.
 //!
 //! Every backend runs a commit through the same steps so that they fail the same way:
-//! 1. [`Plan::new`] rejects a batch that contradicts itself (an input or event id twice);
+//! 1. [`Plan::new`] rejects a batch that contradicts itself (an input id twice, a bad version);
 //! 2. the backend records the inputs (an id already seen -> `DuplicateInput`);
 //! 3. [`Plan::sequence`] checks expected versions against the current ones (`Conflict`);
-//! 4. the backend inserts the events (an event id already stored -> `DuplicateInput`);
+//! 4. the backend inserts the events at the seqs the check allowed, so their ids
+//!    ([`crate::event_id`]) are new by construction;
 //! 5. the rest is written: run index upserts, outbox rows, timer cancels, then timer sets.
 //!
 //! Timer cancels are applied before timer sets, so a batch that cancels a timer and sets it again
@@ -56,7 +57,6 @@ impl Plan {
                 return Err(Error::DuplicateInput(id.clone()));
             }
         }
-        let mut events_seen = HashSet::new();
         for append in &batch.appends {
             if append.run_id.is_empty() {
                 return Err(Error::Invalid("an append has an empty run id".into()));
@@ -66,11 +66,6 @@ impl Plan {
                     "run {}: negative expected version {}",
                     append.run_id, append.expected_version
                 )));
-            }
-            for event in &append.events {
-                if !events_seen.insert(event.id.as_str()) {
-                    return Err(Error::DuplicateInput(event.id.clone()));
-                }
             }
         }
         let runs: BTreeMap<String, RunRecord> = batch.runs.into_iter().map(|r| (r.run_id.clone(), r)).collect();
@@ -119,11 +114,6 @@ impl Plan {
         self.first_appends().map(|a| (a.run_id.clone(), a.expected_version)).collect()
     }
 
-    /// The event ids the batch appends, in batch order.
-    pub fn event_ids(&self) -> impl Iterator<Item = &str> {
-        self.appends.iter().flat_map(|a| a.events.iter().map(|e| e.id.as_str()))
-    }
-
     /// Checks every expected version against `current` (a run missing there has version 0) and
     /// numbers the events. Appends to the same run chain: the second expects the first's end.
     pub fn sequence(&self, current: &HashMap<String, i64>) -> Result<Vec<Sequenced<'_>>> {
@@ -153,8 +143,8 @@ mod tests {
     use super::*;
     use serde_json::json;
 
-    fn event(id: &str) -> NewEvent {
-        NewEvent { id: id.into(), kind: "k".into(), payload: json!({}), recorded_at_ms: 1 }
+    fn event(label: &str) -> NewEvent {
+        NewEvent { kind: "k".into(), payload: json!(label), recorded_at_ms: 1 }
     }
 
     fn append(run: &str, expected: i64, ids: &[&str]) -> StreamAppend {
@@ -178,8 +168,6 @@ mod tests {
     fn in_batch_duplicates_and_bad_versions_are_rejected() {
         let dup_input = Batch { inputs: vec!["i".into(), "i".into()], ..Batch::default() };
         assert!(matches!(Plan::new(dup_input), Err(Error::DuplicateInput(id)) if id == "i"));
-        let dup_event = Batch { appends: vec![append("r", 0, &["e", "e"])], ..Batch::default() };
-        assert!(matches!(Plan::new(dup_event), Err(Error::DuplicateInput(id)) if id == "e"));
         let negative = Batch { appends: vec![append("r", -1, &["e"])], ..Batch::default() };
         assert!(matches!(Plan::new(negative), Err(Error::Invalid(_))));
     }

@@ -4,9 +4,9 @@ use crate::Error;
 
 /// Maps a sqlx error onto the variant that tells the caller what to do.
 ///
-/// The commit path detects duplicate inputs and event ids itself and names the id, so a unique
-/// violation reaching this function is a race it did not foresee. Only one on the input or event
-/// id constraints means "already applied" (`DuplicateInput`, so the caller drops the input);
+/// The commit path detects duplicate inputs itself and names the id, so a unique violation
+/// reaching this function is a race it did not foresee. Only one on the input id constraint
+/// means "already applied" (`DuplicateInput`, so the caller drops the input);
 /// any other (say two writers taking the same stream seq) is `Unavailable`, because a retry
 /// re-checks versions and then reports the real conflict, whereas dropping the input would lose
 /// it. Other data or constraint errors are the caller's (`Invalid`); everything else is a
@@ -15,9 +15,8 @@ pub(crate) fn db_error(err: sqlx::Error) -> Error {
     match &err {
         sqlx::Error::Database(db) if db.is_unique_violation() => {
             // PostgreSQL names the constraint; SQLite only says "UNIQUE constraint failed: t.c".
-            let on_an_id = matches!(db.constraint(), Some("processed_inputs_pkey" | "events_id_key"))
-                || db.message().ends_with("processed_inputs.id")
-                || db.message().ends_with("events.id");
+            let on_an_id =
+                db.constraint() == Some("processed_inputs_pkey") || db.message().ends_with("processed_inputs.id");
             if on_an_id { Error::DuplicateInput(db.message().to_owned()) } else { Error::Unavailable(Box::new(err)) }
         }
         sqlx::Error::Database(db) => {

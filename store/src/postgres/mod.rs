@@ -148,7 +148,7 @@ impl PostgresStore {
     }
 }
 
-/// The SQLSTATE `capstan_commit` raises for an input or event id already recorded.
+/// The SQLSTATE `capstan_commit` raises for an input id already recorded.
 const DUPLICATE_ID: &str = "CP001";
 /// The SQLSTATE `capstan_commit` raises for a run whose version is not the expected one.
 const VERSION_CONFLICT: &str = "CP002";
@@ -200,7 +200,7 @@ impl CommitLog for PostgresStore {
              $26::text[], $27::text[], $28::text[], $29::text[], $30::text[], $31::text[], \
              $32::float8[], $33::jsonb[], $34::bigint[], \
              $35::text[], $36::bigint[], \
-             $37::text[], $38::bigint[], $39::text[], $40::text[], $41::jsonb[], $42::bigint[])",
+             $37::text[], $38::bigint[], $39::text[], $40::jsonb[], $41::bigint[])",
         )
         .bind(&plan.inputs)
         .bind(plan.inputs_at_ms)
@@ -240,7 +240,6 @@ impl CommitLog for PostgresStore {
         .bind(expected.iter().map(|(_, version)| *version).collect::<Vec<_>>())
         .bind(sequenced.iter().map(|s| s.run_id).collect::<Vec<_>>())
         .bind(sequenced.iter().map(|s| s.seq).collect::<Vec<_>>())
-        .bind(sequenced.iter().map(|s| s.event.id.as_str()).collect::<Vec<_>>())
         .bind(sequenced.iter().map(|s| s.event.kind.as_str()).collect::<Vec<_>>())
         .bind(sequenced.iter().map(|s| Json(&s.event.payload)).collect::<Vec<_>>())
         .bind(sequenced.iter().map(|s| s.event.recorded_at_ms).collect::<Vec<_>>());
@@ -274,10 +273,9 @@ mod tests {
     use super::*;
     use crate::EventReader;
 
-    /// A database made before processed inputs had a time upgrades in place: its ids stay
-    /// processed, with time 0, so they are the first to be pruned.
-    #[tokio::test]
-    async fn inputs_from_before_migration_3_are_pruned_first() {
+    /// A fresh schema brought up to migration `version`: the test's URL, the schema's name and
+    /// a pool on it, for a test to write rows in the old shape before the store upgrades it.
+    async fn schema_at(version: i64) -> (String, String, PgPool) {
         let url = std::env::var("CAPSTAN_TEST_POSTGRES_URL")
             .unwrap_or_else(|_| "postgres://postgres@127.0.0.1:5432/test?sslmode=disable".to_owned());
         let schema = format!("capstan_test_{}", uuid::Uuid::new_v4().simple());
@@ -290,7 +288,15 @@ mod tests {
             .connect_with(options.options([("search_path", schema.as_str())]))
             .await
             .expect("connect");
-        MIGRATOR.run_to(2, &old).await.expect("schema of migration 2");
+        MIGRATOR.run_to(version, &old).await.expect("old schema");
+        (url, schema, old)
+    }
+
+    /// A database made before processed inputs had a time upgrades in place: its ids stay
+    /// processed, with time 0, so they are the first to be pruned.
+    #[tokio::test]
+    async fn inputs_from_before_migration_3_are_pruned_first() {
+        let (url, schema, old) = schema_at(2).await;
         sqlx::query("INSERT INTO processed_inputs (id) VALUES ('legacy')").execute(&old).await.expect("legacy id");
         old.close().await;
 
@@ -307,6 +313,36 @@ mod tests {
         assert_eq!(after, ["fresh"]);
     }
 
+    /// Events stored while ids were a column of their own (before migration 8) keep their
+    /// positions, ids and payloads through the upgrade, and appends go on after them.
+    #[tokio::test]
+    async fn events_from_before_migration_8_upgrade_in_place() {
+        let (url, schema, old) = schema_at(7).await;
+        sqlx::raw_sql(
+            "INSERT INTO events (position, run_id, seq, id, kind, payload, recorded_at_ms) \
+             VALUES (1, 'r', 1, 'r:1', 'k', '{\"a\":1}', 5), (2, 's', 1, 's:1', 'k', '[2]', 6); \
+             UPDATE event_position SET last = 2",
+        )
+        .execute(&old)
+        .await
+        .expect("old events");
+        old.close().await;
+
+        let store = PostgresStore::connect_with_schema(&url, &schema).await.expect("upgrade");
+        let read = store.read_all(0, 10).await.expect("read");
+        let done = store.commit(crate::testing::appends(vec![crate::testing::append("r", 1, &["next"])])).await;
+        let streamed = store.read_streams(&["r".to_owned()]).await.expect("streams");
+        store.drop_schema().await.expect("drop test schema");
+        let read: Vec<(i64, String, serde_json::Value)> =
+            read.into_iter().map(|e| (e.position, e.id, e.payload)).collect();
+        assert_eq!(
+            read,
+            [(1, "r:1".to_owned(), serde_json::json!({"a": 1})), (2, "s:1".to_owned(), serde_json::json!([2]))]
+        );
+        assert_eq!(done.expect("append after the upgrade").last_position, 3);
+        assert_eq!(streamed.into_iter().map(|e| e.id).collect::<Vec<_>>(), ["r:1", "r:2"]);
+    }
+
     /// The per-batch statements reuse one lent connection, also after the database refused a
     /// batch; a connection that died while idle fails one call as `Unavailable` and is replaced.
     #[tokio::test]
@@ -314,6 +350,8 @@ mod tests {
         let url = std::env::var("CAPSTAN_TEST_POSTGRES_URL")
             .unwrap_or_else(|_| "postgres://postgres@127.0.0.1:5432/test?sslmode=disable".to_owned());
         let schema = format!("capstan_test_{}", uuid::Uuid::new_v4().simple());
+        // Named, so that the kill below finds this test's connection and no other test's.
+        let url = format!("{url}{}application_name={schema}", if url.contains('?') { '&' } else { '?' });
         let store =
             PostgresStore::connect_with_schema(&url, &schema).await.expect("PostgreSQL is required by this test");
         let batch = |input: &str| Batch { inputs: vec![input.to_owned()], inputs_at_ms: 1, ..Batch::default() };
@@ -327,8 +365,10 @@ mod tests {
 
         let killed: i64 = sqlx::query_scalar(
             "SELECT count(pg_terminate_backend(pid)) FROM pg_stat_activity \
-             WHERE datname = current_database() AND pid <> pg_backend_pid() AND query LIKE 'SELECT capstan_%'",
+             WHERE datname = current_database() AND pid <> pg_backend_pid() AND query LIKE 'SELECT capstan_%' \
+               AND application_name = $1",
         )
+        .bind(&schema)
         .fetch_one(store.pool())
         .await
         .expect("terminate the lent connection");

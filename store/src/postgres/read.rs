@@ -12,17 +12,19 @@ use crate::{
     RunIndex, RunRecord, StoredEvent, TimerRow, Timers,
 };
 
-const EVENT_COLUMNS: &str = "position, run_id, seq, id, kind, payload, recorded_at_ms";
+const EVENT_COLUMNS: &str = "position, run_id, seq, kind, payload, recorded_at_ms";
 const RUN_COLUMNS: &str = "run_id, project, context_id, stage, sequence, service, definition, \
                            definition_version, status, result, created_at_ms, updated_at_ms";
 const DEFINITION_COLUMNS: &str = "project, name, version, source, created_at_ms";
 
 fn event(row: &PgRow) -> Result<StoredEvent> {
+    let run_id: String = row.try_get("run_id").map_err(db_error)?;
+    let seq = row.try_get("seq").map_err(db_error)?;
     Ok(StoredEvent {
         position: row.try_get("position").map_err(db_error)?,
-        run_id: row.try_get("run_id").map_err(db_error)?,
-        seq: row.try_get("seq").map_err(db_error)?,
-        id: row.try_get("id").map_err(db_error)?,
+        id: crate::event_id(&run_id, seq),
+        run_id,
+        seq,
         kind: row.try_get("kind").map_err(db_error)?,
         payload: row.try_get("payload").map_err(db_error)?,
         recorded_at_ms: row.try_get("recorded_at_ms").map_err(db_error)?,

@@ -25,9 +25,11 @@
 //! row names its slice, which `substr` (counting bytes on a BLOB) cuts out again. SQLite neither
 //! parses nor re-renders them, and bytes need no text encoding.
 //!
-//! Unique violations on input and event ids are the expected way a duplicate shows up: the
+//! A unique violation on an input id is the expected way a duplicate input shows up: the
 //! statement fails (SQLite undoes that statement only, and the script stops there), and a lookup
 //! inside the still-open transaction names the first id of the batch that was already stored.
+//! Events carry no id of their own (see [`crate::event_id`]): they land at the seqs the version
+//! check allowed, under the write lock, so nothing else can have taken them.
 
 use std::collections::HashMap;
 
@@ -67,15 +69,16 @@ impl Blobs {
     }
 }
 
-/// After a failed insert of `ids` (a JSON array): the first of them, in batch order, that the
-/// table already holds, found by `lookup`. Any other failure maps as usual.
-async fn first_stored(conn: &mut SqliteConnection, lookup: &'static str, ids: String, err: sqlx::Error) -> Error {
+/// After a failed insert of the input ids `ids` (a JSON array): the first of them, in batch
+/// order, that was recorded before. Any other failure maps as usual.
+async fn first_recorded_input(conn: &mut SqliteConnection, ids: String, err: sqlx::Error) -> Error {
     if !matches!(&err, sqlx::Error::Database(db) if db.is_unique_violation()) {
         return db_error(err);
     }
+    let lookup = "SELECT value FROM json_each(?) AS j \
+                  WHERE EXISTS (SELECT 1 FROM processed_inputs WHERE id = j.value) ORDER BY j.rowid LIMIT 1";
     match sqlx::query_scalar::<_, String>(lookup).bind(ids).fetch_optional(&mut *conn).await {
         Ok(Some(id)) => Error::DuplicateInput(id),
-        // A violation on another constraint (a stream seq taken by a racing writer).
         Ok(None) => db_error(err),
         Err(lookup_err) => db_error(lookup_err),
     }
@@ -101,9 +104,9 @@ const RECORD_INPUTS: &str = "\
 /// cancels are driven by the cancel list: each finds its timer through the primary key, so the
 /// statement never scans the table.
 const WRITE: &str = "\
-    INSERT INTO events (position, run_id, seq, id, kind, payload, recorded_at_ms) \
-    SELECT ? + key, value ->> 0, value ->> 1, value ->> 2, value ->> 3, \
-        CAST(substr(?, value ->> 4, value ->> 5) AS TEXT), value ->> 6 \
+    INSERT INTO events (position, run_id, seq, kind, payload, recorded_at_ms) \
+    SELECT ? + key, value ->> 0, value ->> 1, value ->> 2, \
+        CAST(substr(?, value ->> 3, value ->> 4) AS TEXT), value ->> 5 \
     FROM jsonb_each(?) ORDER BY rowid; \
     INSERT INTO runs (run_id, project, context_id, stage, sequence, service, definition, definition_version, \
         status, result, created_at_ms, updated_at_ms) \
@@ -155,14 +158,7 @@ pub(super) async fn record_inputs(conn: &mut SqliteConnection, plan: &Plan) -> R
     let (last, versions) = match read {
         Ok(read) => read,
         Err(err) => {
-            return Err(first_stored(
-                conn,
-                "SELECT value FROM json_each(?) AS j \
-                 WHERE EXISTS (SELECT 1 FROM processed_inputs WHERE id = j.value) ORDER BY j.rowid LIMIT 1",
-                json(&plan.inputs)?,
-                err,
-            )
-            .await);
+            return Err(first_recorded_input(conn, json(&plan.inputs)?, err).await);
         }
     };
     let versions =
@@ -171,7 +167,7 @@ pub(super) async fn record_inputs(conn: &mut SqliteConnection, plan: &Plan) -> R
 }
 
 /// Writes the events (numbered from position `first`, in order) and the run index, outbox and
-/// timer parts of the plan, then commits; fails with the first event id already stored.
+/// timer parts of the plan, then commits.
 pub(super) async fn write(
     conn: &mut SqliteConnection,
     plan: &Plan,
@@ -182,7 +178,7 @@ pub(super) async fn write(
     let mut event_rows = Vec::with_capacity(events.len());
     for s in events {
         let (start, len) = event_payloads.push_json(&s.event.payload)?;
-        event_rows.push((s.run_id, s.seq, &s.event.id, &s.event.kind, start, len, s.event.recorded_at_ms));
+        event_rows.push((s.run_id, s.seq, &s.event.kind, start, len, s.event.recorded_at_ms));
     }
     let runs: Vec<_> = plan
         .runs
@@ -233,20 +229,7 @@ pub(super) async fn write(
         .bind(json(&timers)?)
         .execute(&mut *conn)
         .await;
-    match written {
-        Ok(_) => Ok(()),
-        Err(err) => {
-            let ids: Vec<&str> = events.iter().map(|s| s.event.id.as_str()).collect();
-            Err(first_stored(
-                conn,
-                "SELECT value FROM json_each(?) AS j \
-                 WHERE EXISTS (SELECT 1 FROM events WHERE id = j.value) ORDER BY j.rowid LIMIT 1",
-                json(&ids)?,
-                err,
-            )
-            .await)
-        }
-    }
+    written.map(|_| ()).map_err(db_error)
 }
 
 #[cfg(test)]
@@ -272,8 +255,7 @@ mod tests {
             .into_iter()
             .enumerate()
             .map(|(i, at)| NewEvent {
-                id: odd(&format!("event {i}")),
-                kind: odd("kind"),
+                kind: odd(&format!("kind {i}")),
                 payload: json!({ "text": odd("payload"), "n": at }),
                 recorded_at_ms: at,
             })
@@ -319,15 +301,10 @@ mod tests {
         let stored = store.read_stream(&run_id, 1).await.expect("read");
         let read: Vec<NewEvent> = stored
             .iter()
-            .map(|e| NewEvent {
-                id: e.id.clone(),
-                kind: e.kind.clone(),
-                payload: e.payload.clone(),
-                recorded_at_ms: e.recorded_at_ms,
-            })
+            .map(|e| NewEvent { kind: e.kind.clone(), payload: e.payload.clone(), recorded_at_ms: e.recorded_at_ms })
             .collect();
         assert_eq!(read, events);
-        assert!(stored.iter().all(|e| e.run_id == run_id));
+        assert!(stored.iter().all(|e| e.run_id == run_id && e.id == crate::event_id(&run_id, e.seq)));
         assert_eq!(store.get_run(&run_id).await.expect("run"), Some(run));
         let pending: Vec<OutboxMessage> =
             store.outbox_pending(10).await.expect("outbox").into_iter().map(|r| r.message).collect();
@@ -341,14 +318,13 @@ mod tests {
         assert_eq!(store.timers_due(i64::MAX, 10).await.expect("timers"), timers[..1]);
     }
 
-    /// A unique violation that is on no id (two writers taking one stream seq, which the write
-    /// lock rules out in practice) is not a duplicate: the lookup finds no stored id, and the
-    /// error stays retryable.
+    /// A unique violation that is on no input id (two writers taking one stream seq, which the
+    /// write lock rules out in practice) is not a duplicate, and the error stays retryable.
     #[tokio::test]
     async fn a_unique_violation_on_no_id_is_unavailable() {
         let store = SqliteStore::open_in_memory().await.expect("open");
         store.commit(appends(vec![append("r", 0, &["e1"])])).await.expect("first");
-        // The same seq again under another id, as a writer with a stale version would write it.
+        // The same seq again, as a writer with a stale version would write it.
         let plan = Plan::new(appends(vec![append("r", 0, &["e2"])])).expect("plan");
         let stale = plan.sequence(&HashMap::new()).expect("sequenced against version 0");
         let mut held = store.writer.hold().await.expect("writer");

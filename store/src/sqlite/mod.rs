@@ -254,7 +254,7 @@ mod tests {
     use super::*;
     use crate::testing::{append, appends};
     use crate::{Error, EventReader, NewEvent, StreamAppend, TimerRow, Timers};
-    use serde_json::json;
+    use serde_json::{Value, json};
 
     /// Payloads are stored as JSON text: every kind of JSON value must come back as it went in
     /// (a string stays a string, not its unquoted text).
@@ -266,7 +266,7 @@ mod tests {
         let events = payloads
             .iter()
             .enumerate()
-            .map(|(i, p)| NewEvent { id: format!("e{i}"), kind: "k".into(), payload: p.clone(), recorded_at_ms: 7 })
+            .map(|(i, p)| NewEvent { kind: format!("k{i}"), payload: p.clone(), recorded_at_ms: 7 })
             .collect();
         let timers = payloads
             .iter()
@@ -305,9 +305,7 @@ mod tests {
         let dir = tempfile::tempdir().expect("temp dir");
         let path = dir.path().join("capstan.db");
         let store = SqliteStore::open_with(&path, config).await.expect("open");
-        let events = (0..3)
-            .map(|i| NewEvent { id: format!("e{i}"), kind: "k".into(), payload: json!(i), recorded_at_ms: 1 })
-            .collect();
+        let events = (0..3).map(|i| NewEvent { kind: format!("k{i}"), payload: json!(i), recorded_at_ms: 1 }).collect();
         let batch = Batch {
             appends: vec![StreamAppend { run_id: "r".into(), expected_version: 0, events }],
             ..Batch::default()
@@ -358,6 +356,38 @@ mod tests {
         assert_eq!(store.inputs_seen(&both).await.expect("seen").len(), 2, "the legacy id is still processed");
         assert_eq!(store.prune_processed_inputs(1_000, 10).await.expect("prune"), 1);
         assert_eq!(store.inputs_seen(&both).await.expect("seen"), ["fresh"]);
+        store.close().await;
+    }
+
+    /// Events stored while ids were a column of their own (before migration 6) keep their
+    /// positions, ids and payloads through the upgrade, and appends go on after them.
+    #[tokio::test]
+    async fn events_from_before_migration_6_upgrade_in_place() {
+        let dir = tempfile::tempdir().expect("temp dir");
+        let path = dir.path().join("capstan.db");
+        let old = SqlitePoolOptions::new()
+            .max_connections(1)
+            .connect_with(SqliteConnectOptions::new().filename(&path).create_if_missing(true))
+            .await
+            .expect("open");
+        MIGRATOR.run_to(5, &old).await.expect("schema of migration 5");
+        sqlx::query(
+            "INSERT INTO events (position, run_id, seq, id, kind, payload, recorded_at_ms) \
+             VALUES (1, 'r', 1, 'r:1', 'k', '{\"a\":1}', 5), (2, 's', 1, 's:1', 'k', '[2]', 6)",
+        )
+        .execute(&old)
+        .await
+        .expect("old events");
+        old.close().await;
+
+        let store = SqliteStore::open(&path).await.expect("upgrade");
+        let read: Vec<(i64, String, Value)> =
+            store.read_all(0, 10).await.expect("read").into_iter().map(|e| (e.position, e.id, e.payload)).collect();
+        assert_eq!(read, [(1, "r:1".to_owned(), json!({"a": 1})), (2, "s:1".to_owned(), json!([2]))]);
+        let done = store.commit(appends(vec![append("r", 1, &["next"])])).await.expect("append after the upgrade");
+        assert_eq!(done.last_position, 3);
+        let ids: Vec<String> = store.read_stream("r", 1).await.expect("stream").into_iter().map(|e| e.id).collect();
+        assert_eq!(ids, ["r:1", "r:2"]);
         store.close().await;
     }
 
@@ -440,7 +470,8 @@ mod tests {
         store.close().await;
     }
 
-    /// Unique violations the commit path did not foresee: only those on ids mean "applied".
+    /// Unique violations the commit path did not foresee: only one on an input id means
+    /// "applied"; one on a stream seq is a race to retry.
     #[tokio::test]
     async fn unforeseen_unique_violations_map_by_constraint() {
         let store = SqliteStore::open_in_memory().await.expect("open");
@@ -450,32 +481,18 @@ mod tests {
             db_error(insert_input().execute(&mut *store.writer.hold().await.expect("writer")).await.expect_err("dup"));
         assert!(matches!(err, Error::DuplicateInput(_)), "{err:?}");
 
-        let insert_event = |position: i64, run: &str, id: &str| {
+        let insert_event = |position: i64, run: &str| {
             sqlx::query(
-                "INSERT INTO events (position, run_id, seq, id, kind, payload, recorded_at_ms) \
-                 VALUES (?, ?, 1, ?, 'k', '{}', 0)",
+                "INSERT INTO events (position, run_id, seq, kind, payload, recorded_at_ms) \
+                 VALUES (?, ?, 1, 'k', '{}', 0)",
             )
             .bind(position)
             .bind(run.to_owned())
-            .bind(id.to_owned())
         };
-        insert_event(1, "r", "e1")
-            .execute(&mut *store.writer.hold().await.expect("writer"))
-            .await
-            .expect("first event");
+        insert_event(1, "r").execute(&mut *store.writer.hold().await.expect("writer")).await.expect("first event");
         let err = db_error(
-            insert_event(2, "r", "e2")
-                .execute(&mut *store.writer.hold().await.expect("writer"))
-                .await
-                .expect_err("same seq"),
+            insert_event(2, "r").execute(&mut *store.writer.hold().await.expect("writer")).await.expect_err("same seq"),
         );
         assert!(matches!(err, Error::Unavailable(_)), "{err:?}");
-        let err = db_error(
-            insert_event(3, "s", "e1")
-                .execute(&mut *store.writer.hold().await.expect("writer"))
-                .await
-                .expect_err("same id"),
-        );
-        assert!(matches!(err, Error::DuplicateInput(_)), "{err:?}");
     }
 }

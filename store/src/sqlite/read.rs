@@ -13,18 +13,20 @@ use crate::{
     RunIndex, RunRecord, StoredEvent, TimerRow, Timers,
 };
 
-const EVENT_COLUMNS: &str = "position, run_id, seq, id, kind, payload, recorded_at_ms";
+const EVENT_COLUMNS: &str = "position, run_id, seq, kind, payload, recorded_at_ms";
 const RUN_COLUMNS: &str = "run_id, project, context_id, stage, sequence, service, definition, \
                            definition_version, status, result, created_at_ms, updated_at_ms";
 const DEFINITION_COLUMNS: &str = "project, name, version, source, created_at_ms";
 
 fn event(row: &SqliteRow) -> Result<StoredEvent> {
     let payload: String = row.try_get("payload").map_err(db_error)?;
+    let run_id: String = row.try_get("run_id").map_err(db_error)?;
+    let seq = row.try_get("seq").map_err(db_error)?;
     Ok(StoredEvent {
         position: row.try_get("position").map_err(db_error)?,
-        run_id: row.try_get("run_id").map_err(db_error)?,
-        seq: row.try_get("seq").map_err(db_error)?,
-        id: row.try_get("id").map_err(db_error)?,
+        id: crate::event_id(&run_id, seq),
+        run_id,
+        seq,
         kind: row.try_get("kind").map_err(db_error)?,
         payload: parse_json(&payload)?,
         recorded_at_ms: row.try_get("recorded_at_ms").map_err(db_error)?,
@@ -78,9 +80,9 @@ impl EventReader for SqliteStore {
         }
         // One fixed statement (the ids as one JSON array); CROSS JOIN keeps the array as the
         // outer loop, so each run is found through the (run_id, seq) index.
-        // The columns are qualified: json_each has an `id` column too.
+        // The columns are qualified: json_each has columns of the same names.
         let rows = sqlx::query(
-            "SELECT e.position, e.run_id, e.seq, e.id, e.kind, e.payload, e.recorded_at_ms \
+            "SELECT e.position, e.run_id, e.seq, e.kind, e.payload, e.recorded_at_ms \
              FROM json_each(?) AS j CROSS JOIN events AS e ON e.run_id = j.value ORDER BY j.rowid, e.seq",
         )
         .bind(json(&crate::distinct(run_ids))?)

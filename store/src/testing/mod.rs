@@ -19,7 +19,10 @@ use std::pin::Pin;
 pub use streams::*;
 pub use tables::*;
 
-use crate::{Batch, EvaluationRecord, NewEvent, OutboxMessage, RunRecord, Store, StreamAppend, TimerCancel, TimerRow};
+use crate::{
+    Batch, EvaluationRecord, NewEvent, OutboxMessage, RunRecord, Store, StoredEvent, StreamAppend, TimerCancel,
+    TimerRow,
+};
 
 /// A boxed conformance case, as handed to a runner.
 pub type CaseFuture = Pin<Box<dyn Future<Output = ()> + Send>>;
@@ -48,7 +51,7 @@ macro_rules! __store_cases {
             concurrent_commits_keep_positions_dense,
             duplicate_input_writes_nothing,
             prune_processed_inputs_before_the_cut,
-            duplicate_event_id_writes_nothing,
+            an_append_applied_twice_writes_nothing,
             chained_appends_in_one_batch,
             batch_over_many_runs,
             read_all_orders_and_pages,
@@ -93,19 +96,27 @@ where
     crate::__store_cases!(suite(make));
 }
 
-/// An event with a small JSON payload naming it.
-pub fn event(id: &str) -> NewEvent {
+/// An event with a small JSON payload holding `label`, by which a case tells events apart.
+pub fn event(label: &str) -> NewEvent {
     NewEvent {
-        id: id.to_owned(),
         kind: "capstan.test".to_owned(),
-        payload: json!({ "id": id, "nested": { "n": 1, "list": [1, "two", null] } }),
+        payload: json!({ "label": label, "nested": { "n": 1, "list": [1, "two", null] } }),
         recorded_at_ms: 1_700_000_000_000,
     }
 }
 
-/// An append of events with the given ids.
-pub fn append(run_id: &str, expected_version: i64, ids: &[&str]) -> StreamAppend {
-    StreamAppend { run_id: run_id.to_owned(), expected_version, events: ids.iter().map(|id| event(id)).collect() }
+/// The label of an event made by [`event`].
+pub fn label(event: &StoredEvent) -> &str {
+    event.payload["label"].as_str().unwrap_or_default()
+}
+
+/// An append of events with the given labels.
+pub fn append(run_id: &str, expected_version: i64, labels: &[&str]) -> StreamAppend {
+    StreamAppend {
+        run_id: run_id.to_owned(),
+        expected_version,
+        events: labels.iter().map(|label| event(label)).collect(),
+    }
 }
 
 /// A batch holding only these appends.

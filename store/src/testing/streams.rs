@@ -2,7 +2,7 @@
 
 use std::sync::Arc;
 
-use super::{append, appends, cancel, message, run_record, timer};
+use super::{append, appends, cancel, label, message, run_record, timer};
 use crate::{Batch, Committed, Error, Store};
 
 /// How many events `read_all` returns from the start, to check that nothing else was written.
@@ -10,7 +10,7 @@ async fn event_count<S: Store>(store: &S) -> usize {
     store.read_all(0, 100_000).await.expect("read_all").len()
 }
 
-/// Appended events read back whole, with seqs from 1 and positions in order.
+/// Appended events read back whole, with seqs from 1, positions in order and ids `run:seq`.
 pub async fn append_and_read_back<S: Store>(store: Arc<S>) {
     let done = store.commit(appends(vec![append("r1", 0, &["e1", "e2"])])).await.expect("commit");
     assert_eq!(done, Committed { last_position: 2, events: 2 });
@@ -18,8 +18,9 @@ pub async fn append_and_read_back<S: Store>(store: Arc<S>) {
     assert_eq!(done, Committed { last_position: 3, events: 1 });
 
     let stream = store.read_stream("r1", 1).await.expect("read_stream");
-    let seqs: Vec<(i64, i64, &str)> = stream.iter().map(|e| (e.position, e.seq, e.id.as_str())).collect();
-    assert_eq!(seqs, vec![(1, 1, "e1"), (2, 2, "e2"), (3, 3, "e3")]);
+    let seqs: Vec<(i64, i64, &str, &str)> =
+        stream.iter().map(|e| (e.position, e.seq, e.id.as_str(), label(e))).collect();
+    assert_eq!(seqs, vec![(1, 1, "r1:1", "e1"), (2, 2, "r1:2", "e2"), (3, 3, "r1:3", "e3")]);
     let first = &stream[0];
     let sent = super::event("e1");
     assert_eq!((first.run_id.as_str(), first.kind.as_str()), ("r1", sent.kind.as_str()));
@@ -198,17 +199,18 @@ pub async fn prune_processed_inputs_before_the_cut<S: Store>(store: Arc<S>) {
     assert_eq!(seen().await, ["old-1"], "a re-applied id carries its new time");
 }
 
-/// An event id already stored (in any run) fails the batch, writing nothing.
-pub async fn duplicate_event_id_writes_nothing<S: Store>(store: Arc<S>) {
+/// The same append twice (a batch applied again): the second finds the stream moved on and
+/// fails whole, writing nothing, so no event id is ever taken twice.
+pub async fn an_append_applied_twice_writes_nothing<S: Store>(store: Arc<S>) {
     store.commit(appends(vec![append("r1", 0, &["e1"])])).await.expect("first");
-    let batch = Batch {
-        appends: vec![append("r2", 0, &["e2", "e1"])],
+    let again = Batch {
+        appends: vec![append("r2", 0, &["e2"]), append("r1", 0, &["e1"])],
         inputs: vec!["in-1".into()],
         outbox: vec![message("m1")],
         ..Batch::default()
     };
-    let err = store.commit(batch).await.expect_err("duplicate event id");
-    assert!(matches!(&err, Error::DuplicateInput(id) if id == "e1"), "{err:?}");
+    let err = store.commit(again).await.expect_err("applied twice");
+    assert!(matches!(&err, Error::Conflict { run_id, expected: 0, actual: 1 } if run_id == "r1"), "{err:?}");
     assert_eq!(store.stream_version("r2").await.expect("version"), 0);
     assert!(store.inputs_seen(&["in-1".into()]).await.expect("seen").is_empty());
     assert!(store.outbox_pending(10).await.expect("outbox").is_empty());
@@ -216,14 +218,16 @@ pub async fn duplicate_event_id_writes_nothing<S: Store>(store: Arc<S>) {
     // The failed batch took no positions: the next event follows the first.
     let done = store.commit(appends(vec![append("r2", 0, &["e2"])])).await.expect("retry");
     assert_eq!(done.last_position, 2);
+    let ids: Vec<String> = store.read_all(0, 10).await.expect("all").into_iter().map(|e| e.id).collect();
+    assert_eq!(ids, ["r1:1", "r2:1"]);
 }
 
 /// Two appends to one run in a batch chain: the second expects the first's end.
 pub async fn chained_appends_in_one_batch<S: Store>(store: Arc<S>) {
     let batch = appends(vec![append("r1", 0, &["e1"]), append("r2", 0, &["e2"]), append("r1", 1, &["e3"])]);
     assert_eq!(store.commit(batch).await.expect("chain").events, 3);
-    let ids: Vec<String> = store.read_stream("r1", 0).await.expect("read").into_iter().map(|e| e.id).collect();
-    assert_eq!(ids, vec!["e1", "e3"]);
+    let stream = store.read_stream("r1", 0).await.expect("read");
+    assert_eq!(stream.iter().map(label).collect::<Vec<_>>(), vec!["e1", "e3"]);
     let broken = appends(vec![append("r1", 2, &["e4"]), append("r1", 2, &["e5"])]);
     let err = store.commit(broken).await.expect_err("broken chain");
     assert!(matches!(err, Error::Conflict { expected: 2, actual: 3, .. }), "{err:?}");
@@ -272,7 +276,7 @@ pub async fn read_all_orders_and_pages<S: Store>(store: Arc<S>) {
         assert!(page.len() <= 2);
         let Some(last) = page.last() else { break };
         after = last.position;
-        ids.extend(page.into_iter().map(|e| e.id));
+        ids.extend(page.iter().map(|e| label(e).to_owned()));
     }
     assert_eq!(ids, vec!["b1", "a1", "a2", "a3", "c1", "b2"]);
     assert!(store.read_all(6, 10).await.expect("past the end").is_empty());
@@ -288,8 +292,10 @@ pub async fn read_streams_of_several_runs<S: Store>(store: Arc<S>) {
     store.commit(appends(vec![append("c", 0, &["c1"]), append("a", 2, &["a3"])])).await.expect("c2");
     let asked: Vec<String> = ["b", "unknown", "a", "b"].iter().map(|id| id.to_string()).collect();
     let read = store.read_streams(&asked).await.expect("read_streams");
-    let ids: Vec<(&str, i64, &str)> = read.iter().map(|e| (e.run_id.as_str(), e.seq, e.id.as_str())).collect();
-    assert_eq!(ids, vec![("b", 1, "b1"), ("a", 1, "a1"), ("a", 2, "a2"), ("a", 3, "a3")]);
+    let ids: Vec<(&str, i64, &str, &str)> =
+        read.iter().map(|e| (e.run_id.as_str(), e.seq, e.id.as_str(), label(e))).collect();
+    let want = [("b", 1, "b:1", "b1"), ("a", 1, "a:1", "a1"), ("a", 2, "a:2", "a2"), ("a", 3, "a:3", "a3")];
+    assert_eq!(ids, want);
     let mut one_by_one = store.read_stream("b", 1).await.expect("b");
     one_by_one.extend(store.read_stream("a", 1).await.expect("a"));
     assert_eq!(read, one_by_one, "the same events, payloads and positions as read_stream");
