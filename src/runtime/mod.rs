@@ -116,6 +116,15 @@ pub struct Envelope {
     pub reply: Reply,
 }
 
+impl Envelope {
+    /// The id to record against a second application of this input: none for a worker's claim,
+    /// bid, `started` or heartbeat, which its run's state recognises when it comes again
+    /// (`Input::idempotent_by_state`), so that most worker messages cost no row.
+    pub fn recorded_id(&self) -> Option<&String> {
+        self.input_id.as_ref().filter(|_| !self.input.idempotent_by_state())
+    }
+}
+
 /// Wall-clock time in milliseconds, behind a trait so tests can drive it.
 pub trait Clock: Send + Sync + 'static {
     fn now_ms(&self) -> i64;

@@ -289,7 +289,7 @@ impl Partition {
     async fn prepare(&mut self, envs: &[Envelope]) -> Result<Prepared, RuntimeError> {
         let now_ms = self.shared.clock.now_ms();
         let time = codec::rfc3339(now_ms);
-        let ids: Vec<String> = envs.iter().filter_map(|e| e.input_id.clone()).collect();
+        let ids: Vec<String> = envs.iter().filter_map(|e| e.recorded_id().cloned()).collect();
         // Which inputs were applied before, and the streams of the runs in no cache: two reads
         // at once, each one round trip for the whole batch.
         let mut streams: HashMap<String, Vec<StoredEvent>> =
@@ -322,7 +322,7 @@ impl Partition {
             if let Some(t) = &env.consumed_timer {
                 guarded.push(t.clone());
             }
-            if let Some(id) = &env.input_id
+            if let Some(id) = env.recorded_id()
                 && !seen.insert(id.clone())
             {
                 outcomes.push(Outcome::Duplicate);
@@ -382,7 +382,7 @@ impl Partition {
                 }
             }
             if !decision.events.is_empty()
-                && let Some(id) = &env.input_id
+                && let Some(id) = env.recorded_id()
             {
                 batch.inputs.push(id.clone());
             }

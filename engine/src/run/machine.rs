@@ -104,14 +104,20 @@ impl Step<'_> {
     fn on_bid(&mut self, i: usize, bid: &Bid) {
         let spec = self.spec(i);
         let t = self.task(i);
+        let worker = &bid.worker.id;
+        let again = t.attempt == bid.attempt.attempt
+            && (t.bids.iter().any(|b| b.worker.id == *worker) || t.holders.iter().any(|h| h.worker_id == *worker));
         let refusal = if spec.dispatch != DispatchMode::Auction {
             Some("the task is not auctioned: claim it")
+        } else if again {
+            // The same worker on the same attempt again (a redelivered bid): its first bid
+            // stands, or already won. A rejection would make it drop its reservation or even
+            // cancel the attempt it holds.
+            return;
         } else if t.phase != TaskPhase::Offered || t.attempt != bid.attempt.attempt {
             Some("the attempt is not on offer")
         } else if !meets_requirements(&spec, &bid.worker.labels) {
             Some("the worker's labels do not meet the task's requirements")
-        } else if t.bids.iter().any(|b| b.worker.id == bid.worker.id) {
-            Some("the worker already bid")
         } else {
             None
         };
@@ -159,12 +165,14 @@ impl Step<'_> {
         let worker = &claim.worker.id;
         let refusal = if spec.dispatch == DispatchMode::Auction {
             Some("the task is auctioned: bid for it")
+        } else if t.attempt == claim.attempt.attempt && t.holders.iter().any(|h| h.worker_id == *worker) {
+            // The same worker on the same attempt again (a redelivered claim): it holds or held
+            // the attempt already, and a rejection would cancel the work it is doing.
+            return;
         } else if !t.attempt_open() || t.attempt != claim.attempt.attempt {
             Some("the attempt is not open")
         } else if spec.dispatch == DispatchMode::Queue && t.phase != TaskPhase::Offered {
             Some("the attempt was already claimed")
-        } else if t.holders.iter().any(|h| h.worker_id == *worker) {
-            Some("the worker already holds the attempt")
         } else if !meets_requirements(&spec, &claim.worker.labels) {
             Some("the worker's labels do not meet the task's requirements")
         } else {
@@ -190,6 +198,15 @@ impl Step<'_> {
     }
 
     fn on_started(&mut self, i: usize, p: &Progress) {
+        let t = self.task(i);
+        let ended_after_start = t.attempt == p.attempt.attempt
+            && t.holders
+                .iter()
+                .any(|h| h.token == p.token && h.worker_id == p.worker_id && h.started && h.outcome.is_some());
+        if ended_after_start {
+            // A redelivered `started` of a holder whose part already ended: nothing to record.
+            return;
+        }
         if !self.admit(i, "started", &p.attempt, &p.worker_id, p.token) {
             return;
         }

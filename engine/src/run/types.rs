@@ -58,6 +58,18 @@ pub enum Input {
     Approve { task: String, approved: bool, by: String },
 }
 
+impl Input {
+    /// Whether the run's state alone recognises this input when it comes again, so that the
+    /// runtime need not record its id: a worker's claim, bid, `started` or heartbeat names its
+    /// attempt (a report also its fencing token), and applying one a second time right after
+    /// the first decides nothing new (no event, no rejection to the worker). `finished` is not
+    /// among them: once its attempt is replaced by a retry, a redelivered result could no
+    /// longer be told from a late one, so its id is recorded like any other input's.
+    pub fn idempotent_by_state(&self) -> bool {
+        matches!(self, Input::Claim(_) | Input::Bid(_) | Input::Started(_) | Input::Heartbeat(_))
+    }
+}
+
 /// The context of one `decide` call: the clock and a random draw (for jitter), both from outside.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub struct Ctx {

@@ -46,8 +46,10 @@ fn lowest_cost_awards_after_the_window_with_deterministic_ties() {
     run.apply(bid("a", 1, worker("w-b", &[]), 1.0, 9, 1));
     run.apply(bid("a", 1, worker("w-a", &[]), 1.0, 9, 1));
     run.apply(bid("a", 1, worker("w-d", &[]), 1.0, 9, 4));
+    // A second bid from the same worker (a redelivery) changes nothing and rejects nothing:
+    // its first bid stands.
     let dup = run.apply(bid("a", 1, worker("w-d", &[]), 0.5, 9, 4));
-    assert_eq!(effects(&dup), ["reject w-d: the worker already bid"]);
+    assert!(dup.events.is_empty() && dup.effects.is_empty(), "{dup:?}");
     let d = run.apply(timer(TimerKind::BidWindow { task: "a".into(), attempt: 1, offer: 1 }));
     // Equal cost and estimate: more free slots wins (w-d), then the lower id (w-a before w-b).
     assert_eq!(
@@ -119,13 +121,35 @@ fn queue_takes_the_first_valid_claim_only() {
 }
 
 #[test]
+fn reports_that_come_again_after_the_holders_part_ended_decide_nothing() {
+    let (mut run, _) = Run::start(with(|a| a.dispatch = DispatchMode::Fanout), json!({}));
+    for w in ["w1", "w2", "w3"] {
+        run.apply(claim("a", 1, w));
+    }
+    run.apply(started("a", 1, "w1", 1));
+    run.apply(finished("a", 1, "w1", 1, TaskResult::Pass));
+    // w1's part ended while the others still work: its claim and `started` again change nothing.
+    for again in [claim("a", 1, "w1"), started("a", 1, "w1", 1)] {
+        let d = run.apply(again);
+        assert!(d.events.is_empty() && d.effects.is_empty(), "{d:?}");
+    }
+    // w2 finishes without having said `started`: a `started` after that is a late report, not
+    // one that was applied before, and is refused for the record.
+    run.apply(finished("a", 1, "w2", 2, TaskResult::Pass));
+    let late = run.apply(started("a", 1, "w2", 2));
+    assert_eq!(kinds(&late), ["input-rejected"]);
+}
+
+#[test]
 fn fanout_waits_for_every_holder_and_the_worst_result_wins() {
     for (second, expected) in [(TaskResult::Pass, TaskResult::Warning), (TaskResult::Fail, TaskResult::Fail)] {
         let (mut run, _) = Run::start(with(|a| a.dispatch = DispatchMode::Fanout), json!({}));
         run.apply(claim("a", 1, "w1"));
         run.apply(claim("a", 1, "w2"));
+        // The holder's claim again (a redelivery): no second award, and no rejection, which
+        // would cancel the work it is doing.
         let again = run.apply(claim("a", 1, "w1"));
-        assert_eq!(effects(&again), ["reject w1: the worker already holds the attempt"]);
+        assert!(again.events.is_empty() && again.effects.is_empty(), "{again:?}");
         run.apply(finished("a", 1, "w1", 1, TaskResult::Warning));
         assert_eq!(run.phase("a"), TaskPhase::Awarded);
         run.apply(finished("a", 1, "w2", 2, second));

@@ -107,6 +107,7 @@ impl Sim {
             self.run.state.evolve(e);
             self.run.events.push(e.clone());
         }
+        self.check_applied_twice(&input, &d);
         if let Input::Bid(_) | Input::Claim(_) | Input::Started(_) | Input::Heartbeat(_) | Input::Finished(_) = input {
             self.delivered.push(input);
         }
@@ -114,6 +115,34 @@ impl Sim {
             self.effect(effect);
         }
         self.check_derived();
+    }
+
+    /// An input the runtime records no id for (`Input::idempotent_by_state`), once accepted,
+    /// decides nothing new when it comes again: no event, and nothing that would stop the
+    /// worker (a rejection or a cancel of that attempt). Without this the runtime's
+    /// deduplication table would be needed for it.
+    fn check_applied_twice(&mut self, input: &Input, first: &Decision) {
+        let accepted = first.events.iter().any(|e| !matches!(e, Event::InputRejected { .. }));
+        if !input.idempotent_by_state() || !accepted {
+            return;
+        }
+        let ctx = Ctx { now: Timestamp(self.run.now), random: self.rng.next() };
+        let again = self.run.state.decide(input, &ctx).expect("a redelivery decides");
+        assert!(again.events.is_empty(), "{input:?} applied twice: {:?}\n{}", again.events, self.run.history());
+        let (worker, attempt) = match input {
+            Input::Claim(c) => (&c.worker.id, &c.attempt),
+            Input::Bid(b) => (&b.worker.id, &b.attempt),
+            Input::Started(p) | Input::Heartbeat(p) => (&p.worker_id, &p.attempt),
+            _ => unreachable!("not idempotent by state"),
+        };
+        for effect in &again.effects {
+            if let Effect::Send { worker_id, message: WorkerMessage::Rejection(r) } = effect {
+                assert!(worker_id != worker || r.attempt != *attempt, "{input:?} again: {effect:?}");
+            }
+            if let Effect::Send { worker_id, message: WorkerMessage::Cancel(c) } = effect {
+                assert!(worker_id != worker || c.attempt != *attempt, "{input:?} again: {effect:?}");
+            }
+        }
     }
 
     /// What a restarted runtime would set again from the state alone covers every live timer
