@@ -386,7 +386,7 @@ impl Partition {
             {
                 batch.inputs.push(id.clone());
             }
-            let meta = w.state.meta().cloned().ok_or(RuntimeError::Refused(capstan_engine::run::Error::NotStarted))?;
+            let meta = w.state.meta().ok_or(RuntimeError::Refused(capstan_engine::run::Error::NotStarted))?;
             for effect in &decision.effects {
                 match effect {
                     Effect::SetTimer { kind, at } => {
@@ -420,13 +420,13 @@ impl Partition {
                     other => {
                         let gate;
                         let effect = if is_gate(other) {
-                            let previous = self.previous_evaluations(&meta, &batch.evaluations).await?;
+                            let previous = self.previous_evaluations(meta, &batch.evaluations).await?;
                             gate = with_previous(other, previous);
                             &gate
                         } else {
                             other
                         };
-                        if let Some(message) = codec::effect_message(&meta, effect, &time) {
+                        if let Some(message) = codec::effect_message(meta, effect, &time) {
                             if codec::is_advisory(effect) {
                                 outgoing.advisory.push(message);
                             } else {
