@@ -18,25 +18,11 @@ use serde_json::{Value, json};
 
 use crate::support::{Behaviour, Script, WorkerLog, scripted_worker, wait_run_over};
 
+/// One task that workers claim (queue dispatch).
 const ONE_TASK: &str = r#"
 apiVersion: capstan.dev/v1
 kind: Shipyard
 metadata: {name: retention}
-spec:
-  stages:
-    - name: dev
-      sequences:
-        - name: run
-          tasks:
-            - name: work
-              type: work
-"#;
-
-/// One queued task: workers claim it.
-const ONE_QUEUED_TASK: &str = r#"
-apiVersion: capstan.dev/v1
-kind: Shipyard
-metadata: {name: redelivery}
 spec:
   stages:
     - name: dev
@@ -127,7 +113,7 @@ async fn claims_and_started_that_come_again_are_recognised_without_rows() {
     let rt = Runtime::start(RuntimeConfig::default(), store.clone(), broker.clone(), Arc::new(SystemClock))
         .await
         .expect("runtime starts");
-    rt.apply_definition("p", ONE_QUEUED_TASK).await.expect("definition applies");
+    rt.apply_definition("p", ONE_TASK).await.expect("definition applies");
     let mut inbox = broker
         .subscribe(&topics::worker("w1"), SubscriptionMode::Competing { group: "w1".into() })
         .await

@@ -14,19 +14,8 @@ DROP FUNCTION capstan_commit(
 
 ALTER TABLE events DROP COLUMN id;
 
--- Planned again against the table without the column.
-CREATE OR REPLACE FUNCTION capstan_read_streams(runs text[]) RETURNS SETOF events
-LANGUAGE plpgsql STABLE
-SET enable_seqscan = off
-SET jit = off
-AS $$
-BEGIN
-    RETURN QUERY
-        SELECT e.* FROM unnest(runs) WITH ORDINALITY AS r (run_id, ord)
-          JOIN events e ON e.run_id = r.run_id
-         ORDER BY r.ord, e.seq;
-END
-$$;
+-- capstan_read_streams (0005) returns SETOF events and so follows the table's new row type;
+-- PostgreSQL drops the plans it cached for the old one.
 
 CREATE FUNCTION capstan_commit(
     in_ids text[], in_at bigint,

@@ -334,18 +334,25 @@ mod tests {
         );
     }
 
+    /// A new database file at `path` brought up to migration `version`, for a test to write
+    /// rows in the old shape before the store upgrades it.
+    async fn database_at(path: &Path, version: i64) -> SqlitePool {
+        let old = SqlitePoolOptions::new()
+            .max_connections(1)
+            .connect_with(SqliteConnectOptions::new().filename(path).create_if_missing(true))
+            .await
+            .expect("open");
+        MIGRATOR.run_to(version, &old).await.expect("old schema");
+        old
+    }
+
     /// A database made before processed inputs had a time upgrades in place: its ids stay
     /// processed, with time 0, so they are the first to be pruned.
     #[tokio::test]
     async fn inputs_from_before_migration_3_are_pruned_first() {
         let dir = tempfile::tempdir().expect("temp dir");
         let path = dir.path().join("capstan.db");
-        let old = SqlitePoolOptions::new()
-            .max_connections(1)
-            .connect_with(SqliteConnectOptions::new().filename(&path).create_if_missing(true))
-            .await
-            .expect("open");
-        MIGRATOR.run_to(2, &old).await.expect("schema of migration 2");
+        let old = database_at(&path, 2).await;
         sqlx::query("INSERT INTO processed_inputs (id) VALUES ('legacy')").execute(&old).await.expect("legacy id");
         old.close().await;
 
@@ -365,12 +372,7 @@ mod tests {
     async fn events_from_before_migration_6_upgrade_in_place() {
         let dir = tempfile::tempdir().expect("temp dir");
         let path = dir.path().join("capstan.db");
-        let old = SqlitePoolOptions::new()
-            .max_connections(1)
-            .connect_with(SqliteConnectOptions::new().filename(&path).create_if_missing(true))
-            .await
-            .expect("open");
-        MIGRATOR.run_to(5, &old).await.expect("schema of migration 5");
+        let old = database_at(&path, 5).await;
         sqlx::query(
             "INSERT INTO events (position, run_id, seq, id, kind, payload, recorded_at_ms) \
              VALUES (1, 'r', 1, 'r:1', 'k', '{\"a\":1}', 5), (2, 's', 1, 's:1', 'k', '[2]', 6)",
