@@ -3,7 +3,7 @@
 
 use capstan_brokers::Message;
 use capstan_engine::Timestamp;
-use capstan_engine::run::{Effect, Event, Input, RunMeta, TimerKind, WorkerMessage};
+use capstan_engine::run::{Effect, Event, Input, RunMeta, RunState, TimerKind, WorkerMessage};
 use capstan_proto::{CloudEvent, DispatchMode, TaskOffer, ext, topics, types};
 use capstan_store::{NewEvent, OutboxMessage, StoredEvent, TimerRow};
 use serde::{Deserialize, Serialize};
@@ -15,6 +15,8 @@ pub const ENGINE_SOURCE: &str = "capstan/engine";
 
 /// Namespace of the deterministic run ids given to promoted sequences.
 const RUN_ID_NAMESPACE: Uuid = Uuid::from_u128(0x6361_7073_7461_6e2d_7275_6e2d_6964_7331);
+/// Namespace of the ids of messages sent again after a crash ("capstan-msg-ids1").
+const MESSAGE_ID_NAMESPACE: Uuid = Uuid::from_u128(0x6361_7073_7461_6e2d_6d73_672d_6964_7331);
 
 /// A codec failure: a stored row the runtime cannot read back.
 #[derive(Debug, thiserror::Error)]
@@ -101,6 +103,13 @@ pub fn promoted_run_id(parent_run: &str, stage: &str, sequence: &str) -> String 
     Uuid::new_v5(&RUN_ID_NAMESPACE, format!("{parent_run}/{stage}/{sequence}").as_bytes()).to_string()
 }
 
+/// The CloudEvent id of a message the runtime may send again after a crash
+/// (`RunState::derived_messages`): derived from what it says, so the copy has the original's id
+/// and consumers that deduplicate by id drop it.
+fn derived_message_id(name: &str) -> String {
+    Uuid::new_v5(&MESSAGE_ID_NAMESPACE, name.as_bytes()).to_string()
+}
+
 /// The message of an effect that talks to the outside, `None` for the others. The partition
 /// commits its outbox row ([`outbox_row`]) and hands the message itself to the relay, so the
 /// fast path never parses the row's JSON back (that round trip was ~9 % of the embedded
@@ -111,12 +120,16 @@ pub fn effect_message(meta: &RunMeta, effect: &Effect, time: &str) -> Option<Mes
         Effect::Send { worker_id, message } => (topics::worker(worker_id), worker_event(worker_id, message)),
         Effect::Notify(done) => (
             topics::RUN_EVENTS.to_string(),
-            CloudEvent::new(Uuid::now_v7().to_string(), ENGINE_SOURCE, types::SEQUENCE_FINISHED)
-                .with_data(serde_json::to_value(done).expect("payloads serialize"))
-                .with_ext(ext::PROJECT, &done.project)
-                .with_ext(ext::RUN, &done.run_id)
-                .with_ext(ext::CONTEXT, &done.context_id)
-                .with_ext(ext::KEPTN_CONTEXT, &done.context_id),
+            CloudEvent::new(
+                derived_message_id(&format!("{}/finished", done.run_id)),
+                ENGINE_SOURCE,
+                types::SEQUENCE_FINISHED,
+            )
+            .with_data(serde_json::to_value(done).expect("payloads serialize"))
+            .with_ext(ext::PROJECT, &done.project)
+            .with_ext(ext::RUN, &done.run_id)
+            .with_ext(ext::CONTEXT, &done.context_id)
+            .with_ext(ext::KEPTN_CONTEXT, &done.context_id),
         ),
         Effect::SetTimer { .. } | Effect::CancelTimer { .. } | Effect::StartRun { .. } => return None,
     };
@@ -146,9 +159,18 @@ pub fn outbox_row(message: &Message) -> OutboxMessage {
 ///   crash sets a lost re-offer again at start, due at once (`RunState::derived_timers`). A lost
 ///   offer thus only waits for the next one.
 ///
-/// Awards, cancels and notifications keep their rows: nothing would send them again.
+/// Awards and notifications go without rows too, but not best effort (`is_derived`); cancels
+/// keep their rows: nothing would send them again.
 pub fn is_advisory(effect: &Effect) -> bool {
     matches!(effect, Effect::Send { message: WorkerMessage::Rejection(_), .. } | Effect::Offer(_))
+}
+
+/// Whether an effect's message needs no outbox row because a restart sends it again from the
+/// run's state (`RunState::derived_messages`): an award, a notification that a run ended. The
+/// relay publishes it after the commit and retries until the broker takes it, and the partition's
+/// checkpoint stays before the commit until then (`recovery.rs`).
+pub fn is_derived(effect: &Effect) -> bool {
+    RunState::derives_message(effect)
 }
 
 fn offer_topic(offer: &TaskOffer) -> String {
@@ -174,7 +196,14 @@ fn worker_event(worker_id: &str, message: &WorkerMessage) -> CloudEvent {
         WorkerMessage::Rejection(r) => (types::TASK_REJECTED, serde_json::to_value(r), &r.attempt, None),
         WorkerMessage::Cancel(c) => (types::TASK_CANCELLED, serde_json::to_value(c), &c.attempt, None),
     };
-    let mut event = CloudEvent::new(Uuid::now_v7().to_string(), ENGINE_SOURCE, ty)
+    let id = match message {
+        WorkerMessage::Award(a) => derived_message_id(&format!(
+            "{}/{}/{}/award/{}",
+            a.attempt.run_id, a.attempt.task, a.attempt.attempt, a.token
+        )),
+        WorkerMessage::Rejection(_) | WorkerMessage::Cancel(_) => Uuid::now_v7().to_string(),
+    };
+    let mut event = CloudEvent::new(id, ENGINE_SOURCE, ty)
         .with_data(data.expect("payloads serialize"))
         .with_ext(ext::PROJECT, &attempt.project)
         .with_ext(ext::RUN, &attempt.run_id)

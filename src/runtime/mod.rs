@@ -189,6 +189,9 @@ pub struct Shared {
     /// The highest event position of the commits that returned: where an idle partition moves
     /// its timer checkpoint to (`partition/deferred.rs`).
     log_end: AtomicI64,
+    /// Per partition: the number of the newest hold (`Deferred::hold`) whose derived messages,
+    /// and those of every earlier hold, the relay published.
+    relayed: Vec<AtomicU64>,
 }
 
 impl Shared {
@@ -270,6 +273,11 @@ impl Runtime {
         let (outbox_tx, outbox_rx) = mpsc::unbounded_channel();
         let (lane_tx, lane_rx) = mpsc::unbounded_channel();
         let serializes = store.serializes_commits();
+        let partitions = match config.partitions {
+            0 if serializes => 1,
+            0 => 4,
+            n => n,
+        };
         let shared = Arc::new(Shared {
             registry: DefinitionRegistry::new(store.clone()),
             store,
@@ -285,17 +293,13 @@ impl Runtime {
             commit_slots: (config.commit_slots > 0 && !serializes)
                 .then(|| tokio::sync::Semaphore::new(config.commit_slots)),
             log_end: AtomicI64::new(0),
+            relayed: (0..partitions).map(|_| AtomicU64::new(0)).collect(),
         });
         let (shutdown, shutdown_rx) = watch::channel(false);
         let mut senders = Vec::new();
         let mut tasks = Vec::new();
-        let partitions = match config.partitions {
-            0 if shared.store.serializes_commits() => 1,
-            0 => 4,
-            n => n,
-        };
         let names: Vec<String> = (0..partitions).map(partition::Partition::checkpoint_name).collect();
-        let start_position = recovery::derive_lost_timers(&shared, &names).await?;
+        let start_position = recovery::derive_lost(&shared, &names).await?;
         shared.log_end.store(start_position, Ordering::Relaxed);
         for id in 0..partitions {
             let (tx, rx) = mpsc::channel(config.queue_depth);

@@ -3,8 +3,10 @@
 //! outbox table is the safety net: a sweep deletes rows already published and publishes rows that
 //! stayed unpublished for a whole sweep interval (a crash between commit and publish, a publish
 //! that failed, rows left by a previous process). A row may thus be published twice; consumers
-//! deduplicate by CloudEvent id. Advisory messages (rejections) come without rows and are
-//! published once, best effort.
+//! deduplicate by CloudEvent id. Advisory messages (rejections, offers) come without rows and are
+//! published once, best effort. Derived messages (awards, notifications) come without rows too:
+//! they are published until the broker takes them, and only then may the partition's checkpoint
+//! pass their commit, since a restart sends again those of the runs after the checkpoint.
 
 use std::collections::{HashMap, HashSet};
 use std::sync::Arc;
@@ -21,16 +23,33 @@ use super::Shared;
 use super::faults::FaultPoint;
 
 /// What a commit hands the relay.
+#[derive(Default)]
 pub struct Outgoing {
     /// Messages whose outbox rows the commit wrote: the sweep deletes a row once its message
     /// was published.
     pub stored: Vec<Message>,
     /// Messages without rows (`codec::is_advisory`): published once, best effort.
     pub advisory: Vec<Message>,
+    /// Messages without rows that a restart derives again (`codec::is_derived`): published
+    /// until the broker takes them.
+    pub derived: Vec<Message>,
+    /// The partition and its hold number (`Deferred::hold`), when `derived` is not empty: once
+    /// they are published, the partition's checkpoint may pass the events they come from.
+    pub held: Option<(usize, u64)>,
+}
+
+impl Outgoing {
+    /// Whether there is nothing to publish.
+    pub fn is_empty(&self) -> bool {
+        self.stored.is_empty() && self.advisory.is_empty() && self.derived.is_empty()
+    }
 }
 
 /// How often the table is swept.
 const SWEEP_EVERY: Duration = Duration::from_millis(500);
+/// The first and the longest wait before publishing derived messages again.
+const RETRY_FIRST: Duration = Duration::from_millis(50);
+const RETRY_MAX: Duration = Duration::from_secs(2);
 
 /// Publishes until shutdown.
 pub async fn run(
@@ -48,13 +67,16 @@ pub async fn run(
     loop {
         tokio::select! {
             out = committed.recv() => {
-                let Some(Outgoing { stored: mut msgs, mut advisory }) = out else { return };
+                let Some(Outgoing { stored: mut msgs, mut advisory, mut derived, held }) = out else { return };
+                let mut holds: Vec<(usize, u64)> = held.into_iter().collect();
                 // Take whatever else is queued: one broker round trip for many commits.
-                while msgs.len() + advisory.len() < batch {
+                while msgs.len() + advisory.len() + derived.len() < batch {
                     match committed.try_recv() {
                         Ok(more) => {
                             msgs.extend(more.stored);
                             advisory.extend(more.advisory);
+                            derived.extend(more.derived);
+                            holds.extend(more.held);
                         }
                         Err(_) => break,
                     }
@@ -62,14 +84,49 @@ pub async fn run(
                 // Only stored messages leave rows for the sweep to delete.
                 let ids: Vec<String> = msgs.iter().map(|m| m.event.id.clone()).collect();
                 msgs.append(&mut advisory);
+                if derived.is_empty() {
+                    if msgs.is_empty() || publish(&shared, msgs).await {
+                        published.extend(ids);
+                    }
+                    release(&shared, holds);
+                    continue;
+                }
+                // Derived messages have no row to fall back on: retry until the broker takes
+                // them (or shutdown, after which a restart derives them again). Later commits
+                // wait meanwhile, so each partition's messages are released in order.
+                // (Only they are kept for a retry: stored ones fall back on the sweep as above.)
+                let again = derived.clone();
+                msgs.append(&mut derived);
                 if publish(&shared, msgs).await {
                     published.extend(ids);
+                } else {
+                    let mut backoff = RETRY_FIRST;
+                    loop {
+                        tokio::select! {
+                            _ = tokio::time::sleep(backoff) => {}
+                            _ = shutdown.changed() => return,
+                        }
+                        if publish(&shared, again.clone()).await {
+                            break;
+                        }
+                        backoff = (backoff * 2).min(RETRY_MAX);
+                    }
                 }
+                release(&shared, holds);
             }
             _ = sweep.tick() => {
                 sweep_table(&shared, batch, &mut published, &mut stale).await;
             }
             _ = shutdown.changed() => return,
+        }
+    }
+}
+
+/// Tells the partitions that the derived messages of these holds are published.
+fn release(shared: &Shared, holds: Vec<(usize, u64)>) {
+    for (partition, hold) in holds {
+        if let Some(mark) = shared.relayed.get(partition) {
+            mark.fetch_max(hold, Ordering::Release);
         }
     }
 }

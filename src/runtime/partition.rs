@@ -36,6 +36,7 @@ use super::{Envelope, Reply, Shared};
 use gates::{evaluation_record, is_gate, with_previous};
 
 mod deferred;
+mod derived;
 mod gates;
 mod load;
 mod pipeline;
@@ -111,6 +112,11 @@ pub struct Partition {
     decide_ahead: bool,
     /// Timers kept in memory until they have lived a while (`deferred.rs`).
     deferred: Deferred,
+    /// After a failed commit: the runs whose derived messages it carried, and the hold that
+    /// keeps the checkpoint before it. The store may have written it all the same (a lost
+    /// reply), and the inputs then decide nothing when applied again, so the messages are sent
+    /// again from the stored states (`resend_derived`).
+    resend: Option<(u64, HashSet<String>)>,
 }
 
 impl Partition {
@@ -137,6 +143,7 @@ impl Partition {
             inflight_evaluations: Vec::new(),
             decide_ahead,
             deferred,
+            resend: None,
         }
     }
 
@@ -153,6 +160,9 @@ impl Partition {
         let consumed: Vec<TimerCancel> = envs.iter().filter_map(|e| e.consumed_timer.clone()).collect();
         self.process_inner(envs).await;
         self.shared.forget_timers(&consumed);
+        if let Some((hold, runs)) = self.resend.take() {
+            self.resend_derived(hold, runs).await;
+        }
     }
 
     /// Applies a batch, splitting it when one input spoils the commit of the others.
@@ -228,6 +238,7 @@ impl Partition {
                 Err(e) => {
                     self.forget_states(&prepared.runs);
                     self.deferred.undo(prepared.undo);
+                    self.commit_failed(&prepared.outgoing);
                     return Err(e.into());
                 }
             }
@@ -235,30 +246,15 @@ impl Partition {
         Ok(self.published(prepared, done).await)
     }
 
-    /// The name of this partition's timer checkpoint in the store.
-    pub fn checkpoint_name(id: usize) -> String {
-        format!("partition/{id}")
-    }
-
-    /// Writes the timer checkpoint when it moved (in a task of its own: a checkpoint written
-    /// late or lost only makes a recovery read more).
-    fn write_checkpoint(&mut self) {
-        let now_ms = self.shared.clock.now_ms();
-        if let Some(position) = self.deferred.checkpoint_due(now_ms) {
-            let store = self.shared.store.clone();
-            let name = Self::checkpoint_name(self.id);
-            tokio::spawn(async move {
-                if let Err(e) = store.set_timer_checkpoint(&name, position).await {
-                    warn!(%name, error = %e, "writing the timer checkpoint failed; retrying later");
-                }
-            });
-        }
-    }
-
     /// After the commit (if the batch had anything to commit): hands the lane service, the
     /// outbox relay and the timer service their part, and returns the inputs' outcomes.
-    async fn published(&mut self, prepared: Prepared, committed: Option<Committed>) -> Vec<Outcome> {
+    async fn published(&mut self, mut prepared: Prepared, committed: Option<Committed>) -> Vec<Outcome> {
         self.deferred.settled(prepared.undo, committed);
+        if let Some(c) = committed.filter(|c| c.events > 0 && !prepared.outgoing.derived.is_empty()) {
+            // Derived messages only come with events: the commit is after the checkpoint.
+            let hold = self.deferred.hold(c.last_position - c.events as i64);
+            prepared.outgoing.held = Some((self.id, hold));
+        }
         if let Some(c) = committed.filter(|c| c.events > 0) {
             self.shared.log_end.fetch_max(c.last_position, Ordering::Relaxed);
         }
@@ -273,7 +269,7 @@ impl Partition {
             // The lane service may be gone at shutdown; it rebuilds from the run index.
             let _ = self.shared.lane_tx.send(note);
         }
-        if !prepared.outgoing.stored.is_empty() || !prepared.outgoing.advisory.is_empty() {
+        if !prepared.outgoing.is_empty() {
             // The relay may be gone at shutdown; the rows are in the table for the next start.
             let _ = self.shared.outbox_tx.send(prepared.outgoing);
         }
@@ -311,7 +307,7 @@ impl Partition {
         let mut work: HashMap<String, Work> = HashMap::new();
         let mut outcomes = Vec::with_capacity(envs.len());
         let mut batch = Batch { inputs_at_ms: now_ms, ..Batch::default() };
-        let mut outgoing = Outgoing { stored: Vec::new(), advisory: Vec::new() };
+        let mut outgoing = Outgoing::default();
         // Last write wins per timer key, in effect order; None means "delete". A set carries
         // whether it may be kept in memory (see `deferred.rs`).
         let mut timers: BTreeMap<(String, String), Option<(TimerRow, bool)>> = BTreeMap::new();
@@ -429,6 +425,8 @@ impl Partition {
                         if let Some(message) = codec::effect_message(meta, effect, &time) {
                             if codec::is_advisory(effect) {
                                 outgoing.advisory.push(message);
+                            } else if codec::is_derived(effect) {
+                                outgoing.derived.push(message);
                             } else {
                                 batch.outbox.push(codec::outbox_row(&message));
                                 outgoing.stored.push(message);

@@ -1,4 +1,5 @@
-//! At start, before any partition runs: sets again the timers a crash may have lost.
+//! At start, before any partition runs: sets again the timers a crash may have lost, and sends
+//! again the awards and notifications it may have kept from the broker.
 //!
 //! Partitions keep short-lived timers in memory (`partition/deferred.rs`) and record, per
 //! partition, a checkpoint: the event position up to which every timer they set is in the
@@ -7,7 +8,15 @@
 //! This reads those events, folds each such run that is not over, and writes the timers the
 //! engine derives from its state (`RunState::derived_timers`). A timer already in the store is
 //! written again at the same time (a re-offer: now); one the run no longer relies on is moot
-//! when it fires. Then every checkpoint moves to the end of the log.
+//! when it fires.
+//!
+//! Awards and notifications are published after the commit without an outbox row, and a
+//! partition's checkpoint passes a commit only once the relay published its messages. So the
+//! same runs hold every such message a crash may have lost: this publishes again the ones each
+//! state relies on (`RunState::derived_messages`: awards to holders that have neither started
+//! nor ended, the notification of a run that ended), under their original ids. A worker
+//! already running the attempt, or done with it, knows the award by its token. Then every
+//! checkpoint moves to the end of the log.
 //!
 //! The work is bounded by what partitions keep in memory: about a second of commits.
 
@@ -24,9 +33,10 @@ use super::{Shared, codec, partition};
 const PAGE: usize = 1_000;
 const RUNS_PER_COMMIT: usize = 256;
 
-/// Derives the timers lost since the lowest checkpoint, then moves every checkpoint (those of
-/// `names` and any left by another partitioning) to the end of the log, which it returns.
-pub async fn derive_lost_timers(shared: &Shared, names: &[String]) -> Result<Position, RuntimeError> {
+/// Derives the timers and messages lost since the lowest checkpoint, then moves every
+/// checkpoint (those of `names` and any left by another partitioning) to the end of the log,
+/// which it returns. A store or broker that fails stops the start.
+pub async fn derive_lost(shared: &Shared, names: &[String]) -> Result<Position, RuntimeError> {
     let store = &shared.store;
     let checkpoints = store.timer_checkpoints().await?;
     let end = store.last_position().await?;
@@ -42,10 +52,13 @@ pub async fn derive_lost_timers(shared: &Shared, names: &[String]) -> Result<Pos
         runs.extend(page.into_iter().filter(|e| seen.insert(e.run_id.clone())).map(|e| e.run_id));
     }
     let now_ms = shared.clock.now_ms();
+    let time = codec::rfc3339(now_ms);
     let mut derived = 0;
+    let mut sent = 0;
     for chunk in runs.chunks(RUNS_PER_COMMIT) {
         let events = store.read_streams(chunk).await?;
         let mut batch = Batch::default();
+        let mut messages = Vec::new();
         for stream in events.chunk_by(|a, b| a.run_id == b.run_id) {
             let run_id = &stream[0].run_id;
             // A run that cannot be folded (unreadable events, a definition gone) is refused at its
@@ -55,17 +68,25 @@ pub async fn derive_lost_timers(shared: &Shared, names: &[String]) -> Result<Pos
                 Ok((state, _)) => state,
                 Err(e @ RuntimeError::Store(_)) => return Err(e),
                 Err(e) => {
-                    warn!(%run_id, error = %e, "cannot fold the run to derive its timers");
+                    warn!(%run_id, error = %e, "cannot fold the run to derive its timers and messages");
                     continue;
                 }
             };
             for (kind, at) in state.derived_timers(Timestamp(now_ms as u64)) {
                 batch.set_timers.push(codec::engine_timer_row(run_id, &kind, at));
             }
+            if let Some(meta) = state.meta() {
+                let effects = state.derived_messages();
+                messages.extend(effects.iter().filter_map(|e| codec::effect_message(meta, e, &time)));
+            }
         }
         derived += batch.set_timers.len();
         if !batch.set_timers.is_empty() {
             store.commit(batch).await?;
+        }
+        sent += messages.len();
+        if !messages.is_empty() {
+            shared.broker.publish(std::mem::take(&mut messages)).await?;
         }
     }
     if !runs.is_empty() {
@@ -74,7 +95,8 @@ pub async fn derive_lost_timers(shared: &Shared, names: &[String]) -> Result<Pos
             to = end,
             runs = runs.len(),
             timers = derived,
-            "derived the timers of the runs since the checkpoint"
+            messages = sent,
+            "derived the timers and messages of the runs since the checkpoint"
         );
     }
     let stale = checkpoints.into_iter().map(|(name, _)| name);

@@ -181,3 +181,69 @@ fn the_demo_resumes_after_kill_minus_nine() {
     assert!(!text.contains("triggered dev.delivery"), "the second start must not start new runs:\n{text}");
     assert!(out.status.success(), "the resumed demo must finish as expected:\n{text}");
 }
+
+/// Crashes at the `n`-th commit's `AfterCommit` point: after the commit, before its messages
+/// reach the relay.
+struct CrashAfterCommit {
+    n: usize,
+    seen: std::sync::atomic::AtomicUsize,
+}
+
+impl capstan::runtime::FaultInjector for CrashAfterCommit {
+    fn should_crash(&self, point: capstan::runtime::FaultPoint) -> bool {
+        matches!(point, capstan::runtime::FaultPoint::AfterCommit)
+            && self.seen.fetch_add(1, std::sync::atomic::Ordering::SeqCst) + 1 == self.n
+    }
+}
+
+/// An award has no outbox row: a crash between its commit and its publication loses it, and the
+/// restart sends it again from the run's state. The timeouts are an hour, so only the derived
+/// award can move the run on; the worker and the broker live through the crash.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn an_award_lost_with_a_crash_is_sent_again_at_restart() {
+    const ONE_TASK: &str = r#"
+apiVersion: capstan.dev/v1
+kind: Shipyard
+metadata: {name: once}
+spec:
+  stages:
+    - name: dev
+      sequences:
+        - name: one
+          tasks:
+            - {name: build, type: work, dispatch: queue, timeouts: {startToClose: 1h, scheduleToStart: 1h}}
+"#;
+    let dir = tempfile::tempdir().expect("tempdir");
+    let store: Arc<dyn Store> = Arc::new(SqliteStore::open(&dir.path().join("a.db")).await.expect("sqlite"));
+    let broker: Arc<dyn capstan_brokers::Broker> = Arc::new(capstan_brokers::memory::MemoryBroker::new());
+    let script: Script =
+        Arc::new(|_, _| Behaviour::Complete { after: Duration::from_millis(5), result: TaskResult::Pass, error: None });
+    let log = Arc::new(Mutex::new(WorkerLog::default()));
+    let _worker = scripted_worker(broker.clone(), "w", BTreeMap::new(), &["work"], script, log.clone()).await;
+
+    // The run's start is the first commit, the worker's claim (the award) the second.
+    let crash = Arc::new(CrashAfterCommit { n: 2, seen: Default::default() });
+    let config = RuntimeConfig { faults: Faults::with(crash), ..RuntimeConfig::default() };
+    let start = |config| {
+        capstan::runtime::Runtime::start(config, store.clone(), broker.clone(), Arc::new(capstan::runtime::SystemClock))
+    };
+    let rt = start(config).await.expect("runtime starts");
+    rt.apply_definition("p", ONE_TASK).await.expect("definition");
+    let trigger =
+        TriggerRequest { project: "p".into(), stage: "dev".into(), sequence: "one".into(), ..Default::default() };
+    let run_id = rt.trigger(trigger).await.expect("trigger");
+    let point = tokio::time::timeout(Duration::from_secs(10), rt.crashed()).await.expect("the award's commit crashes");
+    assert_eq!(point, capstan::runtime::FaultPoint::AfterCommit);
+    rt.abort();
+    let awarded = |events: &[Event]| events.iter().filter(|e| matches!(e, Event::TaskAwarded { .. })).count();
+    assert_eq!(awarded(&history(&*store, &run_id).await), 1, "the award is committed");
+    assert!(log.lock().expect("log").awards.is_empty(), "the award never reached the worker");
+
+    let rt = start(RuntimeConfig::default()).await.expect("runtime restarts");
+    let record = crate::support::wait_run_over(&*store, &run_id, Duration::from_secs(20)).await;
+    assert_eq!(record.result.as_deref(), Some("pass"));
+    let events = history(&*store, &run_id).await;
+    assert_eq!(awarded(&events), 1, "the award was sent again, not made again: {events:?}");
+    assert_eq!(log.lock().expect("log").awards.len(), 1, "the worker got the award once");
+    rt.shutdown().await;
+}

@@ -301,9 +301,10 @@ async fn a_cache_too_small_for_any_run_reads_runs_back_and_loses_nothing() {
 }
 
 /// A losing bid's rejection reaches its worker without an outbox row (rejections and offers are
-/// published after the commit, best effort: `codec::is_advisory`), while awards keep theirs.
+/// published after the commit, best effort: `codec::is_advisory`), and so do awards and the
+/// notifications that runs ended (sent again from the states after a crash: `codec::is_derived`).
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-async fn rejections_reach_the_losing_bidders_without_outbox_rows() {
+async fn rejections_offers_and_awards_reach_workers_without_outbox_rows() {
     let dir = tempfile::tempdir().expect("tempdir");
     let counted = Instrumented::open(dir.path(), true, false).await;
     let (rt, broker) = engine(counted.clone(), RuntimeConfig::default()).await;
@@ -341,6 +342,8 @@ async fn rejections_reach_the_losing_bidders_without_outbox_rows() {
     let count = |ty: &str| types.iter().filter(|t| *t == ty).count();
     assert_eq!(count(capstan_proto::types::TASK_REJECTED), 0, "rejections were written to the outbox");
     assert_eq!(count(capstan_proto::types::TASK_OFFERED), 0, "offers were written to the outbox");
-    assert!(count(capstan_proto::types::TASK_AWARDED) >= 10 * 4, "awards lost their outbox rows: {types:?}");
+    assert_eq!(count(capstan_proto::types::TASK_AWARDED), 0, "awards were written to the outbox");
+    assert_eq!(count(capstan_proto::types::SEQUENCE_FINISHED), 0, "notifications were written to the outbox");
+    assert_eq!(log.lock().expect("log").awards.len(), 10 * 4, "every award reached its worker once");
     all_recorded_once(&*counted, &run_ids).await;
 }

@@ -13,11 +13,19 @@
 //!
 //! A derived timer may be one the live run had no longer armed (a delay that fired while the
 //! run was paused, say). Such a timer is moot when it fires; the simulator checks both halves.
+//!
+//! The same holds for two kinds of messages ([`RunState::derived_messages`]): the award of an
+//! attempt whose holder has neither started nor ended, and the notification that the run
+//! ended. The runtime publishes them after the commit without an outbox row and, after a
+//! crash, sends them again from the states of the runs after its checkpoint. A worker knows an
+//! award it already took by its attempt and token, and the ids of both messages are derived
+//! from what they say, so a consumer can drop a copy by id.
 
-use capstan_proto::DispatchMode;
+use capstan_proto::{Award, DispatchMode, SequenceFinished};
 
 use super::state::{RunState, TaskPhase};
-use super::types::TimerKind;
+use super::step::Step;
+use super::types::{Ctx, Effect, TimerKind, WorkerMessage};
 use crate::duration::{Timestamp, parse_duration};
 
 impl RunState {
@@ -40,6 +48,55 @@ impl RunState {
             | TimerKind::ApprovalTimeout { task } => task,
         };
         self.index(task).is_some()
+    }
+
+    /// Whether the runtime may publish `effect` without an outbox row because
+    /// [`RunState::derived_messages`] sends it again from the state after a crash: an award or a
+    /// notification that the run ended.
+    pub fn derives_message(effect: &Effect) -> bool {
+        matches!(effect, Effect::Send { message: WorkerMessage::Award(_), .. } | Effect::Notify(_))
+    }
+
+    /// The messages this state relies on having reached their consumers, as `decide` sent them:
+    /// the award of every holder of a current attempt that has neither started nor ended, and,
+    /// once the run is over, the notification that it ended.
+    pub fn derived_messages(&self) -> Vec<Effect> {
+        let mut messages = Vec::new();
+        let Some(meta) = &self.meta else { return messages };
+        if let Some((_, result)) = self.finished {
+            messages.push(Effect::Notify(SequenceFinished {
+                project: meta.project.clone(),
+                run_id: meta.run_id.clone(),
+                context_id: meta.context_id.clone(),
+                stage: meta.stage.clone(),
+                sequence: meta.sequence.clone(),
+                service: meta.service.clone(),
+                result,
+            }));
+            return messages;
+        }
+        let ctx = Ctx { now: Timestamp(0), random: 0 };
+        let mut step: Option<Step<'_>> = None;
+        for (i, t) in self.tasks.iter().enumerate() {
+            if !matches!(t.phase, TaskPhase::Awarded | TaskPhase::Running) {
+                continue;
+            }
+            let Some(spec) = self.spec(i) else { continue };
+            for h in t.holders.iter().filter(|h| !h.started && h.outcome.is_none()) {
+                let step = step.get_or_insert_with(|| Step::new(self, &ctx));
+                let award = Award {
+                    attempt: step.attempt_ref(i),
+                    worker_id: h.worker_id.clone(),
+                    token: h.token,
+                    task_type: spec.task_type.clone(),
+                    input: step.task_input(i),
+                    heartbeat_ms: spec.timeouts.heartbeat,
+                    start_to_close_ms: spec.timeouts.start_to_close,
+                };
+                messages.push(Effect::Send { worker_id: h.worker_id.clone(), message: WorkerMessage::Award(award) });
+            }
+        }
+        messages
     }
 
     /// Every timer of a kind [`RunState::derives`] that this state relies on, with its due time.

@@ -18,7 +18,7 @@
 //! it changed ([`Undo`]): a failed commit puts the map back, a successful one dates the timers
 //! it set by the commit's position and forgets those it wrote.
 
-use std::collections::HashMap;
+use std::collections::{HashMap, VecDeque};
 
 use capstan_store::{Committed, Position, TimerRow};
 
@@ -73,6 +73,12 @@ pub struct Deferred {
     /// The checkpoint last written, and when.
     written: Position,
     written_at_ms: i64,
+    /// Derived messages (awards, notifications) handed to the relay and not yet published,
+    /// oldest first: the position before the events they come from, and the hold's number. A
+    /// restart sends them again only for runs after the checkpoint, so it stays before these.
+    held: VecDeque<(Position, u64)>,
+    /// The number of the last hold.
+    last_hold: u64,
 }
 
 impl Deferred {
@@ -85,6 +91,8 @@ impl Deferred {
             last_position: position,
             written: position,
             written_at_ms: 0,
+            held: VecDeque::new(),
+            last_hold: 0,
         }
     }
 
@@ -193,10 +201,28 @@ impl Deferred {
         }
     }
 
-    /// The position up to which every timer this partition set is in the store (or moot).
-    /// Timers of batches still committing date from after the last committed position.
+    /// Derived messages from events after `before` go to the relay: the checkpoint stays at
+    /// or before `before` until the relay says it published them ([`Self::relayed`] with the
+    /// number returned; the relay publishes in the order handed).
+    pub fn hold(&mut self, before: Position) -> u64 {
+        self.last_hold += 1;
+        self.held.push_back((before, self.last_hold));
+        self.last_hold
+    }
+
+    /// The relay published the messages of every hold up to number `through`.
+    pub fn relayed(&mut self, through: u64) {
+        while self.held.front().is_some_and(|&(_, n)| n <= through) {
+            self.held.pop_front();
+        }
+    }
+
+    /// The position up to which every timer this partition set is in the store (or moot) and
+    /// every derived message it sent is published. Timers of batches still committing date
+    /// from after the last committed position.
     pub fn checkpoint(&self) -> Position {
-        self.entries.values().filter_map(|e| e.before).fold(self.last_position, Position::min)
+        let held = self.held.front().map(|&(before, _)| before);
+        self.entries.values().filter_map(|e| e.before).chain(held).fold(self.last_position, Position::min)
     }
 
     /// The checkpoint to write now, if it moved and the last write is old enough.
@@ -214,7 +240,7 @@ impl Deferred {
     /// when only other partitions wrote events, up to `log_end`, see [`Self::idle`]).
     pub fn wake_at(&self, log_end: Position) -> Option<i64> {
         let flush = (!self.entries.is_empty()).then_some(self.next_flush_at);
-        let behind = self.checkpoint().max(if self.entries.is_empty() { log_end } else { 0 }) > self.written;
+        let behind = self.checkpoint().max(if self.holds_nothing() { log_end } else { 0 }) > self.written;
         let checkpoint = behind.then_some(self.written_at_ms + CHECKPOINT_EVERY_MS);
         flush.into_iter().chain(checkpoint).min()
     }
@@ -224,9 +250,14 @@ impl Deferred {
     /// partition lies after its checkpoint, so the checkpoint may move there: a partition
     /// that gets no runs must not hold every recovery back to where it last committed.
     pub fn idle(&mut self, log_end: Position) {
-        if self.entries.is_empty() {
+        if self.holds_nothing() {
             self.last_position = self.last_position.max(log_end);
         }
+    }
+
+    /// Neither a timer nor an unpublished message of this partition lies after its checkpoint.
+    fn holds_nothing(&self) -> bool {
+        self.entries.is_empty() && self.held.is_empty()
     }
 }
 
@@ -319,6 +350,27 @@ mod tests {
         assert_eq!(d.wake_at(9), Some(11_000));
         assert_eq!(d.checkpoint_due(11_000), Some(9));
         assert_eq!(d.wake_at(9), None);
+    }
+
+    #[test]
+    fn unpublished_derived_messages_hold_the_checkpoint_before_their_commit() {
+        let mut d = Deferred::new(0);
+        d.settled(Undo::default(), committed(4, 4));
+        d.settled(Undo::default(), committed(7, 3));
+        assert_eq!(d.hold(4), 1);
+        d.settled(Undo::default(), committed(9, 2));
+        assert_eq!(d.hold(7), 2);
+        assert_eq!(d.checkpoint(), 4, "before the first commit whose messages wait");
+        d.idle(40);
+        assert_eq!(d.checkpoint(), 4, "an idle partition with messages waiting does not move on");
+        d.relayed(0);
+        assert_eq!(d.checkpoint(), 4);
+        d.relayed(1);
+        assert_eq!(d.checkpoint(), 7);
+        d.relayed(2);
+        assert_eq!(d.checkpoint(), 9);
+        d.idle(40);
+        assert_eq!(d.checkpoint(), 40);
     }
 
     #[test]

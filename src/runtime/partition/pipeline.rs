@@ -37,6 +37,7 @@ impl Partition {
             // see whether other partitions moved the end of the log (`Deferred::idle`).
             let log_end = self.shared.log_end.load(Ordering::Relaxed);
             let now_ms = self.shared.clock.now_ms();
+            self.note_relayed();
             let wake = self.deferred.wake_at(log_end).map_or(IDLE_LOOK_MS, |at| (at - now_ms).clamp(5, IDLE_LOOK_MS));
             tokio::select! {
                 biased;
@@ -157,6 +158,7 @@ impl Partition {
                     again = Some(next_envs);
                 }
                 self.deferred.undo(prepared.undo);
+                self.commit_failed(&prepared.outgoing);
                 self.process(envs).await;
                 if let Some(envs) = again {
                     self.process(envs).await;

@@ -4,7 +4,7 @@
 
 use std::collections::{BTreeMap, BTreeSet};
 
-use capstan_proto::Award;
+use capstan_proto::{Award, SequenceFinished};
 use proptest::prelude::*;
 
 use super::*;
@@ -82,6 +82,7 @@ struct Sim {
     delivered: Vec<Input>,
     timers: BTreeMap<String, (TimerKind, u64)>,
     awards: Vec<Award>,
+    notified: Vec<SequenceFinished>,
     // Invariant bookkeeping.
     last_token: u64,
     awarded: BTreeSet<(String, u32)>,
@@ -115,6 +116,7 @@ impl Sim {
             self.effect(effect);
         }
         self.check_derived();
+        self.check_derived_messages();
     }
 
     /// An input the runtime records no id for (`Input::idempotent_by_state`), once accepted,
@@ -170,6 +172,39 @@ impl Sim {
                 assert!(self.moot(kind, *at), "{key} derived but neither live nor moot\n{}", self.run.history());
             }
         }
+    }
+
+    /// What a restarted runtime would publish again from the state alone: exactly the awards
+    /// `decide` sent to holders that have neither started nor ended, as they were sent, and
+    /// once the run is over its one notification.
+    fn check_derived_messages(&self) {
+        let st = &self.run.state;
+        let mut derived = st.derived_messages();
+        if st.is_over() {
+            assert_eq!(self.notified.len(), 1, "one notification per run\n{}", self.run.history());
+            assert_eq!(derived, vec![Effect::Notify(self.notified[0].clone())], "{}", self.run.history());
+            return;
+        }
+        assert!(self.notified.is_empty(), "a notification before the end");
+        for a in &self.awards {
+            let live = st.index(&a.attempt.task).map(|i| &st.tasks[i]).is_some_and(|t| {
+                t.attempt == a.attempt.attempt
+                    && matches!(t.phase, TaskPhase::Awarded | TaskPhase::Running)
+                    && t.holders.iter().any(|h| h.token == a.token && !h.started && h.outcome.is_none())
+            });
+            let at = derived.iter().position(|m| {
+                matches!(m, Effect::Send { worker_id, message: WorkerMessage::Award(d) } if d == a && *worker_id == a.worker_id)
+            });
+            match (live, at) {
+                (true, Some(at)) => _ = derived.remove(at),
+                (true, None) => panic!("the award {a:?} is not derived\n{}", self.run.history()),
+                (false, Some(_)) => {
+                    panic!("the award {a:?} is derived but its holder moved on\n{}", self.run.history())
+                }
+                (false, None) => {}
+            }
+        }
+        assert!(derived.is_empty(), "derived but never sent: {derived:?}\n{}", self.run.history());
     }
 
     /// Whether `kind` firing at `at` would change nothing.
@@ -263,7 +298,8 @@ impl Sim {
                 }
                 self.awards.push(a);
             }
-            Effect::Send { .. } | Effect::StartRun { .. } | Effect::Notify(_) => {}
+            Effect::Notify(n) => self.notified.push(n),
+            Effect::Send { .. } | Effect::StartRun { .. } => {}
             Effect::SetTimer { kind, at } => _ = self.timers.insert(kind.key(), (kind, at.0)),
             Effect::CancelTimer { kind } => _ = self.timers.remove(&kind.key()),
         }
@@ -341,6 +377,7 @@ fn simulate(gens: &[Gen], seed: u64, chaos_steps: usize) {
         delivered: Vec::new(),
         timers: BTreeMap::new(),
         awards: Vec::new(),
+        notified: Vec::new(),
         last_token: 0,
         awarded: BTreeSet::new(),
         accepted: BTreeSet::new(),
