@@ -270,7 +270,8 @@ impl Partition {
             let _ = self.shared.lane_tx.send(note);
         }
         if !prepared.outgoing.is_empty() {
-            // The relay may be gone at shutdown; the rows are in the table for the next start.
+            // The relay may be gone at shutdown; the rows are in the table for the next start,
+            // and the derived messages, held behind the checkpoint, are derived again then.
             let _ = self.shared.outbox_tx.send(prepared.outgoing);
         }
         if let Some(at) = prepared.earliest_timer {

@@ -5,8 +5,8 @@
 //! partition, a checkpoint: the event position up to which every timer they set is in the
 //! store. A timer is kept in memory only when the commit that set it appended events to its
 //! run, so every run whose timers a crash may have lost has events after the lowest checkpoint.
-//! This reads those events, folds each such run that is not over, and writes the timers the
-//! engine derives from its state (`RunState::derived_timers`). A timer already in the store is
+//! This reads those events, folds each such run, and writes the timers the engine derives from
+//! the state of each one that is not over (`RunState::derived_timers`). A timer already in the store is
 //! written again at the same time (a re-offer: now); one the run no longer relies on is moot
 //! when it fires.
 //!
