@@ -173,6 +173,12 @@ pub fn is_derived(effect: &Effect) -> bool {
     RunState::derives_message(effect)
 }
 
+/// The messages of a state's derived effects (`RunState::derived_messages`), to send again.
+pub fn derived_messages(state: &RunState, time: &str) -> Vec<Message> {
+    let Some(meta) = state.meta() else { return Vec::new() };
+    state.derived_messages().iter().filter_map(|e| effect_message(meta, e, time)).collect()
+}
+
 fn offer_topic(offer: &TaskOffer) -> String {
     match offer.dispatch {
         DispatchMode::Queue => topics::queue(&offer.task_type),

@@ -75,10 +75,7 @@ pub async fn derive_lost(shared: &Shared, names: &[String]) -> Result<Position, 
             for (kind, at) in state.derived_timers(Timestamp(now_ms as u64)) {
                 batch.set_timers.push(codec::engine_timer_row(run_id, &kind, at));
             }
-            if let Some(meta) = state.meta() {
-                let effects = state.derived_messages();
-                messages.extend(effects.iter().filter_map(|e| codec::effect_message(meta, e, &time)));
-            }
+            messages.extend(codec::derived_messages(&state, &time));
         }
         derived += batch.set_timers.len();
         if !batch.set_timers.is_empty() {

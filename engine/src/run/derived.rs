@@ -21,8 +21,9 @@
 //! award it already took by its attempt and token, and the ids of both messages are derived
 //! from what they say, so a consumer can drop a copy by id.
 
-use capstan_proto::{Award, DispatchMode, SequenceFinished};
+use capstan_proto::DispatchMode;
 
+use super::flow::sequence_finished;
 use super::state::{RunState, TaskPhase};
 use super::step::Step;
 use super::types::{Ctx, Effect, TimerKind, WorkerMessage};
@@ -64,15 +65,7 @@ impl RunState {
         let mut messages = Vec::new();
         let Some(meta) = &self.meta else { return messages };
         if let Some((_, result)) = self.finished {
-            messages.push(Effect::Notify(SequenceFinished {
-                project: meta.project.clone(),
-                run_id: meta.run_id.clone(),
-                context_id: meta.context_id.clone(),
-                stage: meta.stage.clone(),
-                sequence: meta.sequence.clone(),
-                service: meta.service.clone(),
-                result,
-            }));
+            messages.push(Effect::Notify(sequence_finished(meta, result)));
             return messages;
         }
         let ctx = Ctx { now: Timestamp(0), random: 0 };
@@ -84,15 +77,7 @@ impl RunState {
             let Some(spec) = self.spec(i) else { continue };
             for h in t.holders.iter().filter(|h| !h.started && h.outcome.is_none()) {
                 let step = step.get_or_insert_with(|| Step::new(self, &ctx));
-                let award = Award {
-                    attempt: step.attempt_ref(i),
-                    worker_id: h.worker_id.clone(),
-                    token: h.token,
-                    task_type: spec.task_type.clone(),
-                    input: step.task_input(i),
-                    heartbeat_ms: spec.timeouts.heartbeat,
-                    start_to_close_ms: spec.timeouts.start_to_close,
-                };
+                let award = step.award_message(i, spec, &h.worker_id, h.token);
                 messages.push(Effect::Send { worker_id: h.worker_id.clone(), message: WorkerMessage::Award(award) });
             }
         }

@@ -6,7 +6,8 @@ use serde_json::{Map, Value};
 
 use super::state::TaskPhase;
 use super::step::Step;
-use super::types::{Effect, Event, NextSequence, RunStatus, TaskResult, TaskStatus, TimerKind, WorkerMessage};
+use super::types::{Effect, Event, NextSequence, RunMeta, RunStatus, TaskResult, TaskStatus, TimerKind, WorkerMessage};
+use crate::definition::model::Task;
 use crate::duration::parse_duration;
 
 /// The task type the engine handles itself, without a worker.
@@ -139,15 +140,7 @@ impl Step<'_> {
         let token = self.st.last_token + 1;
         let worker_id = worker.id.clone();
         self.emit(Event::TaskAwarded { task: spec.name.clone(), attempt, worker, token, at: self.now() });
-        let award = Award {
-            attempt: self.attempt_ref(i),
-            worker_id: worker_id.clone(),
-            token,
-            task_type: spec.task_type.clone(),
-            input: self.task_input(i),
-            heartbeat_ms: spec.timeouts.heartbeat,
-            start_to_close_ms: spec.timeouts.start_to_close,
-        };
+        let award = self.award_message(i, &spec, &worker_id, token);
         self.send(&worker_id, WorkerMessage::Award(award));
         if first {
             if spec.dispatch == DispatchMode::Auction {
@@ -157,6 +150,20 @@ impl Step<'_> {
             if let Some(limit) = spec.timeouts.start_to_close {
                 self.set_timer(TimerKind::StartToClose { task: spec.name, attempt }, self.now().plus(limit));
             }
+        }
+    }
+
+    /// The award of task `i`'s current attempt to `worker_id` under `token`; also what
+    /// `RunState::derived_messages` sends again after a crash.
+    pub fn award_message(&self, i: usize, spec: &Task, worker_id: &str, token: u64) -> Award {
+        Award {
+            attempt: self.attempt_ref(i),
+            worker_id: worker_id.to_string(),
+            token,
+            task_type: spec.task_type.clone(),
+            input: self.task_input(i),
+            heartbeat_ms: spec.timeouts.heartbeat,
+            start_to_close_ms: spec.timeouts.start_to_close,
         }
     }
 
@@ -265,16 +272,7 @@ impl Step<'_> {
 
     /// Tells watchers that the run ended.
     pub fn notify(&mut self, result: TaskResult) {
-        let meta = self.meta();
-        self.effect(Effect::Notify(SequenceFinished {
-            project: meta.project,
-            run_id: meta.run_id,
-            context_id: meta.context_id,
-            stage: meta.stage,
-            sequence: meta.sequence,
-            service: meta.service,
-            result,
-        }));
+        self.effect(Effect::Notify(sequence_finished(&self.meta(), result)));
     }
 
     /// Trigger data, then the outputs of the tasks task `i` depends on (transitively, in file
@@ -325,5 +323,19 @@ impl Step<'_> {
 fn merge(map: &mut Map<String, Value>, value: &Value) {
     if let Value::Object(o) = value {
         map.extend(o.clone());
+    }
+}
+
+/// The notification that the run of `meta` ended with `result`; also what
+/// `RunState::derived_messages` sends again after a crash.
+pub(super) fn sequence_finished(meta: &RunMeta, result: TaskResult) -> SequenceFinished {
+    SequenceFinished {
+        project: meta.project.clone(),
+        run_id: meta.run_id.clone(),
+        context_id: meta.context_id.clone(),
+        stage: meta.stage.clone(),
+        sequence: meta.sequence.clone(),
+        service: meta.service.clone(),
+        result,
     }
 }

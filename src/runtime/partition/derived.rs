@@ -11,7 +11,6 @@
 //! the failed commit until the relay has published them.
 
 use std::collections::HashSet;
-
 use std::sync::atomic::Ordering;
 
 use tracing::{debug, warn};
@@ -69,9 +68,7 @@ impl Partition {
                 for stream in stored.chunk_by(|a, b| a.run_id == b.run_id) {
                     // A run that cannot be folded is refused at its next input too.
                     let Ok((state, _)) = fold(&self.shared, &stream[0].run_id, stream).await else { continue };
-                    let Some(meta) = state.meta() else { continue };
-                    let messages = state.derived_messages();
-                    outgoing.derived.extend(messages.iter().filter_map(|e| codec::effect_message(meta, e, &time)));
+                    outgoing.derived.extend(codec::derived_messages(&state, &time));
                 }
             }
             // The attempts' timeouts recover what this would have sent.
