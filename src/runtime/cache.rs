@@ -1,7 +1,8 @@
 //! A cache of run states bounded by memory, least recently used out first. Finished runs are not
 //! kept.
 
-use std::collections::{HashMap, VecDeque};
+use foldhash::{HashMap, HashMapExt};
+use std::collections::VecDeque;
 
 use capstan_engine::run::RunState;
 

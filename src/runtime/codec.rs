@@ -5,7 +5,7 @@ use capstan_brokers::Message;
 use capstan_engine::Timestamp;
 use capstan_engine::run::{Effect, Event, Input, RunMeta, RunState, TimerKind, WorkerMessage};
 use capstan_proto::{CloudEvent, DispatchMode, TaskOffer, ext, topics, types};
-use capstan_store::{NewEvent, OutboxMessage, StoredEvent, TimerRow};
+use capstan_store::{NewEvent, OutboxMessage, RawJson, StoredEvent, TimerRow};
 use serde::{Deserialize, Serialize};
 use serde_json::Value;
 use uuid::Uuid;
@@ -31,14 +31,24 @@ pub enum CodecError {
 /// (`capstan_store::event_id`), so a replayed decision can never store one event twice under
 /// two ids.
 pub fn encode_event(event: &Event, now_ms: i64) -> NewEvent {
-    let payload = serde_json::to_value(event).expect("engine events always serialize");
-    let kind = payload.get("event").and_then(Value::as_str).unwrap_or("unknown").to_string();
-    NewEvent { kind, payload, recorded_at_ms: now_ms }
+    let payload = RawJson::new(event).expect("engine events always serialize");
+    NewEvent { kind: event_kind(&payload), payload, recorded_at_ms: now_ms }
+}
+
+/// The type of an encoded event: its `event` tag. serde writes an internally tagged enum's tag
+/// first (`{"event":"task-offered",...`), which is read off the text without parsing the rest.
+fn event_kind(payload: &RawJson) -> String {
+    let text = payload.as_str();
+    let leading = text.strip_prefix(r#"{"event":""#).and_then(|rest| rest.split_once('"')).map(|(kind, _)| kind);
+    match leading {
+        Some(kind) if !kind.contains('\\') => kind.to_string(),
+        _ => payload.to_value().get("event").and_then(Value::as_str).unwrap_or("unknown").to_string(),
+    }
 }
 
 /// Decodes a stored event back into the engine's word.
 pub fn decode_event(stored: &StoredEvent) -> Result<Event, CodecError> {
-    serde_json::from_value(stored.payload.clone()).map_err(|source| CodecError::Event {
+    Event::deserialize(&stored.payload).map_err(|source| CodecError::Event {
         run_id: stored.run_id.clone(),
         id: stored.id.clone(),
         source,
@@ -85,7 +95,7 @@ pub fn start_run_row(parent_run: &str, meta: &RunMeta, data: &Value, now_ms: i64
 
 /// Reads a due timer row.
 pub fn decode_timer(row: &TimerRow) -> Result<FiredTimer, CodecError> {
-    let payload: TimerPayload = serde_json::from_value(row.payload.clone()).map_err(|source| CodecError::Timer {
+    let payload: TimerPayload = TimerPayload::deserialize(&row.payload).map_err(|source| CodecError::Timer {
         run_id: row.run_id.clone(),
         key: row.key.clone(),
         source,
@@ -303,6 +313,42 @@ mod tests {
         assert_eq!(rfc3339(0), "1970-01-01T00:00:00.000Z");
         assert_eq!(rfc3339(1_795_651_200_123), "2026-11-26T00:00:00.123Z");
         assert_eq!(rfc3339(951_825_600_000), "2000-02-29T12:00:00.000Z");
+    }
+
+    #[test]
+    fn an_encoded_event_is_its_json_under_the_type_of_its_tag() {
+        let events = [
+            Event::RunQueued { at: Timestamp(5) },
+            Event::TaskDelayed { task: "deploy".into(), until: Timestamp(9), at: Timestamp(5) },
+            Event::RunFinished {
+                status: capstan_engine::run::RunStatus::Finished,
+                result: capstan_engine::run::TaskResult::Warning,
+                next: Vec::new(),
+                at: Timestamp(7),
+            },
+        ];
+        for event in events {
+            let encoded = encode_event(&event, 11);
+            let value = serde_json::to_value(&event).expect("serializes");
+            assert_eq!(Some(encoded.kind.as_str()), value["event"].as_str(), "{event:?}");
+            assert_eq!(encoded.payload.to_value(), value);
+            assert_eq!(encoded.recorded_at_ms, 11);
+            let stored = StoredEvent {
+                position: 1,
+                run_id: "r".into(),
+                seq: 1,
+                id: "r:1".into(),
+                kind: encoded.kind,
+                payload: value,
+                recorded_at_ms: 11,
+            };
+            assert_eq!(decode_event(&stored).expect("decodes"), event);
+        }
+        // A tag not in front, or spelled with an escape, is still found by parsing.
+        let moved = RawJson::new(&serde_json::json!({ "at": 1, "event": "run-queued" })).expect("json");
+        assert_eq!(event_kind(&moved), "run-queued");
+        let escaped = RawJson::new(&serde_json::json!({ "event": "run\"queued" })).expect("json");
+        assert_eq!(event_kind(&escaped), "run\"queued");
     }
 
     #[test]

@@ -15,7 +15,8 @@
 //! early (evicted) is folded from the store without N's events, so N+1's append then fails its
 //! expected-version check rather than write over N.
 
-use std::collections::{BTreeMap, HashMap, HashSet};
+use foldhash::{HashMap, HashMapExt, HashSet, HashSetExt};
+use std::collections::BTreeMap;
 use std::sync::Arc;
 use std::sync::atomic::Ordering;
 use std::time::Duration;
@@ -344,7 +345,9 @@ impl Partition {
                 continue;
             }
             let ctx = Ctx { now: Timestamp(now_ms as u64), random: self.next_random() };
-            let decision = match w.state.decide(&env.input, &ctx) {
+            // Decided on the working state itself, which takes in the events as they are
+            // decided; an input that does not apply leaves it as it was.
+            let decision = match w.state.apply(&env.input, &ctx) {
                 Ok(d) => d,
                 Err(e) => {
                     outcomes.push(Outcome::Refused(e.into()));
@@ -353,7 +356,6 @@ impl Partition {
             };
             for event in &decision.events {
                 w.events.push(codec::encode_event(event, now_ms));
-                w.state.evolve(event);
                 let status = match event {
                     Event::RunStarted { .. } => {
                         w.created_at_ms = now_ms;

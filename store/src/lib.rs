@@ -37,10 +37,46 @@ pub type Position = i64;
 pub struct NewEvent {
     /// The event type.
     pub kind: String,
-    /// The event's data, opaque to the store.
-    pub payload: Value,
+    /// The event's data, opaque to the store, as the caller serialized it.
+    pub payload: RawJson,
     /// Milliseconds since the Unix epoch.
     pub recorded_at_ms: i64,
+}
+
+/// Valid JSON text, written as its producer serialized it. Event payloads travel as text from
+/// the serializer to the store: no [`Value`] tree is built, copied and dropped for each event
+/// on its way to a column that holds text (SQLite) or parses it anyway (PostgreSQL's `jsonb`).
+#[derive(Debug, Clone, Serialize, Deserialize)]
+#[serde(transparent)]
+pub struct RawJson(Box<serde_json::value::RawValue>);
+
+impl RawJson {
+    /// Serializes `value`.
+    pub fn new<T: Serialize + ?Sized>(value: &T) -> serde_json::Result<Self> {
+        serde_json::value::to_raw_value(value).map(RawJson)
+    }
+
+    /// The JSON text of a [`Value`], which always serializes.
+    pub fn from_value(value: &Value) -> Self {
+        RawJson::new(value).expect("a JSON value serializes")
+    }
+
+    /// The JSON text.
+    pub fn as_str(&self) -> &str {
+        self.0.get()
+    }
+
+    /// The text parsed into a [`Value`].
+    pub fn to_value(&self) -> Value {
+        serde_json::from_str(self.as_str()).expect("RawJson holds valid JSON")
+    }
+}
+
+/// Equal when the JSON values are, whatever the spelling (key order, spaces).
+impl PartialEq for RawJson {
+    fn eq(&self, other: &Self) -> bool {
+        self.as_str() == other.as_str() || self.to_value() == other.to_value()
+    }
 }
 
 /// An event as stored. `seq` numbers a run's events from 1 without gaps.

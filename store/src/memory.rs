@@ -82,7 +82,7 @@ impl CommitLog for MemoryStore {
                 seq: s.seq,
                 id: crate::event_id(s.run_id, s.seq),
                 kind: s.event.kind.clone(),
-                payload: s.event.payload.clone(),
+                payload: s.event.payload.to_value(),
                 recorded_at_ms: s.event.recorded_at_ms,
             });
             inner.streams.entry(s.run_id.to_owned()).or_default().push(index);

@@ -12,7 +12,8 @@
 //! (for example a task that finished and a retry that started in the same group commit) keeps the
 //! new timer: a lost timer could leave a task hanging, a stale one is ignored by the engine.
 
-use std::collections::{BTreeMap, HashMap, HashSet};
+use foldhash::{HashMap, HashMapExt, HashSet, HashSetExt};
+use std::collections::BTreeMap;
 
 use crate::{
     Batch, Error, EvaluationRecord, NewEvent, OutboxMessage, Result, RunRecord, StreamAppend, TimerCancel, TimerRow,
@@ -116,7 +117,10 @@ impl Plan {
 
     /// Checks every expected version against `current` (a run missing there has version 0) and
     /// numbers the events. Appends to the same run chain: the second expects the first's end.
-    pub fn sequence(&self, current: &HashMap<String, i64>) -> Result<Vec<Sequenced<'_>>> {
+    pub fn sequence<S: std::hash::BuildHasher>(
+        &self,
+        current: &std::collections::HashMap<String, i64, S>,
+    ) -> Result<Vec<Sequenced<'_>>> {
         let mut versions: HashMap<&str, i64> = HashMap::new();
         let mut out = Vec::with_capacity(self.event_count());
         for append in &self.appends {
@@ -141,10 +145,11 @@ impl Plan {
 #[cfg(test)]
 mod tests {
     use super::*;
+    use crate::RawJson;
     use serde_json::json;
 
     fn event(label: &str) -> NewEvent {
-        NewEvent { kind: "k".into(), payload: json!(label), recorded_at_ms: 1 }
+        NewEvent { kind: "k".into(), payload: RawJson::from_value(&json!(label)), recorded_at_ms: 1 }
     }
 
     fn append(run: &str, expected: i64, ids: &[&str]) -> StreamAppend {
@@ -159,7 +164,7 @@ mod tests {
     fn chained_appends_to_one_run_number_on() {
         let batch = Batch { appends: vec![append("r", 2, &["a", "b"]), append("r", 4, &["c"])], ..Batch::default() };
         let plan = Plan::new(batch).expect("valid");
-        let current = HashMap::from([("r".to_owned(), 2)]);
+        let current = std::collections::HashMap::from([("r".to_owned(), 2)]);
         let seqs: Vec<i64> = plan.sequence(&current).expect("no conflict").iter().map(|s| s.seq).collect();
         assert_eq!(seqs, vec![3, 4, 5]);
     }

@@ -26,7 +26,8 @@
 //! [`WorkerConfig::journal`] also on disk, written before the handler starts, so that it outlives
 //! a restart of the worker.
 
-use std::collections::{BTreeMap, HashMap, HashSet, VecDeque};
+use foldhash::{HashMap, HashMapExt, HashSet};
+use std::collections::{BTreeMap, VecDeque};
 use std::future::Future;
 use std::sync::Arc;
 use std::time::{Duration, SystemTime, UNIX_EPOCH};

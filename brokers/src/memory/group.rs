@@ -12,7 +12,8 @@
 //! Ready entries go out in publish order (lowest sequence first), redeliveries included, so a
 //! group with one member sees each key's messages in publish order.
 
-use std::collections::{BTreeSet, HashMap};
+use foldhash::HashMap;
+use std::collections::BTreeSet;
 use std::sync::{Arc, Mutex, MutexGuard};
 use std::time::Duration;
 

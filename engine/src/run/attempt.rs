@@ -38,7 +38,7 @@ struct Verdict {
     errors: Vec<String>,
 }
 
-impl Step<'_> {
+impl Step<'_, '_> {
     /// Ends the current attempt of task `i` with `outcome` for `worker_id` (or for every open
     /// holder when `None`), then retries it or ends the task.
     pub fn conclude_attempt(

@@ -6,7 +6,7 @@ use super::state::TaskPhase;
 use super::step::Step;
 use super::types::{AttemptOutcome, Error, Event, RunMeta, RunStatus, TaskResult, TaskStatus, TimerKind};
 
-impl Step<'_> {
+impl Step<'_, '_> {
     /// Commands other than `Start` need a started run that is not over.
     fn live(&self) -> Result<(), Error> {
         if self.st.meta.is_none() {

@@ -68,18 +68,27 @@ impl RunState {
             messages.push(Effect::Notify(sequence_finished(meta, result)));
             return messages;
         }
+        let awarded: Vec<(usize, String, u64)> = self
+            .tasks
+            .iter()
+            .enumerate()
+            .filter(|(_, t)| matches!(t.phase, TaskPhase::Awarded | TaskPhase::Running))
+            .flat_map(|(i, t)| {
+                let unstarted = t.holders.iter().filter(|h| !h.started && h.outcome.is_none());
+                unstarted.map(move |h| (i, h.worker_id.clone(), h.token))
+            })
+            .collect();
+        if awarded.is_empty() {
+            return messages;
+        }
+        // `award_message` is a step's: it runs on a copy, as `decide` does, and emits nothing.
         let ctx = Ctx { now: Timestamp(0), random: 0 };
-        let mut step: Option<Step<'_>> = None;
-        for (i, t) in self.tasks.iter().enumerate() {
-            if !matches!(t.phase, TaskPhase::Awarded | TaskPhase::Running) {
-                continue;
-            }
+        let mut copy = self.clone();
+        let step = Step::new(&mut copy, &ctx);
+        for (i, worker_id, token) in awarded {
             let Some(spec) = self.spec(i) else { continue };
-            for h in t.holders.iter().filter(|h| !h.started && h.outcome.is_none()) {
-                let step = step.get_or_insert_with(|| Step::new(self, &ctx));
-                let award = step.award_message(i, spec, &h.worker_id, h.token);
-                messages.push(Effect::Send { worker_id: h.worker_id.clone(), message: WorkerMessage::Award(award) });
-            }
+            let award = step.award_message(i, spec, &worker_id, token);
+            messages.push(Effect::Send { worker_id, message: WorkerMessage::Award(award) });
         }
         messages
     }

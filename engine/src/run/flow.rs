@@ -13,7 +13,7 @@ use crate::duration::parse_duration;
 /// The task type the engine handles itself, without a worker.
 pub const APPROVAL_TYPE: &str = "approval";
 
-impl Step<'_> {
+impl Step<'_, '_> {
     /// Starts whatever became ready and ends the run when nothing is left, until a fixed point:
     /// an automatic approval ends at once and may make the next task ready in the same decision.
     pub fn advance(&mut self) {

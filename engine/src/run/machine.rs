@@ -54,24 +54,41 @@ use crate::definition::model::{AwardPolicy, Task};
 
 impl RunState {
     /// Decides what `input` means for this run: new events and the effects they imply. Pure:
-    /// the state is unchanged; fold the returned events in with [`RunState::evolve`].
+    /// the state is unchanged; fold the returned events in with [`RunState::evolve`], or decide
+    /// with [`RunState::apply`], which does both without copying the state.
     pub fn decide(&self, input: &Input, ctx: &Ctx) -> Result<Decision, Error> {
+        self.clone().apply(input, ctx)
+    }
+
+    /// Decides what `input` means for this run and folds the decided events into the state:
+    /// exactly [`RunState::decide`] followed by [`RunState::evolve`] of every event, without the
+    /// copy of the state that `decide` works on. An input that does not apply changes nothing:
+    /// every command and worker message is checked before its first event.
+    pub fn apply(&mut self, input: &Input, ctx: &Ctx) -> Result<Decision, Error> {
         let mut step = Step::new(self, ctx);
+        let checked = step.route(input);
+        debug_assert!(checked.is_ok() || step.out.events.is_empty(), "an input refused after an event: {input:?}");
+        checked.map(|()| step.finish())
+    }
+}
+
+impl Step<'_, '_> {
+    /// Hands the input to its command or its task.
+    fn route(&mut self, input: &Input) -> Result<(), Error> {
         match input {
-            Input::Start { meta, data } => step.start(meta, data)?,
-            Input::Cancel { reason } => step.cancel(reason)?,
-            Input::Admit => step.admit_run()?,
-            Input::Pause => step.pause()?,
-            Input::Resume => step.resume()?,
-            Input::Approve { task, approved, by } => step.approve(task, *approved, by)?,
-            Input::Bid(bid) => step.with_task(&bid.attempt, &bid.worker.id, |s, i| s.on_bid(i, bid))?,
-            Input::Claim(claim) => step.with_task(&claim.attempt, &claim.worker.id, |s, i| s.on_claim(i, claim))?,
-            Input::Started(p) => step.with_task(&p.attempt, &p.worker_id, |s, i| s.on_started(i, p))?,
-            Input::Heartbeat(p) => step.with_task(&p.attempt, &p.worker_id, |s, i| s.on_heartbeat(i, p))?,
-            Input::Finished(f) => step.with_task(&f.attempt, &f.worker_id, |s, i| s.on_finished(i, f))?,
-            Input::Timer(kind) => step.on_timer(kind)?,
+            Input::Start { meta, data } => self.start(meta, data),
+            Input::Cancel { reason } => self.cancel(reason),
+            Input::Admit => self.admit_run(),
+            Input::Pause => self.pause(),
+            Input::Resume => self.resume(),
+            Input::Approve { task, approved, by } => self.approve(task, *approved, by),
+            Input::Bid(bid) => self.with_task(&bid.attempt, &bid.worker.id, |s, i| s.on_bid(i, bid)),
+            Input::Claim(claim) => self.with_task(&claim.attempt, &claim.worker.id, |s, i| s.on_claim(i, claim)),
+            Input::Started(p) => self.with_task(&p.attempt, &p.worker_id, |s, i| s.on_started(i, p)),
+            Input::Heartbeat(p) => self.with_task(&p.attempt, &p.worker_id, |s, i| s.on_heartbeat(i, p)),
+            Input::Finished(f) => self.with_task(&f.attempt, &f.worker_id, |s, i| s.on_finished(i, f)),
+            Input::Timer(kind) => self.on_timer(kind),
         }
-        Ok(step.finish())
     }
 }
 
@@ -80,7 +97,7 @@ pub fn meets_requirements(task: &Task, labels: &std::collections::BTreeMap<Strin
     task.requires.iter().all(|(k, v)| labels.get(k) == Some(v))
 }
 
-impl Step<'_> {
+impl Step<'_, '_> {
     /// Routes a worker's message to its task. On a run that is over, the worker only hears a
     /// rejection: the log does not grow after the end.
     fn with_task(

@@ -1,6 +1,7 @@
-//! The scratch pad of one `decide` call: a copy of the state that every emitted event is folded
-//! into at once, so that later steps of the same decision see the effect of earlier ones (a task
-//! ending makes the next one ready, which is then offered) with exactly `evolve`'s semantics.
+//! One decision under way: every emitted event is folded into the state at once, so that later
+//! steps of the same decision see the effect of earlier ones (a task ending makes the next one
+//! ready, which is then offered) with exactly `evolve`'s semantics. `RunState::apply` decides on
+//! the caller's state itself; `RunState::decide` on a copy.
 
 use capstan_proto::{AttemptRef, Rejection, TaskCancel};
 
@@ -9,17 +10,17 @@ use super::types::{Ctx, Decision, Effect, Event, RunMeta, TimerKind, WorkerMessa
 use crate::definition::model::Task;
 use crate::duration::Timestamp;
 
-/// A decision being built on top of a scratch copy of the state.
-pub(super) struct Step<'c> {
-    pub st: RunState,
+/// A decision being built on top of the state it changes.
+pub(super) struct Step<'s, 'c> {
+    pub st: &'s mut RunState,
     pub ctx: &'c Ctx,
     pub out: Decision,
 }
 
-impl<'c> Step<'c> {
-    /// Starts a decision from the current state.
-    pub fn new(state: &RunState, ctx: &'c Ctx) -> Self {
-        Step { st: state.clone(), ctx, out: Decision::default() }
+impl<'s, 'c> Step<'s, 'c> {
+    /// Starts a decision on `state`, which takes in each event as it is emitted.
+    pub fn new(state: &'s mut RunState, ctx: &'c Ctx) -> Self {
+        Step { st: state, ctx, out: Decision::default() }
     }
 
     /// Records an event and folds it into the scratch state.

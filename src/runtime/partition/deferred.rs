@@ -18,7 +18,8 @@
 //! it changed ([`Undo`]): a failed commit puts the map back, a successful one dates the timers
 //! it set by the commit's position and forgets those it wrote.
 
-use std::collections::{HashMap, VecDeque};
+use foldhash::{HashMap, HashMapExt};
+use std::collections::VecDeque;
 
 use capstan_store::{Committed, Position, TimerRow};
 

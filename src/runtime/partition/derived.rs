@@ -10,7 +10,7 @@
 //! So they are sent again from the stored states, under a hold that keeps the checkpoint before
 //! the failed commit until the relay has published them.
 
-use std::collections::HashSet;
+use foldhash::{HashSet, HashSetExt};
 use std::sync::atomic::Ordering;
 
 use tracing::{debug, warn};

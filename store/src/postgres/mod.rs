@@ -179,7 +179,7 @@ impl CommitLog for PostgresStore {
         // Numbers the events from each run's first expected version; this also checks that
         // appends to one run chain. The function checks those versions against the table.
         let expected = plan.first_expected_versions();
-        let sequenced = plan.sequence(&expected.iter().cloned().collect())?;
+        let sequenced = plan.sequence(&expected.iter().cloned().collect::<foldhash::HashMap<_, _>>())?;
         let runs = &plan.runs;
         let run_col = |f: fn(&crate::RunRecord) -> &str| runs.iter().map(f).collect::<Vec<_>>();
         let run_num = |f: fn(&crate::RunRecord) -> i64| runs.iter().map(f).collect::<Vec<_>>();

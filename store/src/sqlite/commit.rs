@@ -177,7 +177,7 @@ pub(super) async fn write(
     let mut event_payloads = Blobs::default();
     let mut event_rows = Vec::with_capacity(events.len());
     for s in events {
-        let (start, len) = event_payloads.push_json(&s.event.payload)?;
+        let (start, len) = event_payloads.push(s.event.payload.as_str().as_bytes());
         event_rows.push((s.run_id, s.seq, &s.event.kind, start, len, s.event.recorded_at_ms));
     }
     let runs: Vec<_> = plan
@@ -235,6 +235,7 @@ pub(super) async fn write(
 #[cfg(test)]
 mod tests {
     use super::*;
+    use crate::RawJson;
     use crate::sqlite::SqliteStore;
     use crate::testing::{append, appends};
     use crate::{
@@ -256,7 +257,7 @@ mod tests {
             .enumerate()
             .map(|(i, at)| NewEvent {
                 kind: odd(&format!("kind {i}")),
-                payload: json!({ "text": odd("payload"), "n": at }),
+                payload: RawJson::from_value(&json!({ "text": odd("payload"), "n": at })),
                 recorded_at_ms: at,
             })
             .collect();
@@ -301,7 +302,11 @@ mod tests {
         let stored = store.read_stream(&run_id, 1).await.expect("read");
         let read: Vec<NewEvent> = stored
             .iter()
-            .map(|e| NewEvent { kind: e.kind.clone(), payload: e.payload.clone(), recorded_at_ms: e.recorded_at_ms })
+            .map(|e| NewEvent {
+                kind: e.kind.clone(),
+                payload: RawJson::from_value(&e.payload),
+                recorded_at_ms: e.recorded_at_ms,
+            })
             .collect();
         assert_eq!(read, events);
         assert!(stored.iter().all(|e| e.run_id == run_id && e.id == crate::event_id(&run_id, e.seq)));

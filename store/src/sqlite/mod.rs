@@ -253,7 +253,7 @@ impl CommitLog for SqliteStore {
 mod tests {
     use super::*;
     use crate::testing::{append, appends};
-    use crate::{Error, EventReader, NewEvent, StreamAppend, TimerRow, Timers};
+    use crate::{Error, EventReader, NewEvent, RawJson, StreamAppend, TimerRow, Timers};
     use serde_json::{Value, json};
 
     /// Payloads are stored as JSON text: every kind of JSON value must come back as it went in
@@ -266,7 +266,7 @@ mod tests {
         let events = payloads
             .iter()
             .enumerate()
-            .map(|(i, p)| NewEvent { kind: format!("k{i}"), payload: p.clone(), recorded_at_ms: 7 })
+            .map(|(i, p)| NewEvent { kind: format!("k{i}"), payload: RawJson::from_value(p), recorded_at_ms: 7 })
             .collect();
         let timers = payloads
             .iter()
@@ -305,7 +305,9 @@ mod tests {
         let dir = tempfile::tempdir().expect("temp dir");
         let path = dir.path().join("capstan.db");
         let store = SqliteStore::open_with(&path, config).await.expect("open");
-        let events = (0..3).map(|i| NewEvent { kind: format!("k{i}"), payload: json!(i), recorded_at_ms: 1 }).collect();
+        let events = (0..3)
+            .map(|i| NewEvent { kind: format!("k{i}"), payload: RawJson::from_value(&json!(i)), recorded_at_ms: 1 })
+            .collect();
         let batch = Batch {
             appends: vec![StreamAppend { run_id: "r".into(), expected_version: 0, events }],
             ..Batch::default()

@@ -12,6 +12,7 @@
 mod streams;
 mod tables;
 
+use crate::RawJson;
 use serde_json::json;
 use std::future::Future;
 use std::pin::Pin;
@@ -100,7 +101,7 @@ where
 pub fn event(label: &str) -> NewEvent {
     NewEvent {
         kind: "capstan.test".to_owned(),
-        payload: json!({ "label": label, "nested": { "n": 1, "list": [1, "two", null] } }),
+        payload: RawJson::from_value(&json!({ "label": label, "nested": { "n": 1, "list": [1, "two", null] } })),
         recorded_at_ms: 1_700_000_000_000,
     }
 }

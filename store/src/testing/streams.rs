@@ -24,7 +24,7 @@ pub async fn append_and_read_back<S: Store>(store: Arc<S>) {
     let first = &stream[0];
     let sent = super::event("e1");
     assert_eq!((first.run_id.as_str(), first.kind.as_str()), ("r1", sent.kind.as_str()));
-    assert_eq!(first.payload, sent.payload);
+    assert_eq!(first.payload, sent.payload.to_value());
     assert_eq!(first.recorded_at_ms, sent.recorded_at_ms);
 
     let tail = store.read_stream("r1", 3).await.expect("read_stream from 3");

@@ -135,12 +135,25 @@ impl Run {
         (run, d)
     }
 
+    /// Decides `input` and folds its events, as the runtime does; checks on the way that
+    /// `RunState::apply` ends in the state the fold reaches, and that a refused input leaves
+    /// the state as it was.
     fn try_apply(&mut self, input: Input) -> Result<Decision, Error> {
         let ctx = Ctx { now: Timestamp(self.now), random: self.random };
-        let d = self.state.decide(&input, &ctx)?;
+        let mut applied = self.state.clone();
+        let in_place = applied.apply(&input, &ctx);
+        let d = match self.state.decide(&input, &ctx) {
+            Ok(d) => d,
+            Err(e) => {
+                assert_eq!(applied, self.state, "{input:?} was refused ({e}) but changed the state");
+                return Err(e);
+            }
+        };
+        assert_eq!(in_place.as_ref(), Ok(&d), "apply and decide differ on {input:?}");
         for e in &d.events {
             self.state.evolve(e);
         }
+        assert_eq!(applied, self.state, "apply and the fold of its events differ on {input:?}");
         self.events.extend(d.events.iter().cloned());
         Ok(d)
     }

@@ -98,9 +98,14 @@ impl Sim {
         let ctx = Ctx { now: Timestamp(self.run.now), random: self.rng.next() };
         let decided = self.run.state.decide(&input, &ctx);
         assert_eq!(decided, self.run.state.decide(&input, &ctx), "decide is deterministic");
+        let mut applied = self.run.state.clone();
+        assert_eq!(applied.apply(&input, &ctx), decided, "apply decides as decide does");
         let d = match (decided, &input) {
             (Ok(d), _) => d,
-            (Err(Error::NotAwaitingApproval { .. }), Input::Approve { .. }) => return,
+            (Err(Error::NotAwaitingApproval { .. }), Input::Approve { .. }) => {
+                assert_eq!(applied, self.run.state, "a refused approval changed the state");
+                return;
+            }
             (Err(e), _) => panic!("{input:?} refused: {e}\n{}", self.run.history()),
         };
         for e in &d.events {
@@ -108,6 +113,7 @@ impl Sim {
             self.run.state.evolve(e);
             self.run.events.push(e.clone());
         }
+        assert_eq!(applied, self.run.state, "apply and the fold of its events differ\n{}", self.run.history());
         self.check_applied_twice(&input, &d);
         if let Input::Bid(_) | Input::Claim(_) | Input::Started(_) | Input::Heartbeat(_) | Input::Finished(_) = input {
             self.delivered.push(input);
