@@ -289,40 +289,55 @@ impl Step<'_, '_> {
                 }
             }
         }
-        let mut input = self.carried_data((0..ancestors.len()).filter(|&j| ancestors[j]));
-        if let Value::Object(map) = &mut input {
-            if let Some(spec) = self.st.spec(i) {
-                map.extend(spec.properties.clone());
-            }
-            // Keptn's event data always names its project, stage and service; tools (SLO and SLI
-            // files per service, remediation runbooks) find their configuration by them. The
-            // run's own win: a promoted run's data still names the stage it came from.
-            if let Some(meta) = &self.st.meta {
-                map.insert("project".into(), Value::from(meta.project.clone()));
-                map.insert("stage".into(), Value::from(meta.stage.clone()));
-                if let Some(service) = &meta.service {
-                    map.insert("service".into(), Value::from(service.clone()));
-                }
+        // Filled from the highest precedence down, each key taken once: the run's names, the
+        // task's properties, the outputs from the last ancestor back, then the trigger data.
+        // Merging upwards cloned every overridden entry too, and in a chain every output
+        // carries the data before it, so that grew with the square of the chain's length.
+        let mut map = Map::new();
+        // Keptn's event data always names its project, stage and service; tools (SLO and SLI
+        // files per service, remediation runbooks) find their configuration by them. The
+        // run's own win: a promoted run's data still names the stage it came from.
+        if let Some(meta) = &self.st.meta {
+            map.insert("project".into(), Value::from(meta.project.clone()));
+            map.insert("stage".into(), Value::from(meta.stage.clone()));
+            if let Some(service) = &meta.service {
+                map.insert("service".into(), Value::from(service.clone()));
             }
         }
-        input
+        if let Some(spec) = self.st.spec(i) {
+            fill(&mut map, &spec.properties);
+        }
+        self.fill_carried(&mut map, (0..ancestors.len()).filter(|&j| ancestors[j]));
+        Value::Object(map)
     }
 
     /// Trigger data merged (shallow, later wins) with the outputs of the given tasks.
-    fn carried_data(&self, tasks: impl Iterator<Item = usize>) -> Value {
+    fn carried_data(&self, tasks: impl DoubleEndedIterator<Item = usize>) -> Value {
         let mut map = Map::new();
-        merge(&mut map, &self.st.data);
-        for j in tasks {
-            merge(&mut map, &self.st.tasks[j].output);
-        }
+        self.fill_carried(&mut map, tasks);
         Value::Object(map)
+    }
+
+    /// Adds to `map` what it lacks of the given tasks' outputs, the last task first, then of the
+    /// trigger data: the shallow merge in which later wins, under what `map` already holds.
+    fn fill_carried(&self, map: &mut Map<String, Value>, tasks: impl DoubleEndedIterator<Item = usize>) {
+        for j in tasks.rev() {
+            if let Value::Object(output) = &self.st.tasks[j].output {
+                fill(map, output);
+            }
+        }
+        if let Value::Object(data) = &self.st.data {
+            fill(map, data);
+        }
     }
 }
 
-/// Merges an object's entries into `map`; anything else carries no fields.
-fn merge(map: &mut Map<String, Value>, value: &Value) {
-    if let Value::Object(o) = value {
-        map.extend(o.clone());
+/// Adds the entries of `from` whose keys `map` lacks (anything but an object carries no fields).
+fn fill(map: &mut Map<String, Value>, from: &Map<String, Value>) {
+    for (key, value) in from {
+        if !map.contains_key(key) {
+            map.insert(key.clone(), value.clone());
+        }
     }
 }
 

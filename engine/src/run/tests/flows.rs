@@ -429,3 +429,42 @@ fn the_size_estimate_grows_with_what_the_run_holds() {
     run.apply(finished_with("a", 1, "w-with-a-long-worker-id", token, TaskResult::Pass, output, None));
     assert!(run.state.approx_bytes() >= awarded + 10_000, "{} vs {awarded}", run.state.approx_bytes());
 }
+
+#[test]
+fn a_task_input_layers_data_outputs_in_order_properties_and_the_runs_names() {
+    let mut c = task("c", &["a", "b"]);
+    c.properties.insert("prop".into(), json!("from c"));
+    c.properties.insert("stage".into(), json!("a property cannot rename the stage"));
+    let def = single(vec![task("a", &[]), task("b", &["a"]), c]);
+    let data = json!({ "only_data": 1, "shared": "data", "prop": "data", "project": "not the run's" });
+    let (mut run, _) = Run::start(def, data);
+    for (name, token, output) in [
+        ("a", 1, json!({ "shared": "a", "from_a": true, "over_b": "a" })),
+        ("b", 2, json!({ "shared": "b", "over_b": "b", "prop": "b" })),
+    ] {
+        run.apply(bid(name, 1, worker("w", &[]), 1.0, 1, 1));
+        run.apply(started(name, 1, "w", token));
+        run.apply(finished_with(name, 1, "w", token, TaskResult::Pass, output, None));
+    }
+    let d = run.apply(bid("c", 1, worker("w", &[]), 1.0, 1, 1));
+    let award = d
+        .effects
+        .iter()
+        .find_map(|e| match e {
+            Effect::Send { message: WorkerMessage::Award(a), .. } => Some(a),
+            _ => None,
+        })
+        .expect("c is awarded");
+    assert_eq!(
+        award.input,
+        json!({
+            "only_data": 1,
+            "shared": "b",
+            "from_a": true,
+            "over_b": "b",
+            "prop": "from c",
+            "project": "p",
+            "stage": "dev",
+        })
+    );
+}
