@@ -5,7 +5,7 @@
 //! structured mode instead ([`encode`] picks the mode), and [`decode`] reads either mode, so
 //! a producer such as the Python CloudEvents SDK may send structured JSON.
 
-use capstan_proto::{CloudEvent, SPEC_VERSION};
+use capstan_proto::{CloudEvent, EventData, SPEC_VERSION};
 
 use crate::{Error, Result};
 
@@ -67,14 +67,7 @@ pub fn to_binary(event: &CloudEvent, prefix: HeaderPrefix) -> Result<BinaryMessa
     if let Some(ct) = &event.datacontenttype {
         headers.push((CONTENT_TYPE.to_string(), ct.clone()));
     }
-    let body = match &event.data {
-        Some(serde_json::Value::String(text)) if !is_json_content_type(event.datacontenttype.as_deref()) => {
-            text.clone().into_bytes()
-        }
-        Some(data) => serde_json::to_vec(data).map_err(|e| Error::Invalid(format!("data: {e}")))?,
-        None => Vec::new(),
-    };
-    Ok(BinaryMessage { headers, body })
+    Ok(BinaryMessage { headers, body: body(event) })
 }
 
 /// Reads an event from headers and body. Header names are matched case-insensitively; headers
@@ -100,18 +93,36 @@ pub fn from_binary<'a>(
             map.insert(attr.to_string(), value.into());
         }
     }
+    // JSON data is checked and kept as its text (see `EventData`), not parsed into a tree.
+    let mut data = None;
     if !body.is_empty() {
         if is_json_content_type(content_type.as_deref()) {
-            let data: serde_json::Value =
-                serde_json::from_slice(body).map_err(|e| Error::Invalid(format!("body is not JSON: {e}")))?;
-            map.insert("data".into(), data);
+            data = Some(EventData::from_json(body).map_err(|e| Error::Invalid(format!("body is not JSON: {e}")))?);
         } else if let Ok(text) = std::str::from_utf8(body) {
             map.insert("data".into(), text.into());
         } else {
             map.insert("data_base64".into(), base64(body).into());
         }
     }
-    CloudEvent::from_value(serde_json::Value::Object(map)).map_err(|e| Error::Invalid(e.to_string()))
+    let mut event =
+        CloudEvent::from_value(serde_json::Value::Object(map)).map_err(|e| Error::Invalid(e.to_string()))?;
+    if data.is_some() {
+        event.data = data;
+    }
+    Ok(event)
+}
+
+/// The binary-mode body of an event: the data's JSON text, or for text data of a non-JSON
+/// content type the text itself.
+pub fn body(event: &CloudEvent) -> Vec<u8> {
+    match &event.data {
+        Some(data) if !is_json_content_type(event.datacontenttype.as_deref()) => match data.as_string() {
+            Some(text) => text.into_bytes(),
+            None => data.as_str().as_bytes().to_vec(),
+        },
+        Some(data) => data.as_str().as_bytes().to_vec(),
+        None => Vec::new(),
+    }
 }
 
 /// A message in whichever mode suits the event: headers, body and the content type.
@@ -273,7 +284,7 @@ mod tests {
         let ev = decode(headers, None, body, HeaderPrefix::HTTP).expect("decodes");
         assert_eq!(ev.id, "A234-1234");
         assert_eq!(ev.ext("comexampleextension1"), Some("value"));
-        assert_eq!(ev.data, Some(json!({"message": "Hello"})));
+        assert_eq!(ev.data, Some(json!({"message": "Hello"}).into()));
         let missing = br#"{"specversion": "1.0", "source": "s", "type": "t"}"#;
         let err = decode(headers, None, missing, HeaderPrefix::HTTP).expect_err("no id");
         assert!(err.to_string().contains("`id`"), "{err}");
@@ -304,7 +315,7 @@ mod tests {
     fn text_and_bytes_under_other_content_types() {
         let mut ev = CloudEvent::new("t1", "s", "t");
         ev.datacontenttype = Some("text/plain".into());
-        ev.data = Some(json!("hello, world"));
+        ev.data = Some(json!("hello, world").into());
         let m = encode(&ev, HeaderPrefix::AMQP_UNDERSCORE).expect("encodes");
         assert_eq!(m.body, b"hello, world");
         assert!(m.headers.contains(&("cloudEvents_id".to_string(), "t1".to_string())));

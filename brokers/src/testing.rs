@@ -271,7 +271,7 @@ pub async fn order_per_key(broker: &impl Broker, o: &Options) {
     let mut last: BTreeMap<String, i64> = BTreeMap::new();
     for _ in 0..n {
         let d = recv(&mut s, o.patience, "order_per_key").await;
-        let i = d.message.event.data.as_ref().and_then(|v| v["i"].as_i64()).unwrap_or(-1);
+        let i = d.message.event.data.as_ref().and_then(|v| v.to_value()["i"].as_i64()).unwrap_or(-1);
         let prev = last.insert(d.message.key.clone(), i);
         assert!(prev.is_none_or(|p| p < i), "key {} got {i} after {prev:?}", d.message.key);
         ack(&d).await;

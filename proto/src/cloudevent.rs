@@ -6,6 +6,8 @@ use std::collections::BTreeMap;
 use serde::{Deserialize, Deserializer, Serialize, Serializer};
 use serde_json::{Map, Value};
 
+use crate::EventData;
+
 /// The only CloudEvents version Capstan speaks.
 pub const SPEC_VERSION: &str = "1.0";
 
@@ -13,7 +15,8 @@ pub const SPEC_VERSION: &str = "1.0";
 const CONTEXT_ATTRIBUTES: &[&str] =
     &["specversion", "id", "source", "type", "subject", "time", "datacontenttype", "dataschema", "data", "data_base64"];
 
-/// A CloudEvent. `data` holds JSON; binary data is kept base64-encoded in `data_base64`.
+/// A CloudEvent. `data` holds JSON (as text, see [`EventData`]); binary data is kept
+/// base64-encoded in `data_base64`.
 #[derive(Debug, Clone, PartialEq)]
 pub struct CloudEvent {
     pub id: String,
@@ -24,7 +27,7 @@ pub struct CloudEvent {
     pub time: Option<String>,
     pub datacontenttype: Option<String>,
     pub dataschema: Option<String>,
-    pub data: Option<Value>,
+    pub data: Option<EventData>,
     pub data_base64: Option<String>,
     /// Extension attributes; values are carried as strings, as binary-mode bindings do.
     pub extensions: BTreeMap<String, String>,
@@ -67,7 +70,17 @@ impl CloudEvent {
     }
 
     /// Sets JSON data (and `datacontenttype: application/json`).
-    pub fn with_data(mut self, data: Value) -> Self {
+    pub fn with_data(self, data: Value) -> Self {
+        self.with_event_data(EventData::from(data))
+    }
+
+    /// Sets a payload struct as JSON data, serialized straight to text.
+    pub fn with_payload<T: Serialize + ?Sized>(self, payload: &T) -> serde_json::Result<Self> {
+        EventData::new(payload).map(|data| self.with_event_data(data))
+    }
+
+    /// Sets JSON data already serialized (and `datacontenttype: application/json`).
+    pub fn with_event_data(mut self, data: EventData) -> Self {
         self.datacontenttype = Some("application/json".into());
         self.data = Some(data);
         self
@@ -114,7 +127,7 @@ impl CloudEvent {
         let datacontenttype = take_string(&mut map, "datacontenttype")?;
         let dataschema = take_string(&mut map, "dataschema")?;
         let data_base64 = take_string(&mut map, "data_base64")?;
-        let data = map.remove("data");
+        let data = map.remove("data").map(EventData::from);
         let mut extensions = BTreeMap::new();
         for (name, value) in map {
             if !valid_extension_name(&name) {
@@ -156,7 +169,7 @@ impl CloudEvent {
             }
         }
         if let Some(data) = &self.data {
-            map.insert("data".into(), data.clone());
+            map.insert("data".into(), data.to_value());
         }
         for (name, value) in &self.extensions {
             map.insert(name.clone(), value.clone().into());
@@ -164,9 +177,12 @@ impl CloudEvent {
         Value::Object(map)
     }
 
-    /// Decodes `data` into a payload struct.
+    /// Decodes `data` into a payload struct (no data reads as `null`).
     pub fn payload<T: serde::de::DeserializeOwned>(&self) -> Result<T, serde_json::Error> {
-        T::deserialize(self.data.as_ref().unwrap_or(&Value::Null))
+        match &self.data {
+            Some(data) => data.decode(),
+            None => T::deserialize(&Value::Null),
+        }
     }
 }
 
@@ -197,7 +213,7 @@ fn required(map: &mut Map<String, Value>, name: &'static str) -> Result<String, 
 #[derive(Clone, Copy)]
 enum Member<'a> {
     Text(&'a str),
-    Json(&'a Value),
+    Json(&'a EventData),
 }
 
 impl Serialize for Member<'_> {

@@ -4,11 +4,13 @@
 //! This crate is plain data (serde only) so every other crate, the pure engine included, can share it.
 
 mod cloudevent;
+mod event_data;
 #[cfg(feature = "grpc")]
 pub mod grpc;
 mod payload;
 
 pub use cloudevent::{CloudEvent, DecodeError, SPEC_VERSION};
+pub use event_data::EventData;
 pub use payload::*;
 
 /// CloudEvent `type` values of the worker protocol.

@@ -9,7 +9,7 @@
 //! ([`alert_triggers`]). The run's data carries Keptn's `get-action.triggered` shape:
 //! `{project, stage, service, problem: {problemTitle, rootCause, problemId, state, ...}}`.
 
-use capstan_proto::{CloudEvent, DecodeError};
+use capstan_proto::{CloudEvent, DecodeError, EventData};
 use serde_json::{Map, Value, json};
 use uuid::Uuid;
 
@@ -68,13 +68,13 @@ pub fn is_closed_problem(event: &CloudEvent) -> bool {
         && event
             .data
             .as_ref()
-            .and_then(|d| text(d, &["State", "state"]))
-            .is_some_and(|s| !s.eq_ignore_ascii_case("open"))
+            .map(EventData::to_value)
+            .is_some_and(|d| text(&d, &["State", "state"]).is_some_and(|s| !s.eq_ignore_ascii_case("open")))
 }
 
 /// `sh.keptn.events.problem` -> the stage's `remediation` sequence.
 fn problem_trigger(event: &CloudEvent, project: &str) -> Result<TriggerRequest, ApiError> {
-    let data = event.data.clone().unwrap_or(Value::Null);
+    let data = event.data.as_ref().map_or(Value::Null, EventData::to_value);
     if !data.is_object() {
         return Err(ApiError::invalid("data", "a problem event needs a JSON object"));
     }

@@ -4,7 +4,7 @@
 use capstan_brokers::Message;
 use capstan_engine::Timestamp;
 use capstan_engine::run::{Effect, Event, Input, RunMeta, RunState, TimerKind, WorkerMessage};
-use capstan_proto::{CloudEvent, DispatchMode, TaskOffer, ext, topics, types};
+use capstan_proto::{CloudEvent, DispatchMode, EventData, TaskOffer, ext, topics, types};
 use capstan_store::{NewEvent, OutboxMessage, RawJson, StoredEvent, TimerRow};
 use serde::{Deserialize, Serialize};
 use serde_json::Value;
@@ -135,7 +135,8 @@ pub fn effect_message(meta: &RunMeta, effect: &Effect, time: &str) -> Option<Mes
                 ENGINE_SOURCE,
                 types::SEQUENCE_FINISHED,
             )
-            .with_data(serde_json::to_value(done).expect("payloads serialize"))
+            .with_payload(done)
+            .expect("payloads serialize")
             .with_ext(ext::PROJECT, &done.project)
             .with_ext(ext::RUN, &done.run_id)
             .with_ext(ext::CONTEXT, &done.context_id)
@@ -198,7 +199,8 @@ fn offer_topic(offer: &TaskOffer) -> String {
 
 fn offer_event(offer: &TaskOffer) -> CloudEvent {
     CloudEvent::new(Uuid::now_v7().to_string(), ENGINE_SOURCE, types::TASK_OFFERED)
-        .with_data(serde_json::to_value(offer).expect("payloads serialize"))
+        .with_payload(offer)
+        .expect("payloads serialize")
         .with_ext(ext::PROJECT, &offer.attempt.project)
         .with_ext(ext::RUN, &offer.attempt.run_id)
         .with_ext(ext::TASK, &offer.attempt.task)
@@ -208,9 +210,9 @@ fn offer_event(offer: &TaskOffer) -> CloudEvent {
 
 fn worker_event(worker_id: &str, message: &WorkerMessage) -> CloudEvent {
     let (ty, data, attempt, token) = match message {
-        WorkerMessage::Award(a) => (types::TASK_AWARDED, serde_json::to_value(a), &a.attempt, Some(a.token)),
-        WorkerMessage::Rejection(r) => (types::TASK_REJECTED, serde_json::to_value(r), &r.attempt, None),
-        WorkerMessage::Cancel(c) => (types::TASK_CANCELLED, serde_json::to_value(c), &c.attempt, None),
+        WorkerMessage::Award(a) => (types::TASK_AWARDED, EventData::new(a), &a.attempt, Some(a.token)),
+        WorkerMessage::Rejection(r) => (types::TASK_REJECTED, EventData::new(r), &r.attempt, None),
+        WorkerMessage::Cancel(c) => (types::TASK_CANCELLED, EventData::new(c), &c.attempt, None),
     };
     let id = match message {
         WorkerMessage::Award(a) => derived_message_id(&format!(
@@ -220,7 +222,7 @@ fn worker_event(worker_id: &str, message: &WorkerMessage) -> CloudEvent {
         WorkerMessage::Rejection(_) | WorkerMessage::Cancel(_) => Uuid::now_v7().to_string(),
     };
     let mut event = CloudEvent::new(id, ENGINE_SOURCE, ty)
-        .with_data(data.expect("payloads serialize"))
+        .with_event_data(data.expect("payloads serialize"))
         .with_ext(ext::PROJECT, &attempt.project)
         .with_ext(ext::RUN, &attempt.run_id)
         .with_ext(ext::TASK, &attempt.task)

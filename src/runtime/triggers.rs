@@ -2,7 +2,7 @@
 //! or Capstan's `dev.capstan.sequence.triggered.v1`, whether it arrives over HTTP, gRPC or a
 //! broker. The event id makes the start idempotent: the same event never starts two runs.
 
-use capstan_proto::{CloudEvent, SequenceTrigger, ext, types};
+use capstan_proto::{CloudEvent, EventData, SequenceTrigger, ext, types};
 use serde_json::Value;
 
 use super::TriggerRequest;
@@ -29,7 +29,7 @@ pub fn is_trigger(ty: &str) -> bool {
 /// The trigger an event stands for. `project` (may be empty) must agree with the one the event
 /// names in `data.project` or the `capstanproject` extension.
 pub fn trigger_of(event: &CloudEvent, project: &str) -> Result<TriggerRequest, TriggerError> {
-    let data = event.data.clone().unwrap_or(Value::Null);
+    let data = event.data.as_ref().map_or(Value::Null, EventData::to_value);
     if !(data.is_object() || data.is_null()) {
         return Err(TriggerError::new("data", "must be a JSON object"));
     }

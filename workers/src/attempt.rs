@@ -51,7 +51,7 @@ impl Emitter {
         data: &impl Serialize,
     ) -> crate::Result<Message> {
         let mut event = capstan_proto::CloudEvent::new(uuid::Uuid::now_v7().to_string(), &self.source, ty)
-            .with_data(serde_json::to_value(data)?)
+            .with_payload(data)?
             .with_ext(ext::PROJECT, &attempt.project)
             .with_ext(ext::RUN, &attempt.run_id)
             .with_ext(ext::TASK, &attempt.task)

@@ -5,7 +5,7 @@
 //! delivery headers (`capstan-redeliveries`, `capstan-not-before`) carry no `ce_` prefix, so they
 //! never turn into CloudEvent extensions.
 
-use capstan_proto::CloudEvent;
+use capstan_proto::{CloudEvent, EventData};
 use serde_json::{Map, Value};
 
 /// Prefix of CloudEvent attribute headers in binary mode.
@@ -75,11 +75,8 @@ pub(crate) fn encode(event: &CloudEvent) -> Record {
     if let Some(ct) = &event.datacontenttype {
         headers.push((CONTENT_TYPE.into(), ct.clone().into_bytes()));
     }
-    let value = event.data.as_ref().map(|data| match data {
-        // Text data of a non-JSON content type travels as the text itself, not as a JSON string.
-        Value::String(text) if !is_json(event.datacontenttype.as_deref()) => text.clone().into_bytes(),
-        other => serde_json::to_vec(other).unwrap_or_default(),
-    });
+    // Text data of a non-JSON content type travels as the text itself, not as a JSON string.
+    let value = event.data.as_ref().map(|_| crate::binding::body(event));
     Record { value, headers }
 }
 
@@ -103,23 +100,19 @@ pub(crate) fn decode(record: &Record) -> Result<CloudEvent, String> {
     if let Some(ct) = &content_type {
         attributes.insert("datacontenttype".into(), Value::String(ct.clone()));
     }
-    if let Some(bytes) = record.value.as_deref() {
-        let data = if is_json(content_type.as_deref()) {
-            serde_json::from_slice(bytes).map_err(|e| format!("data is not the JSON its content type says: {e}"))?
-        } else {
-            Value::String(String::from_utf8(bytes.to_vec()).map_err(|_| "non-JSON data that is not UTF-8 text")?)
-        };
-        attributes.insert("data".into(), data);
-    }
-    CloudEvent::from_value(Value::Object(attributes)).map_err(|e| format!("binary mode: {e}"))
-}
-
-/// JSON data: no content type (Capstan's data is JSON), `application/json` or any `+json`.
-fn is_json(content_type: Option<&str>) -> bool {
-    content_type.is_none_or(|ct| {
-        let media = ct.split(';').next().unwrap_or_default().trim().to_ascii_lowercase();
-        media == "application/json" || media.ends_with("+json") || media == "text/json"
-    })
+    let data = match record.value.as_deref() {
+        Some(bytes) if crate::binding::is_json_content_type(content_type.as_deref()) => {
+            Some(EventData::from_json(bytes).map_err(|e| format!("data is not the JSON its content type says: {e}"))?)
+        }
+        Some(bytes) => {
+            let text = String::from_utf8(bytes.to_vec()).map_err(|_| "non-JSON data that is not UTF-8 text")?;
+            Some(EventData::from_value(&Value::String(text)))
+        }
+        None => None,
+    };
+    let mut event = CloudEvent::from_value(Value::Object(attributes)).map_err(|e| format!("binary mode: {e}"))?;
+    event.data = data;
+    Ok(event)
 }
 
 #[cfg(test)]
@@ -152,7 +145,7 @@ mod tests {
         assert_eq!(decode(&encode(&bare)), Ok(bare));
         let mut text = CloudEvent::new("e3", "s", "t");
         text.datacontenttype = Some("text/plain".into());
-        text.data = Some(Value::String("hello".into()));
+        text.data = Some(Value::String("hello".into()).into());
         assert_eq!(encode(&text).value.as_deref(), Some(&b"hello"[..]));
         assert_eq!(decode(&encode(&text)), Ok(text));
     }

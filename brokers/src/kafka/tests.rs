@@ -83,7 +83,7 @@ async fn two_members_share_a_topic() {
         assert!(tokio::time::Instant::now() < deadline, "only {} of {n} arrived", seen.len());
         for (which, m) in members.iter_mut().enumerate() {
             let Ok(Ok(d)) = tokio::time::timeout(Duration::from_millis(200), m.next()).await else { continue };
-            let i = d.message.event.data.as_ref().and_then(|v| v["i"].as_i64()).unwrap_or(-1);
+            let i = d.message.event.data.as_ref().and_then(|v| v.to_value()["i"].as_i64()).unwrap_or(-1);
             assert!(seen.insert(d.message.event.id.clone(), which).is_none(), "{} twice", d.message.event.id);
             let prev = last.insert(d.message.key.clone(), i);
             assert!(prev.is_none_or(|p| p < i), "key {} got {i} after {prev:?}", d.message.key);
