@@ -25,8 +25,7 @@ use capstan_proto::DispatchMode;
 
 use super::flow::sequence_finished;
 use super::state::{RunState, TaskPhase};
-use super::step::Step;
-use super::types::{Ctx, Effect, TimerKind, WorkerMessage};
+use super::types::{Effect, TimerKind, WorkerMessage};
 use crate::duration::{Timestamp, parse_duration};
 
 impl RunState {
@@ -68,27 +67,15 @@ impl RunState {
             messages.push(Effect::Notify(sequence_finished(meta, result)));
             return messages;
         }
-        let awarded: Vec<(usize, String, u64)> = self
-            .tasks
-            .iter()
-            .enumerate()
-            .filter(|(_, t)| matches!(t.phase, TaskPhase::Awarded | TaskPhase::Running))
-            .flat_map(|(i, t)| {
-                let unstarted = t.holders.iter().filter(|h| !h.started && h.outcome.is_none());
-                unstarted.map(move |h| (i, h.worker_id.clone(), h.token))
-            })
-            .collect();
-        if awarded.is_empty() {
-            return messages;
-        }
-        // `award_message` is a step's: it runs on a copy, as `decide` does, and emits nothing.
-        let ctx = Ctx { now: Timestamp(0), random: 0 };
-        let mut copy = self.clone();
-        let step = Step::new(&mut copy, &ctx);
-        for (i, worker_id, token) in awarded {
+        for (i, t) in self.tasks.iter().enumerate() {
+            if !matches!(t.phase, TaskPhase::Awarded | TaskPhase::Running) {
+                continue;
+            }
             let Some(spec) = self.spec(i) else { continue };
-            let award = step.award_message(i, spec, &worker_id, token);
-            messages.push(Effect::Send { worker_id, message: WorkerMessage::Award(award) });
+            for h in t.holders.iter().filter(|h| !h.started && h.outcome.is_none()) {
+                let award = self.award_message(i, spec, &h.worker_id, h.token);
+                messages.push(Effect::Send { worker_id: h.worker_id.clone(), message: WorkerMessage::Award(award) });
+            }
         }
         messages
     }

@@ -4,7 +4,7 @@
 use capstan_proto::{Award, DispatchMode, SequenceFinished, TaskOffer, WorkerInfo};
 use serde_json::{Map, Value};
 
-use super::state::TaskPhase;
+use super::state::{RunState, TaskPhase};
 use super::step::Step;
 use super::types::{Effect, Event, NextSequence, RunMeta, RunStatus, TaskResult, TaskStatus, TimerKind, WorkerMessage};
 use crate::definition::model::Task;
@@ -110,7 +110,7 @@ impl Step<'_, '_> {
             service: meta.service,
             task_type: spec.task_type.clone(),
             dispatch: spec.dispatch,
-            input: self.task_input(i),
+            input: self.st.task_input(i),
             requires: spec.requires.clone(),
             bid_deadline_ms: bid_deadline.map(|t| t.0),
             heartbeat_ms: spec.timeouts.heartbeat,
@@ -140,7 +140,7 @@ impl Step<'_, '_> {
         let token = self.st.last_token + 1;
         let worker_id = worker.id.clone();
         self.emit(Event::TaskAwarded { task: spec.name.clone(), attempt, worker, token, at: self.now() });
-        let award = self.award_message(i, &spec, &worker_id, token);
+        let award = self.st.award_message(i, &spec, &worker_id, token);
         self.send(&worker_id, WorkerMessage::Award(award));
         if first {
             if spec.dispatch == DispatchMode::Auction {
@@ -150,20 +150,6 @@ impl Step<'_, '_> {
             if let Some(limit) = spec.timeouts.start_to_close {
                 self.set_timer(TimerKind::StartToClose { task: spec.name, attempt }, self.now().plus(limit));
             }
-        }
-    }
-
-    /// The award of task `i`'s current attempt to `worker_id` under `token`; also what
-    /// `RunState::derived_messages` sends again after a crash.
-    pub fn award_message(&self, i: usize, spec: &Task, worker_id: &str, token: u64) -> Award {
-        Award {
-            attempt: self.attempt_ref(i),
-            worker_id: worker_id.to_string(),
-            token,
-            task_type: spec.task_type.clone(),
-            input: self.task_input(i),
-            heartbeat_ms: spec.timeouts.heartbeat,
-            start_to_close_ms: spec.timeouts.start_to_close,
         }
     }
 
@@ -255,7 +241,7 @@ impl Step<'_, '_> {
             .map(|(stage, sequence)| NextSequence { stage: stage.name.clone(), sequence: sequence.name.clone() })
             .collect();
         self.emit(Event::RunFinished { status: RunStatus::Finished, result, next: next.clone(), at: self.now() });
-        let data = self.carried_data(0..self.st.tasks.len());
+        let data = self.st.carried_data(0..self.st.tasks.len());
         for n in next {
             self.effect(Effect::StartRun {
                 context_id: meta.context_id.clone(),
@@ -274,16 +260,33 @@ impl Step<'_, '_> {
     pub fn notify(&mut self, result: TaskResult) {
         self.effect(Effect::Notify(sequence_finished(&self.meta(), result)));
     }
+}
+
+/// What a task is given, read from the state alone.
+impl RunState {
+    /// The award of task `i`'s current attempt to `worker_id` under `token`: what `decide`
+    /// sends, and what `RunState::derived_messages` sends again after a crash.
+    pub(super) fn award_message(&self, i: usize, spec: &Task, worker_id: &str, token: u64) -> Award {
+        Award {
+            attempt: self.attempt_ref(i),
+            worker_id: worker_id.to_string(),
+            token,
+            task_type: spec.task_type.clone(),
+            input: self.task_input(i),
+            heartbeat_ms: spec.timeouts.heartbeat,
+            start_to_close_ms: spec.timeouts.start_to_close,
+        }
+    }
 
     /// Trigger data, then the outputs of the tasks task `i` depends on (transitively, in file
     /// order: Keptn carries everything forward), then the task's own properties; later wins.
     /// `project`, `stage` and `service` are always the run's.
-    pub fn task_input(&self, i: usize) -> Value {
-        let mut ancestors = vec![false; self.st.tasks.len()];
+    pub(super) fn task_input(&self, i: usize) -> Value {
+        let mut ancestors = vec![false; self.tasks.len()];
         let mut stack = vec![i];
         while let Some(k) = stack.pop() {
-            for d in self.st.spec(k).map(|s| s.depends_on.as_slice()).unwrap_or(&[]) {
-                if let Some(j) = self.st.index(d).filter(|&j| !ancestors[j]) {
+            for d in self.spec(k).map(|s| s.depends_on.as_slice()).unwrap_or(&[]) {
+                if let Some(j) = self.index(d).filter(|&j| !ancestors[j]) {
                     ancestors[j] = true;
                     stack.push(j);
                 }
@@ -297,14 +300,14 @@ impl Step<'_, '_> {
         // Keptn's event data always names its project, stage and service; tools (SLO and SLI
         // files per service, remediation runbooks) find their configuration by them. The
         // run's own win: a promoted run's data still names the stage it came from.
-        if let Some(meta) = &self.st.meta {
+        if let Some(meta) = &self.meta {
             map.insert("project".into(), Value::from(meta.project.clone()));
             map.insert("stage".into(), Value::from(meta.stage.clone()));
             if let Some(service) = &meta.service {
                 map.insert("service".into(), Value::from(service.clone()));
             }
         }
-        if let Some(spec) = self.st.spec(i) {
+        if let Some(spec) = self.spec(i) {
             fill(&mut map, &spec.properties);
         }
         self.fill_carried(&mut map, (0..ancestors.len()).filter(|&j| ancestors[j]));
@@ -312,7 +315,7 @@ impl Step<'_, '_> {
     }
 
     /// Trigger data merged (shallow, later wins) with the outputs of the given tasks.
-    fn carried_data(&self, tasks: impl DoubleEndedIterator<Item = usize>) -> Value {
+    pub(super) fn carried_data(&self, tasks: impl DoubleEndedIterator<Item = usize>) -> Value {
         let mut map = Map::new();
         self.fill_carried(&mut map, tasks);
         Value::Object(map)
@@ -322,17 +325,17 @@ impl Step<'_, '_> {
     /// trigger data: the shallow merge in which later wins, under what `map` already holds.
     fn fill_carried(&self, map: &mut Map<String, Value>, tasks: impl DoubleEndedIterator<Item = usize>) {
         for j in tasks.rev() {
-            if let Value::Object(output) = &self.st.tasks[j].output {
+            if let Value::Object(output) = &self.tasks[j].output {
                 fill(map, output);
             }
         }
-        if let Value::Object(data) = &self.st.data {
+        if let Value::Object(data) = &self.data {
             fill(map, data);
         }
     }
 }
 
-/// Adds the entries of `from` whose keys `map` lacks (anything but an object carries no fields).
+/// Adds the entries of `from` whose keys `map` lacks.
 fn fill(map: &mut Map<String, Value>, from: &Map<String, Value>) {
     for (key, value) in from {
         if !map.contains_key(key) {

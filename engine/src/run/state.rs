@@ -6,6 +6,7 @@
 
 use std::sync::Arc;
 
+use capstan_proto::AttemptRef;
 use serde_json::Value;
 
 use super::types::{AttemptOutcome, Event, RecordedBid, RunMeta, RunStatus, TaskResult, TaskStatus, WorkerInfo};
@@ -230,6 +231,22 @@ impl RunState {
     /// The position of a task by name.
     pub(super) fn index(&self, name: &str) -> Option<usize> {
         self.sequence()?.task_index(name)
+    }
+
+    /// The name of task `i` (empty for an index outside the sequence).
+    pub(super) fn task_name(&self, i: usize) -> String {
+        self.sequence().and_then(|s| s.tasks.get(i)).map(|t| t.name.clone()).unwrap_or_default()
+    }
+
+    /// Identifies the current attempt of task `i` on the wire.
+    pub(super) fn attempt_ref(&self, i: usize) -> AttemptRef {
+        let meta = self.meta.as_ref();
+        AttemptRef {
+            project: meta.map(|m| m.project.clone()).unwrap_or_default(),
+            run_id: meta.map(|m| m.run_id.clone()).unwrap_or_default(),
+            task: self.task_name(i),
+            attempt: self.tasks[i].attempt,
+        }
     }
 
     /// About how many bytes the state holds, its own struct included and the definition (shared

@@ -102,13 +102,7 @@ impl<'s, 'c> Step<'s, 'c> {
 
     /// Identifies the current attempt of task `i` on the wire.
     pub fn attempt_ref(&self, i: usize) -> AttemptRef {
-        let meta = self.st.meta.as_ref();
-        AttemptRef {
-            project: meta.map(|m| m.project.clone()).unwrap_or_default(),
-            run_id: meta.map(|m| m.run_id.clone()).unwrap_or_default(),
-            task: self.name(i),
-            attempt: self.task(i).attempt,
-        }
+        self.st.attempt_ref(i)
     }
 
     /// The state of task `i`; `i` always comes from `RunState::index` or a range over the tasks.
@@ -124,7 +118,7 @@ impl<'s, 'c> Step<'s, 'c> {
 
     /// The name of task `i`.
     pub fn name(&self, i: usize) -> String {
-        self.st.sequence().and_then(|s| s.tasks.get(i)).map(|t| t.name.clone()).unwrap_or_default()
+        self.st.task_name(i)
     }
 
     /// The timers that may still be pending for the current attempt of task `i`.
