@@ -459,7 +459,16 @@ mod tests {
         let mut cut = 0;
         for i in 0..60 {
             let wait = Duration::from_micros(50 * (i % 20) as u64);
-            if tokio::time::timeout(wait, store.commit(batch(i))).await.is_err() {
+            let dropped = if wait.is_zero() {
+                // Polled once, then dropped: cut at the commit's first wait for the writer's
+                // thread. A timer this short fires only on the timer's next tick (1 ms), after
+                // which a fast commit may have landed, so the timeouts alone may cut nothing.
+                let mut commit = std::pin::pin!(store.commit(batch(i)));
+                std::future::poll_fn(|cx| std::task::Poll::Ready(commit.as_mut().poll(cx))).await.is_pending()
+            } else {
+                tokio::time::timeout(wait, store.commit(batch(i))).await.is_err()
+            };
+            if dropped {
                 cut += 1;
             }
         }
