@@ -42,6 +42,10 @@ impl Emitter {
         &self.worker
     }
 
+    pub(crate) fn broker(&self) -> &Arc<dyn Broker> {
+        &self.broker
+    }
+
     /// An engine input about `attempt`, keyed by its run id, with the protocol's extensions.
     pub(crate) fn message(
         &self,

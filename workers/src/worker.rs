@@ -22,6 +22,12 @@
 //! with a malformed payload goes to the broker's dead letters instead, where it is kept with the
 //! reason; if the broker cannot take it, it is nacked and comes again.
 //!
+//! A bid or claim does not hold the loop while the broker confirms it (a JetStream publish
+//! waits a round trip for its acknowledgement, and a loop that waited capped a worker at one
+//! claim per round trip). The slot is reserved at once and the send is polled with the loop's
+//! other work; its offer is settled when the broker answered: acked once sent, and if the send
+//! failed the slot is released and a queue offer nacked, so another member may take it.
+//!
 //! "Already taken" is the worker's memory of the awards it started: in memory, and with
 //! [`WorkerConfig::journal`] also on disk, written before the handler starts, so that it outlives
 //! a restart of the worker.
@@ -29,13 +35,17 @@
 use foldhash::{HashMap, HashMapExt, HashSet};
 use std::collections::{BTreeMap, VecDeque};
 use std::future::Future;
+use std::pin::Pin;
 use std::sync::Arc;
+use std::task::Poll;
 use std::time::{Duration, SystemTime, UNIX_EPOCH};
 
-use capstan_brokers::{Broker, Delivery, SubscriptionMode};
+use capstan_brokers::{Broker, Delivery, Message, SubscriptionMode};
 use capstan_proto::{
     AttemptRef, Award, Bid, Claim, DispatchMode, Rejection, TaskCancel, TaskOffer, WorkerInfo, topics, types,
 };
+use futures::StreamExt;
+use futures::stream::FuturesUnordered;
 use tokio::sync::mpsc;
 use tokio::task::JoinSet;
 use tokio::time::Instant;
@@ -179,6 +189,17 @@ struct Reservation {
     place: RunPlace,
 }
 
+/// A bid or claim the broker has not confirmed yet, with the offer it answers.
+type Sending = Pin<Box<dyn Future<Output = Sent> + Send>>;
+
+/// A bid or claim the broker answered.
+struct Sent {
+    source: Source,
+    delivery: Delivery,
+    attempt: AttemptRef,
+    result: std::result::Result<(), capstan_brokers::Error>,
+}
+
 impl Worker {
     /// A worker with the default bid function: bid when a slot is free and the labels meet the
     /// offer's requirements, with cost = busy slots.
@@ -264,6 +285,7 @@ impl Worker {
             taken,
             journal,
             done_tx,
+            sending: FuturesUnordered::new(),
             worker: &self,
         };
         tokio::pin!(shutdown);
@@ -276,6 +298,7 @@ impl Worker {
                     Some(Err(e)) => break Err(Error::Broker(e)),
                     None => break Err(Error::Broker(capstan_brokers::Error::Closed)),
                 },
+                Some(sent) = state.sending.next(), if !state.sending.is_empty() => state.sent(sent).await,
                 Some(attempt) = done_rx.recv() => {
                     state.running.remove(&attempt);
                 }
@@ -343,6 +366,8 @@ struct LoopState<'w> {
     taken: Taken,
     journal: Option<Journal>,
     done_tx: mpsc::UnboundedSender<AttemptRef>,
+    /// Bids and claims on their way to the broker.
+    sending: FuturesUnordered<Sending>,
     worker: &'w Worker,
 }
 
@@ -370,7 +395,10 @@ impl LoopState<'_> {
         let event = &delivery.message.event;
         let settle = match (source, event.ty.as_str()) {
             (Source::Offers | Source::Queue, types::TASK_OFFERED) => match event.payload::<TaskOffer>() {
-                Ok(offer) => self.on_offer(source, offer).await,
+                Ok(offer) => match self.on_offer(source, offer) {
+                    Answer::Settle(settle) => settle,
+                    Answer::Send(attempt, message) => return self.send(source, delivery, attempt, message).await,
+                },
                 Err(e) => bad_payload(event, &e),
             },
             (Source::Inbox, types::TASK_AWARDED) => match event.payload::<Award>() {
@@ -393,6 +421,39 @@ impl LoopState<'_> {
                 Settle::Ack
             }
         };
+        self.settle(&delivery, settle).await;
+    }
+
+    /// Sends a bid or claim; the offer is settled once the broker answered. A send the broker
+    /// finishes at once (the in-memory one) is settled right here, else it waits in `sending`.
+    async fn send(&mut self, source: Source, delivery: Delivery, attempt: AttemptRef, message: Message) {
+        let broker = Arc::clone(self.emitter.broker());
+        let mut sending: Sending = Box::pin(async move {
+            let result = broker.publish(vec![message]).await;
+            Sent { source, delivery, attempt, result }
+        });
+        match futures::poll!(sending.as_mut()) {
+            Poll::Ready(sent) => self.sent(sent).await,
+            Poll::Pending => self.sending.push(sending),
+        }
+    }
+
+    /// Settles the offer a bid or claim answered; a failed send releases its slot, and a queue
+    /// offer comes again for another member.
+    async fn sent(&mut self, sent: Sent) {
+        let Sent { source, delivery, attempt, result } = sent;
+        let settle = match result {
+            Ok(()) => Settle::Ack,
+            Err(e) => {
+                tracing::warn!(error = %e, task = %attempt.task, "could not send a bid or claim");
+                self.reserved.remove(&attempt);
+                if source == Source::Queue { Settle::Retry } else { Settle::Ack }
+            }
+        };
+        self.settle(&delivery, settle).await;
+    }
+
+    async fn settle(&mut self, delivery: &Delivery, settle: Settle) {
         let retry_delay = self.worker.config.queue_retry_delay;
         let settled = match settle {
             Settle::Ack => delivery.ack().await,
@@ -410,18 +471,19 @@ impl LoopState<'_> {
         }
     }
 
-    async fn on_offer(&mut self, source: Source, offer: TaskOffer) -> Settle {
+    /// Answers an offer: with a bid or claim to send (its slot reserved), or a settle at once.
+    fn on_offer(&mut self, source: Source, offer: TaskOffer) -> Answer {
         let a = offer.attempt.clone();
         if self.reserved.contains_key(&a) || self.running.contains_key(&a) {
-            return Settle::Ack; // a re-offer of what we already answered
+            return Answer::Settle(Settle::Ack); // a re-offer of what we already answered
         }
         let free = self.free_slots();
         let Some(terms) = self.terms(&offer, free) else {
             tracing::debug!(task = %a.task, run = %a.run_id, free, "not bidding");
-            return if source == Source::Queue { Settle::Retry } else { Settle::Ack };
+            return Answer::Settle(if source == Source::Queue { Settle::Retry } else { Settle::Ack });
         };
         let worker = self.emitter.worker().clone();
-        let sent = match offer.dispatch {
+        let message = match offer.dispatch {
             DispatchMode::Auction => {
                 let bid = Bid {
                     attempt: a.clone(),
@@ -430,22 +492,25 @@ impl LoopState<'_> {
                     estimated_ms: terms.estimated_ms,
                     free_slots: free,
                 };
-                self.emitter.send(types::TASK_BID, &a, None, &bid).await
+                self.emitter.message(types::TASK_BID, &a, None, &bid)
             }
             DispatchMode::Queue | DispatchMode::Fanout => {
-                self.emitter.send(types::TASK_CLAIM, &a, None, &Claim { attempt: a.clone(), worker }).await
+                self.emitter.message(types::TASK_CLAIM, &a, None, &Claim { attempt: a.clone(), worker })
             }
         };
-        if let Err(e) = sent {
-            tracing::warn!(error = %e, task = %a.task, "could not send a bid or claim");
-            return if source == Source::Queue { Settle::Retry } else { Settle::Ack };
-        }
+        let message = match message {
+            Ok(message) => message,
+            Err(e) => {
+                tracing::warn!(error = %e, task = %a.task, "could not build a bid or claim");
+                return Answer::Settle(if source == Source::Queue { Settle::Retry } else { Settle::Ack });
+            }
+        };
         let wait = match (offer.dispatch, offer.bid_deadline_ms) {
             (DispatchMode::Auction, Some(deadline)) => until_epoch_ms(deadline) + self.worker.config.award_grace,
             _ => self.worker.config.award_timeout,
         };
-        self.reserved.insert(a, Reservation { until: Instant::now() + wait, place: RunPlace::of(&offer) });
-        Settle::Ack
+        self.reserved.insert(a.clone(), Reservation { until: Instant::now() + wait, place: RunPlace::of(&offer) });
+        Answer::Send(a, message)
     }
 
     async fn on_award(&mut self, award: Award) -> Settle {
@@ -515,6 +580,14 @@ impl LoopState<'_> {
             }
         }
     }
+}
+
+/// How the loop answers an offer.
+enum Answer {
+    /// Settle the offer now.
+    Settle(Settle),
+    /// Send this bid or claim for the attempt (its slot is reserved), then settle the offer.
+    Send(AttemptRef, Message),
 }
 
 /// What becomes of a handled delivery.
