@@ -14,6 +14,7 @@
 //! started. The file keeps at least the newest [`Journal::CAPACITY`] entries: when it holds twice
 //! as many it is rewritten to those (temporary file, fsync, rename, fsync of the directory).
 
+use foldhash::HashSet;
 use std::collections::VecDeque;
 use std::fs::{File, OpenOptions};
 use std::io::{BufRead, BufReader, Write};
@@ -209,6 +210,37 @@ fn rewrite(path: &Path, entries: &VecDeque<Entry>) -> std::io::Result<()> {
     std::fs::rename(&tmp, path)?;
     let dir = path.parent().filter(|d| !d.as_os_str().is_empty()).unwrap_or(Path::new("."));
     File::open(dir)?.sync_all()
+}
+
+/// Awards this worker started lately, by fencing token. The engine's outbox may publish an award
+/// again after a crash (consumers deduplicate by CloudEvent id); NATS drops the copy within its
+/// duplicate window, RabbitMQ and Kafka deliver it. Without this memory a copy arriving after the
+/// attempt ended would run it again (found by the fault suite over RabbitMQ and Kafka); the
+/// journal carries it over a restart.
+#[derive(Default)]
+pub(crate) struct Taken {
+    order: VecDeque<(AttemptRef, u64)>,
+    set: HashSet<(AttemptRef, u64)>,
+}
+
+impl Taken {
+    /// How many awards are remembered: far more than an outbox republishes at once.
+    const CAPACITY: usize = Journal::CAPACITY;
+
+    pub(crate) fn insert(&mut self, attempt: AttemptRef, token: u64) {
+        if self.set.insert((attempt.clone(), token)) {
+            self.order.push_back((attempt, token));
+        }
+        while self.order.len() > Self::CAPACITY {
+            if let Some(old) = self.order.pop_front() {
+                self.set.remove(&old);
+            }
+        }
+    }
+
+    pub(crate) fn contains(&self, attempt: &AttemptRef, token: u64) -> bool {
+        self.set.contains(&(attempt.clone(), token))
+    }
 }
 
 #[cfg(test)]

@@ -32,8 +32,8 @@
 //! [`WorkerConfig::journal`] also on disk, written before the handler starts, so that it outlives
 //! a restart of the worker.
 
-use foldhash::{HashMap, HashMapExt, HashSet};
-use std::collections::{BTreeMap, VecDeque};
+use foldhash::{HashMap, HashMapExt};
+use std::collections::BTreeMap;
 use std::future::Future;
 use std::pin::Pin;
 use std::sync::Arc;
@@ -52,7 +52,7 @@ use tokio::time::Instant;
 
 use crate::attempt::{DoneGuard, Emitter, run_attempt};
 use crate::handler::{BidTerms, CancelSignal, CancelSwitch, Handler, RunPlace};
-use crate::journal::Journal;
+use crate::journal::{Journal, Taken};
 use crate::{Error, Result};
 
 /// A worker's identity, capacity and timings.
@@ -324,37 +324,6 @@ async fn sleep_until_opt(at: Option<Instant>) {
     match at {
         Some(at) => tokio::time::sleep_until(at).await,
         None => std::future::pending().await,
-    }
-}
-
-/// Awards this worker started lately, by fencing token. The engine's outbox may publish an award
-/// again after a crash (consumers deduplicate by CloudEvent id); NATS drops the copy within its
-/// duplicate window, RabbitMQ and Kafka deliver it. Without this memory a copy arriving after the
-/// attempt ended would run it again (found by the fault suite over RabbitMQ and Kafka); the
-/// journal carries it over a restart.
-#[derive(Default)]
-struct Taken {
-    order: VecDeque<(AttemptRef, u64)>,
-    set: HashSet<(AttemptRef, u64)>,
-}
-
-impl Taken {
-    /// How many awards are remembered: far more than an outbox republishes at once.
-    const CAPACITY: usize = Journal::CAPACITY;
-
-    fn insert(&mut self, attempt: AttemptRef, token: u64) {
-        if self.set.insert((attempt.clone(), token)) {
-            self.order.push_back((attempt, token));
-        }
-        while self.order.len() > Self::CAPACITY {
-            if let Some(old) = self.order.pop_front() {
-                self.set.remove(&old);
-            }
-        }
-    }
-
-    fn contains(&self, attempt: &AttemptRef, token: u64) -> bool {
-        self.set.contains(&(attempt.clone(), token))
     }
 }
 
