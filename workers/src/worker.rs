@@ -395,10 +395,10 @@ impl LoopState<'_> {
 
     /// Sends a bid or claim; the offer is settled once the broker answered. A send the broker
     /// finishes at once (the in-memory one) is settled right here, else it waits in `sending`.
-    async fn send(&mut self, source: Source, delivery: Delivery, attempt: AttemptRef, message: Message) {
+    async fn send(&mut self, source: Source, delivery: Delivery, attempt: AttemptRef, message: Box<Message>) {
         let broker = Arc::clone(self.emitter.broker());
         let mut sending: Sending = Box::pin(async move {
-            let result = broker.publish(vec![message]).await;
+            let result = broker.publish(vec![*message]).await;
             Sent { source, delivery, attempt, result }
         });
         match futures::poll!(sending.as_mut()) {
@@ -479,7 +479,7 @@ impl LoopState<'_> {
             _ => self.worker.config.award_timeout,
         };
         self.reserved.insert(a.clone(), Reservation { until: Instant::now() + wait, place: RunPlace::of(&offer) });
-        Answer::Send(a, message)
+        Answer::Send(a, Box::new(message))
     }
 
     async fn on_award(&mut self, award: Award) -> Settle {
@@ -556,7 +556,7 @@ enum Answer {
     /// Settle the offer now.
     Settle(Settle),
     /// Send this bid or claim for the attempt (its slot is reserved), then settle the offer.
-    Send(AttemptRef, Message),
+    Send(AttemptRef, Box<Message>),
 }
 
 /// What becomes of a handled delivery.
