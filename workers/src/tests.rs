@@ -129,10 +129,15 @@ struct Running {
 
 /// Starts a worker and waits until all its subscriptions exist.
 async fn start(broker: &MemoryBroker, worker: Worker) -> Running {
+    start_over(broker, Arc::new(broker.clone()), worker).await
+}
+
+/// Starts a worker over `wrapped` (a wrapper of `broker`) and waits until all its
+/// subscriptions exist.
+async fn start_over(broker: &MemoryBroker, wrapped: Arc<dyn Broker>, worker: Worker) -> Running {
     let config = worker.config().clone();
     let (stop, stopped) = oneshot::channel::<()>();
-    let shared: Arc<dyn Broker> = Arc::new(broker.clone());
-    let task = tokio::spawn(worker.run(shared, async move {
+    let task = tokio::spawn(worker.run(wrapped, async move {
         let _ = stopped.await;
     }));
     while broker.members(&topics::worker(&config.id), &config.id) == 0 {

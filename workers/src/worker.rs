@@ -416,7 +416,7 @@ impl LoopState<'_> {
             Err(e) => {
                 tracing::warn!(error = %e, task = %attempt.task, "could not send a bid or claim");
                 self.reserved.remove(&attempt);
-                if source == Source::Queue { Settle::Retry } else { Settle::Ack }
+                declined(source)
             }
         };
         self.settle(&delivery, settle).await;
@@ -449,7 +449,7 @@ impl LoopState<'_> {
         let free = self.free_slots();
         let Some(terms) = self.terms(&offer, free) else {
             tracing::debug!(task = %a.task, run = %a.run_id, free, "not bidding");
-            return Answer::Settle(if source == Source::Queue { Settle::Retry } else { Settle::Ack });
+            return Answer::Settle(declined(source));
         };
         let worker = self.emitter.worker().clone();
         let message = match offer.dispatch {
@@ -471,7 +471,7 @@ impl LoopState<'_> {
             Ok(message) => message,
             Err(e) => {
                 tracing::warn!(error = %e, task = %a.task, "could not build a bid or claim");
-                return Answer::Settle(if source == Source::Queue { Settle::Retry } else { Settle::Ack });
+                return Answer::Settle(declined(source));
             }
         };
         let wait = match (offer.dispatch, offer.bid_deadline_ms) {
@@ -549,6 +549,12 @@ impl LoopState<'_> {
             }
         }
     }
+}
+
+/// An offer this worker does not answer: a queue offer goes back for another member, a
+/// broadcast one needs nothing.
+fn declined(source: Source) -> Settle {
+    if source == Source::Queue { Settle::Retry } else { Settle::Ack }
 }
 
 /// How the loop answers an offer.

@@ -7,9 +7,8 @@ use std::time::Duration;
 use async_trait::async_trait;
 use capstan_brokers::{Broker, MemoryBroker, Message, Subscription, SubscriptionMode};
 use capstan_proto::{Claim, DispatchMode, ext, topics, types};
-use tokio::sync::oneshot;
 
-use super::{Engine, Running, offer};
+use super::{Engine, offer, start_over};
 use crate::{EchoWorker, Worker, WorkerConfig};
 
 /// The in-memory broker, except that bids and claims wait at a gate before they are published,
@@ -55,19 +54,6 @@ impl Broker for SlowClaims {
     async fn subscribe(&self, topic: &str, mode: SubscriptionMode) -> capstan_brokers::Result<Box<dyn Subscription>> {
         self.inner.subscribe(topic, mode).await
     }
-}
-
-/// Starts a worker over a wrapped broker and waits until all its subscriptions exist.
-async fn start_over(broker: &MemoryBroker, wrapped: Arc<dyn Broker>, worker: Worker) -> Running {
-    let config = worker.config().clone();
-    let (stop, stopped) = oneshot::channel::<()>();
-    let task = tokio::spawn(worker.run(wrapped, async move {
-        let _ = stopped.await;
-    }));
-    while broker.members(&topics::worker(&config.id), &config.id) == 0 {
-        tokio::time::sleep(Duration::from_millis(1)).await;
-    }
-    Running { stop, task }
 }
 
 #[tokio::test(start_paused = true)]
