@@ -144,6 +144,16 @@ attempt_payloads! {
         /// Start-to-close budget (ms).
         #[serde(default)]
         pub start_to_close_ms: Option<u64>,
+        /// The fencing token of a claim-free queue offer (a task with `claim: false`): the
+        /// member that receives it starts at once under this token, without a claim and an
+        /// award; its first report binds the attempt to it. `None`: bid or claim first.
+        #[serde(default)]
+        pub token: Option<u64>,
+        /// When the attempt's schedule-to-start timeout ends (ms since the Unix epoch), for a
+        /// claim-free offer: one received later belongs to an attempt the engine has ended, and
+        /// the worker drops it instead of running it.
+        #[serde(default)]
+        pub start_by_ms: Option<u64>,
     }
 
     /// `task.bid`: a worker offers to run an attempt.
@@ -294,6 +304,8 @@ mod tests {
             bid_deadline_ms: Some(9),
             heartbeat_ms: None,
             start_to_close_ms: Some(60_000),
+            token: Some(7),
+            start_by_ms: Some(11),
         });
         check(Bid { attempt: attempt.clone(), worker: worker.clone(), cost: 1.5, estimated_ms: 20, free_slots: 2 });
         check(Claim { attempt: attempt.clone(), worker });

@@ -48,7 +48,8 @@ pub struct BenchArgs {
     /// Tasks per run (K); a fanout has one start task, K-2 parallel ones and one join.
     #[arg(long, default_value_t = 5)]
     pub tasks: usize,
-    /// How tasks reach workers (auction awards the first bid).
+    /// How tasks reach workers: queue (claim, then award), claim-free (queue offers that
+    /// carry their token, `claim: false`), or auction (the first bid wins).
     #[arg(long, value_enum, default_value_t = Dispatch::Queue)]
     pub dispatch: Dispatch,
     /// Runs to drive; default: as many as fit in --duration.

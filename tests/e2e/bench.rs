@@ -78,6 +78,17 @@ fn bench_with_workers_that_skip_started_for_quick_tasks() {
     assert_eq!(report["latency_ms"]["task"]["count"], 36, "{report}");
 }
 
+/// Claim-free queue offers through the whole runtime: the workers start each offer at once, the
+/// engine records each award from the first report, and every run passes.
+#[test]
+fn bench_claim_free_runs_every_task_once() {
+    let report = bench(&["--runs", "12", "--tasks", "3", "--concurrency", "4", "--dispatch", "claim-free"]);
+    assert_complete(&report, 12, 3);
+    assert_eq!(report["config"]["dispatch"], "claim-free", "{report}");
+    assert_eq!(report["latency_ms"]["first_award"]["count"], 12, "one first award per run: {report}");
+    assert_eq!(report["latency_ms"]["task"]["count"], 36, "{report}");
+}
+
 #[test]
 fn bench_soak_leaves_runs_waiting_and_reports_memory_and_reads() {
     // 64 KiB of trigger data per run, 1 MiB of cache: about 15 states fit, the rest are evicted.

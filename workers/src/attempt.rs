@@ -5,7 +5,7 @@
 use std::sync::Arc;
 use std::time::Duration;
 
-use capstan_brokers::{Broker, Error as BrokerError, Message};
+use capstan_brokers::{Broker, Delivery, Error as BrokerError, Message};
 use capstan_proto::{AttemptRef, Award, Finished, Progress, TaskError, TaskResult, WorkerInfo, ext, topics, types};
 use serde::Serialize;
 use serde_json::{Value, json};
@@ -15,12 +15,43 @@ use tokio::time::{Instant, MissedTickBehavior};
 use crate::handler::{CancelSignal, Handler, Outcome, RunPlace, TaskContext};
 use crate::journal::Journal;
 
-/// Reports that an attempt started. A failure is only logged: the handler runs anyway, and the
-/// engine hears of the attempt through heartbeats or `finished`, or times it out and fences it
-/// off, which makes the result moot but harmless.
-async fn send_started(emitter: &Emitter, attempt: &AttemptRef, token: u64, progress: &Progress) {
-    if let Err(e) = emitter.send(types::TASK_STARTED, attempt, Some(token), progress).await {
-        tracing::warn!(error = %e, task = %attempt.task, "could not send started");
+/// Reports that an attempt started; `false` if it could not. A failure is only logged: the
+/// handler runs anyway, and the engine hears of the attempt through heartbeats or `finished`,
+/// or times it out and fences it off, which makes the result moot but harmless.
+async fn send_started(emitter: &Emitter, attempt: &AttemptRef, token: u64, progress: &Progress) -> bool {
+    match emitter.send(types::TASK_STARTED, attempt, Some(token), progress).await {
+        Ok(()) => true,
+        Err(e) => {
+            tracing::warn!(error = %e, task = %attempt.task, "could not send started");
+            false
+        }
+    }
+}
+
+/// The delivery of a claim-free offer, held by the attempt it started: acked once the
+/// attempt's first report is out (the engine then knows who holds it), handed back at once
+/// if the attempt ends without one, so that another member runs it.
+pub(crate) struct Lease(pub(crate) Option<Delivery>);
+
+impl Lease {
+    /// The attempt reported: the offer is done with.
+    async fn reported(&mut self) {
+        if let Some(delivery) = self.0.take()
+            && let Err(e) = delivery.ack().await
+        {
+            tracing::warn!(error = %e, "could not ack a claim-free offer");
+        }
+    }
+
+    /// The attempt ended without a report reaching the broker: the offer goes back, through
+    /// the loop (see [`Done::lease`]).
+    fn give_back(&mut self, done: &mut DoneGuard) {
+        done.lease = self.0.take();
+    }
+
+    /// Settles the lease by whether the attempt's report went out.
+    async fn settle(&mut self, reported: bool, done: &mut DoneGuard) {
+        if reported { self.reported().await } else { self.give_back(done) }
     }
 }
 
@@ -83,12 +114,13 @@ impl Emitter {
 
     /// Sends `finished`, retrying while the broker is unavailable: losing a result costs the
     /// engine a whole timeout and the task a retry. An output over the broker's limit is replaced
-    /// by an `output-too-large` error so the engine still learns how the attempt ended.
-    async fn send_finished(&self, mut finished: Finished) {
+    /// by an `output-too-large` error so the engine still learns how the attempt ended. `false`
+    /// if it gave up.
+    async fn send_finished(&self, mut finished: Finished) -> bool {
         let mut backoff = Duration::from_millis(100);
         for _ in 0..5 {
             match self.send(types::TASK_FINISHED, &finished.attempt.clone(), Some(finished.token), &finished).await {
-                Ok(()) => return,
+                Ok(()) => return true,
                 Err(crate::Error::Broker(BrokerError::TooLarge { size, limit })) => {
                     tracing::warn!(size, limit, task = %finished.attempt.task, "output too large for the broker");
                     finished.result = TaskResult::Fail;
@@ -106,19 +138,31 @@ impl Emitter {
             }
         }
         tracing::error!(task = %finished.attempt.task, run = %finished.attempt.run_id, "gave up sending finished");
+        false
     }
+}
+
+/// That an attempt ended, for the worker's loop.
+pub(crate) struct Done {
+    pub(crate) attempt: AttemptRef,
+    /// The claim-free offer of an attempt that ended unreported, for the loop to hand back
+    /// once it has forgotten the attempt (else the offer could come again before that, and
+    /// be taken for a copy of an attempt still running).
+    pub(crate) lease: Option<Delivery>,
 }
 
 /// Tells the worker's loop that an attempt ended, even if its task panicked or was aborted.
 pub(crate) struct DoneGuard {
-    pub(crate) tx: mpsc::UnboundedSender<AttemptRef>,
+    pub(crate) tx: mpsc::UnboundedSender<Done>,
     pub(crate) attempt: AttemptRef,
+    pub(crate) lease: Option<Delivery>,
 }
 
 impl Drop for DoneGuard {
     fn drop(&mut self) {
-        // The loop is gone only when the worker stopped; then nobody needs to know.
-        let _ = self.tx.send(self.attempt.clone());
+        // The loop is gone only when the worker stopped; then nobody needs to know, and the
+        // offer, dropped unsettled, goes back to the broker by itself.
+        let _ = self.tx.send(Done { attempt: self.attempt.clone(), lease: self.lease.take() });
     }
 }
 
@@ -133,7 +177,8 @@ pub(crate) async fn run_attempt(
     cancel: CancelSignal,
     cancel_grace: Duration,
     started_after: Duration,
-    done: DoneGuard,
+    mut lease: Lease,
+    mut done: DoneGuard,
 ) {
     let attempt = award.attempt.clone();
     let token = award.token;
@@ -148,7 +193,8 @@ pub(crate) async fn run_attempt(
         let error = TaskError { kind: "worker-journal".into(), message: e.to_string() };
         let finished =
             Finished { attempt, worker_id, token, result: TaskResult::Fail, output: Value::Null, error: Some(error) };
-        emitter.send_finished(finished).await;
+        let reported = emitter.send_finished(finished).await;
+        lease.settle(reported, &mut done).await;
         drop(done);
         return;
     }
@@ -157,8 +203,8 @@ pub(crate) async fn run_attempt(
     // later than the first heartbeat would be due); a handler done sooner reports only `finished`.
     let started_after = heartbeat.map_or(started_after, |period| started_after.min(period));
     let mut started = started_after.is_zero();
-    if started {
-        send_started(&emitter, &attempt, token, &progress).await;
+    if started && send_started(&emitter, &attempt, token, &progress).await {
+        lease.reported().await;
     }
     let ctx = TaskContext::new(award, worker_id.clone(), cancel.clone()).with_place(place);
     // The handler runs in its own task so that a panic in it becomes a reported error and an
@@ -179,7 +225,9 @@ pub(crate) async fn run_attempt(
             joined = &mut task => break Some(joined),
             _ = &mut started_due, if !started => {
                 started = true;
-                send_started(&emitter, &attempt, token, &progress).await;
+                if send_started(&emitter, &attempt, token, &progress).await {
+                    lease.reported().await;
+                }
             }
             _ = ticks.tick(), if heartbeat.is_some() => {
                 if let Err(e) = emitter.send(types::TASK_HEARTBEAT, &attempt, Some(token), &progress).await {
@@ -199,6 +247,7 @@ pub(crate) async fn run_attempt(
     // nothing: the engine ended the attempt and would only reject the result.
     let Some(joined) = joined.filter(|_| !cancel.is_cancelled()) else {
         tracing::info!(task = %attempt.task, run = %attempt.run_id, "attempt cancelled");
+        lease.give_back(&mut done);
         drop(done);
         return;
     };
@@ -211,6 +260,7 @@ pub(crate) async fn run_attempt(
         Outcome::Error(error) => (TaskResult::Fail, json!(null), Some(error)),
     };
     let finished = Finished { attempt, worker_id, token, result, output, error };
-    emitter.send_finished(finished).await;
+    let reported = emitter.send_finished(finished).await;
+    lease.settle(reported, &mut done).await;
     drop(done);
 }

@@ -269,6 +269,8 @@ spec:
             bid_deadline_ms: None,
             heartbeat_ms: None,
             start_to_close_ms: None,
+            token: None,
+            start_by_ms: None,
         };
         let bid = bid_for_actions(BTreeMap::new(), ["scaling"]);
         assert!(bid(&offer(json!({"action": {"action": "scaling", "value": 1}})), 1).is_some());

@@ -238,6 +238,12 @@ impl Taken {
         }
     }
 
+    /// Forgets every token of `attempt`: its claim-free offer went back unreported.
+    pub(crate) fn remove(&mut self, attempt: &AttemptRef) {
+        self.set.retain(|(a, _)| a != attempt);
+        self.order.retain(|(a, _)| a != attempt);
+    }
+
     pub(crate) fn contains(&self, attempt: &AttemptRef, token: u64) -> bool {
         self.set.contains(&(attempt.clone(), token))
     }

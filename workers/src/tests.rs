@@ -119,6 +119,8 @@ fn offer(run: &str, task_type: &str, dispatch: DispatchMode) -> TaskOffer {
         bid_deadline_ms: None,
         heartbeat_ms: None,
         start_to_close_ms: None,
+        token: None,
+        start_by_ms: None,
     }
 }
 
@@ -544,4 +546,5 @@ async fn a_bad_configuration_lists_every_problem() {
     assert_eq!(problems.len(), 3, "{problems:?}");
 }
 
+mod claim_free;
 mod sending;

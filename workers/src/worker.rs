@@ -8,6 +8,7 @@
 //! | offer (auction)            | otherwise                                   | nothing (a decline is silence)    |
 //! | offer (queue / fanout)     | a slot free and the bid function would bid  | reserve a slot, send `claim`      |
 //! | offer (queue)              | otherwise                                   | nack: another member may take it  |
+//! | offer (queue, with token)  | a slot free and the bid function would bid  | start it (claim-free, see below)  |
 //! | award for this worker      | reserved, or a slot free                    | start the attempt                 |
 //! | award                      | already running that attempt                | nothing (a redelivered award)     |
 //! | award                      | that attempt with that token already taken  | nothing (a republished award)     |
@@ -28,12 +29,18 @@
 //! other work; its offer is settled when the broker answered: acked once sent, and if the send
 //! failed the slot is released and a queue offer nacked, so another member may take it.
 //!
+//! A claim-free offer (a queue offer that carries its fencing token, `claim: false` in the
+//! definition) is started at once under that token. Its delivery is the attempt's lease: it is
+//! acked once the attempt's first report (`started`, or `finished` for a quick one) is out, and
+//! handed back if the attempt ends without one (a shutdown, a result that could not be sent),
+//! so a member that dies first leaves the offer to another. The engine takes the first report
+//! under the token and refuses any other worker's, which stops a second copy.
+//!
 //! "Already taken" is the worker's memory of the awards it started: in memory, and with
 //! [`WorkerConfig::journal`] also on disk, written before the handler starts, so that it outlives
 //! a restart of the worker.
 
 use foldhash::{HashMap, HashMapExt};
-use std::collections::BTreeMap;
 use std::future::Future;
 use std::pin::Pin;
 use std::sync::Arc;
@@ -50,109 +57,14 @@ use tokio::sync::mpsc;
 use tokio::task::JoinSet;
 use tokio::time::Instant;
 
-use crate::attempt::{DoneGuard, Emitter, run_attempt};
+use crate::attempt::{Done, DoneGuard, Emitter, Lease, run_attempt};
 use crate::handler::{BidTerms, CancelSignal, CancelSwitch, Handler, RunPlace};
 use crate::journal::{Journal, Taken};
 use crate::{Error, Result};
 
-/// A worker's identity, capacity and timings.
-#[derive(Debug, Clone)]
-pub struct WorkerConfig {
-    /// The worker id, unique among the workers of a deployment.
-    pub id: String,
-    /// Labels the engine matches against a task's `requires`.
-    pub labels: BTreeMap<String, String>,
-    /// The task types this worker performs.
-    pub task_types: Vec<String>,
-    /// How many attempts it runs (and bids for) at once.
-    pub max_concurrency: u32,
-    /// How long a claim, or a bid without a bid deadline, waits for its award.
-    pub award_timeout: Duration,
-    /// Added to an offer's bid deadline before a reservation is given up.
-    pub award_grace: Duration,
-    /// How long a cancelled handler may take to return before it is dropped.
-    pub cancel_grace: Duration,
-    /// When a queue offer cannot be taken, after how long it comes back.
-    pub queue_retry_delay: Duration,
-    /// How long an attempt runs before the worker reports `started`. An attempt whose handler
-    /// returns sooner reports only `finished`, saving a message, an input and an event per task
-    /// (its history then shows it awarded, then ended); a longer one reports `started` at this
-    /// point (at the latest a third of its heartbeat timeout). Zero reports at once. Keep it far
-    /// below the tasks' schedule-to-start timeout, which runs until `started` or `finished`.
-    pub started_after: Duration,
-    /// A file where the worker records every award before its handler starts. Set it for a
-    /// worker that runs non-idempotent tasks under a stable id: restarted, it then never starts
-    /// an award again that the engine's outbox republished after a crash. One file per worker id.
-    pub journal: Option<std::path::PathBuf>,
-}
+mod config;
 
-impl WorkerConfig {
-    /// A configuration with one slot, no labels and default timings.
-    pub fn new(id: impl Into<String>, task_types: impl IntoIterator<Item = impl Into<String>>) -> Self {
-        WorkerConfig {
-            id: id.into(),
-            labels: BTreeMap::new(),
-            task_types: task_types.into_iter().map(Into::into).collect(),
-            max_concurrency: 1,
-            award_timeout: Duration::from_secs(10),
-            award_grace: Duration::from_secs(2),
-            cancel_grace: Duration::from_secs(5),
-            queue_retry_delay: Duration::from_secs(1),
-            started_after: Duration::ZERO,
-            journal: None,
-        }
-    }
-
-    /// Records awards in a journal file (see [`WorkerConfig::journal`]).
-    pub fn journal(mut self, path: impl Into<std::path::PathBuf>) -> Self {
-        self.journal = Some(path.into());
-        self
-    }
-
-    /// Reports `started` only for attempts still running after `after` (see
-    /// [`WorkerConfig::started_after`]).
-    pub fn started_after(mut self, after: Duration) -> Self {
-        self.started_after = after;
-        self
-    }
-
-    /// Adds a label.
-    pub fn label(mut self, key: impl Into<String>, value: impl Into<String>) -> Self {
-        self.labels.insert(key.into(), value.into());
-        self
-    }
-
-    /// Sets the number of slots.
-    pub fn slots(mut self, max_concurrency: u32) -> Self {
-        self.max_concurrency = max_concurrency;
-        self
-    }
-
-    /// Every problem of the configuration.
-    pub fn validate(&self) -> Result<()> {
-        let mut problems = Vec::new();
-        if self.id.trim().is_empty() {
-            problems.push("id: must not be empty".to_string());
-        }
-        if self.task_types.is_empty() {
-            problems.push("task_types: at least one task type is needed".to_string());
-        }
-        for (i, t) in self.task_types.iter().enumerate() {
-            if t.trim().is_empty() {
-                problems.push(format!("task_types[{i}]: must not be empty"));
-            }
-        }
-        if self.max_concurrency == 0 {
-            problems.push("max_concurrency: must be at least 1".to_string());
-        }
-        if problems.is_empty() { Ok(()) } else { Err(Error::Config(problems)) }
-    }
-
-    /// Whether the labels meet an offer's requirements.
-    pub fn meets(&self, requires: &BTreeMap<String, String>) -> bool {
-        requires.iter().all(|(k, v)| self.labels.get(k) == Some(v))
-    }
-}
+pub use config::WorkerConfig;
 
 /// Decides whether and how to bid for an offer, given the free slots (at least 1).
 pub type BidFn = Arc<dyn Fn(&TaskOffer, u32) -> Option<BidTerms> + Send + Sync>;
@@ -299,9 +211,7 @@ impl Worker {
                     None => break Err(Error::Broker(capstan_brokers::Error::Closed)),
                 },
                 Some(sent) = state.sending.next(), if !state.sending.is_empty() => state.sent(sent).await,
-                Some(attempt) = done_rx.recv() => {
-                    state.running.remove(&attempt);
-                }
+                Some(done) = done_rx.recv() => state.ended(done).await,
                 _ = sleep_until_opt(expiry) => {
                     let now = Instant::now();
                     state.reserved.retain(|a, r| {
@@ -334,7 +244,7 @@ struct LoopState<'w> {
     running: HashMap<AttemptRef, Running>,
     taken: Taken,
     journal: Option<Journal>,
-    done_tx: mpsc::UnboundedSender<AttemptRef>,
+    done_tx: mpsc::UnboundedSender<Done>,
     /// Bids and claims on their way to the broker.
     sending: FuturesUnordered<Sending>,
     worker: &'w Worker,
@@ -367,6 +277,10 @@ impl LoopState<'_> {
                 Ok(offer) => match self.on_offer(source, offer) {
                     Answer::Settle(settle) => settle,
                     Answer::Send(attempt, message) => return self.send(source, delivery, attempt, message).await,
+                    Answer::Start(start) => {
+                        let (award, place) = *start;
+                        return self.launch(award, Some(place), Some(delivery));
+                    }
                 },
                 Err(e) => bad_payload(event, &e),
             },
@@ -451,6 +365,29 @@ impl LoopState<'_> {
             tracing::debug!(task = %a.task, run = %a.run_id, free, "not bidding");
             return Answer::Settle(declined(source));
         };
+        if let (Some(token), DispatchMode::Queue) = (offer.token, offer.dispatch) {
+            if self.taken.contains(&a, token) {
+                return Answer::Settle(Settle::Ack); // this worker ran it already
+            }
+            if offer.start_by_ms.is_some_and(|by| until_epoch_ms(by).is_zero()) {
+                // Its attempt has timed out at the engine: running it would only be refused.
+                tracing::debug!(task = %a.task, run = %a.run_id, "dropping a stale claim-free offer");
+                return Answer::Settle(Settle::Ack);
+            }
+            // A claim-free offer: ours to run at once under its token. The offer is settled
+            // once the attempt's first report is out (see `run_attempt`).
+            let place = RunPlace::of(&offer);
+            let award = Award {
+                attempt: a,
+                worker_id: self.worker.config.id.clone(),
+                token,
+                task_type: offer.task_type,
+                input: offer.input,
+                heartbeat_ms: offer.heartbeat_ms,
+                start_to_close_ms: offer.start_to_close_ms,
+            };
+            return Answer::Start(Box::new((award, place)));
+        }
         let worker = self.emitter.worker().clone();
         let message = match offer.dispatch {
             DispatchMode::Auction => {
@@ -504,22 +441,35 @@ impl LoopState<'_> {
             tracing::warn!(task = %a.task, run = %a.run_id, "award without a free slot; left to time out");
             return Settle::Ack;
         }
+        self.launch(award, reservation.map(|r| r.place), None);
+        Settle::Ack
+    }
+
+    /// Runs an attempt this worker holds: awarded, or taken from a claim-free offer whose
+    /// delivery (`lease`) the attempt settles once it has reported.
+    fn launch(&mut self, award: Award, place: Option<RunPlace>, lease: Option<Delivery>) {
+        let a = award.attempt.clone();
         let (switch, signal) = CancelSignal::new();
         self.running.insert(a.clone(), Running { token: award.token, cancel: switch });
         self.taken.insert(a.clone(), award.token);
-        let done = DoneGuard { tx: self.done_tx.clone(), attempt: a };
+        let done = DoneGuard { tx: self.done_tx.clone(), attempt: a, lease: None };
+        let config = &self.worker.config;
+        // A claim-free attempt reports by the award timeout at the latest, so its offer is
+        // settled long before a broker would hand it to another member.
+        let started_after =
+            if lease.is_some() { config.started_after.min(config.award_timeout) } else { config.started_after };
         tokio::spawn(run_attempt(
             self.emitter.clone(),
             self.journal.clone(),
             Arc::clone(&self.worker.handler),
             award,
-            reservation.map(|r| r.place),
+            place,
             signal,
-            self.worker.config.cancel_grace,
-            self.worker.config.started_after,
+            config.cancel_grace,
+            started_after,
+            Lease(lease),
             done,
         ));
-        Settle::Ack
     }
 
     /// A rejection or cancellation: give up the reservation or stop the attempt.
@@ -534,17 +484,26 @@ impl LoopState<'_> {
         Settle::Ack
     }
 
+    /// Frees an ended attempt's slot. A claim-free offer it hands back goes back to the broker
+    /// now, and is forgotten as taken: should it come here again, it is run again.
+    async fn ended(&mut self, done: Done) {
+        self.running.remove(&done.attempt);
+        if let Some(delivery) = done.lease {
+            tracing::info!(task = %done.attempt.task, run = %done.attempt.run_id, "handing a claim-free offer back");
+            self.taken.remove(&done.attempt);
+            self.settle(&delivery, Settle::Retry).await;
+        }
+    }
+
     /// Cancels every running attempt and waits for them to end (bounded by the cancel grace).
-    async fn stop(&mut self, done_rx: &mut mpsc::UnboundedReceiver<AttemptRef>) {
+    async fn stop(&mut self, done_rx: &mut mpsc::UnboundedReceiver<Done>) {
         for r in self.running.values() {
             r.cancel.cancel();
         }
         let deadline = Instant::now() + self.worker.config.cancel_grace + Duration::from_millis(100);
         while !self.running.is_empty() {
             match tokio::time::timeout_at(deadline, done_rx.recv()).await {
-                Ok(Some(a)) => {
-                    self.running.remove(&a);
-                }
+                Ok(Some(done)) => self.ended(done).await,
                 _ => break,
             }
         }
@@ -563,6 +522,8 @@ enum Answer {
     Settle(Settle),
     /// Send this bid or claim for the attempt (its slot is reserved), then settle the offer.
     Send(AttemptRef, Box<Message>),
+    /// Run this attempt of a claim-free offer now; the offer is its lease.
+    Start(Box<(Award, RunPlace)>),
 }
 
 /// What becomes of a handled delivery.

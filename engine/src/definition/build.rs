@@ -173,6 +173,7 @@ impl Builder<'_> {
             award: self.award(&place, raw.award.as_ref()),
             continue_on_failure: raw.continue_on_failure.unwrap_or(false),
             idempotent: raw.idempotent.unwrap_or(true),
+            claim: raw.claim.unwrap_or(true),
             triggered_after: raw.triggered_after.and_then(|value| self.duration(&place, "triggeredAfter", &value)),
             ends_run_on: Vec::new(),
             name: raw.name,

@@ -120,6 +120,12 @@ pub struct Task {
     pub continue_on_failure: bool,
     /// `false`: never started twice; a lost worker ends it `outcome-unknown`.
     pub idempotent: bool,
+    /// `false` (queue dispatch, idempotent tasks only): the offer carries its fencing token and
+    /// the member that receives it starts at once; its first report binds the attempt to it.
+    /// Two messages fewer per task; a redelivered offer may start a second copy, whose reports
+    /// are refused. `true` (the default): the worker claims and waits for the award.
+    #[serde(default = "yes")]
+    pub claim: bool,
     /// Keptn's `triggeredAfter`: wait this long after the task becomes ready before offering it.
     pub triggered_after: Option<Millis>,
     /// Ending with one of these results ends the whole run with it: tasks not started yet are
@@ -232,4 +238,8 @@ impl Sequence {
     pub fn task_index(&self, name: &str) -> Option<usize> {
         self.tasks.iter().position(|t| t.name == name)
     }
+}
+
+fn yes() -> bool {
+    true
 }

@@ -114,6 +114,8 @@ pub(super) struct RawTask {
     pub continue_on_failure: Option<bool>,
     #[serde(default)]
     pub idempotent: Option<bool>,
+    #[serde(default)]
+    pub claim: Option<bool>,
     #[serde(flatten)]
     pub unknown: Mapping,
 }

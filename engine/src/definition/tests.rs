@@ -196,11 +196,14 @@ spec:
               requires: {labels: {tier: 1}}
             - {name: b, dependsOn: [], dispatch: fanout, award: earliest-finish}
             - {name: c}
+            - {name: d, dispatch: queue, claim: false}
 "#,
     )
     .expect("parses");
     let s = def.sequence("dev", "s").expect("dev.s");
     let (a, b, c) = (&s.tasks[0], &s.tasks[1], &s.tasks[2]);
+    assert!(a.claim && b.claim && c.claim, "workers claim unless told otherwise");
+    assert_eq!((s.tasks[3].dispatch, s.tasks[3].claim), (DispatchMode::Queue, false));
     assert_eq!((a.dispatch, a.award), (DispatchMode::Queue, AwardPolicy::LowestCost));
     assert!(a.continue_on_failure && !a.idempotent);
     assert_eq!(a.triggered_after, Some(300));

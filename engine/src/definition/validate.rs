@@ -7,7 +7,7 @@ use petgraph::algo::tarjan_scc;
 use petgraph::graph::DiGraph;
 
 use super::diagnostic::{Diagnostics, Place};
-use super::model::{ConditionSubject, Definition, Sequence, Task};
+use super::model::{ConditionSubject, Definition, DispatchMode, Sequence, Task};
 
 /// Records every problem of `def` in `out`.
 pub(super) fn check(def: &Definition, out: &mut Diagnostics) {
@@ -132,6 +132,15 @@ fn check_values(place: &Place, task: &Task, out: &mut Diagnostics) {
                 "`retry.initialInterval` ({}ms) is longer than `retry.maxInterval` ({}ms)",
                 retry.initial_interval, retry.max_interval
             ),
+        );
+    }
+    if !task.claim && task.dispatch != DispatchMode::Queue {
+        out.push(place.clone(), "`claim: false` needs `dispatch: queue`: auction and fanout workers must bid or claim");
+    }
+    if !task.claim && !task.idempotent {
+        out.push(
+            place.clone(),
+            "`claim: false` cannot go with `idempotent: false`: an offer delivered twice may start twice",
         );
     }
     let limits = [

@@ -321,6 +321,25 @@ fn bad_dispatch_award_properties_and_labels() {
 }
 
 #[test]
+fn claim_free_offers_need_a_queue_and_an_idempotent_task() {
+    check(
+        r#"spec:
+  stages:
+    - name: dev
+      sequences:
+        - name: s
+          tasks:
+            - {name: a, claim: false}
+            - {name: b, dispatch: queue, claim: false, idempotent: false}
+            - {name: c, dispatch: queue, claim: false}
+"#,
+        expect![[r#"
+            stage "dev" / sequence "s" / task "a": `claim: false` needs `dispatch: queue`: auction and fanout workers must bid or claim
+            stage "dev" / sequence "s" / task "b": `claim: false` cannot go with `idempotent: false`: an offer delivered twice may start twice"#]],
+    );
+}
+
+#[test]
 fn depends_on_in_keptn_file() {
     check_keptn(
         "spec:\n  stages:\n    - name: dev\n      sequences:\n        - name: s\n          tasks: [{name: a}, {name: b, dependsOn: []}]\n",

@@ -7,7 +7,8 @@
 //! Only kinds whose deadline the events determine are derived (`RunState::derives`):
 //! schedule-to-start, start-to-close, retry, delay and approval timeout at their exact times,
 //! and the re-offer of a queue or fanout offer at `now` (its wait is random, and offering again
-//! right after a restart is what a lost offer needs anyway). Heartbeat deadlines move without
+//! right after a restart is what a lost offer needs anyway; a claim-free offer, which may be
+//! running unreported, waits `CLAIM_FREE_REOFFER_MS` more). Heartbeat deadlines move without
 //! events, and an auction's bid window and its re-offer depend on bids and on timers that fired
 //! without events: those are never derived, so the runtime always writes them at once.
 //!
@@ -23,7 +24,7 @@
 
 use capstan_proto::DispatchMode;
 
-use super::flow::sequence_finished;
+use super::flow::{CLAIM_FREE_REOFFER_MS, sequence_finished};
 use super::state::{RunState, TaskPhase};
 use super::types::{Effect, TimerKind, WorkerMessage};
 use crate::duration::{Timestamp, parse_duration};
@@ -104,7 +105,10 @@ impl RunState {
                         timers.push((TimerKind::StartToClose { task: task(), attempt }, since.plus(limit)));
                     }
                     if t.phase == TaskPhase::Offered && t.holders.is_empty() && spec.dispatch != DispatchMode::Auction {
-                        timers.push((TimerKind::Reoffer { task: task(), attempt, offer: t.offer }, now));
+                        // A claim-free offer may be running unreported at a member: left to the
+                        // broker for as long as a live one would be (`CLAIM_FREE_REOFFER_MS`).
+                        let at = if t.offered_token.is_some() { now.plus(CLAIM_FREE_REOFFER_MS) } else { now };
+                        timers.push((TimerKind::Reoffer { task: task(), attempt, offer: t.offer }, at));
                     }
                 }
                 TaskPhase::Backoff => {

@@ -13,6 +13,13 @@ use crate::duration::parse_duration;
 /// The task type the engine handles itself, without a worker.
 pub const APPROVAL_TYPE: &str = "approval";
 
+/// How long a claim-free offer is left to the broker before the engine offers it again. The
+/// broker hands an offer whose member went silent to another one by itself (JetStream's ack
+/// wait and the in-memory broker's ack deadline are 30 s by default), and a member that took it
+/// reports within its award timeout (10 s by default); a sooner re-offer would mostly start a
+/// second copy beside a live one. It is for an offer a broker lost.
+pub const CLAIM_FREE_REOFFER_MS: u64 = 30_000;
+
 impl Step<'_, '_> {
     /// Starts whatever became ready and ends the run when nothing is left, until a fixed point:
     /// an automatic approval ends at once and may make the next task ready in the same decision.
@@ -100,7 +107,17 @@ impl Step<'_, '_> {
         let now = self.now();
         let auction = spec.dispatch == DispatchMode::Auction;
         let bid_deadline = auction.then(|| now.plus(spec.timeouts.bid_window));
-        self.emit(Event::TaskOffered { task: spec.name.clone(), attempt, offer, bid_deadline, at: now });
+        // A claim-free offer carries its token; a re-offer of the same attempt carries the same.
+        let token = (spec.dispatch == DispatchMode::Queue && !spec.claim).then(|| match self.task(i).offered_token {
+            Some(token) if offer > 1 => token,
+            _ => self.st.last_token + 1,
+        });
+        self.emit(Event::TaskOffered { task: spec.name.clone(), attempt, offer, bid_deadline, token, at: now });
+        // A claim-free offer says until when it may start: the worker drops a stale one.
+        let start_by = match (token, spec.timeouts.schedule_to_start) {
+            (Some(_), Some(limit)) => self.task(i).offered_at.map(|first| first.plus(limit).0),
+            _ => None,
+        };
         let meta = self.meta();
         let offer_msg = TaskOffer {
             attempt: self.attempt_ref(i),
@@ -115,6 +132,8 @@ impl Step<'_, '_> {
             bid_deadline_ms: bid_deadline.map(|t| t.0),
             heartbeat_ms: spec.timeouts.heartbeat,
             start_to_close_ms: spec.timeouts.start_to_close,
+            token,
+            start_by_ms: start_by,
         };
         self.effect(Effect::Offer(offer_msg));
         let task = spec.name.clone();
@@ -126,22 +145,45 @@ impl Step<'_, '_> {
         match bid_deadline {
             Some(deadline) => self.set_timer(TimerKind::BidWindow { task, attempt, offer }, deadline),
             None => {
-                let wait = super::attempt::backoff(&spec.retry, offer, self.ctx.random);
+                let mut wait = super::attempt::backoff(&spec.retry, offer, self.ctx.random);
+                if token.is_some() {
+                    wait = wait.max(CLAIM_FREE_REOFFER_MS);
+                }
                 self.set_timer(TimerKind::Reoffer { task, attempt, offer }, now.plus(wait));
             }
         }
     }
 
-    /// Gives the current attempt of task `i` to `worker` with the next fencing token.
+    /// Gives the current attempt of task `i` to `worker` with the next fencing token (or the
+    /// one its claim-free offer carries) and sends it the award.
     pub fn award(&mut self, i: usize, worker: WorkerInfo) {
+        let token = match self.task(i).offered_token {
+            Some(token) if self.task(i).holders.is_empty() => token,
+            _ => self.st.last_token + 1,
+        };
+        self.hand_over(i, worker, token, true);
+    }
+
+    /// A claim-free attempt's first report under its offer's token: the attempt is the
+    /// reporter's, as if it had claimed it and been awarded. It has the token already, so no
+    /// award is sent.
+    pub fn bind(&mut self, i: usize, worker_id: &str, token: u64) {
+        let worker = WorkerInfo { id: worker_id.to_string(), labels: Default::default() };
+        self.hand_over(i, worker, token, false);
+    }
+
+    /// Records the award of the current attempt of task `i` (and sends it when `send`), and
+    /// moves its timers from waiting for a taker to waiting for the end.
+    fn hand_over(&mut self, i: usize, worker: WorkerInfo, token: u64, send: bool) {
         let spec = self.spec(i);
         let first = self.task(i).holders.is_empty();
         let (attempt, offer) = (self.task(i).attempt, self.task(i).offer);
-        let token = self.st.last_token + 1;
         let worker_id = worker.id.clone();
         self.emit(Event::TaskAwarded { task: spec.name.clone(), attempt, worker, token, at: self.now() });
-        let award = self.st.award_message(i, &spec, &worker_id, token);
-        self.send(&worker_id, WorkerMessage::Award(award));
+        if send {
+            let award = self.st.award_message(i, &spec, &worker_id, token);
+            self.send(&worker_id, WorkerMessage::Award(award));
+        }
         if first {
             if spec.dispatch == DispatchMode::Auction {
                 self.cancel_timer(TimerKind::BidWindow { task: spec.name.clone(), attempt, offer });

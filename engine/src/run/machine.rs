@@ -15,6 +15,8 @@
 //! | offered | timer BidWindow, no bid | offered | - (SetTimer Reoffer) |
 //! | offered | timer Reoffer | offered | TaskOffered (offer + 1) |
 //! | offered | Claim (queue, fanout) | awarded | TaskAwarded |
+//! | offered (`claim: false`) | Started / Heartbeat / Finished, the offer's token | as awarded | TaskAwarded (no message), then as below |
+//! | offered (`claim: false`) | Finished first, the offer's token | ended(finished) | TaskAwarded, AttemptEnded, TaskEnded |
 //! | offered / awarded | timer ScheduleToStart | backoff or ended(timed-out) | AttemptEnded (+ TaskEnded) |
 //! | awarded | Claim (queue) | awarded | - (Rejection) |
 //! | awarded / running | Claim (fanout, new worker) | unchanged | TaskAwarded |
@@ -209,6 +211,11 @@ impl Step<'_, '_> {
         if current && t.open_holder(worker_id, token).is_some() {
             return true;
         }
+        if t.binds(attempt.attempt, token) {
+            // A claim-free offer: the first report under its token takes the attempt.
+            self.bind(i, worker_id, token);
+            return true;
+        }
         let reason = if current { "stale or unknown fencing token" } else { "the attempt is no longer open" };
         self.refuse_report(input, attempt, worker_id, reason);
         false
@@ -252,6 +259,12 @@ impl Step<'_, '_> {
     }
 
     fn on_heartbeat(&mut self, i: usize, p: &Progress) {
+        if self.task(i).binds(p.attempt.attempt, p.token) {
+            // The receiver of a claim-free offer works on it from the start: its first
+            // heartbeat says as much as a `started`, and leaves no unstarted holder behind.
+            self.on_started(i, p);
+            return;
+        }
         if !self.admit(i, "heartbeat", &p.attempt, &p.worker_id, p.token) {
             return;
         }

@@ -88,6 +88,7 @@ fn task(name: &str, task_type: &str, after: Option<String>) -> Task {
         award: Default::default(),
         continue_on_failure: true,
         idempotent: true,
+        claim: true,
         triggered_after: None,
         ends_run_on: Vec::new(),
     }

@@ -78,6 +78,9 @@ pub(super) struct TaskState {
     pub bids: Vec<RecordedBid>,
     /// Holders of the current attempt.
     pub holders: Vec<Holder>,
+    /// The fencing token the current attempt's offer carries (`claim: false`): the first
+    /// report under it, from whichever worker, makes that worker the holder.
+    pub offered_token: Option<u64>,
     /// Whether any attempt was ever awarded: a non-idempotent task is then never offered again.
     /// An award counts as a possible start because a worker acts as soon as it is awarded and its
     /// `started` report can be lost with a crashed engine or broker (found by the fault suite).
@@ -97,6 +100,7 @@ impl TaskState {
             awarded_at: None,
             bids: Vec::new(),
             holders: Vec::new(),
+            offered_token: None,
             ever_started: false,
             result: None,
             output: Value::Null,
@@ -111,6 +115,15 @@ impl TaskState {
     /// Whether work for this task is under way (it keeps a failing run from ending yet).
     pub fn in_flight(&self) -> bool {
         self.attempt_open() || self.phase == TaskPhase::Backoff
+    }
+
+    /// Whether a report of `attempt` under `token` takes the attempt: it is claim-free, on
+    /// offer, nobody reported yet, and the token is the one its offer carries.
+    pub fn binds(&self, attempt: u32, token: u64) -> bool {
+        self.attempt == attempt
+            && self.phase == TaskPhase::Offered
+            && self.holders.is_empty()
+            && self.offered_token == Some(token)
     }
 
     /// The holder with that worker id and token, if it still owns an open part of the attempt.
@@ -279,8 +292,10 @@ impl RunState {
                     t.until = Some(*until);
                 }
             }
-            Event::TaskOffered { task, attempt, offer, at, .. } => {
+            Event::TaskOffered { task, attempt, offer, token, at, .. } => {
+                self.last_token = self.last_token.max(token.unwrap_or(0));
                 if let Some(t) = self.task_mut(task) {
+                    t.offered_token = *token;
                     if t.attempt != *attempt {
                         t.attempt = *attempt;
                         t.bids.clear();

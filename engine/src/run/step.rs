@@ -177,6 +177,7 @@ fn placeholder_task(name: &str) -> Task {
         award: Default::default(),
         continue_on_failure: false,
         idempotent: true,
+        claim: true,
         triggered_after: None,
         ends_run_on: Vec::new(),
     }

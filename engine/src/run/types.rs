@@ -153,13 +153,16 @@ pub enum Event {
         at: Timestamp,
     },
     /// An attempt was put on offer (auction, fanout) or on the queue. `offer` counts re-offers
-    /// of the same attempt from 1.
+    /// of the same attempt from 1. `token` is the fencing token a claim-free queue offer
+    /// (`claim: false`) carries: the first report under it binds the attempt to its sender.
     TaskOffered {
         task: String,
         attempt: u32,
         offer: u32,
         #[serde(default)]
         bid_deadline: Option<Timestamp>,
+        #[serde(default, skip_serializing_if = "Option::is_none")]
+        token: Option<u64>,
         at: Timestamp,
     },
     /// A bid kept for an auction whose policy waits for the window to close.

@@ -22,19 +22,24 @@ pub enum Shape {
 
 /// How tasks reach workers.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, clap::ValueEnum, serde::Serialize)]
-#[serde(rename_all = "lowercase")]
+#[serde(rename_all = "kebab-case")]
 pub enum Dispatch {
     /// Competing consumers: the first claim wins.
     Queue,
+    /// Competing consumers without claims (`claim: false`): the offer carries its token, the
+    /// member that receives it runs it, and its first report binds the attempt.
+    ClaimFree,
     /// Offer to every worker, award the first acceptable bid (`award: first`).
     Auction,
 }
 
 impl Dispatch {
-    fn as_str(self) -> &'static str {
+    /// The task's dispatch keys in the definition.
+    fn keys(self) -> &'static str {
         match self {
-            Dispatch::Queue => "queue",
-            Dispatch::Auction => "auction",
+            Dispatch::Queue => "dispatch: queue",
+            Dispatch::ClaimFree => "dispatch: queue, claim: false",
+            Dispatch::Auction => "dispatch: auction",
         }
     }
 }
@@ -92,8 +97,8 @@ pub fn generate(shape: Shape, tasks: usize, dispatch: Dispatch) -> BenchShipyard
         let deps = depends_on[name].join(", ");
         let _ = writeln!(
             yaml,
-            "            - {{name: {name}, type: {TASK_TYPE}, dispatch: {}, award: first, dependsOn: [{deps}]}}",
-            dispatch.as_str()
+            "            - {{name: {name}, type: {TASK_TYPE}, {}, award: first, dependsOn: [{deps}]}}",
+            dispatch.keys()
         );
     }
     BenchShipyard { yaml, depends_on }
@@ -106,13 +111,14 @@ mod tests {
     #[test]
     fn generated_definitions_are_valid_and_have_the_asked_shape() {
         for (shape, k) in [(Shape::Chain, 1), (Shape::Chain, 5), (Shape::Fanout, 3), (Shape::Fanout, 10)] {
-            for dispatch in [Dispatch::Queue, Dispatch::Auction] {
+            for dispatch in [Dispatch::Queue, Dispatch::ClaimFree, Dispatch::Auction] {
                 let b = generate(shape, k, dispatch);
                 let def = capstan_engine::parse(&b.yaml).unwrap_or_else(|e| panic!("{shape:?} {k}: {e:?}\n{}", b.yaml));
                 let seq = &def.stages[0].sequences[0];
                 assert_eq!(seq.tasks.len(), k);
                 for t in &seq.tasks {
                     assert_eq!(t.depends_on, b.depends_on[&t.name], "{}", b.yaml);
+                    assert_eq!(t.claim, dispatch != Dispatch::ClaimFree, "{}", b.yaml);
                 }
             }
         }

@@ -63,6 +63,11 @@ pub struct Report {
     pub events: usize,
     pub rejected_inputs: usize,
     pub outcome_unknown: usize,
+    /// Starts of a claim-free offer whose reports the engine did not take: a second copy,
+    /// begun before the first report under the offer's token bound the attempt to another
+    /// member, or a start whose reports came after its attempt had timed out (docs/protocol.md).
+    /// Under claims the same faults show as awards that had to be recovered.
+    pub claim_free_untaken: usize,
     pub run_results: BTreeMap<String, usize>,
     /// For each attempt whose worker was lost (killed or stopped) and that was awarded again
     /// after its heartbeat timeout: ms from the loss to the new award.
@@ -124,6 +129,14 @@ pub async fn check(
         .filter(|t| !t.idempotent)
         .map(|t| t.name.clone())
         .collect();
+    let claim_free: HashSet<String> = def
+        .stages
+        .iter()
+        .flat_map(|s| &s.sequences)
+        .flat_map(|q| &q.tasks)
+        .filter(|t| !t.claim)
+        .map(|t| t.name.clone())
+        .collect();
     let by_attempt: HashMap<(&str, &str, u32), Vec<&Action>> = actions.iter().fold(HashMap::new(), |mut m, a| {
         m.entry((a.run.as_str(), a.task.as_str(), a.attempt)).or_default().push(a);
         m
@@ -175,10 +188,14 @@ pub async fn check(
             *rep.run_results.entry(res.as_str().to_string()).or_default() += 1;
         }
     }
-    // A worker that acted on an award the store does not hold would be a lost award.
+    // A worker that acted on an award the store does not hold would be a lost award, but for a
+    // start of a claim-free offer the engine did not take (its result, had it been recorded,
+    // would have failed the checks above).
     for a in actions.iter().filter(|a| a.action == "awarded") {
         let key = (a.run.clone(), a.task.clone(), a.attempt, a.token, a.worker.clone());
-        if !store_awards.contains(&key) {
+        if !store_awards.contains(&key) && claim_free.contains(&a.task) {
+            rep.claim_free_untaken += 1;
+        } else if !store_awards.contains(&key) {
             rep.awards.lost += 1;
             rep.problems.push(format!("{} acted on an award the store lacks: {key:?}", a.worker));
         }
@@ -244,7 +261,9 @@ fn check_run(
     store_awards: &mut HashSet<(String, String, u32, u64, String)>,
 ) {
     let mut awards: HashMap<(String, u32), (u64, String)> = HashMap::new();
-    let mut last_token = 0;
+    // Tokens grow per task: a claim-free offer takes its token when offered, so awards of
+    // parallel tasks may bind in another order than their tokens.
+    let mut last_tokens: HashMap<String, u64> = HashMap::new();
     let mut attempt_ends: HashMap<(String, u32), AttemptOutcome> = HashMap::new();
     let mut task_ends: BTreeMap<String, usize> = BTreeMap::new();
     let mut started: BTreeMap<String, usize> = BTreeMap::new();
@@ -257,11 +276,11 @@ fn check_run(
                     rep.awards.duplicated += 1;
                     rep.problems.push(format!("run {run_id}: {task} attempt {attempt} awarded twice"));
                 }
+                let last_token = last_tokens.insert(task.clone(), *token).unwrap_or(0);
                 if !workers.contains(&worker.id) || *token <= last_token {
                     rep.awards.unexpected += 1;
                     rep.problems.push(format!("run {run_id}: award of {task} to {} with token {token}", worker.id));
                 }
-                last_token = last_token.max(*token);
                 store_awards.insert((run_id.into(), task.clone(), *attempt, *token, worker.id.clone()));
                 if *attempt > 1
                     && let Some(AttemptOutcome::TimedOut { timeout }) = attempt_ends.get(&(task.clone(), attempt - 1))

@@ -1,7 +1,7 @@
 //! The fault suite: `capstan server` (a private PostgreSQL cluster behind a fault proxy, a private
 //! broker) and four `capstan worker` processes with ledgers run a 6-task DAG (fan-out / fan-in, a
-//! deliberate failure retried, a start-to-close timeout whose late result must be refused, an
-//! automatic approval, a non-idempotent remediation) across 3 projects, while a fault thread
+//! claim-free queue task, a deliberate failure retried, a start-to-close timeout whose late
+//! result must be refused, an automatic approval, a non-idempotent remediation) across 3 projects, while a fault thread
 //! kills the server (restarted each time), kills workers mid-task, stops a worker past its
 //! heartbeat lease and continues it, crashes the broker, restarts PostgreSQL with `-m immediate`
 //! and cuts the database connections. The checker then compares the store with the ledgers (see
@@ -46,7 +46,7 @@ spec:
           tasks:
             - {name: prepare, type: fw-work, dependsOn: [], timeouts: {scheduleToStart: 3s, startToClose: 5s, heartbeat: 1500ms}, retry: {maxAttempts: 12, initialInterval: 100ms, maxInterval: 500ms}}
             - {name: build-a, type: fw-work, dependsOn: [prepare], properties: {failAttempts: 1}, timeouts: {scheduleToStart: 3s, startToClose: 5s, heartbeat: 1500ms}, retry: {maxAttempts: 12, initialInterval: 100ms, maxInterval: 500ms}}
-            - {name: build-b, type: fw-work, dependsOn: [prepare], timeouts: {scheduleToStart: 3s, startToClose: 5s, heartbeat: 1500ms}, retry: {maxAttempts: 12, initialInterval: 100ms, maxInterval: 500ms}}
+            - {name: build-b, type: fw-work, dependsOn: [prepare], dispatch: queue, claim: false, timeouts: {scheduleToStart: 3s, startToClose: 5s, heartbeat: 1500ms}, retry: {maxAttempts: 12, initialInterval: 100ms, maxInterval: 500ms}}
             - {name: slow, type: fw-work, dependsOn: [prepare], properties: {stallAttempts: 1, stallMs: 2500}, timeouts: {scheduleToStart: 3s, startToClose: 1s, heartbeat: 1500ms}, retry: {maxAttempts: 12, initialInterval: 100ms, maxInterval: 500ms}}
             - {name: approve, type: approval, dependsOn: [build-a, build-b, slow], properties: {pass: automatic, warning: automatic}}
             - {name: remediate, type: fw-action, dependsOn: [approve], idempotent: false, timeouts: {scheduleToStart: 3s, startToClose: 5s, heartbeat: 1500ms}, retry: {maxAttempts: 12, initialInterval: 100ms, maxInterval: 500ms}}
@@ -177,12 +177,13 @@ async fn suite(kind: BrokerKind) {
     );
     println!("faults: {counts}");
     println!(
-        "store: {} events; run results {:?}; {} input-rejected; {} outcome-unknown; {} ledger lines",
+        "store: {} events; run results {:?}; {} input-rejected; {} outcome-unknown; {} ledger lines; {} starts of claim-free offers not taken (late or second copies)",
         report.events,
         report.run_results,
         report.rejected_inputs,
         report.outcome_unknown,
-        actions.len()
+        actions.len(),
+        report.claim_free_untaken
     );
     // The workers answer every 25th result twice (a new CloudEvent each time): the tables above
     // show whether the engine recorded any second answer.

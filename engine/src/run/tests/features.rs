@@ -294,3 +294,80 @@ fn tokens_are_unique_and_increasing_across_tasks() {
     assert_eq!(kinds(&start), ["run-started", "task-offered", "task-offered"], "independent branches");
     assert_eq!((run.award("a", 1, "w1"), run.award("b", 1, "w1")), (1, 2));
 }
+
+/// A queue task whose offers carry their fencing token (`claim: false`).
+fn claim_free() -> Arc<Definition> {
+    with(|a| {
+        a.dispatch = DispatchMode::Queue;
+        a.claim = false;
+    })
+}
+
+fn offered_token(d: &Decision) -> Option<u64> {
+    d.effects.iter().find_map(|e| match e {
+        Effect::Offer(o) => o.token,
+        _ => None,
+    })
+}
+
+#[test]
+fn a_claim_free_offer_goes_to_the_first_reporter_under_its_token() {
+    let (mut run, start) = Run::start(claim_free(), json!({}));
+    let token = offered_token(&start).expect("a claim-free offer carries its token");
+    // Left to the broker's redelivery before the engine offers it again.
+    let reoffer = format!("set reoffer/a/1 @{CLAIM_FREE_REOFFER_MS}");
+    assert!(effects(&start).contains(&reoffer), "{:?}", effects(&start));
+    assert_eq!(run.apply(started("a", 1, "w1", token + 1)).events.len(), 1, "another token binds nothing");
+    assert_eq!(run.phase("a"), TaskPhase::Offered);
+    // The receiver's `started` makes it the holder; it has its token, so no award goes out.
+    let d = run.apply(started("a", 1, "w1", token));
+    assert_eq!(kinds(&d), ["task-awarded", "task-started"]);
+    assert!(!effects(&d).iter().any(|e| e.starts_with("award")), "{:?}", effects(&d));
+    assert!(effects(&d).contains(&"unset reoffer/a/1".to_string()), "{:?}", effects(&d));
+    // A member that got the offer again is refused, so that its copy stops.
+    for copy in [started("a", 1, "w2", token), finished("a", 1, "w2", token, TaskResult::Pass)] {
+        let d = run.apply(copy);
+        assert_eq!(kinds(&d), ["input-rejected"]);
+        assert_eq!(effects(&d), ["reject w2: stale or unknown fencing token"]);
+    }
+    let d = run.apply(finished("a", 1, "w1", token, TaskResult::Pass));
+    assert_eq!(kinds(&d), ["attempt-ended", "task-ended", "run-finished"]);
+}
+
+#[test]
+fn a_claim_free_attempt_keeps_its_token_across_re_offers_and_a_retry_gets_a_new_one() {
+    let (mut run, start) = Run::start(claim_free(), json!({}));
+    let token = offered_token(&start).expect("a claim-free offer carries its token");
+    let limit = Timeouts::default().schedule_to_start.expect("a default schedule-to-start");
+    let start_by = |d: &Decision| {
+        d.effects.iter().find_map(|e| match e {
+            Effect::Offer(o) => o.start_by_ms,
+            _ => None,
+        })
+    };
+    assert_eq!(start_by(&start), Some(limit), "offered at 0: stale after its schedule-to-start");
+    run.at(40_000);
+    let d = run.apply(timer(TimerKind::Reoffer { task: "a".into(), attempt: 1, offer: 1 }));
+    assert_eq!(offered_token(&d), Some(token), "a re-offer is the same attempt");
+    assert_eq!(start_by(&d), Some(limit), "and has the same deadline");
+    // A worker that claims anyway (one that does not know claim-free offers) is awarded the
+    // offer's token, and the offer's token binds nobody else after that.
+    let d = run.apply(claim("a", 1, "w-old"));
+    assert_eq!(effects(&d)[0], format!("award w-old token={token}"));
+    assert_eq!(kinds(&run.apply(started("a", 1, "w2", token))), ["input-rejected"]);
+    run.apply(failed("a", 1, "w-old", token, "exit-code"));
+    let d = run.apply(timer(TimerKind::Retry { task: "a".into(), attempt: 1 }));
+    assert_eq!(offered_token(&d), Some(token + 1), "a retry is a new attempt with a new token");
+    // An attempt that timed out before anyone reported takes no report under its token.
+    run.apply(timer(TimerKind::ScheduleToStart { task: "a".into(), attempt: 2 }));
+    let late = run.apply(finished("a", 2, "w1", token + 1, TaskResult::Pass));
+    assert_eq!(effects(&late), ["reject w1: the attempt is no longer open"]);
+}
+
+#[test]
+fn claims_keep_their_offers_without_a_token() {
+    for dispatch in [DispatchMode::Queue, DispatchMode::Auction, DispatchMode::Fanout] {
+        let (_, start) = Run::start(with(|a| a.dispatch = dispatch), json!({}));
+        assert_eq!(offered_token(&start), None, "{dispatch:?}");
+    }
+}

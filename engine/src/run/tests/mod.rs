@@ -32,6 +32,7 @@ fn task(name: &str, deps: &[&str]) -> Task {
         award: Default::default(),
         continue_on_failure: false,
         idempotent: true,
+        claim: true,
         triggered_after: None,
         ends_run_on: Vec::new(),
     }

@@ -19,7 +19,10 @@ fn build(gens: &[Gen]) -> Arc<Definition> {
         let deps: Vec<String> = (0..i).filter(|j| deps & (1 << j) != 0).map(|j| format!("t{j}")).collect();
         let deps: Vec<&str> = deps.iter().map(String::as_str).collect();
         let mut t = task(&format!("t{i}"), &deps);
-        t.dispatch = [DispatchMode::Auction, DispatchMode::Queue, DispatchMode::Fanout][dispatch as usize % 3];
+        t.dispatch = [DispatchMode::Auction, DispatchMode::Queue, DispatchMode::Fanout, DispatchMode::Queue]
+            [dispatch as usize % 4];
+        // The fourth kind: a queue task whose offers carry their token (idempotent tasks only).
+        t.claim = !(dispatch % 4 == 3 && idempotent);
         t.award = [AwardPolicy::First, AwardPolicy::LowestCost, AwardPolicy::EarliestFinish][award as usize % 3];
         t.retry = RetryPolicy {
             max_attempts: attempts,
@@ -84,7 +87,8 @@ struct Sim {
     awards: Vec<Award>,
     notified: Vec<SequenceFinished>,
     // Invariant bookkeeping.
-    last_token: u64,
+    tokens: BTreeSet<u64>,
+    last_tokens: BTreeMap<String, u64>,
     awarded: BTreeSet<(String, u32)>,
     accepted: BTreeSet<(String, u32, String)>,
     ended: BTreeSet<String>,
@@ -241,8 +245,11 @@ impl Sim {
                 }
             }
             Event::TaskAwarded { task, attempt, token, .. } => {
-                assert!(*token > self.last_token, "tokens strictly increase");
-                self.last_token = *token;
+                // A claim-free offer takes its token when offered, so awards across tasks may
+                // come in another order; within a task they increase.
+                assert!(self.tokens.insert(*token), "token {token} awarded twice");
+                let last = self.last_tokens.insert(task.clone(), *token).unwrap_or(0);
+                assert!(*token > last, "tokens of {task} strictly increase");
                 let fanout =
                     st.sequence().and_then(|q| q.task(task)).is_some_and(|t| t.dispatch == DispatchMode::Fanout);
                 assert!(fanout || self.awarded.insert((task.clone(), *attempt)), "{task}#{attempt} awarded twice");
@@ -274,6 +281,15 @@ impl Sim {
                     if !self.rng.chance(70) {
                         continue;
                     }
+                    if let Some(token) = o.token {
+                        // Claim-free: a member that meets the requirements starts at once,
+                        // reporting `started` or (with `started_after`) only its end.
+                        if o.requires.get("zone").is_none_or(|z| z == zone) {
+                            let reports_started = self.rng.chance(70);
+                            self.work(&o.attempt.task, o.attempt.attempt, id, token, reports_started);
+                        }
+                        continue;
+                    }
                     let w = worker(id, &[("zone", zone)]);
                     let input = match o.dispatch {
                         DispatchMode::Auction => {
@@ -287,21 +303,7 @@ impl Sim {
                 }
             }
             Effect::Send { message: WorkerMessage::Award(a), .. } => {
-                let (task, n, w, token) = (&a.attempt.task, a.attempt.attempt, &a.worker_id, a.token);
-                if !self.rng.chance(5) {
-                    self.inbox.push(started(task, n, w, token));
-                    if self.rng.chance(30) {
-                        self.inbox.push(heartbeat(task, n, w, token));
-                    }
-                    let input = match self.rng.below(100) {
-                        0..8 => failed(task, n, w, token, "flaky"),
-                        8..10 => failed(task, n, w, token, "fatal"),
-                        10..13 => finished(task, n, w, token, TaskResult::Fail),
-                        13..25 => finished(task, n, w, token, TaskResult::Warning),
-                        _ => finished(task, n, w, token, TaskResult::Pass),
-                    };
-                    self.inbox.push(input);
-                }
+                self.work(&a.attempt.task, a.attempt.attempt, &a.worker_id, a.token, true);
                 self.awards.push(a);
             }
             Effect::Notify(n) => self.notified.push(n),
@@ -309,6 +311,28 @@ impl Sim {
             Effect::SetTimer { kind, at } => _ = self.timers.insert(kind.key(), (kind, at.0)),
             Effect::CancelTimer { kind } => _ = self.timers.remove(&kind.key()),
         }
+    }
+
+    /// A worker's reports on an attempt it holds (or took from a claim-free offer), unless it
+    /// is lost (5 %).
+    fn work(&mut self, task: &str, n: u32, w: &str, token: u64, reports_started: bool) {
+        if self.rng.chance(5) {
+            return;
+        }
+        if reports_started {
+            self.inbox.push(started(task, n, w, token));
+        }
+        if self.rng.chance(30) {
+            self.inbox.push(heartbeat(task, n, w, token));
+        }
+        let input = match self.rng.below(100) {
+            0..8 => failed(task, n, w, token, "flaky"),
+            8..10 => failed(task, n, w, token, "fatal"),
+            10..13 => finished(task, n, w, token, TaskResult::Fail),
+            13..25 => finished(task, n, w, token, TaskResult::Warning),
+            _ => finished(task, n, w, token, TaskResult::Pass),
+        };
+        self.inbox.push(input);
     }
 
     fn fire(&mut self, key: &str) {
@@ -384,7 +408,8 @@ fn simulate(gens: &[Gen], seed: u64, chaos_steps: usize) {
         timers: BTreeMap::new(),
         awards: Vec::new(),
         notified: Vec::new(),
-        last_token: 0,
+        tokens: BTreeSet::new(),
+        last_tokens: BTreeMap::new(),
         awarded: BTreeSet::new(),
         accepted: BTreeSet::new(),
         ended: BTreeSet::new(),
@@ -417,7 +442,7 @@ fn simulate(gens: &[Gen], seed: u64, chaos_steps: usize) {
 fn gens() -> impl Strategy<Value = Vec<Gen>> {
     let one = (
         any::<u16>(),
-        0u8..3,
+        0u8..4,
         0u8..3,
         1u32..4,
         any::<bool>(),

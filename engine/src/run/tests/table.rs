@@ -171,6 +171,24 @@ fn rows() -> Vec<Row> {
             events: &["task-awarded"],
         },
         Row {
+            row: "offered (`claim: false`) | Started / Heartbeat / Finished, the offer's token | as awarded",
+            def: || one_with(claim_free),
+            setup: nothing,
+            input: |run| started("a", 1, "w1", run.state.last_token),
+            task: "a",
+            phase: Running,
+            events: &["task-awarded", "task-started"],
+        },
+        Row {
+            row: "offered (`claim: false`) | Finished first, the offer's token | ended(finished)",
+            def: || one_with(claim_free),
+            setup: nothing,
+            input: finish_a,
+            task: "a",
+            phase: Ended(TaskStatus::Finished),
+            events: &["task-awarded", "attempt-ended", "task-ended", "run-finished"],
+        },
+        Row {
             row: "offered / awarded | timer ScheduleToStart | backoff",
             def: one,
             setup: awarded,
@@ -348,6 +366,11 @@ fn rows() -> Vec<Row> {
             events: &[],
         },
     ]
+}
+
+fn claim_free(t: &mut Task) {
+    t.dispatch = DispatchMode::Queue;
+    t.claim = false;
 }
 
 fn manual_approval(t: &mut Task) {
