@@ -7,8 +7,8 @@ import sys
 
 # (file, label) in table order; a file that is missing (peer not run) is skipped.
 CAPSTAN = [
-    ("capstan-memory", "capstan (PostgreSQL + in-memory broker, queue, 1 task)"),
-    ("capstan-rabbitmq", "capstan (PostgreSQL + RabbitMQ, queue, 1 task)"),
+    ("capstan-memory", "capstan (PostgreSQL + in-memory broker, {dispatch}, 1 task)"),
+    ("capstan-rabbitmq", "capstan (PostgreSQL + RabbitMQ, {dispatch}, 1 task)"),
 ]
 PEERS = [
     ("procrastinate", "procrastinate {version} (PostgreSQL)"),
@@ -42,7 +42,8 @@ def main(out):
     for name, label in CAPSTAN:
         runs = load(out, name)
         if runs:
-            rows.append((label, len(runs), med(runs, "tasks_per_s"), med(runs, "run_p50_ms"), med(runs, "run_p99_ms"),
+            dispatch = runs[0].get("config", {}).get("dispatch", "queue")
+            rows.append((label.format(dispatch=dispatch), len(runs), med(runs, "tasks_per_s"), med(runs, "run_p50_ms"), med(runs, "run_p99_ms"),
                          med(runs, "server_cpu_s"), med(runs, "postgres_cpu_s"), True))
     for name, label in PEERS:
         runs = load(out, name)

@@ -2,8 +2,10 @@
 # Capstan against the systems users would pick instead, on the same machine and PostgreSQL, in
 # one invocation: N no-op jobs with C clients in a closed loop (each submits one job and waits
 # until it has run before submitting the next).
-#   - capstan: `capstan bench` with PostgreSQL, queue dispatch, a 1-task chain, N runs with
-#     --concurrency C; once with the in-memory broker, once with RabbitMQ (the broker Celery uses);
+#   - capstan: `capstan bench` with PostgreSQL, queue dispatch (or --dispatch claim-free: queue
+#     offers that carry their token, at-least-once like the job queues), a 1-task chain, N runs
+#     with --concurrency C; once with the in-memory broker, once with RabbitMQ (the broker Celery
+#     uses);
 #   - procrastinate (PyPI), a PostgreSQL job queue;
 #   - Celery (PyPI) on RabbitMQ, `rpc://` result backend, a threads-pool worker with C threads;
 #   - Graphile Worker (npm), a PostgreSQL job queue, worker concurrency C, with its defaults
@@ -12,7 +14,7 @@
 # Every PostgreSQL-backed system gets a fresh database per repetition; the medians and the ratio
 # Capstan / best peer are printed as a markdown table.
 #
-#   benches/compare/run.sh [--jobs N] [--concurrency C] [--repeat R]
+#   benches/compare/run.sh [--jobs N] [--concurrency C] [--repeat R] [--dispatch queue|claim-free]
 #                          [--peers "procrastinate celery graphile graphile-batched"]
 #
 # The peers are installed by this script under ${XDG_CACHE_HOME:-~/.cache}/capstan-compare: a
@@ -25,6 +27,7 @@ cd "$(dirname "$0")/../.."
 JOBS=2000
 CONCURRENCY=64
 REPEAT=3
+DISPATCH=queue
 PEERS="procrastinate celery graphile graphile-batched"
 while [ $# -gt 0 ]; do
   case "$1" in
@@ -32,6 +35,7 @@ while [ $# -gt 0 ]; do
     --concurrency) CONCURRENCY="$2"; shift 2 ;;
     --repeat) REPEAT="$2"; shift 2 ;;
     --peers) PEERS="$2"; shift 2 ;;
+    --dispatch) DISPATCH="$2"; shift 2 ;;
     *) echo "unknown argument $1" >&2; exit 2 ;;
   esac
 done
@@ -66,7 +70,7 @@ for i in $(seq "$REPEAT"); do
     echo "== capstan ($broker broker) #$i" >&2
     fresh_db capstan_cmp
     "$CAPSTAN" bench --store "$PG/capstan_cmp?sslmode=disable" --broker "$broker" --broker-url "$([ "$broker" = rabbitmq ] && echo "$AMQP")" \
-      --dispatch queue --shape chain --tasks 1 --runs "$JOBS" --concurrency "$CONCURRENCY" --json 2>/dev/null \
+      --dispatch "$DISPATCH" --shape chain --tasks 1 --runs "$JOBS" --concurrency "$CONCURRENCY" --json 2>/dev/null \
       | tail -n 1 >>"$OUT/capstan-$broker.jsonl"
   done
   if has_peer procrastinate; then
