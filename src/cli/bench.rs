@@ -1,7 +1,7 @@
 //! `capstan bench`: a throughput and latency benchmark of the whole engine in one process. It
-//! opens the chosen store and broker, applies a generated K-task sequence (chain or fan-out,
-//! queue or auction dispatch), keeps a bounded number of runs in flight through in-process echo
-//! workers, and reports tasks/s, runs/s, latency percentiles derived from the event log, CPU
+//! opens the chosen store and broker, applies a generated K-task sequence (chain or fan-out;
+//! queue, claim-free queue or auction dispatch), keeps a bounded number of runs in flight
+//! through in-process echo workers, and reports tasks/s, runs/s, latency percentiles derived from the event log, CPU
 //! time, peak memory and the runtime's commit counters. `--json` ends with one JSON line.
 //! `--soak N` instead leaves N runs waiting on an approval and times reads (see [`soak`]).
 

@@ -12,7 +12,7 @@
 //! setting. `metadata` and the top level are left open for labels and tooling keys.
 //!
 //! Capstan's own keys (`type`, `retry`, `timeouts`, `requires`, `dispatch`, `award`,
-//! `continueOnFailure`, `idempotent`) are honoured in Keptn files too, on top of Keptn's
+//! `continueOnFailure`, `idempotent`, `claim`) are honoured in Keptn files too, on top of Keptn's
 //! defaults; only `dependsOn` is refused there, since Keptn sequences are chains.
 
 mod build;
