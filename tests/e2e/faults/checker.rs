@@ -110,6 +110,17 @@ pub fn read_ledgers(paths: &[PathBuf]) -> Vec<Action> {
     actions
 }
 
+/// The names of the definition's tasks that `pick` selects.
+fn task_names(def: &Definition, pick: impl Fn(&capstan_engine::definition::model::Task) -> bool) -> HashSet<String> {
+    def.stages
+        .iter()
+        .flat_map(|s| &s.sequences)
+        .flat_map(|q| &q.tasks)
+        .filter(|t| pick(t))
+        .map(|t| t.name.clone())
+        .collect()
+}
+
 /// Checks the triggered runs; `faults_ms` are the moments faults were injected.
 pub async fn check(
     store: &Arc<dyn Store>,
@@ -121,22 +132,8 @@ pub async fn check(
     losses: &[(String, u64)],
 ) -> Report {
     let mut rep = Report::default();
-    let non_idempotent: HashSet<String> = def
-        .stages
-        .iter()
-        .flat_map(|s| &s.sequences)
-        .flat_map(|q| &q.tasks)
-        .filter(|t| !t.idempotent)
-        .map(|t| t.name.clone())
-        .collect();
-    let claim_free: HashSet<String> = def
-        .stages
-        .iter()
-        .flat_map(|s| &s.sequences)
-        .flat_map(|q| &q.tasks)
-        .filter(|t| !t.claim)
-        .map(|t| t.name.clone())
-        .collect();
+    let non_idempotent = task_names(def, |t| !t.idempotent);
+    let claim_free = task_names(def, |t| !t.claim);
     let by_attempt: HashMap<(&str, &str, u32), Vec<&Action>> = actions.iter().fold(HashMap::new(), |mut m, a| {
         m.entry((a.run.as_str(), a.task.as_str(), a.attempt)).or_default().push(a);
         m
