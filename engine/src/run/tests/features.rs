@@ -364,6 +364,25 @@ fn a_claim_free_attempt_keeps_its_token_across_re_offers_and_a_retry_gets_a_new_
     assert_eq!(effects(&late), ["reject w1: the attempt is no longer open"]);
 }
 
+/// After a restart the runtime re-offers what was on offer: a claimed queue offer at once, a
+/// claim-free one only after `CLAIM_FREE_REOFFER_MS`, since a member may be running it.
+#[test]
+fn a_restart_re_offers_a_claim_free_offer_late_and_a_claimed_one_at_once() {
+    for (claim, wait) in [(true, 0), (false, CLAIM_FREE_REOFFER_MS)] {
+        let def = with(|a| {
+            a.dispatch = DispatchMode::Queue;
+            a.claim = claim;
+        });
+        let (run, _) = Run::start(def, json!({}));
+        let reoffer = run
+            .state
+            .derived_timers(Timestamp(5_000))
+            .into_iter()
+            .find_map(|(kind, at)| matches!(kind, TimerKind::Reoffer { .. }).then_some(at.0));
+        assert_eq!(reoffer, Some(5_000 + wait), "claim: {claim}");
+    }
+}
+
 #[test]
 fn claims_keep_their_offers_without_a_token() {
     for dispatch in [DispatchMode::Queue, DispatchMode::Auction, DispatchMode::Fanout] {
