@@ -5,7 +5,9 @@
 //! structured mode instead ([`encode`] picks the mode), and [`decode`] reads either mode, so
 //! a producer such as the Python CloudEvents SDK may send structured JSON.
 
-use capstan_proto::{CloudEvent, EventData, SPEC_VERSION};
+use std::collections::BTreeMap;
+
+use capstan_proto::{CloudEvent, DecodeError, EventData, SPEC_VERSION, valid_extension_name};
 
 use crate::{Error, Result};
 
@@ -71,45 +73,80 @@ pub fn to_binary(event: &CloudEvent, prefix: HeaderPrefix) -> Result<BinaryMessa
 }
 
 /// Reads an event from headers and body. Header names are matched case-insensitively; headers
-/// without the prefix (other than `content-type`) are ignored.
+/// without the prefix (other than `content-type`) are ignored; of a repeated header the last
+/// counts. The attributes are taken straight from the headers, checked as
+/// [`CloudEvent::from_value`] checks a structured event (the same errors), without building a
+/// JSON tree first: this runs for every message a consumer receives.
 pub fn from_binary<'a>(
     headers: impl IntoIterator<Item = (&'a str, &'a str)>,
     body: &[u8],
     prefix: HeaderPrefix,
 ) -> Result<CloudEvent> {
-    let p = prefix.0.to_ascii_lowercase();
-    let mut map = serde_json::Map::new();
+    let mut attrs: [Option<&str>; 7] = [None; 7];
     let mut content_type = None;
+    let mut extensions = BTreeMap::new();
     for (name, value) in headers {
-        let lower = name.to_ascii_lowercase();
-        if lower == CONTENT_TYPE {
-            content_type = Some(value.to_string());
-            map.insert("datacontenttype".into(), value.into());
-        } else if let Some(attr) = lower.strip_prefix(&p) {
-            // The data travels in the body; extension names are checked by `from_value`.
-            if matches!(attr, "data" | "data_base64" | "datacontenttype") {
-                return Err(Error::Invalid(format!("header {name}: not allowed in binary mode")));
-            }
-            map.insert(attr.to_string(), value.into());
+        if name.eq_ignore_ascii_case(CONTENT_TYPE) {
+            content_type = Some(value);
+            continue;
+        }
+        let Some(attr) = strip_prefix_ignore_case(name, prefix.0) else { continue };
+        // The data travels in the body; extension names are checked below.
+        if ["data", "data_base64", "datacontenttype"].iter().any(|n| attr.eq_ignore_ascii_case(n)) {
+            return Err(Error::Invalid(format!("header {name}: not allowed in binary mode")));
+        }
+        match ATTRIBUTES.iter().position(|a| attr.eq_ignore_ascii_case(a)) {
+            Some(i) => attrs[i] = Some(value),
+            None => _ = extensions.insert(attr.to_ascii_lowercase(), value.to_string()),
         }
     }
     // JSON data is checked and kept as its text (see `EventData`), not parsed into a tree.
-    let mut data = None;
+    let (mut data, mut data_base64) = (None, None);
     if !body.is_empty() {
-        if is_json_content_type(content_type.as_deref()) {
+        if is_json_content_type(content_type) {
             data = Some(EventData::from_json(body).map_err(|e| Error::Invalid(format!("body is not JSON: {e}")))?);
         } else if let Ok(text) = std::str::from_utf8(body) {
-            map.insert("data".into(), text.into());
+            data = Some(EventData::from(serde_json::Value::String(text.to_string())));
         } else {
-            map.insert("data_base64".into(), base64(body).into());
+            data_base64 = Some(base64(body));
         }
     }
-    let mut event =
-        CloudEvent::from_value(serde_json::Value::Object(map)).map_err(|e| Error::Invalid(e.to_string()))?;
-    if data.is_some() {
-        event.data = data;
+    let [specversion, id, source, ty, subject, time, dataschema] = attrs;
+    let invalid = |e: DecodeError| Error::Invalid(e.to_string());
+    match specversion {
+        None | Some("") => return Err(invalid(DecodeError::Missing("specversion"))),
+        Some(SPEC_VERSION) => {}
+        Some(other) => return Err(invalid(DecodeError::SpecVersion(other.to_string()))),
     }
-    Ok(event)
+    let required = |value: Option<&str>, name: &'static str| match value {
+        Some(v) if !v.is_empty() => Ok(v.to_string()),
+        _ => Err(invalid(DecodeError::Missing(name))),
+    };
+    let (id, source, ty) = (required(id, "id")?, required(source, "source")?, required(ty, "type")?);
+    if let Some(name) = extensions.keys().find(|n| !valid_extension_name(n)) {
+        return Err(invalid(DecodeError::ExtensionName(name.clone())));
+    }
+    Ok(CloudEvent {
+        id,
+        source,
+        ty,
+        subject: subject.map(str::to_string),
+        time: time.map(str::to_string),
+        datacontenttype: content_type.map(str::to_string),
+        dataschema: dataschema.map(str::to_string),
+        data,
+        data_base64,
+        extensions,
+    })
+}
+
+/// The context attributes a binary-mode header may carry, in the order `from_binary` keeps them.
+const ATTRIBUTES: [&str; 7] = ["specversion", "id", "source", "type", "subject", "time", "dataschema"];
+
+/// `name` without `prefix`, compared case-insensitively.
+fn strip_prefix_ignore_case<'n>(name: &'n str, prefix: &str) -> Option<&'n str> {
+    let head = name.get(..prefix.len())?;
+    head.eq_ignore_ascii_case(prefix).then(|| &name[prefix.len()..])
 }
 
 /// The binary-mode body of an event: the data's JSON text, or for text data of a non-JSON
@@ -210,6 +247,9 @@ fn base64(bytes: &[u8]) -> String {
     }
     out
 }
+
+#[cfg(test)]
+mod decode_tests;
 
 #[cfg(test)]
 mod tests {

@@ -9,7 +9,7 @@ mod event_data;
 pub mod grpc;
 mod payload;
 
-pub use cloudevent::{CloudEvent, DecodeError, SPEC_VERSION};
+pub use cloudevent::{CloudEvent, DecodeError, SPEC_VERSION, valid_extension_name};
 pub use event_data::EventData;
 pub use payload::*;
 
