@@ -28,33 +28,6 @@ async fn send_started(emitter: &Emitter, attempt: &AttemptRef, token: u64, progr
     }
 }
 
-/// The delivery of a claim-free offer, held by the attempt it started: acked once the
-/// attempt's first report is out (the engine then knows who holds it), handed back at once
-/// if the attempt ends without one, so that another member runs it.
-pub(crate) struct Lease(pub(crate) Option<Delivery>);
-
-impl Lease {
-    /// The attempt reported: the offer is done with.
-    async fn reported(&mut self) {
-        if let Some(delivery) = self.0.take()
-            && let Err(e) = delivery.ack().await
-        {
-            tracing::warn!(error = %e, "could not ack a claim-free offer");
-        }
-    }
-
-    /// The attempt ended without a report reaching the broker: the offer goes back, through
-    /// the loop (see [`Done::lease`]).
-    fn give_back(&mut self, done: &mut DoneGuard) {
-        done.lease = self.0.take();
-    }
-
-    /// Settles the lease by whether the attempt's report went out.
-    async fn settle(&mut self, reported: bool, done: &mut DoneGuard) {
-        if reported { self.reported().await } else { self.give_back(done) }
-    }
-}
-
 /// Builds and sends the worker's CloudEvents to the engine.
 #[derive(Clone)]
 pub(crate) struct Emitter {
@@ -152,10 +125,24 @@ pub(crate) struct Done {
 }
 
 /// Tells the worker's loop that an attempt ended, even if its task panicked or was aborted.
+/// It also holds the delivery of a claim-free offer, the attempt's lease: acked once the
+/// attempt's first report is out (the engine then knows who holds it); a lease still held when
+/// the attempt ends goes back with [`Done`], so that another member runs the offer.
 pub(crate) struct DoneGuard {
     pub(crate) tx: mpsc::UnboundedSender<Done>,
     pub(crate) attempt: AttemptRef,
     pub(crate) lease: Option<Delivery>,
+}
+
+impl DoneGuard {
+    /// The attempt reported: its claim-free offer, if any, is done with.
+    async fn reported(&mut self) {
+        if let Some(delivery) = self.lease.take()
+            && let Err(e) = delivery.ack().await
+        {
+            tracing::warn!(error = %e, "could not ack a claim-free offer");
+        }
+    }
 }
 
 impl Drop for DoneGuard {
@@ -177,7 +164,6 @@ pub(crate) async fn run_attempt(
     cancel: CancelSignal,
     cancel_grace: Duration,
     started_after: Duration,
-    mut lease: Lease,
     mut done: DoneGuard,
 ) {
     let attempt = award.attempt.clone();
@@ -193,8 +179,9 @@ pub(crate) async fn run_attempt(
         let error = TaskError { kind: "worker-journal".into(), message: e.to_string() };
         let finished =
             Finished { attempt, worker_id, token, result: TaskResult::Fail, output: Value::Null, error: Some(error) };
-        let reported = emitter.send_finished(finished).await;
-        lease.settle(reported, &mut done).await;
+        if emitter.send_finished(finished).await {
+            done.reported().await;
+        }
         drop(done);
         return;
     }
@@ -204,7 +191,7 @@ pub(crate) async fn run_attempt(
     let started_after = heartbeat.map_or(started_after, |period| started_after.min(period));
     let mut started = started_after.is_zero();
     if started && send_started(&emitter, &attempt, token, &progress).await {
-        lease.reported().await;
+        done.reported().await;
     }
     let ctx = TaskContext::new(award, worker_id.clone(), cancel.clone()).with_place(place);
     // The handler runs in its own task so that a panic in it becomes a reported error and an
@@ -226,7 +213,7 @@ pub(crate) async fn run_attempt(
             _ = &mut started_due, if !started => {
                 started = true;
                 if send_started(&emitter, &attempt, token, &progress).await {
-                    lease.reported().await;
+                    done.reported().await;
                 }
             }
             _ = ticks.tick(), if heartbeat.is_some() => {
@@ -247,7 +234,6 @@ pub(crate) async fn run_attempt(
     // nothing: the engine ended the attempt and would only reject the result.
     let Some(joined) = joined.filter(|_| !cancel.is_cancelled()) else {
         tracing::info!(task = %attempt.task, run = %attempt.run_id, "attempt cancelled");
-        lease.give_back(&mut done);
         drop(done);
         return;
     };
@@ -260,7 +246,8 @@ pub(crate) async fn run_attempt(
         Outcome::Error(error) => (TaskResult::Fail, json!(null), Some(error)),
     };
     let finished = Finished { attempt, worker_id, token, result, output, error };
-    let reported = emitter.send_finished(finished).await;
-    lease.settle(reported, &mut done).await;
+    if emitter.send_finished(finished).await {
+        done.reported().await;
+    }
     drop(done);
 }

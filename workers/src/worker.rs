@@ -57,7 +57,7 @@ use tokio::sync::mpsc;
 use tokio::task::JoinSet;
 use tokio::time::Instant;
 
-use crate::attempt::{Done, DoneGuard, Emitter, Lease, run_attempt};
+use crate::attempt::{Done, DoneGuard, Emitter, run_attempt};
 use crate::handler::{BidTerms, CancelSignal, CancelSwitch, Handler, RunPlace};
 use crate::journal::{Journal, Taken};
 use crate::{Error, Result};
@@ -285,7 +285,7 @@ impl LoopState<'_> {
                 Err(e) => bad_payload(event, &e),
             },
             (Source::Inbox, types::TASK_AWARDED) => match event.payload::<Award>() {
-                Ok(award) => self.on_award(award).await,
+                Ok(award) => self.on_award(award),
                 Err(e) => bad_payload(event, &e),
             },
             (Source::Inbox, types::TASK_REJECTED) => match event.payload::<Rejection>() {
@@ -419,7 +419,7 @@ impl LoopState<'_> {
         Answer::Send(a, Box::new(message))
     }
 
-    async fn on_award(&mut self, award: Award) -> Settle {
+    fn on_award(&mut self, award: Award) -> Settle {
         let a = award.attempt.clone();
         if award.worker_id != self.worker.config.id {
             tracing::warn!(to = %award.worker_id, task = %a.task, "award addressed to another worker");
@@ -452,12 +452,12 @@ impl LoopState<'_> {
         let (switch, signal) = CancelSignal::new();
         self.running.insert(a.clone(), Running { token: award.token, cancel: switch });
         self.taken.insert(a.clone(), award.token);
-        let done = DoneGuard { tx: self.done_tx.clone(), attempt: a, lease: None };
+        let done = DoneGuard { tx: self.done_tx.clone(), attempt: a, lease };
         let config = &self.worker.config;
         // A claim-free attempt reports by the award timeout at the latest, so its offer is
         // settled long before a broker would hand it to another member.
         let started_after =
-            if lease.is_some() { config.started_after.min(config.award_timeout) } else { config.started_after };
+            if done.lease.is_some() { config.started_after.min(config.award_timeout) } else { config.started_after };
         tokio::spawn(run_attempt(
             self.emitter.clone(),
             self.journal.clone(),
@@ -467,7 +467,6 @@ impl LoopState<'_> {
             signal,
             config.cancel_grace,
             started_after,
-            Lease(lease),
             done,
         ));
     }
