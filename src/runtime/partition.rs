@@ -113,10 +113,10 @@ pub struct Partition {
     decide_ahead: bool,
     /// Timers kept in memory until they have lived a while (`deferred.rs`).
     deferred: Deferred,
-    /// After a failed commit: the runs whose derived messages it carried, and the hold that
-    /// keeps the checkpoint before it. The store may have written it all the same (a lost
-    /// reply), and the inputs then decide nothing when applied again, so the messages are sent
-    /// again from the stored states (`resend_derived`).
+    /// After a failed commit: the runs whose derived messages it carried or whose timers it kept
+    /// in memory, and the hold that keeps the checkpoint before it. The store may have written
+    /// it all the same (a lost reply), and the inputs then decide nothing when applied again, so
+    /// the timers and messages are derived again from the stored states (`resend_derived`).
     resend: Option<(u64, HashSet<String>)>,
 }
 
@@ -239,7 +239,7 @@ impl Partition {
                 Err(e) => {
                     self.forget_states(&prepared.runs);
                     self.deferred.undo(prepared.undo);
-                    self.commit_failed(&prepared.outgoing);
+                    self.commit_failed(&prepared.outgoing, prepared.timers_kept > 0, &prepared.runs);
                     return Err(e.into());
                 }
             }

@@ -27,6 +27,8 @@ struct Instrumented {
     /// Whether to tell the runtime commits run one at a time (SQLite's truth) or side by side.
     serializes: bool,
     failing: bool,
+    /// Commits that append an event of this kind are written and then reported failed.
+    lose_reply_on: Option<&'static str>,
     commits: AtomicU64,
     failed_before: AtomicU64,
     failed_after: AtomicU64,
@@ -42,10 +44,20 @@ struct Instrumented {
 
 impl Instrumented {
     async fn open(dir: &std::path::Path, serializes: bool, failing: bool) -> Arc<Self> {
+        Self::open_losing(dir, serializes, failing, None).await
+    }
+
+    async fn open_losing(
+        dir: &std::path::Path,
+        serializes: bool,
+        failing: bool,
+        lose_reply_on: Option<&'static str>,
+    ) -> Arc<Self> {
         Arc::new(Instrumented {
             inner: SqliteStore::open(&dir.join("p.db")).await.expect("sqlite"),
             serializes,
             failing,
+            lose_reply_on,
             commits: AtomicU64::new(0),
             failed_before: AtomicU64::new(0),
             failed_after: AtomicU64::new(0),
@@ -60,6 +72,13 @@ impl Instrumented {
     async fn commit_failing(&self, batch: Batch) -> Result<Committed> {
         tokio::time::sleep(Duration::from_millis(5)).await;
         let n = self.commits.fetch_add(1, Ordering::SeqCst) + 1;
+        if let Some(kind) = self.lose_reply_on
+            && batch.appends.iter().any(|a| a.events.iter().any(|e| e.kind == kind))
+        {
+            self.inner.commit(batch).await?;
+            self.failed_after.fetch_add(1, Ordering::SeqCst);
+            return Err(Error::Unavailable("injected: written, reply lost".into()));
+        }
         match n % 6 {
             3 if self.failing => {
                 self.failed_before.fetch_add(1, Ordering::SeqCst);
@@ -346,4 +365,54 @@ async fn rejections_offers_and_awards_reach_workers_without_outbox_rows() {
     assert_eq!(count(capstan_proto::types::SEQUENCE_FINISHED), 0, "notifications were written to the outbox");
     assert_eq!(log.lock().expect("log").awards.len(), 10 * 4, "every award reached its worker once");
     all_recorded_once(&*counted, &run_ids).await;
+}
+
+/// A commit whose reply is lost may have kept timers in memory: here every commit that records
+/// an attempt's end is written and reported failed, so the retry timer of a failed first attempt
+/// (1 s away: kept in memory, not written) goes with the undone batch. The runs can only end if
+/// the runtime derives that timer again from the stored state.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn timers_kept_by_a_commit_whose_reply_was_lost_still_fire() {
+    const RETRIED: &str = r#"
+apiVersion: capstan.dev/v1
+kind: Shipyard
+metadata: {name: retried}
+spec:
+  stages:
+    - name: dev
+      sequences:
+        - name: dag
+          tasks:
+            - {name: flaky, type: work, retry: {maxAttempts: 3, initialInterval: 1s, maxInterval: 1s}}
+"#;
+    let dir = tempfile::tempdir().expect("tempdir");
+    let losing = Instrumented::open_losing(dir.path(), true, false, Some("attempt-ended")).await;
+    let store: Arc<dyn Store> = losing.clone();
+    let (rt, broker) = engine(store.clone(), RuntimeConfig::default()).await;
+    let script: Script = Arc::new(|_, attempt| Behaviour::Complete {
+        after: Duration::from_millis(2),
+        result: if attempt == 1 { TaskResult::Fail } else { TaskResult::Pass },
+        error: (attempt == 1).then_some("flaky"),
+    });
+    let log = Arc::new(Mutex::new(WorkerLog::default()));
+    let workers = scripted_worker(broker, "w", BTreeMap::new(), &["work"], script, log).await;
+    rt.apply_definition("p", RETRIED).await.expect("definition");
+    let mut run_ids = Vec::new();
+    for i in 0..3 {
+        run_ids.push(rt.trigger(dag_trigger(i)).await.expect("trigger"));
+    }
+    let started = Instant::now();
+    while !all_over(&*store, &run_ids).await {
+        assert!(started.elapsed() < Duration::from_secs(20), "a run waits for a retry timer that was lost");
+        tokio::time::sleep(Duration::from_millis(25)).await;
+    }
+    assert!(losing.failed_after.load(Ordering::SeqCst) >= 3, "no reply was lost");
+    for run_id in &run_ids {
+        let record = store.get_run(run_id).await.expect("get_run").expect("the run");
+        assert_eq!(record.result.as_deref(), Some("pass"), "run {run_id}");
+    }
+    rt.shutdown().await;
+    for w in workers {
+        w.abort();
+    }
 }

@@ -6,13 +6,19 @@
 //! every commit whose derived messages the relay has not yet published.
 //!
 //! A failed commit may have been written all the same (its reply was lost); the inputs, applied
-//! again, then decide nothing, and the messages it carried would reach no one before a restart.
-//! So they are sent again from the stored states, under a hold that keeps the checkpoint before
-//! the failed commit until the relay has published them.
+//! again, then decide nothing, and the messages it carried would reach no one before a restart,
+//! nor would the timers it kept in memory (undone with the failed batch) ever fire: a run
+//! waiting on such a retry or timeout waited for good (found by the fault suite, whose database
+//! cuts lose commit replies). So the runs of a failed commit that carried derived messages or
+//! kept timers have both derived again from their stored states: the timers written to the
+//! store, the messages sent, under a hold that keeps the checkpoint before the failed commit
+//! until they are.
 
 use foldhash::{HashSet, HashSetExt};
 use std::sync::atomic::Ordering;
 
+use capstan_engine::Timestamp;
+use capstan_store::Batch;
 use tracing::{debug, warn};
 
 use super::{Partition, fold};
@@ -48,37 +54,64 @@ impl Partition {
         }
     }
 
-    /// Notes that a commit carrying derived messages failed (see `resend`).
-    pub(super) fn commit_failed(&mut self, outgoing: &Outgoing) {
-        if outgoing.derived.is_empty() {
+    /// Notes that a commit failed whose batch carried derived messages or kept timers of
+    /// `runs` (see `resend`). Call it after undoing the batch's kept timers.
+    pub(super) fn commit_failed(&mut self, outgoing: &Outgoing, kept_timers: bool, runs: &[String]) {
+        if outgoing.derived.is_empty() && !kept_timers {
             return;
         }
-        let (_, runs) =
+        let (_, pending) =
             self.resend.get_or_insert_with(|| (self.deferred.hold(self.deferred.checkpoint()), HashSet::new()));
-        runs.extend(outgoing.derived.iter().map(|m| m.key.clone()));
+        pending.extend(outgoing.derived.iter().map(|m| m.key.clone()));
+        if kept_timers {
+            pending.extend(runs.iter().cloned());
+        }
     }
 
-    /// Sends again the derived messages of `runs` from their stored states, under `hold`.
+    /// Derives again the timers and messages of `runs` from their stored states: writes the
+    /// timers, then sends the messages under `hold`. While the store cannot be read or written
+    /// the runs stay pending (and the hold with them) for the next batch to try again.
     pub(super) async fn resend_derived(&mut self, hold: u64, runs: HashSet<String>) {
-        let runs: Vec<String> = runs.into_iter().collect();
+        let ids: Vec<String> = runs.iter().cloned().collect();
         let mut outgoing = Outgoing { held: Some((self.id, hold)), ..Outgoing::default() };
-        match self.shared.store.read_streams(&runs).await {
+        let now_ms = self.shared.clock.now_ms();
+        let mut timers = Batch::default();
+        match self.shared.store.read_streams(&ids).await {
             Ok(stored) => {
-                let time = codec::rfc3339(self.shared.clock.now_ms());
+                let time = codec::rfc3339(now_ms);
                 for stream in stored.chunk_by(|a, b| a.run_id == b.run_id) {
+                    let run_id = &stream[0].run_id;
                     // A run that cannot be folded is refused at its next input too.
-                    let Ok((state, _)) = fold(&self.shared, &stream[0].run_id, stream).await else { continue };
+                    let Ok((state, _)) = fold(&self.shared, run_id, stream).await else { continue };
                     outgoing.derived.extend(codec::derived_messages(&state, &time));
+                    for (kind, at) in state.derived_timers(Timestamp(now_ms.max(0) as u64)) {
+                        timers.set_timers.push(codec::engine_timer_row(run_id, &kind, at));
+                    }
                 }
             }
-            // The attempts' timeouts recover what this would have sent.
-            Err(e) => warn!(partition = self.id, error = %e, "reading runs to send their messages again failed"),
+            Err(e) => {
+                warn!(partition = self.id, error = %e, "reading runs to derive their timers and messages failed");
+                self.resend = Some((hold, runs));
+                return;
+            }
+        }
+        let earliest = timers.set_timers.iter().map(|t| t.fire_at_ms).min();
+        if let Some(earliest) = earliest {
+            // A timer already in the store is written again at the same time; one the run no
+            // longer relies on is moot when it fires.
+            if let Err(e) = self.shared.store.commit(timers).await {
+                warn!(partition = self.id, error = %e, "writing the derived timers failed");
+                self.resend = Some((hold, runs));
+                return;
+            }
+            self.shared.timer_wake(earliest);
         }
         debug!(
             partition = self.id,
-            runs = runs.len(),
+            runs = ids.len(),
             messages = outgoing.derived.len(),
-            "sending derived messages again"
+            timers = earliest.is_some(),
+            "derived the timers and messages of a failed commit again"
         );
         // Sent even when empty: the relay releases the hold.
         let _ = self.shared.outbox_tx.send(outgoing);

@@ -158,7 +158,7 @@ impl Partition {
                     again = Some(next_envs);
                 }
                 self.deferred.undo(prepared.undo);
-                self.commit_failed(&prepared.outgoing);
+                self.commit_failed(&prepared.outgoing, prepared.timers_kept > 0, &prepared.runs);
                 self.process(envs).await;
                 if let Some(envs) = again {
                     self.process(envs).await;
