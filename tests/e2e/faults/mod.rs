@@ -19,6 +19,7 @@ mod schedule;
 pub(crate) mod services;
 
 use std::collections::HashSet;
+use std::path::{Path, PathBuf};
 use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
@@ -201,6 +202,10 @@ async fn suite(kind: BrokerKind) {
         ),
         None => println!("no lost worker's attempt was awarded again after its heartbeat timeout"),
     }
+    if open != 0 {
+        describe_open(&*store, &cluster.pg, schema, &run_ids, dir.path()).await;
+        eprintln!("violations:\n{}", report.problems.join("\n"));
+    }
     let keep = std::env::var("CAPSTAN_FAULTS_KEEP").is_ok_and(|v| v == "1");
     if !keep && (open != 0 || !report.problems.is_empty()) {
         eprintln!(
@@ -272,6 +277,55 @@ where
             Err(e) => {
                 assert!(Instant::now() < deadline, "the server at {addr} kept failing: {e}");
                 tokio::time::sleep(Duration::from_millis(200)).await;
+            }
+        }
+    }
+}
+
+/// What a run that never ended looked like: its index record, its history, the timers the store
+/// holds for it, the timer checkpoints, and the log lines that name it. A run left open is a
+/// liveness bug whose cause the store rarely keeps once the cluster is dropped.
+async fn describe_open(store: &dyn Store, pg: &PrivatePostgres, schema: &str, run_ids: &[String], dir: &Path) {
+    let mut logs: Vec<(String, String)> = std::fs::read_dir(dir)
+        .map(|d| d.flatten().map(|e| e.path()).filter(|p| p.extension().is_some_and(|x| x == "log")).collect())
+        .unwrap_or_else(|_| Vec::new())
+        .into_iter()
+        .map(|p: PathBuf| {
+            (
+                p.file_name().unwrap_or_default().to_string_lossy().into_owned(),
+                std::fs::read_to_string(&p).unwrap_or_default(),
+            )
+        })
+        .collect();
+    logs.sort();
+    let now_ms = std::time::SystemTime::now().duration_since(std::time::UNIX_EPOCH).map_or(0, |d| d.as_millis());
+    let mut shown = 0;
+    for run_id in run_ids {
+        let record = store.get_run(run_id).await;
+        if matches!(&record, Ok(Some(r)) if r.is_over()) {
+            continue;
+        }
+        shown += 1;
+        if shown > 3 {
+            eprintln!("(more runs left open)");
+            break;
+        }
+        eprintln!("run {run_id} left open (now {now_ms} ms); index: {record:?}");
+        let events: Vec<_> = match store.read_stream(run_id, 0).await {
+            Ok(stored) => stored.iter().filter_map(|s| capstan::runtime::codec::decode_event(s).ok()).collect(),
+            Err(e) => {
+                eprintln!("  cannot read its events: {e}");
+                Vec::new()
+            }
+        };
+        eprint!("{}", capstan_engine::run::render_history(&events));
+        let sql = format!("select key, fire_at_ms from {schema}.timers where run_id = '{run_id}' order by fire_at_ms");
+        eprintln!("  timers (key|fire_at_ms):\n{}", pg.query(&sql));
+        eprintln!("  checkpoints:\n{}", pg.query(&format!("select name, position from {schema}.timer_checkpoints")));
+        for (name, log) in &logs {
+            let lines: Vec<&str> = log.lines().filter(|l| l.contains(run_id.as_str())).collect();
+            for l in &lines[lines.len().saturating_sub(20)..] {
+                eprintln!("  {name}: {l}");
             }
         }
     }

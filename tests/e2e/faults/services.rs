@@ -72,6 +72,18 @@ impl PrivatePostgres {
         format!("postgres://postgres@127.0.0.1:{}/postgres?sslmode=disable", self.port)
     }
 
+    /// The rows of one query as `psql -At` prints them (`|` between columns), or why not.
+    pub fn query(&self, sql: &str) -> String {
+        let out = Command::new("psql")
+            .args(["-h", "127.0.0.1", "-p", &self.port.to_string(), "-U", "postgres", "-d", "postgres", "-Atc", sql])
+            .output();
+        match out {
+            Ok(o) if o.status.success() => String::from_utf8_lossy(&o.stdout).into_owned(),
+            Ok(o) => format!("psql failed: {}", String::from_utf8_lossy(&o.stderr).trim()),
+            Err(e) => format!("cannot run psql: {e}"),
+        }
+    }
+
     /// Client connections PostgreSQL holds now (every database), if it answers.
     pub fn client_connections(&self) -> Option<usize> {
         let out = Command::new("psql")
