@@ -462,12 +462,13 @@ async fn fanout_offers_are_claimed() {
 async fn a_rejection_or_no_award_releases_the_reserved_slot() {
     let broker = MemoryBroker::new();
     let mut engine = Engine::new(&broker).await;
-    let w = start(&broker, echo("w1")).await;
+    let config = WorkerConfig::new("w1", ["deployment"]).bids_per_slot(1);
+    let w = start(&broker, Worker::new(config, EchoWorker::new())).await;
     let first = offer("run-8", "deployment", DispatchMode::Auction);
     engine.offer(&first).await;
     engine.expect(types::TASK_BID).await;
     engine.offer(&offer("run-9", "deployment", DispatchMode::Auction)).await;
-    engine.expect_quiet(Duration::from_secs(1)).await; // the only slot is reserved
+    engine.expect_quiet(Duration::from_secs(1)).await; // the only bid is open
     engine.reject(&first, "w1").await;
     let second = offer("run-10", "deployment", DispatchMode::Auction);
     engine.offer(&second).await;
@@ -547,4 +548,5 @@ async fn a_bad_configuration_lists_every_problem() {
 }
 
 mod claim_free;
+mod overbooking;
 mod sending;

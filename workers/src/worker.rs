@@ -4,20 +4,26 @@
 //!
 //! | message                    | condition                                   | reaction                          |
 //! |----------------------------|---------------------------------------------|-----------------------------------|
-//! | offer (auction)            | a slot free and the bid function bids       | reserve a slot, send `bid`        |
+//! | offer (auction)            | a slot free, bids open < bids_per_slot x    | note the bid, send `bid`          |
+//! |                            | slots, and the bid function bids            |                                   |
 //! | offer (auction)            | otherwise                                   | nothing (a decline is silence)    |
 //! | offer (queue / fanout)     | a slot free and the bid function would bid  | reserve a slot, send `claim`      |
 //! | offer (queue)              | otherwise                                   | nack: another member may take it  |
 //! | offer (queue, with token)  | a slot free and the bid function would bid  | start it (claim-free, see below)  |
-//! | award for this worker      | reserved, or a slot free                    | start the attempt                 |
+//! | award for this worker      | a slot free                                 | start the attempt                 |
+//! | award for this worker      | every slot running                          | wait for a slot, then start it    |
 //! | award                      | already running that attempt                | nothing (a redelivered award)     |
 //! | award                      | that attempt with that token already taken  | nothing (a republished award)     |
-//! | rejection                  | reserved / running                          | release the slot / cancel it      |
-//! | cancellation               | running / reserved                          | cancel it / release the slot      |
+//! | rejection                  | reserved / waiting / running                | release / drop it / cancel it     |
+//! | cancellation               | running / waiting / reserved                | cancel it / drop it / release     |
 //! | reservation past its time  | no award came (bid window + grace)          | release the slot                  |
-//! | attempt ended              |                                             | free its slot                     |
+//! | attempt ended              |                                             | free its slot (to a waiting award)|
 //! | shutdown or broker closed  |                                             | cancel running attempts, return   |
 //! | any of these               | its payload does not decode                 | dead-letter it with the reason    |
+//!
+//! A slot counts as taken by a running attempt, an award waiting for a slot and a claim. An
+//! auction bid does not take one: most bids lose, and their rejection is a round trip away
+//! ([`WorkerConfig::bids_per_slot`] bounds them instead).
 //!
 //! Every delivery is acked once handled (queue offers the worker cannot take are nacked). One
 //! with a malformed payload goes to the broker's dead letters instead, where it is kept with the
@@ -41,6 +47,7 @@
 //! a restart of the worker.
 
 use foldhash::{HashMap, HashMapExt};
+use std::collections::VecDeque;
 use std::future::Future;
 use std::pin::Pin;
 use std::sync::Arc;
@@ -95,10 +102,12 @@ struct Running {
     cancel: CancelSwitch,
 }
 
-/// A slot held for an attempt the worker bid for or claimed, until its award or `until`.
+/// An attempt the worker bid for or claimed, until its award or `until`. A claim holds a slot;
+/// a bid counts against `bids_per_slot`.
 struct Reservation {
     until: Instant,
     place: RunPlace,
+    bid: bool,
 }
 
 /// A bid or claim the broker has not confirmed yet, with the offer it answers.
@@ -193,7 +202,9 @@ impl Worker {
         let mut state = LoopState {
             emitter: Emitter::new(broker, info),
             reserved: HashMap::new(),
+            bids_open: 0,
             running: HashMap::new(),
+            waiting: VecDeque::new(),
             taken,
             journal,
             done_tx,
@@ -214,13 +225,16 @@ impl Worker {
                 Some(done) = done_rx.recv() => state.ended(done).await,
                 _ = sleep_until_opt(expiry) => {
                     let now = Instant::now();
+                    let mut bids_gone = 0;
                     state.reserved.retain(|a, r| {
                         let keep = r.until > now;
                         if !keep {
                             tracing::debug!(task = %a.task, run = %a.run_id, "no award came; slot released");
+                            bids_gone += usize::from(r.bid);
                         }
                         keep
                     });
+                    state.bids_open -= bids_gone;
                 }
             }
         };
@@ -237,11 +251,16 @@ async fn sleep_until_opt(at: Option<Instant>) {
     }
 }
 
-/// The loop's state: reservations (with their expiry) and running attempts.
+/// The loop's state: reservations (with their expiry), running attempts and awards waiting for
+/// a slot.
 struct LoopState<'w> {
     emitter: Emitter,
     reserved: HashMap<AttemptRef, Reservation>,
+    /// How many of `reserved` are bids.
+    bids_open: usize,
     running: HashMap<AttemptRef, Running>,
+    /// Awards that came while every slot was running, in order; at most `bid_limit()`.
+    waiting: VecDeque<(Award, Option<RunPlace>)>,
     taken: Taken,
     journal: Option<Journal>,
     done_tx: mpsc::UnboundedSender<Done>,
@@ -251,9 +270,34 @@ struct LoopState<'w> {
 }
 
 impl LoopState<'_> {
+    /// Slots not taken by a running attempt, a waiting award or a claim.
     fn free_slots(&self) -> u32 {
-        let busy = self.reserved.len() + self.running.len();
+        let claims = self.reserved.len() - self.bids_open;
+        let busy = self.running.len() + self.waiting.len() + claims;
         (self.worker.config.max_concurrency as usize).saturating_sub(busy) as u32
+    }
+
+    /// How many bids (or awards waiting for a slot) the worker may have open.
+    fn bid_limit(&self) -> usize {
+        let config = &self.worker.config;
+        config.max_concurrency as usize * config.bids_per_slot as usize
+    }
+
+    fn reserve(&mut self, a: AttemptRef, reservation: Reservation) {
+        self.bids_open += usize::from(reservation.bid);
+        if let Some(old) = self.reserved.insert(a, reservation) {
+            self.bids_open -= usize::from(old.bid);
+        }
+    }
+
+    fn unreserve(&mut self, a: &AttemptRef) -> Option<Reservation> {
+        let r = self.reserved.remove(a)?;
+        self.bids_open -= usize::from(r.bid);
+        Some(r)
+    }
+
+    fn is_waiting(&self, a: &AttemptRef) -> bool {
+        self.waiting.iter().any(|(award, _)| award.attempt == *a)
     }
 
     fn terms(&self, offer: &TaskOffer, free: u32) -> Option<BidTerms> {
@@ -329,7 +373,7 @@ impl LoopState<'_> {
             Ok(()) => Settle::Ack,
             Err(e) => {
                 tracing::warn!(error = %e, task = %attempt.task, "could not send a bid or claim");
-                self.reserved.remove(&attempt);
+                self.unreserve(&attempt);
                 declined(source)
             }
         };
@@ -357,12 +401,14 @@ impl LoopState<'_> {
     /// Answers an offer: with a bid or claim to send (its slot reserved), or a settle at once.
     fn on_offer(&mut self, source: Source, offer: TaskOffer) -> Answer {
         let a = offer.attempt.clone();
-        if self.reserved.contains_key(&a) || self.running.contains_key(&a) {
+        if self.reserved.contains_key(&a) || self.running.contains_key(&a) || self.is_waiting(&a) {
             return Answer::Settle(Settle::Ack); // a re-offer of what we already answered
         }
         let free = self.free_slots();
-        let Some(terms) = self.terms(&offer, free) else {
-            tracing::debug!(task = %a.task, run = %a.run_id, free, "not bidding");
+        let bid = offer.dispatch == DispatchMode::Auction;
+        let room = !bid || self.bids_open + self.waiting.len() < self.bid_limit();
+        let Some(terms) = room.then(|| self.terms(&offer, free)).flatten() else {
+            tracing::debug!(task = %a.task, run = %a.run_id, free, bids = self.bids_open, "not bidding");
             return Answer::Settle(declined(source));
         };
         if let (Some(token), DispatchMode::Queue) = (offer.token, offer.dispatch) {
@@ -415,7 +461,7 @@ impl LoopState<'_> {
             (DispatchMode::Auction, Some(deadline)) => until_epoch_ms(deadline) + self.worker.config.award_grace,
             _ => self.worker.config.award_timeout,
         };
-        self.reserved.insert(a.clone(), Reservation { until: Instant::now() + wait, place: RunPlace::of(&offer) });
+        self.reserve(a.clone(), Reservation { until: Instant::now() + wait, place: RunPlace::of(&offer), bid });
         Answer::Send(a, Box::new(message))
     }
 
@@ -431,17 +477,20 @@ impl LoopState<'_> {
             }
             return Settle::Ack;
         }
-        if self.taken.contains(&a, award.token) {
-            tracing::debug!(task = %a.task, run = %a.run_id, token = award.token, "a repeated award of a started attempt");
+        if self.taken.contains(&a, award.token) || self.is_waiting(&a) {
+            tracing::debug!(task = %a.task, run = %a.run_id, token = award.token, "a repeated award");
             return Settle::Ack;
         }
-        // A late award (after the reservation expired) is still taken while a slot is free.
-        let reservation = self.reserved.remove(&a);
-        if reservation.is_none() && self.free_slots() == 0 {
+        // A late award (after the reservation expired) is taken too.
+        let place = self.unreserve(&a).map(|r| r.place);
+        if self.running.len() < self.worker.config.max_concurrency as usize {
+            self.launch(award, place, None);
+        } else if self.waiting.len() < self.bid_limit() {
+            tracing::debug!(task = %a.task, run = %a.run_id, "every slot is running; the award waits for one");
+            self.waiting.push_back((award, place));
+        } else {
             tracing::warn!(task = %a.task, run = %a.run_id, "award without a free slot; left to time out");
-            return Settle::Ack;
         }
-        self.launch(award, reservation.map(|r| r.place), None);
         Settle::Ack
     }
 
@@ -473,8 +522,12 @@ impl LoopState<'_> {
 
     /// A rejection or cancellation: give up the reservation or stop the attempt.
     fn release(&mut self, a: &AttemptRef, reason: &str) -> Settle {
-        if self.reserved.remove(a).is_some() {
+        if self.unreserve(a).is_some() {
             tracing::debug!(task = %a.task, run = %a.run_id, reason, "reservation released");
+        }
+        if self.is_waiting(a) {
+            tracing::info!(task = %a.task, run = %a.run_id, reason, "dropping an award that waited for a slot");
+            self.waiting.retain(|(award, _)| award.attempt != *a);
         }
         if let Some(r) = self.running.get(a) {
             tracing::info!(task = %a.task, run = %a.run_id, reason, "cancelling attempt");
@@ -492,10 +545,20 @@ impl LoopState<'_> {
             self.taken.remove(&done.attempt);
             self.settle(&delivery, Settle::Retry).await;
         }
+        if self.running.len() < self.worker.config.max_concurrency as usize
+            && let Some((award, place)) = self.waiting.pop_front()
+        {
+            self.launch(award, place, None);
+        }
     }
 
     /// Cancels every running attempt and waits for them to end (bounded by the cancel grace).
     async fn stop(&mut self, done_rx: &mut mpsc::UnboundedReceiver<Done>) {
+        if !self.waiting.is_empty() {
+            // Never started: the engine times them out (schedule-to-start or start-to-close).
+            tracing::info!(awards = self.waiting.len(), "dropping the awards that waited for a slot");
+            self.waiting.clear();
+        }
         for r in self.running.values() {
             r.cancel.cancel();
         }

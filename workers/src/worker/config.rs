@@ -14,8 +14,16 @@ pub struct WorkerConfig {
     pub labels: BTreeMap<String, String>,
     /// The task types this worker performs.
     pub task_types: Vec<String>,
-    /// How many attempts it runs (and bids for) at once.
+    /// How many attempts it runs at once.
     pub max_concurrency: u32,
+    /// How many auction bids per slot it keeps open. Only the winner of an auction hears of it
+    /// soon; the others hold their slot until the rejection comes, a round trip through the
+    /// engine. With one slot per open bid, every worker bidding on every offer, a deployment
+    /// took at most `max_concurrency` awards per round trip whatever its number of workers, and
+    /// under load (a broker's backlog after a restart) bids waited on lost auctions while the
+    /// tasks timed out unstarted. An award that finds every slot running waits in the worker
+    /// until one frees (or its attempt is cancelled).
+    pub bids_per_slot: u32,
     /// How long a claim, or a bid without a bid deadline, waits for its award.
     pub award_timeout: Duration,
     /// Added to an offer's bid deadline before a reservation is given up.
@@ -46,6 +54,7 @@ impl WorkerConfig {
             labels: BTreeMap::new(),
             task_types: task_types.into_iter().map(Into::into).collect(),
             max_concurrency: 1,
+            bids_per_slot: 4,
             award_timeout: Duration::from_secs(10),
             award_grace: Duration::from_secs(2),
             cancel_grace: Duration::from_secs(5),
@@ -80,6 +89,12 @@ impl WorkerConfig {
         self
     }
 
+    /// Sets how many auction bids per slot may be open (see [`WorkerConfig::bids_per_slot`]).
+    pub fn bids_per_slot(mut self, bids: u32) -> Self {
+        self.bids_per_slot = bids;
+        self
+    }
+
     /// Every problem of the configuration.
     pub fn validate(&self) -> Result<()> {
         let mut problems = Vec::new();
@@ -96,6 +111,9 @@ impl WorkerConfig {
         }
         if self.max_concurrency == 0 {
             problems.push("max_concurrency: must be at least 1".to_string());
+        }
+        if self.bids_per_slot == 0 {
+            problems.push("bids_per_slot: must be at least 1".to_string());
         }
         if problems.is_empty() { Ok(()) } else { Err(Error::Config(problems)) }
     }
