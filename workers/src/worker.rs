@@ -70,8 +70,10 @@ use crate::journal::{Journal, Taken};
 use crate::{Error, Result};
 
 mod config;
+mod slots;
 
 pub use config::WorkerConfig;
+use slots::Reservation;
 
 /// Decides whether and how to bid for an offer, given the free slots (at least 1).
 pub type BidFn = Arc<dyn Fn(&TaskOffer, u32) -> Option<BidTerms> + Send + Sync>;
@@ -100,14 +102,6 @@ enum Source {
 struct Running {
     token: u64,
     cancel: CancelSwitch,
-}
-
-/// An attempt the worker bid for or claimed, until its award or `until`. A claim holds a slot;
-/// a bid counts against `bids_per_slot`.
-struct Reservation {
-    until: Instant,
-    place: RunPlace,
-    bid: bool,
 }
 
 /// A bid or claim the broker has not confirmed yet, with the offer it answers.
@@ -270,36 +264,6 @@ struct LoopState<'w> {
 }
 
 impl LoopState<'_> {
-    /// Slots not taken by a running attempt, a waiting award or a claim.
-    fn free_slots(&self) -> u32 {
-        let claims = self.reserved.len() - self.bids_open;
-        let busy = self.running.len() + self.waiting.len() + claims;
-        (self.worker.config.max_concurrency as usize).saturating_sub(busy) as u32
-    }
-
-    /// How many bids (or awards waiting for a slot) the worker may have open.
-    fn bid_limit(&self) -> usize {
-        let config = &self.worker.config;
-        config.max_concurrency as usize * config.bids_per_slot as usize
-    }
-
-    fn reserve(&mut self, a: AttemptRef, reservation: Reservation) {
-        self.bids_open += usize::from(reservation.bid);
-        if let Some(old) = self.reserved.insert(a, reservation) {
-            self.bids_open -= usize::from(old.bid);
-        }
-    }
-
-    fn unreserve(&mut self, a: &AttemptRef) -> Option<Reservation> {
-        let r = self.reserved.remove(a)?;
-        self.bids_open -= usize::from(r.bid);
-        Some(r)
-    }
-
-    fn is_waiting(&self, a: &AttemptRef) -> bool {
-        self.waiting.iter().any(|(award, _)| award.attempt == *a)
-    }
-
     fn terms(&self, offer: &TaskOffer, free: u32) -> Option<BidTerms> {
         if free == 0 {
             return None;
