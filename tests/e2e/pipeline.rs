@@ -29,6 +29,10 @@ struct Instrumented {
     failing: bool,
     /// Commits that append an event of this kind are written and then reported failed.
     lose_reply_on: Option<&'static str>,
+    /// With `lose_reply_on`: after each lost reply, the next commit that only writes timers
+    /// fails (nothing written).
+    refuse_timers_after_loss: bool,
+    timers_refusal_armed: std::sync::atomic::AtomicBool,
     commits: AtomicU64,
     failed_before: AtomicU64,
     failed_after: AtomicU64,
@@ -44,7 +48,7 @@ struct Instrumented {
 
 impl Instrumented {
     async fn open(dir: &std::path::Path, serializes: bool, failing: bool) -> Arc<Self> {
-        Self::open_losing(dir, serializes, failing, None).await
+        Self::open_losing(dir, serializes, failing, None, false).await
     }
 
     async fn open_losing(
@@ -52,12 +56,15 @@ impl Instrumented {
         serializes: bool,
         failing: bool,
         lose_reply_on: Option<&'static str>,
+        refuse_timers_after_loss: bool,
     ) -> Arc<Self> {
         Arc::new(Instrumented {
             inner: SqliteStore::open(&dir.join("p.db")).await.expect("sqlite"),
             serializes,
             failing,
             lose_reply_on,
+            refuse_timers_after_loss,
+            timers_refusal_armed: std::sync::atomic::AtomicBool::new(false),
             commits: AtomicU64::new(0),
             failed_before: AtomicU64::new(0),
             failed_after: AtomicU64::new(0),
@@ -77,7 +84,15 @@ impl Instrumented {
         {
             self.inner.commit(batch).await?;
             self.failed_after.fetch_add(1, Ordering::SeqCst);
+            self.timers_refusal_armed.store(self.refuse_timers_after_loss, Ordering::SeqCst);
             return Err(Error::Unavailable("injected: written, reply lost".into()));
+        }
+        if batch.appends.is_empty()
+            && !batch.set_timers.is_empty()
+            && self.timers_refusal_armed.swap(false, Ordering::SeqCst)
+        {
+            self.failed_before.fetch_add(1, Ordering::SeqCst);
+            return Err(Error::Unavailable("injected: timers not written".into()));
         }
         match n % 6 {
             3 if self.failing => {
@@ -370,7 +385,8 @@ async fn rejections_offers_and_awards_reach_workers_without_outbox_rows() {
 /// A commit whose reply is lost may have kept timers in memory: here every commit that records
 /// an attempt's end is written and reported failed, so the retry timer of a failed first attempt
 /// (1 s away: kept in memory, not written) goes with the undone batch. The runs can only end if
-/// the runtime derives that timer again from the stored state.
+/// the runtime derives that timer again from the stored state. In the second case the first
+/// write of the derived timers fails too: they must stay pending and be written later.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn timers_kept_by_a_commit_whose_reply_was_lost_still_fire() {
     const RETRIED: &str = r#"
@@ -385,8 +401,14 @@ spec:
           tasks:
             - {name: flaky, type: work, retry: {maxAttempts: 3, initialInterval: 1s, maxInterval: 1s}}
 "#;
-    let dir = tempfile::tempdir().expect("tempdir");
-    let losing = Instrumented::open_losing(dir.path(), true, false, Some("attempt-ended")).await;
+    for (runs, refuse_timers) in [(3, false), (1, true)] {
+        let dir = tempfile::tempdir().expect("tempdir");
+        let losing = Instrumented::open_losing(dir.path(), true, false, Some("attempt-ended"), refuse_timers).await;
+        retried_runs_end(losing, RETRIED, runs, refuse_timers).await;
+    }
+}
+
+async fn retried_runs_end(losing: Arc<Instrumented>, definition: &str, runs: usize, refuse_timers: bool) {
     let store: Arc<dyn Store> = losing.clone();
     let (rt, broker) = engine(store.clone(), RuntimeConfig::default()).await;
     let script: Script = Arc::new(|_, attempt| Behaviour::Complete {
@@ -396,9 +418,9 @@ spec:
     });
     let log = Arc::new(Mutex::new(WorkerLog::default()));
     let workers = scripted_worker(broker, "w", BTreeMap::new(), &["work"], script, log).await;
-    rt.apply_definition("p", RETRIED).await.expect("definition");
+    rt.apply_definition("p", definition).await.expect("definition");
     let mut run_ids = Vec::new();
-    for i in 0..3 {
+    for i in 0..runs {
         run_ids.push(rt.trigger(dag_trigger(i)).await.expect("trigger"));
     }
     let started = Instant::now();
@@ -406,7 +428,10 @@ spec:
         assert!(started.elapsed() < Duration::from_secs(20), "a run waits for a retry timer that was lost");
         tokio::time::sleep(Duration::from_millis(25)).await;
     }
-    assert!(losing.failed_after.load(Ordering::SeqCst) >= 3, "no reply was lost");
+    assert!(losing.failed_after.load(Ordering::SeqCst) >= runs as u64, "no reply was lost");
+    if refuse_timers {
+        assert!(losing.failed_before.load(Ordering::SeqCst) >= 1, "no write of the derived timers was refused");
+    }
     for run_id in &run_ids {
         let record = store.get_run(run_id).await.expect("get_run").expect("the run");
         assert_eq!(record.result.as_deref(), Some("pass"), "run {run_id}");
