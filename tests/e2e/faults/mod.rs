@@ -19,7 +19,7 @@ mod schedule;
 pub(crate) mod services;
 
 use std::collections::HashSet;
-use std::path::{Path, PathBuf};
+use std::path::Path;
 use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
@@ -286,19 +286,15 @@ where
 /// holds for it, the timer checkpoints, and the log lines that name it. A run left open is a
 /// liveness bug whose cause the store rarely keeps once the cluster is dropped.
 async fn describe_open(store: &dyn Store, pg: &PrivatePostgres, schema: &str, run_ids: &[String], dir: &Path) {
-    let mut logs: Vec<(String, String)> = std::fs::read_dir(dir)
-        .map(|d| d.flatten().map(|e| e.path()).filter(|p| p.extension().is_some_and(|x| x == "log")).collect())
-        .unwrap_or_else(|_| Vec::new())
-        .into_iter()
-        .map(|p: PathBuf| {
-            (
-                p.file_name().unwrap_or_default().to_string_lossy().into_owned(),
-                std::fs::read_to_string(&p).unwrap_or_default(),
-            )
-        })
-        .collect();
+    let mut logs: Vec<(String, String)> = Vec::new();
+    for path in std::fs::read_dir(dir).into_iter().flatten().flatten().map(|e| e.path()) {
+        if path.extension().is_some_and(|x| x == "log") {
+            let name = path.file_name().unwrap_or_default().to_string_lossy().into_owned();
+            logs.push((name, std::fs::read_to_string(&path).unwrap_or_default()));
+        }
+    }
     logs.sort();
-    let now_ms = std::time::SystemTime::now().duration_since(std::time::UNIX_EPOCH).map_or(0, |d| d.as_millis());
+    let now_ms = schedule::now_ms();
     let mut shown = 0;
     for run_id in run_ids {
         let record = store.get_run(run_id).await;
