@@ -152,6 +152,20 @@ impl Broker for KafkaBroker {
         self.shared.ensure_topic(topic, false).await?;
         subscription::subscribe(Arc::clone(&self.shared), topic, mode).await
     }
+
+    /// Ignores the credit: a competing group assigns each partition to one member, which gets
+    /// its records in order, so a member that stopped reading would hold up its partitions for
+    /// the whole group rather than leave their records to another member. The subscriber hands
+    /// back what it cannot take (measured: a worker fleet over Kafka that read its queue against
+    /// credit stalled, see docs/protocol.md).
+    async fn subscribe_with_credit(
+        &self,
+        topic: &str,
+        mode: SubscriptionMode,
+        _credit: crate::Credit,
+    ) -> Result<Box<dyn Subscription>> {
+        self.subscribe(topic, mode).await
+    }
 }
 
 impl Shared {

@@ -10,6 +10,8 @@
 //!   when its holder's subscription is dropped) to some member of the group.
 //! - Messages with the same key are delivered in publish order to a competing group with one
 //!   member (per-key order), redeliveries aside.
+//! - A subscription made with [`Broker::subscribe_with_credit`] hands out no more deliveries
+//!   than its [`Credit`] allows (except over Kafka, which ignores the credit).
 //! - No message vanishes silently: one that cannot be decoded, and one its consumer cannot use
 //!   (`dead_letter`), is moved to the broker's dead-letter place with the reason, and only then
 //!   settled.
@@ -22,6 +24,7 @@ use capstan_proto::CloudEvent;
 #[cfg(feature = "amqp")]
 pub mod amqp;
 pub mod binding;
+pub mod credit;
 #[cfg(feature = "kafka")]
 pub mod kafka;
 pub mod memory;
@@ -31,6 +34,7 @@ pub mod nats;
 #[cfg(any(test, feature = "testing"))]
 pub mod testing;
 
+pub use credit::Credit;
 pub use memory::{DeadLetter, MemoryBroker, MemoryConfig};
 
 /// A message: a CloudEvent on a topic, with a partition / ordering key (the run id).
@@ -88,6 +92,22 @@ pub trait Broker: Send + Sync + 'static {
     async fn publish(&self, messages: Vec<Message>) -> Result<()>;
     /// Subscribes to a topic. The subscription exists once this returns.
     async fn subscribe(&self, topic: &str, mode: SubscriptionMode) -> Result<Box<dyn Subscription>>;
+
+    /// Subscribes with flow control (see [`credit`]): the subscription hands out one delivery
+    /// per unit of `credit`, and a broker that fetches ahead of `next` fetches only against it,
+    /// so that a competing member without credit leaves the group's messages to the others.
+    /// The default waits for a unit before each `next` of a plain subscription; a broker whose
+    /// client fetches ahead by itself overrides it. Kafka ignores the credit (its partitions
+    /// go to one member each, so there is no other member to leave them to).
+    async fn subscribe_with_credit(
+        &self,
+        topic: &str,
+        mode: SubscriptionMode,
+        credit: Credit,
+    ) -> Result<Box<dyn Subscription>> {
+        let inner = self.subscribe(topic, mode).await?;
+        Ok(Box::new(credit::Gated::new(inner, credit)))
+    }
 }
 
 /// A shared broker is a broker, so wrappers (e.g. [`namespace::Namespaced`]) take either.
@@ -99,6 +119,15 @@ impl<B: Broker + ?Sized> Broker for std::sync::Arc<B> {
 
     async fn subscribe(&self, topic: &str, mode: SubscriptionMode) -> Result<Box<dyn Subscription>> {
         (**self).subscribe(topic, mode).await
+    }
+
+    async fn subscribe_with_credit(
+        &self,
+        topic: &str,
+        mode: SubscriptionMode,
+        credit: Credit,
+    ) -> Result<Box<dyn Subscription>> {
+        (**self).subscribe_with_credit(topic, mode, credit).await
     }
 }
 

@@ -3,7 +3,7 @@
 
 use async_trait::async_trait;
 
-use crate::{Broker, Delivery, Message, Result, Subscription, SubscriptionMode};
+use crate::{Broker, Credit, Delivery, Message, Result, Subscription, SubscriptionMode};
 
 /// Prefixes every topic with `<namespace>.` on the way in and strips it on the way out.
 pub struct Namespaced<B> {
@@ -28,6 +28,16 @@ impl<B: Broker> Broker for Namespaced<B> {
 
     async fn subscribe(&self, topic: &str, mode: SubscriptionMode) -> Result<Box<dyn Subscription>> {
         let inner = self.inner.subscribe(&format!("{}{topic}", self.prefix), mode).await?;
+        Ok(Box::new(Stripped { inner, prefix: self.prefix.clone() }))
+    }
+
+    async fn subscribe_with_credit(
+        &self,
+        topic: &str,
+        mode: SubscriptionMode,
+        credit: Credit,
+    ) -> Result<Box<dyn Subscription>> {
+        let inner = self.inner.subscribe_with_credit(&format!("{}{topic}", self.prefix), mode, credit).await?;
         Ok(Box::new(Stripped { inner, prefix: self.prefix.clone() }))
     }
 }

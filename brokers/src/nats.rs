@@ -26,7 +26,7 @@ use async_nats::jetstream::{self, message::PublishMessage, stream};
 use async_trait::async_trait;
 
 use crate::binding::{self, HeaderPrefix};
-use crate::{Broker, Error, Message, Result, Subscription, SubscriptionMode};
+use crate::{Broker, Credit, Error, Message, Result, Subscription, SubscriptionMode};
 use subscription::{ConsumerSpec, NatsSubscription};
 
 /// The header carrying [`Message::key`].
@@ -95,6 +95,26 @@ impl std::fmt::Debug for NatsBroker {
 }
 
 impl NatsBroker {
+    async fn open(&self, topic: &str, mode: SubscriptionMode, credit: Option<Credit>) -> Result<Box<dyn Subscription>> {
+        let subject = self.subject(topic)?;
+        let spec = match mode {
+            SubscriptionMode::Competing { group } => {
+                if group.is_empty() {
+                    return Err(Error::Invalid("group name is empty".into()));
+                }
+                ConsumerSpec::Durable(durable_name(&group, topic))
+            }
+            SubscriptionMode::Broadcast => {
+                ConsumerSpec::Broadcast(format!("capstan-b-{}", self.client.new_inbox().replace('.', "")))
+            }
+        };
+        let dead_subject = format!("{}-dead.{topic}", self.config.subject_prefix);
+        let sub =
+            NatsSubscription::start(self.js.clone(), Arc::clone(&self.config), subject, dead_subject, spec, credit)
+                .await?;
+        Ok(Box::new(sub))
+    }
+
     /// Connects (e.g. to `nats://127.0.0.1:4222`) and creates the streams if they are missing.
     /// The client reconnects by itself, without limit, after the connection is lost.
     pub async fn connect(url: &str, config: NatsConfig) -> Result<Self> {
@@ -201,27 +221,17 @@ impl Broker for NatsBroker {
     }
 
     async fn subscribe(&self, topic: &str, mode: SubscriptionMode) -> Result<Box<dyn Subscription>> {
-        let subject = self.subject(topic)?;
-        let spec = match mode {
-            SubscriptionMode::Competing { group } => {
-                if group.is_empty() {
-                    return Err(Error::Invalid("group name is empty".into()));
-                }
-                ConsumerSpec::Durable(durable_name(&group, topic))
-            }
-            SubscriptionMode::Broadcast => {
-                ConsumerSpec::Broadcast(format!("capstan-b-{}", self.client.new_inbox().replace('.', "")))
-            }
-        };
-        let sub = NatsSubscription::start(
-            self.js.clone(),
-            Arc::clone(&self.config),
-            subject,
-            format!("{}-dead.{topic}", self.config.subject_prefix),
-            spec,
-        )
-        .await?;
-        Ok(Box::new(sub))
+        self.open(topic, mode, None).await
+    }
+
+    /// Pulls only against the credit: a member without it leaves the messages on the stream.
+    async fn subscribe_with_credit(
+        &self,
+        topic: &str,
+        mode: SubscriptionMode,
+        credit: Credit,
+    ) -> Result<Box<dyn Subscription>> {
+        self.open(topic, mode, Some(credit)).await
     }
 }
 

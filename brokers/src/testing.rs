@@ -17,7 +17,7 @@ use capstan_proto::CloudEvent;
 use serde_json::json;
 use tokio::time::{Instant, timeout};
 
-use crate::{Broker, Delivery, Error, Message, Subscription, SubscriptionMode};
+use crate::{Broker, Credit, Delivery, Error, Message, Subscription, SubscriptionMode};
 
 /// What a case may assume about the broker under test.
 #[derive(Debug, Clone)]
@@ -370,6 +370,62 @@ pub async fn many_messages_exactly_once(broker: &impl Broker, o: &Options) {
     assert!(dupes.is_empty(), "delivered more than once: {dupes:?}");
     assert_eq!(seen.len(), n, "every message was delivered");
     assert_eq!(total, n);
+}
+
+async fn sub_with_credit(
+    broker: &impl Broker,
+    topic: &str,
+    mode: SubscriptionMode,
+    credit: &Credit,
+) -> Box<dyn Subscription> {
+    match broker.subscribe_with_credit(topic, mode.clone(), credit.clone()).await {
+        Ok(s) => s,
+        Err(e) => panic!("subscribe to {topic} ({mode:?}) with credit failed: {e}"),
+    }
+}
+
+/// A subscription with credit hands out one delivery per unit: none without credit, the rest
+/// once more is granted, nothing lost in between. Not part of [`suite`]: Kafka ignores credit.
+pub async fn credit_bounds_deliveries(broker: &impl Broker, o: &Options) {
+    let topic = unique_topic("credit");
+    let credit = Credit::new(1);
+    let mut s = sub_with_credit(broker, &topic, group("g"), &credit).await;
+    publish(broker, (0..3).map(|i| message(&topic, "k", &format!("c{i}"), json!(i))).collect()).await;
+    let first = recv(&mut s, o.patience, "the delivery the credit allows").await;
+    expect_quiet(&mut s, o.quiet, "a subscription out of credit").await;
+    credit.grant(2);
+    let second = recv(&mut s, o.patience, "a delivery after more credit").await;
+    let third = recv(&mut s, o.patience, "the last delivery").await;
+    let mut ids: Vec<String> = [&first, &second, &third].iter().map(|d| d.message.event.id.clone()).collect();
+    ids.sort();
+    assert_eq!(ids, ["c0", "c1", "c2"], "each message once, none lost while the credit ran out");
+    for d in [&first, &second, &third] {
+        ack(d).await;
+    }
+    credit.grant(1);
+    expect_quiet(&mut s, o.quiet, "after all were acked").await;
+}
+
+/// A competing member without credit leaves the group's messages to a member with credit. Not
+/// part of [`suite`]: a broker whose client fetches ahead by itself (RabbitMQ's prefetch,
+/// Kafka's partitions) holds messages at a member whatever its credit.
+pub async fn no_credit_leaves_messages_to_others(broker: &impl Broker, o: &Options) {
+    let topic = unique_topic("nocredit");
+    let (none, some) = (Credit::new(0), Credit::new(100));
+    let mut starved = sub_with_credit(broker, &topic, group("g"), &none).await;
+    let mut fed = sub_with_credit(broker, &topic, group("g"), &some).await;
+    // The member without credit asks all along: it must get nothing.
+    let asking = tokio::spawn(async move { starved.next().await.map(|d| d.message.event.id.clone()) });
+    let n = 10;
+    publish(broker, (0..n).map(|i| message(&topic, &format!("k{i}"), &format!("n{i}"), json!(i))).collect()).await;
+    for _ in 0..n {
+        let d = recv(&mut fed, o.patience, "the member with credit").await;
+        assert_eq!(d.redeliveries, 0, "{} reached the member with credit only after a detour", d.message.event.id);
+        ack(&d).await;
+    }
+    tokio::time::sleep(o.quiet).await;
+    assert!(!asking.is_finished(), "the member without credit got {:?}", asking.await);
+    asking.abort();
 }
 
 /// A dead-lettered delivery is settled for good and kept with its reason: the message behind it

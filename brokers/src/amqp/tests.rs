@@ -79,6 +79,11 @@ mod conformance {
     }
 }
 
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn credit_bounds_deliveries() {
+    crate::testing::credit_bounds_deliveries(&locked().await, &options()).await;
+}
+
 fn group(name: &str) -> SubscriptionMode {
     SubscriptionMode::Competing { group: name.into() }
 }

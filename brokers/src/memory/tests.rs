@@ -20,11 +20,21 @@ mod conformance {
     }
 }
 
+#[tokio::test(start_paused = true)]
+async fn credit_bounds_deliveries() {
+    crate::testing::credit_bounds_deliveries(&MemoryBroker::new(), &Options::default()).await;
+}
+
 fn group(name: &str) -> SubscriptionMode {
     SubscriptionMode::Competing { group: name.into() }
 }
 
 const PATIENCE: Duration = Duration::from_secs(120);
+
+#[tokio::test(start_paused = true)]
+async fn no_credit_leaves_messages_to_others() {
+    crate::testing::no_credit_leaves_messages_to_others(&MemoryBroker::new(), &Options::default()).await;
+}
 
 #[tokio::test(start_paused = true)]
 async fn whole_suite_runs_through_one_call() {

@@ -1,6 +1,8 @@
 //! A NATS subscription: a task pulls batches from its JetStream consumer into a channel, and
 //! `next` decodes them. The task, not `next`, owns the pull requests, so a `next` cancelled by a
-//! timeout loses nothing.
+//! timeout loses nothing. With a [`Credit`] the task asks for no more messages than the credit
+//! allows (and gives back what a batch did not bring), so a member without credit leaves the
+//! group's messages on the stream for the others.
 //!
 //! What is handed back early rather than left to `ack_wait`: a delivery dropped unsettled, the
 //! unsettled deliveries and the buffered messages of a dropped subscription, and whatever the
@@ -20,7 +22,7 @@ use tokio::sync::mpsc;
 
 use super::{DEAD_REASON_HEADER, KEY_HEADER, NatsConfig};
 use crate::binding::{self, HeaderPrefix};
-use crate::{Acker, Delivery, Error, Message, Result, Subscription};
+use crate::{Acker, Credit, Delivery, Error, Message, Result, Subscription};
 
 /// Which consumer a subscription reads.
 #[derive(Debug, Clone)]
@@ -104,6 +106,9 @@ pub(super) struct NatsSubscription {
     spec: ConsumerSpec,
     dead_subject: Arc<str>,
     handed_out: Vec<Weak<Pending>>,
+    /// The credit the pull task fetches against; a message pulled but not handed out (one
+    /// skipped or dead-lettered) gives its unit back.
+    credit: Option<Credit>,
 }
 
 impl NatsSubscription {
@@ -114,11 +119,12 @@ impl NatsSubscription {
         subject: String,
         dead_subject: String,
         spec: ConsumerSpec,
+        credit: Option<Credit>,
     ) -> Result<Self> {
         let source = Source { js: js.clone(), config: Arc::clone(&config), subject, spec: spec.clone(), last_seq: 0 };
         let consumer = source.ensure().await?;
         let (tx, rx) = mpsc::channel(config.prefetch.max(1));
-        tokio::spawn(pull(source, consumer, tx));
+        tokio::spawn(pull(source, consumer, tx, credit.clone()));
         Ok(NatsSubscription {
             rx,
             client: js.client(),
@@ -127,7 +133,15 @@ impl NatsSubscription {
             spec,
             dead_subject: dead_subject.into(),
             handed_out: Vec::new(),
+            credit,
         })
+    }
+
+    /// A pulled message that will not be handed out returns its unit of credit.
+    fn unused(&self) {
+        if let Some(credit) = &self.credit {
+            credit.grant(1);
+        }
     }
 
     /// Moves an undecodable message to the dead-letter stream with the reason, then ends its
@@ -186,6 +200,7 @@ impl Subscription for NatsSubscription {
                 ),
                 Err(e) => {
                     tracing::warn!(error = %e, "a message without JetStream metadata was skipped");
+                    self.unused();
                     continue;
                 }
             };
@@ -202,10 +217,12 @@ impl Subscription for NatsSubscription {
                 Ok(event) => event,
                 Err(e) => {
                     self.dead_letter(&msg, &e.to_string()).await;
+                    self.unused();
                     continue;
                 }
             };
             let Some(reply) = msg.reply.clone() else {
+                self.unused();
                 continue;
             };
             let pending = Arc::new(Pending { client: self.client.clone(), reply: Mutex::new(Some(reply)) });
@@ -263,21 +280,38 @@ impl Drop for NatsSubscription {
 }
 
 /// The pull loop: one batch request at a time, each message into the channel. After the
-/// subscription is gone it keeps draining the open request, NAKing what still arrives.
-async fn pull(mut source: Source, mut consumer: PullConsumer, tx: mpsc::Sender<jetstream::Message>) {
+/// subscription is gone it keeps draining the open request, NAKing what still arrives. With
+/// credit, a request asks for what the credit allows, up to the prefetch, and the units a batch
+/// did not bring (it expired first, or failed) are given back.
+async fn pull(
+    mut source: Source,
+    mut consumer: PullConsumer,
+    tx: mpsc::Sender<jetstream::Message>,
+    credit: Option<Credit>,
+) {
     let config = Arc::clone(&source.config);
+    let prefetch = config.prefetch.max(1);
     let mut backoff = Duration::from_millis(100);
     loop {
         if tx.is_closed() {
             return;
         }
-        let batch = consumer.batch().max_messages(config.prefetch.max(1)).expires(config.pull_expires).messages().await;
+        let wanted = match &credit {
+            Some(credit) => tokio::select! {
+                taken = credit.take(prefetch) => taken,
+                () = tx.closed() => return,
+            },
+            None => prefetch,
+        };
+        let mut received = 0;
+        let batch = consumer.batch().max_messages(wanted).expires(config.pull_expires).messages().await;
         let mut failed = match batch {
             Ok(mut batch) => {
                 let mut failed = false;
                 while let Some(item) = batch.next().await {
                     match item {
                         Ok(msg) => {
+                            received += 1;
                             if let Ok(info) = msg.info() {
                                 source.last_seq = info.stream_sequence;
                             }
@@ -301,6 +335,9 @@ async fn pull(mut source: Source, mut consumer: PullConsumer, tx: mpsc::Sender<j
                 true
             }
         };
+        if let Some(credit) = &credit {
+            credit.grant(wanted.saturating_sub(received));
+        }
         while failed && !tx.is_closed() {
             // The server may have restarted and lost the consumer (ephemeral ones are not
             // kept): wait, then create it again, resuming a broadcast after the last message.

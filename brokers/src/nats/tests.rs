@@ -17,7 +17,7 @@ use tokio::time::{Instant, timeout};
 use super::{DEAD_REASON_HEADER, NatsBroker, NatsConfig, check_name, check_topic, durable_name};
 use crate::Error;
 use crate::testing::{Options, expect_quiet, message, recv, unique_topic};
-use crate::{Broker, Message, Result, Subscription, SubscriptionMode};
+use crate::{Broker, Credit, Message, Result, Subscription, SubscriptionMode};
 
 const URL: &str = "nats://127.0.0.1:4222";
 const PATIENCE: Duration = Duration::from_secs(60);
@@ -64,6 +64,15 @@ impl Broker for Locked {
     async fn subscribe(&self, topic: &str, mode: SubscriptionMode) -> Result<Box<dyn Subscription>> {
         self.broker.subscribe(topic, mode).await
     }
+
+    async fn subscribe_with_credit(
+        &self,
+        topic: &str,
+        mode: SubscriptionMode,
+        credit: Credit,
+    ) -> Result<Box<dyn Subscription>> {
+        self.broker.subscribe_with_credit(topic, mode, credit).await
+    }
 }
 
 async fn locked() -> Locked {
@@ -83,6 +92,16 @@ mod conformance {
         make = locked,
         options = options(),
     }
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn credit_bounds_deliveries() {
+    crate::testing::credit_bounds_deliveries(&locked().await, &options()).await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn no_credit_leaves_messages_to_others() {
+    crate::testing::no_credit_leaves_messages_to_others(&locked().await, &options()).await;
 }
 
 fn group(name: &str) -> SubscriptionMode {
