@@ -358,4 +358,13 @@ impl capstan_brokers::Broker for AnswerTwice {
     ) -> capstan_brokers::Result<Box<dyn capstan_brokers::Subscription>> {
         self.inner.subscribe(topic, mode).await
     }
+
+    async fn subscribe_with_credit(
+        &self,
+        topic: &str,
+        mode: capstan_brokers::SubscriptionMode,
+        credit: capstan_brokers::Credit,
+    ) -> capstan_brokers::Result<Box<dyn capstan_brokers::Subscription>> {
+        self.inner.subscribe_with_credit(topic, mode, credit).await
+    }
 }

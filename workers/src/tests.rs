@@ -548,5 +548,6 @@ async fn a_bad_configuration_lists_every_problem() {
 }
 
 mod claim_free;
+mod flow;
 mod overbooking;
 mod sending;

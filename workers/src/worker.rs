@@ -8,6 +8,7 @@
 //! |                            | slots, and the bid function bids            |                                   |
 //! | offer (auction)            | otherwise                                   | nothing (a decline is silence)    |
 //! | offer (queue / fanout)     | a slot free and the bid function would bid  | reserve a slot, send `claim`      |
+//! | offer (queue)              | every slot taken (see "Flow control")       | hold it until a slot frees        |
 //! | offer (queue)              | otherwise                                   | nack: another member may take it  |
 //! | offer (queue, with token)  | a slot free and the bid function would bid  | start it (claim-free, see below)  |
 //! | award for this worker      | a slot free                                 | start the attempt                 |
@@ -17,13 +18,21 @@
 //! | rejection                  | reserved / waiting / running                | release / drop it / cancel it     |
 //! | cancellation               | running / waiting / reserved                | cancel it / drop it / release     |
 //! | reservation past its time  | no award came (bid window + grace)          | release the slot                  |
-//! | attempt ended              |                                             | free its slot (to a waiting award)|
+//! | attempt ended              |                                             | free its slot (to a waiting award |
+//! |                            |                                             | or a held offer)                  |
+//! | offer held past            | every slot still taken                      | nack: another member may take it  |
+//! | `queue_retry_delay`        |                                             |                                   |
 //! | shutdown or broker closed  |                                             | cancel running attempts, return   |
 //! | any of these               | its payload does not decode                 | dead-letter it with the reason    |
 //!
 //! A slot counts as taken by a running attempt, an award waiting for a slot and a claim. An
 //! auction bid does not take one: most bids lose, and their rejection is a round trip away
 //! ([`WorkerConfig::bids_per_slot`] bounds them instead).
+//!
+//! Flow control: the queues are read against credit kept at the free slots (see `intake`), so
+//! a worker whose slots all run takes no queue offers and leaves them to members with room. One
+//! that comes anyway (several queues, each with the credit of the same free slot) is held until
+//! a slot frees, or handed back after `queue_retry_delay`.
 //!
 //! Every delivery is acked once handled (queue offers the worker cannot take are nacked). One
 //! with a malformed payload goes to the broker's dead letters instead, where it is kept with the
@@ -70,9 +79,13 @@ use crate::journal::{Journal, Taken};
 use crate::{Error, Result};
 
 mod config;
+mod intake;
+mod settle;
 mod slots;
 
 pub use config::WorkerConfig;
+use intake::{Held, Intake};
+use settle::{Settle, bad_payload, declined};
 use slots::Reservation;
 
 /// Decides whether and how to bid for an offer, given the free slots (at least 1).
@@ -95,7 +108,8 @@ impl std::fmt::Debug for Worker {
 #[derive(Debug, Clone, Copy, PartialEq)]
 enum Source {
     Offers,
-    Queue,
+    /// The queue subscription with this index into the loop's `intake`.
+    Queue(usize),
     Inbox,
 }
 
@@ -160,13 +174,18 @@ impl Worker {
         // drops the subscriptions, so whatever they held goes back to the broker.
         let mut pumps = JoinSet::new();
         let mut subscriptions = Vec::new();
+        let mut intake = Vec::new();
         for t in &self.config.task_types {
-            subscriptions.push((topics::tasks(t), SubscriptionMode::Broadcast, Source::Offers));
+            subscriptions.push((topics::tasks(t), SubscriptionMode::Broadcast, Source::Offers, None));
+            // A queue is read only against credit: as many offers as slots are free.
+            let queue = Intake::new();
             subscriptions.push((
                 topics::queue(t),
                 SubscriptionMode::Competing { group: format!("capstan-workers-{t}") },
-                Source::Queue,
+                Source::Queue(intake.len()),
+                Some(queue.credit.clone()),
             ));
+            intake.push(queue);
         }
         // The inbox comes last: once it has a member, the worker hears everything (nothing is
         // answered before the loop runs, so no award can precede it).
@@ -174,9 +193,13 @@ impl Worker {
             topics::worker(&self.config.id),
             SubscriptionMode::Competing { group: self.config.id.clone() },
             Source::Inbox,
+            None,
         ));
-        for (topic, mode, source) in subscriptions {
-            let mut sub = broker.subscribe(&topic, mode).await?;
+        for (topic, mode, source, credit) in subscriptions {
+            let mut sub = match credit {
+                Some(credit) => broker.subscribe_with_credit(&topic, mode, credit).await?,
+                None => broker.subscribe(&topic, mode).await?,
+            };
             let tx = tx.clone();
             pumps.spawn(async move {
                 loop {
@@ -199,6 +222,8 @@ impl Worker {
             bids_open: 0,
             running: HashMap::new(),
             waiting: VecDeque::new(),
+            intake,
+            held: VecDeque::new(),
             taken,
             journal,
             done_tx,
@@ -206,12 +231,13 @@ impl Worker {
             worker: &self,
         };
         tokio::pin!(shutdown);
+        state.refill().await;
         let outcome = loop {
-            let expiry = state.reserved.values().map(|r| r.until).min();
+            let expiry = state.reserved.values().map(|r| r.until).chain(state.held_until()).min();
             tokio::select! {
                 _ = &mut shutdown => break Ok(()),
                 next = rx.recv() => match next {
-                    Some(Ok((source, delivery))) => state.handle(source, delivery).await,
+                    Some(Ok((source, delivery))) => state.delivered(source, delivery).await,
                     Some(Err(e)) => break Err(Error::Broker(e)),
                     None => break Err(Error::Broker(capstan_brokers::Error::Closed)),
                 },
@@ -231,6 +257,7 @@ impl Worker {
                     state.bids_open -= bids_gone;
                 }
             }
+            state.refill().await;
         };
         state.stop(&mut done_rx).await;
         tracing::info!(worker = %self.config.id, "worker stopped");
@@ -255,6 +282,10 @@ struct LoopState<'w> {
     running: HashMap<AttemptRef, Running>,
     /// Awards that came while every slot was running, in order; at most `bid_limit()`.
     waiting: VecDeque<(Award, Option<RunPlace>)>,
+    /// The credit of each queue subscription (see `intake`).
+    intake: Vec<Intake>,
+    /// Queue offers that came while every slot was taken, oldest first.
+    held: VecDeque<Held>,
     taken: Taken,
     journal: Option<Journal>,
     done_tx: mpsc::UnboundedSender<Done>,
@@ -278,10 +309,24 @@ impl LoopState<'_> {
         }
     }
 
+    /// A delivery from a pump: a queue offer that finds every slot taken waits for one.
+    async fn delivered(&mut self, source: Source, delivery: Delivery) {
+        if let Source::Queue(index) = source {
+            self.arrived(index);
+            if self.free_slots() == 0 && delivery.message.event.ty == types::TASK_OFFERED {
+                match self.hold(source, delivery) {
+                    Ok(()) => return,
+                    Err(delivery) => return self.settle(&delivery, Settle::Retry).await,
+                }
+            }
+        }
+        self.handle(source, delivery).await;
+    }
+
     async fn handle(&mut self, source: Source, delivery: Delivery) {
         let event = &delivery.message.event;
         let settle = match (source, event.ty.as_str()) {
-            (Source::Offers | Source::Queue, types::TASK_OFFERED) => match event.payload::<TaskOffer>() {
+            (Source::Offers | Source::Queue(_), types::TASK_OFFERED) => match event.payload::<TaskOffer>() {
                 Ok(offer) => match self.on_offer(source, offer) {
                     Answer::Settle(settle) => settle,
                     Answer::Send(attempt, message) => return self.send(source, delivery, attempt, message).await,
@@ -342,24 +387,6 @@ impl LoopState<'_> {
             }
         };
         self.settle(&delivery, settle).await;
-    }
-
-    async fn settle(&mut self, delivery: &Delivery, settle: Settle) {
-        let retry_delay = self.worker.config.queue_retry_delay;
-        let settled = match settle {
-            Settle::Ack => delivery.ack().await,
-            Settle::Retry => delivery.nack(retry_delay).await,
-            Settle::DeadLetter(reason) => match delivery.dead_letter(&reason).await {
-                Ok(()) => Ok(()),
-                Err(e) => {
-                    tracing::warn!(error = %e, id = %delivery.message.event.id, "dead-lettering failed; it comes again");
-                    delivery.nack(retry_delay).await
-                }
-            },
-        };
-        if let Err(e) = settled {
-            tracing::warn!(error = %e, "could not settle a delivery");
-        }
     }
 
     /// Answers an offer: with a bid or claim to send (its slot reserved), or a settle at once.
@@ -518,6 +545,7 @@ impl LoopState<'_> {
 
     /// Cancels every running attempt and waits for them to end (bounded by the cancel grace).
     async fn stop(&mut self, done_rx: &mut mpsc::UnboundedReceiver<Done>) {
+        self.release_held().await;
         if !self.waiting.is_empty() {
             // Never started: the engine times them out (schedule-to-start or start-to-close).
             tracing::info!(awards = self.waiting.len(), "dropping the awards that waited for a slot");
@@ -536,12 +564,6 @@ impl LoopState<'_> {
     }
 }
 
-/// An offer this worker does not answer: a queue offer goes back for another member, a
-/// broadcast one needs nothing.
-fn declined(source: Source) -> Settle {
-    if source == Source::Queue { Settle::Retry } else { Settle::Ack }
-}
-
 /// How the loop answers an offer.
 enum Answer {
     /// Settle the offer now.
@@ -550,20 +572,6 @@ enum Answer {
     Send(AttemptRef, Box<Message>),
     /// Run this attempt of a claim-free offer now; the offer is its lease.
     Start(Box<(Award, RunPlace)>),
-}
-
-/// What becomes of a handled delivery.
-enum Settle {
-    Ack,
-    Retry,
-    /// To the broker's dead letters, with the reason.
-    DeadLetter(String),
-}
-
-fn bad_payload(event: &capstan_proto::CloudEvent, e: &serde_json::Error) -> Settle {
-    // Redelivering a malformed message would only fail again; kept aside, it can be looked into.
-    tracing::warn!(id = %event.id, ty = %event.ty, error = %e, "dead-lettering a message with a bad payload");
-    Settle::DeadLetter(format!("bad {} payload: {e}", event.ty))
 }
 
 /// Time left until a wall-clock deadline in ms since the Unix epoch (zero if past).
