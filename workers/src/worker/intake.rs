@@ -78,6 +78,9 @@ impl LoopState<'_> {
         }
         let room = (self.free_slots() as usize).saturating_sub(self.held.len());
         for intake in &mut self.intake {
+            // Credit nobody took is outstanding too; a broker that ignores credit (Kafka) takes
+            // none, and this keeps the grants there from piling up.
+            intake.outstanding = intake.outstanding.max(intake.credit.available());
             if intake.outstanding < room {
                 intake.credit.grant(room - intake.outstanding);
                 intake.outstanding = room;
