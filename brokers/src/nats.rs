@@ -95,6 +95,8 @@ impl std::fmt::Debug for NatsBroker {
 }
 
 impl NatsBroker {
+    /// Creates (or binds to) the consumer of `topic` and starts its pull task, which fetches
+    /// against `credit` when there is one.
     async fn open(&self, topic: &str, mode: SubscriptionMode, credit: Option<Credit>) -> Result<Box<dyn Subscription>> {
         let subject = self.subject(topic)?;
         let spec = match mode {
