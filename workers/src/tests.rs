@@ -548,6 +548,7 @@ async fn a_bad_configuration_lists_every_problem() {
 }
 
 mod claim_free;
+mod deferred;
 mod flow;
 mod overbooking;
 mod sending;

@@ -6,7 +6,9 @@
 //! |----------------------------|---------------------------------------------|-----------------------------------|
 //! | offer (auction)            | a slot free, bids open < bids_per_slot x    | note the bid, send `bid`          |
 //! |                            | slots, and the bid function bids            |                                   |
-//! | offer (auction)            | otherwise                                   | nothing (a decline is silence)    |
+//! | offer (auction)            | no slot free or too many bids open          | keep it, bid once a slot frees    |
+//! |                            | (see `deferred`)                            | (for `queue_retry_delay` at most) |
+//! | offer (auction)            | otherwise (the bid function declines)       | nothing (a decline is silence)    |
 //! | offer (queue / fanout)     | a slot free and the bid function would bid  | reserve a slot, send `claim`      |
 //! | offer (queue)              | every slot taken (see "Flow control")       | hold it until a slot frees        |
 //! | offer (queue)              | otherwise                                   | nack: another member may take it  |
@@ -79,11 +81,13 @@ use crate::journal::{Journal, Taken};
 use crate::{Error, Result};
 
 mod config;
+mod deferred;
 mod intake;
 mod settle;
 mod slots;
 
 pub use config::WorkerConfig;
+use deferred::Deferred;
 use intake::{Held, Intake};
 use settle::{Settle, bad_payload, declined};
 use slots::Reservation;
@@ -124,7 +128,8 @@ type Sending = Pin<Box<dyn Future<Output = Sent> + Send>>;
 /// A bid or claim the broker answered.
 struct Sent {
     source: Source,
-    delivery: Delivery,
+    /// The offer's delivery, unless it was settled already (a kept auction offer).
+    delivery: Option<Delivery>,
     attempt: AttemptRef,
     result: std::result::Result<(), capstan_brokers::Error>,
 }
@@ -224,6 +229,7 @@ impl Worker {
             waiting: VecDeque::new(),
             intake,
             held: VecDeque::new(),
+            deferred: VecDeque::new(),
             taken,
             journal,
             done_tx,
@@ -286,6 +292,8 @@ struct LoopState<'w> {
     intake: Vec<Intake>,
     /// Queue offers that came while every slot was taken, oldest first.
     held: VecDeque<Held>,
+    /// Auction offers that came when the worker could not bid, oldest first (see `deferred`).
+    deferred: VecDeque<Deferred>,
     taken: Taken,
     journal: Option<Journal>,
     done_tx: mpsc::UnboundedSender<Done>,
@@ -329,7 +337,9 @@ impl LoopState<'_> {
             (Source::Offers | Source::Queue(_), types::TASK_OFFERED) => match event.payload::<TaskOffer>() {
                 Ok(offer) => match self.on_offer(source, offer) {
                     Answer::Settle(settle) => settle,
-                    Answer::Send(attempt, message) => return self.send(source, delivery, attempt, message).await,
+                    Answer::Send(attempt, message) => {
+                        return self.send(source, Some(delivery), attempt, message).await;
+                    }
                     Answer::Start(start) => {
                         let (award, place) = *start;
                         return self.launch(award, Some(place), Some(delivery));
@@ -362,7 +372,7 @@ impl LoopState<'_> {
 
     /// Sends a bid or claim; the offer is settled once the broker answered. A send the broker
     /// finishes at once (the in-memory one) is settled right here, else it waits in `sending`.
-    async fn send(&mut self, source: Source, delivery: Delivery, attempt: AttemptRef, message: Box<Message>) {
+    async fn send(&mut self, source: Source, delivery: Option<Delivery>, attempt: AttemptRef, message: Box<Message>) {
         let broker = Arc::clone(self.emitter.broker());
         let mut sending: Sending = Box::pin(async move {
             let result = broker.publish(vec![*message]).await;
@@ -386,7 +396,9 @@ impl LoopState<'_> {
                 declined(source)
             }
         };
-        self.settle(&delivery, settle).await;
+        if let Some(delivery) = delivery {
+            self.settle(&delivery, settle).await;
+        }
     }
 
     /// Answers an offer: with a bid or claim to send (its slot reserved), or a settle at once.
@@ -395,10 +407,15 @@ impl LoopState<'_> {
         if self.reserved.contains_key(&a) || self.running.contains_key(&a) || self.is_waiting(&a) {
             return Answer::Settle(Settle::Ack); // a re-offer of what we already answered
         }
-        let free = self.free_slots();
         let bid = offer.dispatch == DispatchMode::Auction;
-        let room = !bid || self.bids_open + self.waiting.len() < self.bid_limit();
-        let Some(terms) = room.then(|| self.terms(&offer, free)).flatten() else {
+        if bid && !self.may_bid() {
+            if self.worker.bid.is_some() || self.worker.config.meets(&offer.requires) {
+                self.defer(offer);
+            }
+            return Answer::Settle(Settle::Ack);
+        }
+        let free = self.free_slots();
+        let Some(terms) = self.terms(&offer, free) else {
             tracing::debug!(task = %a.task, run = %a.run_id, free, bids = self.bids_open, "not bidding");
             return Answer::Settle(declined(source));
         };
@@ -509,22 +526,6 @@ impl LoopState<'_> {
             started_after,
             done,
         ));
-    }
-
-    /// A rejection or cancellation: give up the reservation or stop the attempt.
-    fn release(&mut self, a: &AttemptRef, reason: &str) -> Settle {
-        if self.unreserve(a).is_some() {
-            tracing::debug!(task = %a.task, run = %a.run_id, reason, "reservation released");
-        }
-        if self.is_waiting(a) {
-            tracing::info!(task = %a.task, run = %a.run_id, reason, "dropping an award that waited for a slot");
-            self.waiting.retain(|(award, _)| award.attempt != *a);
-        }
-        if let Some(r) = self.running.get(a) {
-            tracing::info!(task = %a.task, run = %a.run_id, reason, "cancelling attempt");
-            r.cancel.cancel();
-        }
-        Settle::Ack
     }
 
     /// Frees an ended attempt's slot. A claim-free offer it hands back goes back to the broker

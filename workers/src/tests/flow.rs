@@ -18,7 +18,7 @@ fn one_slot(id: &str, types: &[&str], retry: Duration) -> WorkerConfig {
 }
 
 /// The next `finished` the engine hears, skipping `started` reports.
-async fn next_finished(engine: &mut Engine) -> Finished {
+pub(super) async fn next_finished(engine: &mut Engine) -> Finished {
     loop {
         let event = engine.expect_any().await;
         if event.ty == types::TASK_FINISHED {
@@ -29,9 +29,9 @@ async fn next_finished(engine: &mut Engine) -> Finished {
 }
 
 /// Reports the run it starts, then finishes once it gets a permit.
-struct Latch {
-    events: mpsc::UnboundedSender<String>,
-    release: Arc<Semaphore>,
+pub(super) struct Latch {
+    pub events: mpsc::UnboundedSender<String>,
+    pub release: Arc<Semaphore>,
 }
 
 #[async_trait]

@@ -17,7 +17,8 @@ async fn bids_go_past_the_slots_and_an_award_waits_for_a_free_one() {
     let config = WorkerConfig::new("w1", ["test"]).bids_per_slot(3);
     let w = start(&broker, Worker::new(config, Blocker { events: tx })).await;
     let offers: Vec<_> = (0..4).map(|i| offer(&format!("run-{i}"), "test", DispatchMode::Auction)).collect();
-    // One slot, three bids per slot: three bids are open at once, the fourth offer gets none.
+    // One slot, three bids per slot: three bids are open at once; the fourth offer is kept for
+    // `queue_retry_delay` (1 s), and the slot frees only after that, so it gets no bid.
     for o in &offers {
         engine.offer(o).await;
     }

@@ -30,7 +30,9 @@ pub struct WorkerConfig {
     pub award_grace: Duration,
     /// How long a cancelled handler may take to return before it is dropped.
     pub cancel_grace: Duration,
-    /// When a queue offer cannot be taken, after how long it comes back.
+    /// How long an offer that finds no free slot waits in the worker for one: a queue offer
+    /// then goes back to the broker, for another member; an auction offer is dropped (the
+    /// engine offers it again). Also how long a queue offer handed back stays away.
     pub queue_retry_delay: Duration,
     /// How long an attempt runs before the worker reports `started`. An attempt whose handler
     /// returns sooner reports only `finished`, saving a message, an input and an event per task

@@ -69,6 +69,7 @@ impl LoopState<'_> {
         {
             self.handle(held.source, held.delivery).await;
         }
+        self.bid_deferred().await;
         let now = Instant::now();
         while let Some(due) = self.held_until()
             && due <= now

@@ -5,7 +5,7 @@
 use capstan_proto::AttemptRef;
 use tokio::time::Instant;
 
-use super::LoopState;
+use super::{LoopState, Settle};
 use crate::handler::RunPlace;
 
 /// An attempt the worker bid for or claimed, until its award or `until`. A claim holds a slot;
@@ -45,5 +45,21 @@ impl LoopState<'_> {
 
     pub(super) fn is_waiting(&self, a: &AttemptRef) -> bool {
         self.waiting.iter().any(|(award, _)| award.attempt == *a)
+    }
+
+    /// A rejection or cancellation: give up the reservation or stop the attempt.
+    pub(super) fn release(&mut self, a: &AttemptRef, reason: &str) -> Settle {
+        if self.unreserve(a).is_some() {
+            tracing::debug!(task = %a.task, run = %a.run_id, reason, "reservation released");
+        }
+        if self.is_waiting(a) {
+            tracing::info!(task = %a.task, run = %a.run_id, reason, "dropping an award that waited for a slot");
+            self.waiting.retain(|(award, _)| award.attempt != *a);
+        }
+        if let Some(r) = self.running.get(a) {
+            tracing::info!(task = %a.task, run = %a.run_id, reason, "cancelling attempt");
+            r.cancel.cancel();
+        }
+        Settle::Ack
     }
 }

@@ -1,0 +1,70 @@
+//! Auction offers a worker cannot bid on yet. A worker bids while a slot is free and its open
+//! bids are under `bids_per_slot` x slots. Over capacity (every slot of every worker running),
+//! an offer used to find no bidder at all; the engine offered it again only after its bid window
+//! and a retry backoff (0.75-1.25 s for the first re-offer, doubling after that), while slots
+//! freed meanwhile sat idle.
+//!
+//! Such an offer is now kept (the offer only: its delivery is acked, a broadcast has no other
+//! member to hand it to) and bid on as soon as a slot frees, oldest first, for
+//! `queue_retry_delay` at most. An auction with the `first` policy awards a bid whenever it
+//! comes while the attempt is on offer; one whose window closed without a bid keeps a late bid
+//! for its re-offer timer. A kept offer that another worker won meanwhile costs a bid and its
+//! rejection. At most `max_concurrency x bids_per_slot` offers are kept; a re-offer of a kept
+//! attempt replaces the older offer in place.
+
+use capstan_proto::TaskOffer;
+use tokio::time::Instant;
+
+use super::{Answer, LoopState, Source};
+
+/// An auction offer that came when the worker could not bid.
+pub(super) struct Deferred {
+    pub offer: TaskOffer,
+    pub since: Instant,
+}
+
+impl LoopState<'_> {
+    /// Whether a bid may be sent now: a slot is free and bids (with awards waiting for a slot)
+    /// are under the limit.
+    pub(super) fn may_bid(&self) -> bool {
+        self.free_slots() > 0 && self.bids_open + self.waiting.len() < self.bid_limit()
+    }
+
+    /// Keeps an auction offer to bid on once a slot frees.
+    pub(super) fn defer(&mut self, offer: TaskOffer) {
+        if let Some(kept) = self.deferred.iter_mut().find(|d| d.offer.attempt == offer.attempt) {
+            kept.offer = offer; // a re-offer: its bid deadline is the new one
+            return;
+        }
+        if self.deferred.len() >= self.bid_limit() {
+            tracing::debug!(task = %offer.attempt.task, run = %offer.attempt.run_id, "not keeping an auction offer: enough are kept");
+            return;
+        }
+        tracing::debug!(task = %offer.attempt.task, run = %offer.attempt.run_id, "no slot to bid with; offer kept");
+        self.deferred.push_back(Deferred { offer, since: Instant::now() });
+    }
+
+    /// After every event of the loop: bid on kept offers while a slot is free, with at most
+    /// `bids_per_slot` open bids per free slot (so one freed slot does not draw bids on every
+    /// kept offer); offers kept past `queue_retry_delay` are dropped, the engine offers them
+    /// again.
+    pub(super) async fn bid_deferred(&mut self) {
+        let keep = self.worker.config.queue_retry_delay;
+        let now = Instant::now();
+        while let Some(front) = self.deferred.front()
+            && front.since + keep <= now
+        {
+            self.deferred.pop_front();
+        }
+        let per_slot = self.worker.config.bids_per_slot as usize;
+        while self.may_bid()
+            && self.bids_open < self.free_slots() as usize * per_slot
+            && let Some(kept) = self.deferred.pop_front()
+        {
+            match self.on_offer(Source::Offers, kept.offer) {
+                Answer::Send(attempt, message) => self.send(Source::Offers, None, attempt, message).await,
+                Answer::Settle(_) | Answer::Start(_) => {}
+            }
+        }
+    }
+}
