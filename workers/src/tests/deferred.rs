@@ -76,3 +76,30 @@ async fn an_auction_offer_kept_past_the_hold_gets_no_bid() {
     engine.expect_quiet(QUIET).await; // the engine offers it again if it is still on offer
     w.stop().await;
 }
+
+#[tokio::test(start_paused = true)]
+async fn a_full_worker_keeps_more_offers_than_it_may_bid_on_and_bids_oldest_first() {
+    let broker = MemoryBroker::new();
+    let mut engine = Engine::new(&broker).await;
+    let (w, release, mut seen) = busy_worker(&broker, &mut engine, Duration::from_secs(5)).await;
+    // One slot and one bid: the worker may bid on one offer at a time, and keeps all three.
+    let kept: Vec<_> = (0..3).map(|i| offer(&format!("kept-{i}"), "test", DispatchMode::Auction)).collect();
+    for o in &kept {
+        engine.offer(o).await;
+    }
+    engine.expect_quiet(Duration::from_secs(1)).await;
+    let mut previous = "busy".to_string();
+    for (token, o) in (2..).zip(&kept) {
+        release.add_permits(1);
+        let got = next_inputs(&mut engine, 2).await;
+        let run = &o.attempt.run_id;
+        assert_eq!(got, [(types::TASK_BID.into(), run.clone()), (types::TASK_FINISHED.into(), previous)]);
+        engine.award(o, "w1", token).await;
+        engine.expect(types::TASK_STARTED).await;
+        assert_eq!(seen.recv().await.as_ref(), Some(run));
+        previous = run.clone();
+    }
+    release.add_permits(1);
+    engine.expect(types::TASK_FINISHED).await;
+    w.stop().await;
+}

@@ -9,13 +9,20 @@
 //! `queue_retry_delay` at most. An auction with the `first` policy awards a bid whenever it
 //! comes while the attempt is on offer; one whose window closed without a bid keeps a late bid
 //! for its re-offer timer. A kept offer that another worker won meanwhile costs a bid and its
-//! rejection. At most `max_concurrency x bids_per_slot` offers are kept; a re-offer of a kept
-//! attempt replaces the older offer in place.
+//! rejection. A re-offer of a kept attempt replaces the older offer in place.
+//!
+//! Up to [`KEPT_OFFERS`] offers (or `max_concurrency x bids_per_slot`, if more) are kept. Every
+//! worker sees the same offers in the same order, so a bound as small as the bids kept the same
+//! few offers at every worker and left all later ones to the engine's re-offer: with 8 workers
+//! of 4 slots and 64 runs in flight over NATS, a p99 of 1.1 s against 140-170 ms with 1,024.
 
 use capstan_proto::TaskOffer;
 use tokio::time::Instant;
 
 use super::{Answer, LoopState, Source};
+
+/// How many auction offers a worker keeps at least (a few MiB with inputs of some KiB).
+pub(super) const KEPT_OFFERS: usize = 1024;
 
 /// An auction offer that came when the worker could not bid.
 pub(super) struct Deferred {
@@ -36,7 +43,7 @@ impl LoopState<'_> {
             kept.offer = offer; // a re-offer: its bid deadline is the new one
             return;
         }
-        if self.deferred.len() >= self.bid_limit() {
+        if self.deferred.len() >= self.bid_limit().max(KEPT_OFFERS) {
             tracing::debug!(task = %offer.attempt.task, run = %offer.attempt.run_id, "not keeping an auction offer: enough are kept");
             return;
         }
