@@ -10,6 +10,7 @@
 //! | delayed | timer Delay | offered | TaskOffered |
 //! | offered | Bid, policy first, labels met | awarded | TaskAwarded |
 //! | offered | Bid, policy lowest-cost / earliest-finish, labels met | offered | BidRecorded |
+//! | offered | Bid, policy lowest-cost / earliest-finish, labels met, bid window over | awarded | BidRecorded, TaskAwarded (others: Rejection) |
 //! | offered | Bid or Claim, labels not met | offered | - (Rejection) |
 //! | offered | timer BidWindow, bids kept | awarded | TaskAwarded (losers: Rejection) |
 //! | offered | timer BidWindow, no bid | offered | - (SetTimer Reoffer) |
@@ -154,7 +155,13 @@ impl Step<'_, '_> {
             estimated_ms: bid.estimated_ms,
             free_slots: bid.free_slots,
         };
+        let closed = t.bid_deadline.is_some_and(|deadline| self.now() >= deadline);
         self.emit(Event::BidRecorded { task: spec.name, attempt: t.attempt, bid: recorded, at: self.now() });
+        if closed {
+            // The window is over (a worker that was full kept the offer and bid once a slot
+            // freed): no better bid is coming before the re-offer, so the best kept one wins now.
+            self.award_best(i);
+        }
     }
 
     /// Awards the best kept bid and tells the others they lost.

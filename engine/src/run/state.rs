@@ -76,6 +76,8 @@ pub(super) struct TaskState {
     pub awarded_at: Option<Timestamp>,
     /// Bids collected for the current attempt (auction policies that wait for the window).
     pub bids: Vec<RecordedBid>,
+    /// When the bid window of the current offer closes (auctions).
+    pub bid_deadline: Option<Timestamp>,
     /// Holders of the current attempt.
     pub holders: Vec<Holder>,
     /// The fencing token the current attempt's offer carries (`claim: false`): the first
@@ -101,6 +103,7 @@ impl TaskState {
             bids: Vec::new(),
             holders: Vec::new(),
             offered_token: None,
+            bid_deadline: None,
             ever_started: false,
             result: None,
             output: Value::Null,
@@ -292,10 +295,11 @@ impl RunState {
                     t.until = Some(*until);
                 }
             }
-            Event::TaskOffered { task, attempt, offer, token, at, .. } => {
+            Event::TaskOffered { task, attempt, offer, token, bid_deadline, at } => {
                 self.last_token = self.last_token.max(token.unwrap_or(0));
                 if let Some(t) = self.task_mut(task) {
                     t.offered_token = *token;
+                    t.bid_deadline = *bid_deadline;
                     if t.attempt != *attempt {
                         t.attempt = *attempt;
                         t.bids.clear();

@@ -7,8 +7,8 @@
 //! Such an offer is now kept (the offer only: its delivery is acked, a broadcast has no other
 //! member to hand it to) and bid on as soon as a slot frees, oldest first, for
 //! `queue_retry_delay` at most. An auction with the `first` policy awards a bid whenever it
-//! comes while the attempt is on offer; one whose window closed without a bid keeps a late bid
-//! for its re-offer timer. A kept offer that another worker won meanwhile costs a bid and its
+//! comes while the attempt is on offer; the others award a bid that comes after their window
+//! closed without one at once. A kept offer that another worker won meanwhile costs a bid and its
 //! rejection. A re-offer of a kept attempt replaces the older offer in place.
 //!
 //! Up to [`KEPT_OFFERS`] offers (or `max_concurrency x bids_per_slot`, if more) are kept. Every

@@ -67,6 +67,22 @@ fn lowest_cost_awards_after_the_window_with_deterministic_ties() {
 }
 
 #[test]
+fn a_bid_after_a_window_that_closed_without_one_is_awarded_at_once() {
+    let (mut run, _) = Run::start(with(|a| a.award = AwardPolicy::LowestCost), json!({}));
+    run.random = 0;
+    let d = run.at(250).apply(timer(TimerKind::BidWindow { task: "a".into(), attempt: 1, offer: 1 }));
+    assert_eq!(effects(&d), ["set reoffer/a/1 @750"]);
+    // A bid inside the window waits for it; one after it (from a worker that kept the offer
+    // until a slot freed) need not wait for the re-offer.
+    let d = run.at(400).apply(bid("a", 1, worker("w1", &[]), 3.0, 1, 1));
+    assert_eq!(kinds(&d), ["bid-recorded", "task-awarded"]);
+    assert!(effects(&d).contains(&"unset reoffer/a/1".to_string()), "{:?}", effects(&d));
+    assert_eq!(run.state.task("a").unwrap().worker.as_deref(), Some("w1"));
+    let d = run.at(750).apply(timer(TimerKind::Reoffer { task: "a".into(), attempt: 1, offer: 1 }));
+    assert!(d.events.is_empty(), "{:?}", kinds(&d));
+}
+
+#[test]
 fn earliest_finish_prefers_the_shortest_estimate() {
     let (mut run, _) = Run::start(with(|a| a.award = AwardPolicy::EarliestFinish), json!({}));
     run.apply(bid("a", 1, worker("slow", &[]), 0.0, 900, 1));

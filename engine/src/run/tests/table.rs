@@ -126,6 +126,19 @@ fn rows() -> Vec<Row> {
             events: &["bid-recorded"],
         },
         Row {
+            row: "offered | Bid, policy lowest-cost / earliest-finish, labels met, bid window over | awarded",
+            def: || one_with(|a| a.award = AwardPolicy::LowestCost),
+            setup: |run| {
+                run.random = 0;
+                run.at(250).apply(timer(TimerKind::BidWindow { task: "a".into(), attempt: 1, offer: 1 }));
+                run.at(300);
+            },
+            input: |_| bid("a", 1, worker("w1", &[]), 1.0, 1, 1),
+            task: "a",
+            phase: Awarded,
+            events: &["bid-recorded", "task-awarded"],
+        },
+        Row {
             row: "offered | Bid, labels not met | offered",
             def: || one_with(|a| _ = a.requires.insert("zone".into(), "eu".into())),
             setup: nothing,
