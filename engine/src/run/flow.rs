@@ -20,6 +20,16 @@ pub const APPROVAL_TYPE: &str = "approval";
 /// second copy beside a live one. It is for an offer a broker lost.
 pub const CLAIM_FREE_REOFFER_MS: u64 = 30_000;
 
+/// The least wait before a queue offer (with claims) is offered again. The offer waits in the
+/// broker for a member with room, so a re-offer while it is still queued only puts a copy
+/// behind it: each copy a member takes costs a claim round trip and a rejection. With re-offers
+/// after the retry backoff alone (0.5-1 s at first), a backlog of more than a second fed
+/// itself: 2,048 runs in flight over 32 slots under CPU load stalled for minutes, every slot
+/// waiting on claims the flooded engine answered ten seconds later. Like every re-offer it is
+/// for an offer a broker lost (published before any member of its type subscribed, or while the
+/// broker was down).
+pub const QUEUE_REOFFER_MS: u64 = 5_000;
+
 impl Step<'_, '_> {
     /// Starts whatever became ready and ends the run when nothing is left, until a fixed point:
     /// an automatic approval ends at once and may make the next task ready in the same decision.
@@ -148,6 +158,8 @@ impl Step<'_, '_> {
                 let mut wait = super::attempt::backoff(&spec.retry, offer, self.ctx.random);
                 if token.is_some() {
                     wait = wait.max(CLAIM_FREE_REOFFER_MS);
+                } else if spec.dispatch == DispatchMode::Queue {
+                    wait = wait.max(QUEUE_REOFFER_MS);
                 }
                 self.set_timer(TimerKind::Reoffer { task, attempt, offer }, now.plus(wait));
             }

@@ -42,7 +42,7 @@ mod types;
 mod tests;
 
 pub use attempt::backoff;
-pub use flow::{APPROVAL_TYPE, CLAIM_FREE_REOFFER_MS};
+pub use flow::{APPROVAL_TYPE, CLAIM_FREE_REOFFER_MS, QUEUE_REOFFER_MS};
 pub use history::render_history;
 pub use machine::meets_requirements;
 pub use state::{RunState, TaskPhase, TaskView};

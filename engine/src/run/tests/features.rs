@@ -406,3 +406,29 @@ fn claims_keep_their_offers_without_a_token() {
         assert_eq!(offered_token(&start), None, "{dispatch:?}");
     }
 }
+
+#[test]
+fn a_queue_offer_is_left_to_the_broker_for_a_while_before_it_is_offered_again() {
+    use crate::run::flow::QUEUE_REOFFER_MS;
+    let reoffer_due = |d: &Decision| -> u64 {
+        let set = effects(d).into_iter().find(|e| e.starts_with("set reoffer/a/")).expect("a re-offer timer");
+        set.rsplit('@').next().and_then(|t| t.parse().ok()).expect("due time")
+    };
+    // The retry backoff alone would re-offer after 0.5-1 s; a queued offer waits for a member.
+    let (mut run, start) = Run::start(with(|a| a.dispatch = DispatchMode::Queue), json!({}));
+    assert_eq!(reoffer_due(&start), QUEUE_REOFFER_MS);
+    let d = run.at(QUEUE_REOFFER_MS).apply(timer(TimerKind::Reoffer { task: "a".into(), attempt: 1, offer: 1 }));
+    assert_eq!(kinds(&d), ["task-offered"]);
+    assert_eq!(reoffer_due(&d), 2 * QUEUE_REOFFER_MS);
+    // A backoff longer than the floor keeps its own length.
+    let slow = with(|a| {
+        a.dispatch = DispatchMode::Queue;
+        a.retry.initial_interval = 4 * QUEUE_REOFFER_MS;
+        a.retry.max_interval = 4 * QUEUE_REOFFER_MS;
+    });
+    let (_, start) = Run::start(slow, json!({}));
+    assert!(reoffer_due(&start) >= 2 * QUEUE_REOFFER_MS, "{}", reoffer_due(&start));
+    // A fanout offer goes to every worker, none keeps it queued: its re-offer is not held back.
+    let (_, start) = Run::start(with(|a| a.dispatch = DispatchMode::Fanout), json!({}));
+    assert!(reoffer_due(&start) <= 1_000, "{}", reoffer_due(&start));
+}
