@@ -87,7 +87,7 @@ mod settle;
 mod slots;
 
 pub use config::WorkerConfig;
-use deferred::Deferred;
+use deferred::Kept;
 use intake::{Held, Intake};
 use settle::{Settle, bad_payload, declined};
 use slots::Reservation;
@@ -229,7 +229,7 @@ impl Worker {
             waiting: VecDeque::new(),
             intake,
             held: VecDeque::new(),
-            deferred: VecDeque::new(),
+            deferred: Kept::default(),
             taken,
             journal,
             done_tx,
@@ -293,7 +293,7 @@ struct LoopState<'w> {
     /// Queue offers that came while every slot was taken, oldest first.
     held: VecDeque<Held>,
     /// Auction offers that came when the worker could not bid, oldest first (see `deferred`).
-    deferred: VecDeque<Deferred>,
+    deferred: Kept,
     taken: Taken,
     journal: Option<Journal>,
     done_tx: mpsc::UnboundedSender<Done>,

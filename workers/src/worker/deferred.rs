@@ -9,25 +9,45 @@
 //! `queue_retry_delay` at most. An auction with the `first` policy awards a bid whenever it
 //! comes while the attempt is on offer; the others award a bid that comes after their window
 //! closed without one at once. A kept offer that another worker won meanwhile costs a bid and its
-//! rejection. A re-offer of a kept attempt replaces the older offer in place.
+//! rejection. A re-offer of an attempt already kept changes nothing.
 //!
 //! Up to [`KEPT_OFFERS`] offers (or `max_concurrency x bids_per_slot`, if more) are kept. Every
 //! worker sees the same offers in the same order, so a bound as small as the bids kept the same
 //! few offers at every worker and left all later ones to the engine's re-offer: with 8 workers
-//! of 4 slots and 64 runs in flight over NATS, a p99 of 1.1 s against 140-170 ms with 1,024.
+//! of 4 slots and 64 runs in flight over NATS, a p99 of 1.1 s against 140-170 ms with 1,024;
+//! with 2,048 runs in flight embedded, a slowest run of 15 s with 1,024 kept and 4 s with 4,096.
 
-use capstan_proto::TaskOffer;
+use std::collections::VecDeque;
+
+use capstan_proto::{AttemptRef, TaskOffer};
+use foldhash::HashSet;
 use tokio::time::Instant;
 
 use super::{Answer, LoopState, Source};
 
-/// How many auction offers a worker keeps at least (a few MiB with inputs of some KiB).
-pub(super) const KEPT_OFFERS: usize = 1024;
+/// How many auction offers a worker keeps at least: a few MiB with small inputs (16 MiB with
+/// inputs of 4 KiB).
+pub(super) const KEPT_OFFERS: usize = 4096;
 
 /// An auction offer that came when the worker could not bid.
-pub(super) struct Deferred {
-    pub offer: TaskOffer,
-    pub since: Instant,
+struct Deferred {
+    offer: TaskOffer,
+    since: Instant,
+}
+
+/// The kept offers, oldest first, and their attempts (a re-offer is found without a scan).
+#[derive(Default)]
+pub(super) struct Kept {
+    offers: VecDeque<Deferred>,
+    attempts: HashSet<AttemptRef>,
+}
+
+impl Kept {
+    fn pop_front(&mut self) -> Option<Deferred> {
+        let kept = self.offers.pop_front()?;
+        self.attempts.remove(&kept.offer.attempt);
+        Some(kept)
+    }
 }
 
 impl LoopState<'_> {
@@ -39,16 +59,16 @@ impl LoopState<'_> {
 
     /// Keeps an auction offer to bid on once a slot frees.
     pub(super) fn defer(&mut self, offer: TaskOffer) {
-        if let Some(kept) = self.deferred.iter_mut().find(|d| d.offer.attempt == offer.attempt) {
-            kept.offer = offer; // a re-offer: its bid deadline is the new one
-            return;
+        if self.deferred.attempts.contains(&offer.attempt) {
+            return; // a re-offer of one kept already
         }
-        if self.deferred.len() >= self.bid_limit().max(KEPT_OFFERS) {
+        if self.deferred.offers.len() >= self.bid_limit().max(KEPT_OFFERS) {
             tracing::debug!(task = %offer.attempt.task, run = %offer.attempt.run_id, "not keeping an auction offer: enough are kept");
             return;
         }
         tracing::debug!(task = %offer.attempt.task, run = %offer.attempt.run_id, "no slot to bid with; offer kept");
-        self.deferred.push_back(Deferred { offer, since: Instant::now() });
+        self.deferred.attempts.insert(offer.attempt.clone());
+        self.deferred.offers.push_back(Deferred { offer, since: Instant::now() });
     }
 
     /// After every event of the loop: bid on kept offers while a slot is free, with at most
@@ -58,7 +78,7 @@ impl LoopState<'_> {
     pub(super) async fn bid_deferred(&mut self) {
         let keep = self.worker.config.queue_retry_delay;
         let now = Instant::now();
-        while let Some(front) = self.deferred.front()
+        while let Some(front) = self.deferred.offers.front()
             && front.since + keep <= now
         {
             self.deferred.pop_front();
