@@ -94,6 +94,12 @@ pub struct BenchArgs {
     /// MiB of run states the runtime caches (default: the runtime's own default).
     #[arg(long, value_name = "MIB")]
     pub cache_mib: Option<usize>,
+    /// The broker namespace (NATS stream and subject prefix, RabbitMQ exchange and queues, Kafka
+    /// topic prefix). Default: a fresh `bench-<8 hex>` per run, so that what an interrupted run
+    /// left in the broker (queued offers, inputs) never reaches the next one, nor a deployment
+    /// sharing the broker.
+    #[arg(long)]
+    pub namespace: Option<String>,
     /// Print one JSON object as the last line.
     #[arg(long)]
     pub json: bool,
@@ -140,7 +146,14 @@ pub async fn run(args: BenchArgs) -> anyhow::Result<ExitCode> {
         StoreUrl::Postgres(_) => "postgres",
     };
     let store = backends::open_store(&store_url).await.context("cannot open the store")?;
-    let broker = backends::connect_broker(&args.broker, &args.broker_url).await.context("cannot reach the broker")?;
+    let namespace = match (&args.namespace, args.broker.as_str()) {
+        (_, "memory") => None,
+        (Some(ns), _) => Some(ns.clone()),
+        (None, _) => Some(format!("bench-{}", &uuid::Uuid::new_v4().simple().to_string()[..8])),
+    };
+    let broker = backends::connect_broker_in(&args.broker, &args.broker_url, namespace.as_deref())
+        .await
+        .context("cannot reach the broker")?;
     let mut config = RuntimeConfig::default();
     config.partitions = args.partitions.unwrap_or(config.partitions);
     config.max_batch = args.max_batch.unwrap_or(config.max_batch);
@@ -152,7 +165,7 @@ pub async fn run(args: BenchArgs) -> anyhow::Result<ExitCode> {
         "concurrency": args.concurrency, "workers": args.workers, "slots": args.slots,
         "started_after_ms": args.started_after_ms,
         "partitions": config.partitions, "max_batch": config.max_batch, "commit_slots": config.commit_slots,
-        "cache_bytes": config.cache_bytes,
+        "cache_bytes": config.cache_bytes, "namespace": namespace,
     });
     eprintln!("capstan bench: {config_json}");
 

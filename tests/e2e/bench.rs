@@ -114,3 +114,22 @@ fn bench_soak_leaves_runs_waiting_and_reports_memory_and_reads() {
     }
     assert_eq!(report["approve_to_watched_finish_ms"]["count"], 3, "{report}");
 }
+
+/// Over a real broker each run has a namespace of its own (NATS: its own stream), so what an
+/// interrupted run left queued there never reaches the next run: a bench that shared the
+/// default stream inherited 48,944 stale offers from a run cut off at 2,048 in flight, and
+/// finished nothing.
+#[test]
+fn bench_over_nats_runs_in_a_namespace_of_its_own() {
+    let run = || {
+        let report = bench(&["--broker", "nats", "--runs", "6", "--tasks", "2", "--concurrency", "3"]);
+        assert_complete(&report, 6, 2);
+        let namespace = report["config"]["namespace"].as_str().unwrap_or_default().to_string();
+        assert!(namespace.starts_with("bench-"), "{report}");
+        namespace
+    };
+    let (first, second) = (run(), run());
+    assert_ne!(first, second, "two runs shared a namespace");
+    let chosen = bench(&["--broker", "nats", "--runs", "2", "--tasks", "2", "--namespace", "bench-chosen"]);
+    assert_eq!(chosen["config"]["namespace"], "bench-chosen", "{chosen}");
+}
