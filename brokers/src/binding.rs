@@ -29,6 +29,9 @@ impl HeaderPrefix {
 /// The content type of a structured-mode CloudEvent in JSON.
 pub const STRUCTURED_CONTENT_TYPE: &str = "application/cloudevents+json";
 
+/// The content type of a batch of structured-mode CloudEvents in JSON (a JSON array of them).
+pub const BATCH_CONTENT_TYPE: &str = "application/cloudevents-batch+json";
+
 /// The header that carries `datacontenttype`.
 pub const CONTENT_TYPE: &str = "content-type";
 
@@ -215,6 +218,23 @@ pub fn decode<'a>(
         }
         _ => from_binary(all, body, prefix),
     }
+}
+
+/// Decodes a JSON batch; each event is checked as [`CloudEvent::from_value`] checks one, and
+/// the first bad one fails the batch.
+pub fn decode_batch(body: &[u8]) -> Result<Vec<CloudEvent>> {
+    let values: Vec<serde_json::Value> =
+        serde_json::from_slice(body).map_err(|e| Error::Invalid(format!("batch is not a JSON array: {e}")))?;
+    values
+        .into_iter()
+        .enumerate()
+        .map(|(i, v)| CloudEvent::from_value(v).map_err(|e| Error::Invalid(format!("batch event {i}: {e}"))))
+        .collect()
+}
+
+/// Whether a content type is [`BATCH_CONTENT_TYPE`] (parameters and case aside).
+pub fn is_batch_content_type(content_type: &str) -> bool {
+    media_type(content_type) == BATCH_CONTENT_TYPE
 }
 
 /// Whether a content type carries JSON: none, `application/json`, `text/json` or `*+json`.

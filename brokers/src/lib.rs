@@ -12,6 +12,8 @@
 //!   member (per-key order), redeliveries aside.
 //! - A subscription made with [`Broker::subscribe_with_credit`] hands out no more deliveries
 //!   than its [`Credit`] allows (except over Kafka, which ignores the credit).
+//! - Messages published with [`Broker::publish_packed`] may travel in packs, whose deliveries
+//!   are settled together (NATS packs; the others publish each message alone).
 //! - No message vanishes silently: one that cannot be decoded, and one its consumer cannot use
 //!   (`dead_letter`), is moved to the broker's dead-letter place with the reason, and only then
 //!   settled.
@@ -108,6 +110,27 @@ pub trait Broker: Send + Sync + 'static {
         let inner = self.subscribe(topic, mode).await?;
         Ok(Box::new(credit::Gated::new(inner, credit)))
     }
+
+    /// Whether [`Broker::publish_packed`] packs messages, so that a publisher gains by
+    /// gathering its messages into fewer calls.
+    fn packs(&self) -> bool {
+        false
+    }
+
+    /// Publishes like [`Broker::publish`], except that the messages of one topic may travel
+    /// together as one broker message (a pack: a CloudEvents JSON batch), which costs the broker
+    /// one message where it would cost many. A subscriber still gets each message as a delivery
+    /// of its own, in order. The deliveries of a pack are settled together: the pack is acked
+    /// once every one of them is acked or dead-lettered, and one nacked (or dropped unsettled)
+    /// brings the whole pack back, so deliveries already handled come again (consumers
+    /// deduplicate by event id, as for any redelivery). Only for topics where whoever gets one
+    /// message may as well get the next: broadcast topics and groups that take everything (the
+    /// engine's inputs). Never for a queue whose members share the work by their free slots: a
+    /// pack goes to one member whole, and credit counts broker messages, not what they carry.
+    /// The default publishes each message alone.
+    async fn publish_packed(&self, messages: Vec<Message>) -> Result<()> {
+        self.publish(messages).await
+    }
 }
 
 /// A shared broker is a broker, so wrappers (e.g. [`namespace::Namespaced`]) take either.
@@ -128,6 +151,14 @@ impl<B: Broker + ?Sized> Broker for std::sync::Arc<B> {
         credit: Credit,
     ) -> Result<Box<dyn Subscription>> {
         (**self).subscribe_with_credit(topic, mode, credit).await
+    }
+
+    fn packs(&self) -> bool {
+        (**self).packs()
+    }
+
+    async fn publish_packed(&self, messages: Vec<Message>) -> Result<()> {
+        (**self).publish_packed(messages).await
     }
 }
 

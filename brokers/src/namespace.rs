@@ -16,14 +16,24 @@ impl<B: Broker> Namespaced<B> {
     pub fn new(inner: B, namespace: &str) -> Self {
         Namespaced { inner, prefix: format!("{namespace}.") }
     }
+
+    fn prefixed(&self, messages: Vec<Message>) -> Vec<Message> {
+        messages.into_iter().map(|m| Message { topic: format!("{}{}", self.prefix, m.topic), ..m }).collect()
+    }
 }
 
 #[async_trait]
 impl<B: Broker> Broker for Namespaced<B> {
     async fn publish(&self, messages: Vec<Message>) -> Result<()> {
-        let messages =
-            messages.into_iter().map(|m| Message { topic: format!("{}{}", self.prefix, m.topic), ..m }).collect();
-        self.inner.publish(messages).await
+        self.inner.publish(self.prefixed(messages)).await
+    }
+
+    fn packs(&self) -> bool {
+        self.inner.packs()
+    }
+
+    async fn publish_packed(&self, messages: Vec<Message>) -> Result<()> {
+        self.inner.publish_packed(self.prefixed(messages)).await
     }
 
     async fn subscribe(&self, topic: &str, mode: SubscriptionMode) -> Result<Box<dyn Subscription>> {

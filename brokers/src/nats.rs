@@ -10,10 +10,12 @@
 //! A competing group is a durable pull consumer shared by its members; a broadcast subscription
 //! an ephemeral pull consumer delivering only what is published after it was created. Messages
 //! use the CloudEvents NATS binding in binary mode (`ce-*` headers, `content-type`, data as the
-//! payload); structured mode is accepted on input. The key travels in the `capstan-key` header,
+//! payload); structured mode is accepted on input, and [`Broker::publish_packed`] sends the
+//! messages of one topic in packs (see `pack`). The key travels in the `capstan-key` header,
 //! and `Nats-Msg-Id` (topic and event id) lets JetStream drop a republished duplicate within
 //! the stream's duplicate window.
 
+mod pack;
 mod subscription;
 #[cfg(test)]
 mod tests;
@@ -33,6 +35,7 @@ use subscription::{ConsumerSpec, NatsSubscription};
 pub const KEY_HEADER: &str = "capstan-key";
 /// The header a dead-lettered message carries: why it could not be decoded.
 pub const DEAD_REASON_HEADER: &str = "capstan-dead-reason";
+pub use pack::KEYS_HEADER;
 /// JetStream's deduplication header.
 const MSG_ID_HEADER: &str = "Nats-Msg-Id";
 
@@ -184,28 +187,8 @@ impl NatsBroker {
         Ok(())
     }
 
-    fn subject(&self, topic: &str) -> Result<String> {
-        check_topic(topic)?;
-        Ok(format!("{}.{topic}", self.config.subject_prefix))
-    }
-}
-
-#[async_trait]
-impl Broker for NatsBroker {
-    async fn publish(&self, messages: Vec<Message>) -> Result<()> {
-        // Everything is encoded and checked before the first message leaves, so that a bad
-        // batch is refused whole.
-        let mut prepared = Vec::with_capacity(messages.len());
-        for m in &messages {
-            let subject = self.subject(&m.topic)?;
-            let (headers, payload) = encode(m)?;
-            let size = header_bytes(&headers) + payload.len();
-            if size > self.limit {
-                return Err(Error::TooLarge { size, limit: self.limit });
-            }
-            prepared.push((subject, headers, payload));
-        }
-        // Pipelined: send all, then wait for every PubAck.
+    /// Sends encoded messages pipelined: all of them, then waits for every PubAck.
+    async fn send(&self, prepared: Vec<(String, HeaderMap, Vec<u8>)>) -> Result<()> {
         let mut acks = Vec::with_capacity(prepared.len());
         for (subject, headers, payload) in prepared {
             let publish = PublishMessage::build().payload(payload.into()).headers(headers);
@@ -220,6 +203,50 @@ impl Broker for NatsBroker {
             ack.await.map_err(|e| Error::Unavailable(format!("publish not confirmed: {e}")))?;
         }
         Ok(())
+    }
+
+    fn subject(&self, topic: &str) -> Result<String> {
+        check_topic(topic)?;
+        Ok(format!("{}.{topic}", self.config.subject_prefix))
+    }
+}
+
+#[async_trait]
+impl Broker for NatsBroker {
+    async fn publish(&self, messages: Vec<Message>) -> Result<()> {
+        // Everything is encoded and checked before the first message leaves, so that a bad
+        // batch is refused whole.
+        let mut prepared = Vec::with_capacity(messages.len());
+        for m in &messages {
+            let subject = self.subject(&m.topic)?;
+            let (headers, payload) = pack::encode_packed(&m.topic, std::slice::from_ref(m), self.limit)?.remove(0);
+            prepared.push((subject, headers, payload));
+        }
+        self.send(prepared).await
+    }
+
+    fn packs(&self) -> bool {
+        true
+    }
+
+    /// The messages of each topic go in packs (see `pack`), the topics in the order they first
+    /// come.
+    async fn publish_packed(&self, messages: Vec<Message>) -> Result<()> {
+        let mut topics: Vec<(String, Vec<Message>)> = Vec::new();
+        for m in messages {
+            match topics.iter_mut().find(|(t, _)| *t == m.topic) {
+                Some((_, same)) => same.push(m),
+                None => topics.push((m.topic.clone(), vec![m])),
+            }
+        }
+        let mut prepared = Vec::new();
+        for (topic, messages) in &topics {
+            let subject = self.subject(topic)?;
+            for (headers, payload) in pack::encode_packed(topic, messages, self.limit)? {
+                prepared.push((subject.clone(), headers, payload));
+            }
+        }
+        self.send(prepared).await
     }
 
     async fn subscribe(&self, topic: &str, mode: SubscriptionMode) -> Result<Box<dyn Subscription>> {

@@ -53,6 +53,7 @@ where
     redelivery_keeps_the_event_id(&make().await, &options).await;
     payload_limit(&make().await, &options).await;
     many_messages_exactly_once(&make().await, &options).await;
+    packed_messages_come_one_by_one(&make().await, &options).await;
 }
 
 /// Declares one test per conformance case. `make` is an expression that, called with no
@@ -71,7 +72,8 @@ macro_rules! conformance_tests {
         $crate::conformance_tests!(@cases #[$test] $make, $options;
             publish_subscribe broadcast_gets_everything_after_subscribing competing_members_share
             ack_settles nack_redelivers_after_delay dropped_consumer_is_redelivered order_per_key
-            redelivery_keeps_the_event_id payload_limit many_messages_exactly_once);
+            redelivery_keeps_the_event_id payload_limit many_messages_exactly_once
+            packed_messages_come_one_by_one);
     };
     (@cases #[$test:meta] $make:expr, $options:expr; $($case:ident)*) => {
         $(
@@ -370,6 +372,65 @@ pub async fn many_messages_exactly_once(broker: &impl Broker, o: &Options) {
     assert!(dupes.is_empty(), "delivered more than once: {dupes:?}");
     assert_eq!(seen.len(), n, "every message was delivered");
     assert_eq!(total, n);
+}
+
+/// Messages published with `publish_packed` come as deliveries of their own, in order, each
+/// with its topic and key, whether or not the broker packed them. A nacked one comes again
+/// (those packed with it may come again too), and once each is acked nothing more comes.
+pub async fn packed_messages_come_one_by_one(broker: &impl Broker, o: &Options) {
+    let queue = unique_topic("packed-group");
+    let fanned = unique_topic("packed-broadcast");
+    let mut members = sub(broker, &queue, group("g")).await;
+    let mut all = sub(broker, &fanned, SubscriptionMode::Broadcast).await;
+    let a: Vec<Message> =
+        (0..4).map(|i| message(&queue, &format!("run-{i}"), &format!("a{i}"), json!({"i": i}))).collect();
+    let b: Vec<Message> = (0..2).map(|i| message(&fanned, "run-b", &format!("b{i}"), json!(i))).collect();
+    let mixed = vec![a[0].clone(), b[0].clone(), a[1].clone(), a[2].clone(), b[1].clone(), a[3].clone()];
+    if let Err(e) = broker.publish_packed(mixed).await {
+        panic!("publish_packed failed: {e}");
+    }
+    for expected in &b {
+        let d = recv(&mut all, o.patience, "a packed broadcast message").await;
+        assert_eq!(*d.message, *expected);
+        ack(&d).await;
+    }
+    let mut held = Vec::new();
+    for expected in &a {
+        let d = recv(&mut members, o.patience, "a packed message").await;
+        assert_eq!(*d.message, *expected, "packed messages come one by one, in order, with their keys");
+        held.push(d);
+    }
+    for d in &held {
+        if d.message.event.id == "a1" {
+            if let Err(e) = d.nack(Duration::ZERO).await {
+                panic!("nack failed: {e}");
+            }
+        } else {
+            ack(d).await;
+        }
+    }
+    // a1 comes again; its pack-mates may come along. Everything that comes is acked.
+    let mut again = HashSet::new();
+    while !again.contains("a1") {
+        let d = recv(&mut members, o.patience, "the nacked packed message").await;
+        again.insert(d.message.event.id.clone());
+        ack(&d).await;
+    }
+    loop {
+        match timeout(o.quiet, members.next()).await {
+            Ok(Ok(d)) => {
+                assert!(
+                    d.redeliveries >= 1 || again.contains(&d.message.event.id),
+                    "only redeliveries come after the nack"
+                );
+                ack(&d).await;
+            }
+            Ok(Err(e)) => panic!("subscription failed: {e}"),
+            Err(_) => break,
+        }
+    }
+    expect_quiet(&mut members, o.quiet, "after every packed message was acked").await;
+    expect_quiet(&mut all, o.quiet, "the broadcast after its packed messages").await;
 }
 
 async fn sub_with_credit(

@@ -9,6 +9,7 @@
 //! pull task still receives after the subscription is gone. Each is NAKed, so another member
 //! of the group gets it at once.
 
+use std::collections::VecDeque;
 use std::sync::{Arc, Mutex, Weak};
 use std::time::Duration;
 
@@ -20,7 +21,7 @@ use bytes::Bytes;
 use futures::StreamExt;
 use tokio::sync::mpsc;
 
-use super::{DEAD_REASON_HEADER, KEY_HEADER, NatsConfig};
+use super::{DEAD_REASON_HEADER, KEY_HEADER, NatsConfig, pack};
 use crate::binding::{self, HeaderPrefix};
 use crate::{Acker, Credit, Delivery, Error, Message, Result, Subscription};
 
@@ -106,6 +107,8 @@ pub(super) struct NatsSubscription {
     spec: ConsumerSpec,
     dead_subject: Arc<str>,
     handed_out: Vec<Weak<Pending>>,
+    /// The deliveries of a pack not handed out yet (see `pack`).
+    parts: VecDeque<Delivery>,
     /// The credit the pull task fetches against; a message pulled but not handed out (one
     /// skipped or dead-lettered) gives its unit back.
     credit: Option<Credit>,
@@ -133,6 +136,7 @@ impl NatsSubscription {
             spec,
             dead_subject: dead_subject.into(),
             handed_out: Vec::new(),
+            parts: VecDeque::new(),
             credit,
         })
     }
@@ -165,17 +169,18 @@ impl NatsSubscription {
 }
 
 /// A message as it arrived, and where its dead letter goes.
-struct Original {
-    js: jetstream::Context,
-    dead_subject: Arc<str>,
-    headers: Option<HeaderMap>,
-    payload: Bytes,
+#[derive(Clone)]
+pub(super) struct Original {
+    pub(super) js: jetstream::Context,
+    pub(super) dead_subject: Arc<str>,
+    pub(super) headers: Option<HeaderMap>,
+    pub(super) payload: Bytes,
 }
 
 impl Original {
     /// Publishes the message, headers and payload unchanged plus the reason header, to the
     /// dead-letter stream, and waits until the stream stored it.
-    async fn copy_to_dead_letters(&self, reason: &str) -> Result<()> {
+    pub(super) async fn copy_to_dead_letters(&self, reason: &str) -> Result<()> {
         let mut headers = self.headers.clone().unwrap_or_default();
         headers.insert(DEAD_REASON_HEADER, reason);
         let ack = self
@@ -191,6 +196,9 @@ impl Original {
 #[async_trait]
 impl Subscription for NatsSubscription {
     async fn next(&mut self) -> Result<Delivery> {
+        if let Some(part) = self.parts.pop_front() {
+            return Ok(part);
+        }
         loop {
             let msg = self.rx.recv().await.ok_or(Error::Closed)?;
             let (redeliveries, topic) = match msg.info() {
@@ -206,6 +214,27 @@ impl Subscription for NatsSubscription {
             };
             let empty = HeaderMap::new();
             let headers = msg.headers.as_ref().unwrap_or(&empty);
+            if pack::is_pack(headers) {
+                let messages = match pack::decode_pack(headers, &msg.payload, &topic) {
+                    Ok(messages) => messages,
+                    Err(e) => {
+                        self.dead_letter(&msg, &e.to_string()).await;
+                        self.unused();
+                        continue;
+                    }
+                };
+                let Some(reply) = msg.reply.clone() else {
+                    self.unused();
+                    continue;
+                };
+                let pending = self.track(reply);
+                let original = self.original(msg);
+                self.parts = pack::deliveries(messages, redeliveries, pending, original).into();
+                match self.parts.pop_front() {
+                    Some(first) => return Ok(first),
+                    None => continue,
+                }
+            }
             let key = headers.get(KEY_HEADER).map(|v| v.as_str().to_string()).unwrap_or_default();
             let pairs: Vec<(String, &str)> = headers
                 .iter()
@@ -225,23 +254,36 @@ impl Subscription for NatsSubscription {
                 self.unused();
                 continue;
             };
-            let pending = Arc::new(Pending { client: self.client.clone(), reply: Mutex::new(Some(reply)) });
-            // Forget settled or dropped deliveries now and then, so the list stays short.
-            if self.handed_out.len() >= 64 {
-                self.handed_out.retain(|w| w.strong_count() > 0);
-            }
-            self.handed_out.push(Arc::downgrade(&pending));
-            let original = Original {
-                js: self.js.clone(),
-                dead_subject: Arc::clone(&self.dead_subject),
-                headers: msg.message.headers,
-                payload: msg.message.payload,
-            };
+            let pending = self.track(reply);
+            let original = self.original(msg);
             return Ok(Delivery {
                 message: Arc::new(Message { topic, key, event }),
                 redeliveries,
                 acker: Box::new(NatsAcker { pending, original }),
             });
+        }
+    }
+}
+
+impl NatsSubscription {
+    /// The settle state of a delivery (or pack) handed out, remembered so that dropping the
+    /// subscription hands back what is still unsettled.
+    fn track(&mut self, reply: Subject) -> Arc<Pending> {
+        let pending = Arc::new(Pending { client: self.client.clone(), reply: Mutex::new(Some(reply)) });
+        // Forget settled or dropped deliveries now and then, so the list stays short.
+        if self.handed_out.len() >= 64 {
+            self.handed_out.retain(|w| w.strong_count() > 0);
+        }
+        self.handed_out.push(Arc::downgrade(&pending));
+        pending
+    }
+
+    fn original(&self, msg: jetstream::Message) -> Original {
+        Original {
+            js: self.js.clone(),
+            dead_subject: Arc::clone(&self.dead_subject),
+            headers: msg.message.headers,
+            payload: msg.message.payload,
         }
     }
 }
@@ -357,9 +399,9 @@ async fn pull(
     }
 }
 
-/// The reply subject of one delivery, taken by whichever settles it first.
-struct Pending {
-    client: async_nats::Client,
+/// The reply subject of one delivery (or pack), taken by whichever settles it first.
+pub(super) struct Pending {
+    pub(super) client: async_nats::Client,
     reply: Mutex<Option<Subject>>,
 }
 
@@ -368,16 +410,16 @@ impl Pending {
         self.reply.lock().unwrap_or_else(|p| p.into_inner())
     }
 
-    fn take(&self) -> Option<Subject> {
+    pub(super) fn take(&self) -> Option<Subject> {
         self.lock().take()
     }
 
-    fn is_settled(&self) -> bool {
+    pub(super) fn is_settled(&self) -> bool {
         self.lock().is_none()
     }
 }
 
-async fn settle(client: &async_nats::Client, reply: Subject, kind: AckKind) -> Result<()> {
+pub(super) async fn settle(client: &async_nats::Client, reply: Subject, kind: AckKind) -> Result<()> {
     client.publish(reply, Bytes::from(kind)).await.map_err(|e| Error::Unavailable(format!("settle: {e}")))
 }
 

@@ -11,6 +11,7 @@ use std::fs::File;
 use std::time::Duration;
 
 use async_trait::async_trait;
+use futures::StreamExt;
 use serde_json::json;
 use tokio::time::{Instant, timeout};
 
@@ -72,6 +73,14 @@ impl Broker for Locked {
         credit: Credit,
     ) -> Result<Box<dyn Subscription>> {
         self.broker.subscribe_with_credit(topic, mode, credit).await
+    }
+
+    fn packs(&self) -> bool {
+        self.broker.packs()
+    }
+
+    async fn publish_packed(&self, messages: Vec<Message>) -> Result<()> {
+        self.broker.publish_packed(messages).await
     }
 }
 
@@ -174,6 +183,54 @@ async fn unsettled_deliveries_of_a_dropped_subscription_go_to_the_next_member() 
     }
     held.ack().await?;
     assert!(started.elapsed() < config().ack_wait, "handed back at once, not after ack_wait ({:?})", started.elapsed());
+    Ok(())
+}
+
+/// `publish_packed` sends the messages of a topic as one NATS message; a part dead-lettered
+/// goes to the dead letters alone, with its reason, and once the other parts are acked the pack
+/// is settled (nothing is pending at the consumer, nothing comes again).
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn packed_messages_travel_as_one_and_settle_together() -> anyhow::Result<()> {
+    let b = locked().await;
+    let topic = unique_topic("nats-pack");
+    let subject = format!("capstantest.{topic}");
+    let mut raw = b.broker.client().subscribe(subject.clone()).await?;
+    let mut s = b.subscribe(&topic, group("g")).await?;
+    let sent: Vec<Message> = (0..5).map(|i| message(&topic, &format!("run-{i}"), &format!("p{i}"), json!(i))).collect();
+    b.broker.client().flush().await?;
+    b.publish_packed(sent.clone()).await?;
+
+    let wire = timeout(PATIENCE, raw.next()).await?.expect("the raw subscription sees the pack");
+    let ct = wire.headers.as_ref().and_then(|h| h.get("content-type")).map(|v| v.as_str().to_string());
+    assert_eq!(ct.as_deref(), Some("application/cloudevents-batch+json"));
+    assert!(timeout(Duration::from_millis(300), raw.next()).await.is_err(), "five messages, one NATS message");
+
+    let mut held = Vec::new();
+    for expected in &sent {
+        let d = recv(&mut s, PATIENCE, "a part of the pack").await;
+        assert_eq!(*d.message, *expected);
+        held.push(d);
+    }
+    let reason = "conformance: part 2 is unusable";
+    held[2].dead_letter(reason).await?;
+    for (i, d) in held.iter().enumerate() {
+        if i != 2 {
+            d.ack().await?;
+        }
+    }
+    let kept = last_dead_letter(&b.broker, &topic).await?;
+    assert_eq!(kept.get("ce-id").map(|v| v.as_str()), Some("p2"), "the dead letter is the part alone");
+    assert_eq!(kept.get(DEAD_REASON_HEADER).map(|v| v.as_str()), Some(reason));
+
+    let js = async_nats::jetstream::new(b.broker.client().clone());
+    let mut consumer: async_nats::jetstream::consumer::PullConsumer =
+        js.get_consumer_from_stream(durable_name("g", &topic), config().stream).await?;
+    let deadline = Instant::now() + PATIENCE;
+    while consumer.info().await?.num_ack_pending > 0 {
+        assert!(Instant::now() < deadline, "the pack was never acked");
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
+    expect_quiet(&mut s, Duration::from_millis(500), "a settled pack").await;
     Ok(())
 }
 
