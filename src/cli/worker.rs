@@ -329,11 +329,9 @@ impl AnswerTwice {
     fn new(inner: Arc<dyn capstan_brokers::Broker>, every: u64) -> Self {
         AnswerTwice { inner, every, finished: std::sync::atomic::AtomicU64::new(0) }
     }
-}
 
-#[async_trait]
-impl capstan_brokers::Broker for AnswerTwice {
-    async fn publish(&self, messages: Vec<capstan_brokers::Message>) -> capstan_brokers::Result<()> {
+    /// The messages, each `every`-th `task.finished` followed by its copy.
+    fn doubled(&self, messages: Vec<capstan_brokers::Message>) -> Vec<capstan_brokers::Message> {
         let mut out = Vec::with_capacity(messages.len() + 1);
         for m in messages {
             let twice = m.event.ty == capstan_proto::types::TASK_FINISHED
@@ -348,7 +346,22 @@ impl capstan_brokers::Broker for AnswerTwice {
                 out.push(m);
             }
         }
-        self.inner.publish(out).await
+        out
+    }
+}
+
+#[async_trait]
+impl capstan_brokers::Broker for AnswerTwice {
+    async fn publish(&self, messages: Vec<capstan_brokers::Message>) -> capstan_brokers::Result<()> {
+        self.inner.publish(self.doubled(messages)).await
+    }
+
+    fn packs(&self) -> bool {
+        self.inner.packs()
+    }
+
+    async fn publish_packed(&self, messages: Vec<capstan_brokers::Message>) -> capstan_brokers::Result<()> {
+        self.inner.publish_packed(self.doubled(messages)).await
     }
 
     async fn subscribe(

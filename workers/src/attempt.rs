@@ -12,6 +12,7 @@ use serde_json::{Value, json};
 use tokio::sync::mpsc;
 use tokio::time::{Instant, MissedTickBehavior};
 
+use crate::gather::Gather;
 use crate::handler::{CancelSignal, Handler, Outcome, RunPlace, TaskContext};
 use crate::journal::Journal;
 
@@ -28,10 +29,12 @@ async fn send_started(emitter: &Emitter, attempt: &AttemptRef, token: u64, progr
     }
 }
 
-/// Builds and sends the worker's CloudEvents to the engine.
+/// Builds and sends the worker's CloudEvents to the engine: over a broker that packs messages,
+/// gathered into packs (see `gather`).
 #[derive(Clone)]
 pub(crate) struct Emitter {
     broker: Arc<dyn Broker>,
+    gather: Option<Gather>,
     worker: WorkerInfo,
     source: String,
 }
@@ -39,15 +42,20 @@ pub(crate) struct Emitter {
 impl Emitter {
     pub(crate) fn new(broker: Arc<dyn Broker>, worker: WorkerInfo) -> Self {
         let source = format!("capstan/worker/{}", worker.id);
-        Emitter { broker, worker, source }
+        let gather = broker.packs().then(|| Gather::start(Arc::clone(&broker)));
+        Emitter { broker, gather, worker, source }
+    }
+
+    /// Publishes one message; returns once the broker confirmed it.
+    pub(crate) async fn publish(&self, message: Message) -> Result<(), BrokerError> {
+        match &self.gather {
+            Some(gather) => gather.publish(message).await,
+            None => self.broker.publish(vec![message]).await,
+        }
     }
 
     pub(crate) fn worker(&self) -> &WorkerInfo {
         &self.worker
-    }
-
-    pub(crate) fn broker(&self) -> &Arc<dyn Broker> {
-        &self.broker
     }
 
     /// An engine input about `attempt`, keyed by its run id, with the protocol's extensions.
@@ -81,7 +89,7 @@ impl Emitter {
         data: &impl Serialize,
     ) -> crate::Result<()> {
         let message = self.message(ty, attempt, token, data)?;
-        self.broker.publish(vec![message]).await?;
+        self.publish(message).await?;
         Ok(())
     }
 

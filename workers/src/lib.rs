@@ -22,6 +22,7 @@
 mod attempt;
 mod echo;
 mod evaluation;
+mod gather;
 mod get_action;
 mod handler;
 mod journal;

@@ -373,9 +373,9 @@ impl LoopState<'_> {
     /// Sends a bid or claim; the offer is settled once the broker answered. A send the broker
     /// finishes at once (the in-memory one) is settled right here, else it waits in `sending`.
     async fn send(&mut self, source: Source, delivery: Option<Delivery>, attempt: AttemptRef, message: Box<Message>) {
-        let broker = Arc::clone(self.emitter.broker());
+        let emitter = self.emitter.clone();
         let mut sending: Sending = Box::pin(async move {
-            let result = broker.publish(vec![*message]).await;
+            let result = emitter.publish(*message).await;
             Sent { source, delivery, attempt, result }
         });
         match futures::poll!(sending.as_mut()) {

@@ -118,3 +118,78 @@ async fn a_claim_the_broker_refuses_frees_its_slot_and_the_offer_comes_again() {
     assert_eq!(slow.arrived(), 2, "the refused claim, then the one sent on redelivery");
     w.stop().await;
 }
+
+/// The in-memory broker, as a broker that packs: it records each call (how many messages,
+/// packed or alone), and the first call waits at a gate.
+#[derive(Clone)]
+struct Packing {
+    inner: MemoryBroker,
+    gate: Arc<tokio::sync::Semaphore>,
+    calls: Arc<std::sync::Mutex<Vec<(&'static str, usize)>>>,
+}
+
+impl Packing {
+    async fn record(&self, how: &'static str, messages: Vec<Message>) -> capstan_brokers::Result<()> {
+        let first = {
+            let mut calls = self.calls.lock().unwrap();
+            calls.push((how, messages.len()));
+            calls.len() == 1
+        };
+        if first {
+            self.gate.acquire().await.expect("gate never closes").forget();
+        }
+        self.inner.publish(messages).await
+    }
+
+    fn calls(&self) -> Vec<(&'static str, usize)> {
+        self.calls.lock().unwrap().clone()
+    }
+}
+
+#[async_trait]
+impl Broker for Packing {
+    async fn publish(&self, messages: Vec<Message>) -> capstan_brokers::Result<()> {
+        self.record("alone", messages).await
+    }
+
+    async fn subscribe(&self, topic: &str, mode: SubscriptionMode) -> capstan_brokers::Result<Box<dyn Subscription>> {
+        self.inner.subscribe(topic, mode).await
+    }
+
+    fn packs(&self) -> bool {
+        true
+    }
+
+    async fn publish_packed(&self, messages: Vec<Message>) -> capstan_brokers::Result<()> {
+        self.record("packed", messages).await
+    }
+}
+
+#[tokio::test(start_paused = true)]
+async fn over_a_broker_that_packs_the_bids_sent_while_one_is_on_its_way_go_in_one_pack() {
+    let broker = MemoryBroker::new();
+    let mut engine = Engine::new(&broker).await;
+    let packing =
+        Packing { inner: broker.clone(), gate: Arc::new(tokio::sync::Semaphore::new(0)), calls: Arc::default() };
+    let worker = Worker::new(WorkerConfig::new("w1", ["deployment"]).slots(4), EchoWorker::new());
+    let w = start_over(&broker, Arc::new(packing.clone()), worker).await;
+    let offers: Vec<_> = (0..4).map(|i| offer(&format!("run-3{i}"), "deployment", DispatchMode::Auction)).collect();
+    // The first bid waits at the broker; the three behind it gather meanwhile.
+    engine.offer(&offers[0]).await;
+    tokio::time::sleep(Duration::from_millis(50)).await;
+    for o in &offers[1..] {
+        engine.offer(o).await;
+    }
+    tokio::time::sleep(Duration::from_millis(50)).await;
+    assert_eq!(packing.calls(), [("packed", 1)]);
+    packing.gate.add_permits(1);
+    let mut runs = Vec::new();
+    for _ in 0..4 {
+        let bid = engine.expect(types::TASK_BID).await;
+        runs.push(bid.ext(ext::RUN).unwrap_or_default().to_string());
+    }
+    runs.sort();
+    assert_eq!(runs, ["run-30", "run-31", "run-32", "run-33"]);
+    assert_eq!(packing.calls(), [("packed", 1), ("packed", 3)], "the bids behind the first one went as one pack");
+    w.stop().await;
+}
