@@ -83,6 +83,12 @@ pub mod topics {
         format!("capstan.queue.{}", sanitize(task_type))
     }
 
+    /// Whether `topic` is a queue of [`queue`]: its members share the messages by their free
+    /// slots, so they must travel one by one, never packed.
+    pub fn is_queue(topic: &str) -> bool {
+        topic.starts_with("capstan.queue.")
+    }
+
     /// Messages addressed to one worker (awards, rejections, cancellations).
     pub fn worker(worker_id: &str) -> String {
         format!("capstan.workers.{}", sanitize(worker_id))

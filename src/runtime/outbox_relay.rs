@@ -14,7 +14,7 @@ use std::sync::atomic::Ordering;
 use std::time::Duration;
 
 use capstan_brokers::Message;
-use capstan_proto::CloudEvent;
+use capstan_proto::{CloudEvent, topics};
 use capstan_store::{OutboxMessage, OutboxRow};
 use tokio::sync::{mpsc, watch};
 use tracing::warn;
@@ -189,9 +189,31 @@ fn decode(rows: impl Iterator<Item = OutboxMessage>) -> Vec<Message> {
 }
 
 /// Publishes messages; `false` when the broker refused (the sweep publishes them later).
+/// Over a broker that packs, everything but queue offers goes in packs (see
+/// `Broker::publish_packed`): a worker's awards and rejections, the offers every worker reads.
 async fn publish(shared: &Shared, messages: Vec<Message>) -> bool {
     let count = messages.len();
-    if let Err(e) = shared.broker.publish(messages).await {
+    let published = if shared.broker.packs() {
+        let (queued, packable): (Vec<Message>, Vec<Message>) =
+            messages.into_iter().partition(|m| topics::is_queue(&m.topic));
+        let queued = async {
+            match queued.is_empty() {
+                true => Ok(()),
+                false => shared.broker.publish(queued).await,
+            }
+        };
+        let packed = async {
+            match packable.is_empty() {
+                true => Ok(()),
+                false => shared.broker.publish_packed(packable).await,
+            }
+        };
+        let (queued, packed) = tokio::join!(queued, packed);
+        queued.and(packed)
+    } else {
+        shared.broker.publish(messages).await
+    };
+    if let Err(e) = published {
         warn!(error = %e, "publishing the outbox failed; the sweep will retry");
         return false;
     }

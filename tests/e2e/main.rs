@@ -10,6 +10,7 @@ mod faults;
 mod fleet;
 mod foreign;
 mod lanes;
+mod packing;
 mod pipeline;
 mod retention;
 mod runbook;
