@@ -18,8 +18,8 @@
 //!
 //! Messages follow the CloudEvents AMQP binding in binary mode: `cloudEvents:`-prefixed
 //! headers (`cloudEvents_` accepted too), `datacontenttype` as the AMQP content type;
-//! structured mode is accepted on input. Publishing uses publisher confirms and persistent
-//! messages.
+//! structured mode is accepted on input. `publish_packed` sends the messages of one topic in
+//! packs (see `crate::pack`). Publishing uses publisher confirms and persistent messages.
 
 mod subscription;
 #[cfg(test)]
@@ -36,7 +36,8 @@ use lapin::types::{AMQPValue, FieldTable, LongString, ShortString};
 use lapin::{BasicProperties, Channel, Connection, ConnectionProperties, ExchangeKind};
 use tokio::sync::Mutex;
 
-use crate::binding::{self, HeaderPrefix};
+use crate::binding::{self, BATCH_CONTENT_TYPE, HeaderPrefix};
+use crate::pack::{KEYS_HEADER, Piece};
 use crate::{Broker, Error, Message, Result, Subscription, SubscriptionMode};
 use subscription::{AmqpSubscription, QueueSpec};
 
@@ -202,6 +203,43 @@ impl Broker for AmqpBroker {
         self.inner.publish_confirmed(items).await
     }
 
+    fn packs(&self) -> bool {
+        true
+    }
+
+    /// The messages of each topic go in packs (see `crate::pack`), the topics in the order they
+    /// first come.
+    async fn publish_packed(&self, messages: Vec<Message>) -> Result<()> {
+        let limit = self.inner.config.max_payload;
+        let mut items = Vec::new();
+        for (topic, messages) in &crate::pack::by_topic(messages) {
+            check_topic(topic)?;
+            let overhead = BATCH_CONTENT_TYPE.len();
+            for piece in crate::pack::pieces(messages, overhead, limit)? {
+                let (body, props) = match piece {
+                    Piece::Alone(m) => {
+                        let (body, props, size) = encode(m)?;
+                        if size > limit {
+                            return Err(Error::TooLarge { size, limit });
+                        }
+                        (body, props)
+                    }
+                    Piece::Pack(pack) => {
+                        let mut headers = FieldTable::default();
+                        headers.insert(KEYS_HEADER.into(), AMQPValue::LongString(LongString::from(pack.keys)));
+                        let props = BasicProperties::default()
+                            .with_delivery_mode(2)
+                            .with_content_type(BATCH_CONTENT_TYPE.into())
+                            .with_headers(headers);
+                        (pack.body, props)
+                    }
+                };
+                items.push((self.inner.config.exchange.clone(), topic.clone(), body, props));
+            }
+        }
+        self.inner.publish_confirmed(items).await
+    }
+
     async fn subscribe(&self, topic: &str, mode: SubscriptionMode) -> Result<Box<dyn Subscription>> {
         check_topic(topic)?;
         let spec = match mode {
@@ -220,7 +258,7 @@ impl Broker for AmqpBroker {
 }
 
 /// Body, properties and the size counted against the limit (body and header text).
-fn encode(m: &Message) -> Result<(Vec<u8>, BasicProperties, usize)> {
+pub(crate) fn encode(m: &Message) -> Result<(Vec<u8>, BasicProperties, usize)> {
     let encoded = binding::encode(&m.event, HeaderPrefix::AMQP)?;
     let mut headers = FieldTable::default();
     let mut size = encoded.body.len() + KEY_HEADER.len() + m.key.len();

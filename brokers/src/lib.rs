@@ -33,6 +33,7 @@ pub mod memory;
 pub mod namespace;
 #[cfg(feature = "nats")]
 pub mod nats;
+pub mod pack;
 #[cfg(any(test, feature = "testing"))]
 pub mod testing;
 

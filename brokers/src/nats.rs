@@ -11,7 +11,7 @@
 //! an ephemeral pull consumer delivering only what is published after it was created. Messages
 //! use the CloudEvents NATS binding in binary mode (`ce-*` headers, `content-type`, data as the
 //! payload); structured mode is accepted on input, and [`Broker::publish_packed`] sends the
-//! messages of one topic in packs (see `pack`). The key travels in the `capstan-key` header,
+//! messages of one topic in packs (see `crate::pack`). The key travels in the `capstan-key` header,
 //! and `Nats-Msg-Id` (topic and event id) lets JetStream drop a republished duplicate within
 //! the stream's duplicate window.
 
@@ -35,7 +35,7 @@ use subscription::{ConsumerSpec, NatsSubscription};
 pub const KEY_HEADER: &str = "capstan-key";
 /// The header a dead-lettered message carries: why it could not be decoded.
 pub const DEAD_REASON_HEADER: &str = "capstan-dead-reason";
-pub use pack::KEYS_HEADER;
+pub use crate::pack::KEYS_HEADER;
 /// JetStream's deduplication header.
 const MSG_ID_HEADER: &str = "Nats-Msg-Id";
 
@@ -219,7 +219,7 @@ impl Broker for NatsBroker {
         let mut prepared = Vec::with_capacity(messages.len());
         for m in &messages {
             let subject = self.subject(&m.topic)?;
-            let (headers, payload) = pack::encode_packed(&m.topic, std::slice::from_ref(m), self.limit)?.remove(0);
+            let (headers, payload) = pack::plain(m, self.limit)?;
             prepared.push((subject, headers, payload));
         }
         self.send(prepared).await
@@ -232,17 +232,10 @@ impl Broker for NatsBroker {
     /// The messages of each topic go in packs (see `pack`), the topics in the order they first
     /// come.
     async fn publish_packed(&self, messages: Vec<Message>) -> Result<()> {
-        let mut topics: Vec<(String, Vec<Message>)> = Vec::new();
-        for m in messages {
-            match topics.iter_mut().find(|(t, _)| *t == m.topic) {
-                Some((_, same)) => same.push(m),
-                None => topics.push((m.topic.clone(), vec![m])),
-            }
-        }
         let mut prepared = Vec::new();
-        for (topic, messages) in &topics {
+        for (topic, messages) in &crate::pack::by_topic(messages) {
             let subject = self.subject(topic)?;
-            for (headers, payload) in pack::encode_packed(topic, messages, self.limit)? {
+            for (headers, payload) in pack::encode_packed(messages, self.limit)? {
                 prepared.push((subject.clone(), headers, payload));
             }
         }

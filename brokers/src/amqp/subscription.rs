@@ -2,6 +2,7 @@
 //! opens them again after the connection broke. Dropping the subscription closes its AMQP
 //! channel, which makes RabbitMQ requeue everything it held unacked.
 
+use std::collections::VecDeque;
 use std::sync::Arc;
 use std::sync::atomic::{AtomicBool, Ordering};
 
@@ -15,8 +16,9 @@ use lapin::types::{AMQPValue, FieldTable, LongString};
 use lapin::{BasicProperties, Channel, Consumer};
 use tokio::sync::mpsc;
 
-use super::{DEAD_REASON_HEADER, Inner, KEY_HEADER, REDELIVERIES_HEADER, unavailable};
+use super::{DEAD_REASON_HEADER, Inner, KEY_HEADER, REDELIVERIES_HEADER, encode, unavailable};
 use crate::binding::{self, HeaderPrefix};
+use crate::pack::{self, KEYS_HEADER};
 use crate::{Acker, Delivery, Error, Message, Result, Subscription};
 
 /// Which queue a subscription reads.
@@ -71,6 +73,8 @@ pub(super) struct AmqpSubscription {
     rx: mpsc::Receiver<(AmqpDelivery, String)>,
     inner: Arc<Inner>,
     topic: String,
+    /// The deliveries of a pack not handed out yet (see `crate::pack`).
+    parts: VecDeque<Delivery>,
 }
 
 impl AmqpSubscription {
@@ -79,7 +83,7 @@ impl AmqpSubscription {
         let opened = open(&inner, &topic, &spec).await?;
         let (tx, rx) = mpsc::channel(usize::from(inner.config.prefetch.max(1)));
         tokio::spawn(consume(Arc::clone(&inner), topic.clone(), spec, opened, tx));
-        Ok(AmqpSubscription { rx, inner, topic })
+        Ok(AmqpSubscription { rx, inner, topic, parts: VecDeque::new() })
     }
 
     /// Republishes an undecodable message to the dead-letter exchange with the reason, then
@@ -156,6 +160,9 @@ async fn consume(
 #[async_trait]
 impl Subscription for AmqpSubscription {
     async fn next(&mut self) -> Result<Delivery> {
+        if let Some(part) = self.parts.pop_front() {
+            return Ok(part);
+        }
         loop {
             let (d, queue) = self.rx.recv().await.ok_or(Error::Closed)?;
             let mut pairs: Vec<(String, String)> = Vec::new();
@@ -172,6 +179,25 @@ impl Subscription for AmqpSubscription {
                 HeaderPrefix::AMQP
             };
             let content_type = d.properties.content_type().as_ref().map(|c| c.as_str());
+            let get = |name: &str| pairs.iter().find(|(k, _)| k == name).map(|(_, v)| v.clone());
+            let counted: u32 = get(REDELIVERIES_HEADER).and_then(|v| v.parse().ok()).unwrap_or(0);
+            let redeliveries = counted + u32::from(d.redelivered);
+            if pack::is_pack(content_type) {
+                let messages = match pack::decode(&d.data, get(KEYS_HEADER).as_deref(), &self.topic) {
+                    Ok(messages) => messages,
+                    Err(e) => {
+                        self.dead_letter(d, &e.to_string()).await;
+                        continue;
+                    }
+                };
+                let whole = Box::new(self.acker(counted, queue, d));
+                let dead = Arc::new(DeadParts { inner: Arc::clone(&self.inner), topic: self.topic.clone() });
+                self.parts = pack::deliveries(messages, redeliveries, whole, dead).into();
+                match self.parts.pop_front() {
+                    Some(first) => return Ok(first),
+                    None => continue,
+                }
+            }
             let decoded =
                 binding::decode(pairs.iter().map(|(k, v)| (k.as_str(), v.as_str())), content_type, &d.data, prefix);
             let event = match decoded {
@@ -181,23 +207,43 @@ impl Subscription for AmqpSubscription {
                     continue;
                 }
             };
-            let get = |name: &str| pairs.iter().find(|(k, _)| k == name).map(|(_, v)| v.clone());
             let key = get(KEY_HEADER).unwrap_or_default();
-            let counted: u32 = get(REDELIVERIES_HEADER).and_then(|v| v.parse().ok()).unwrap_or(0);
-            let redeliveries = counted + u32::from(d.redelivered);
             return Ok(Delivery {
                 message: Arc::new(Message { topic: self.topic.clone(), key, event }),
                 redeliveries,
-                acker: Box::new(AmqpAcker {
-                    inner: Arc::clone(&self.inner),
-                    settled: AtomicBool::new(false),
-                    count: counted + 1,
-                    topic: self.topic.clone(),
-                    queue,
-                    delivery: d,
-                }),
+                acker: Box::new(self.acker(counted, queue, d)),
             });
         }
+    }
+}
+
+impl AmqpSubscription {
+    /// The acker of a delivery that `nack` copies with the redelivery count after `counted`.
+    fn acker(&self, counted: u32, queue: String, delivery: AmqpDelivery) -> AmqpAcker {
+        AmqpAcker {
+            inner: Arc::clone(&self.inner),
+            settled: AtomicBool::new(false),
+            count: counted + 1,
+            topic: self.topic.clone(),
+            queue,
+            delivery,
+        }
+    }
+}
+
+/// Moves one part of a pack, alone and in binary mode, to the dead-letter exchange.
+struct DeadParts {
+    inner: Arc<Inner>,
+    topic: String,
+}
+
+#[async_trait]
+impl pack::DeadLetterPart for DeadParts {
+    async fn dead_letter_part(&self, part: &Message, reason: &str) -> Result<()> {
+        let (body, props, _) = encode(part)?;
+        let props =
+            with_header(&props, DEAD_REASON_HEADER, AMQPValue::LongString(LongString::from(reason.to_string())));
+        self.inner.publish_confirmed(vec![(self.inner.dlx(), self.topic.clone(), body, props)]).await
     }
 }
 

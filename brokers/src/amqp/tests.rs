@@ -58,6 +58,14 @@ impl Broker for Locked {
     async fn subscribe(&self, topic: &str, mode: SubscriptionMode) -> Result<Box<dyn Subscription>> {
         self.broker.subscribe(topic, mode).await
     }
+
+    fn packs(&self) -> bool {
+        self.broker.packs()
+    }
+
+    async fn publish_packed(&self, messages: Vec<Message>) -> Result<()> {
+        self.broker.publish_packed(messages).await
+    }
 }
 
 async fn locked() -> Locked {
@@ -211,5 +219,53 @@ async fn subscriptions_survive_a_broker_restart() -> anyhow::Result<()> {
         ids.insert(d.message.event.id.clone());
         d.ack().await?;
     }
+    Ok(())
+}
+
+/// `publish_packed` sends the messages of a topic as one AMQP message; a part dead-lettered
+/// goes to the dead letters alone, with its reason, and once the other parts are acked the pack
+/// is settled: a member that joins after the first left gets nothing again.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn packed_messages_travel_as_one_and_settle_together() -> anyhow::Result<()> {
+    use lapin::options::{QueueBindOptions, QueueDeclareOptions, QueueDeleteOptions};
+
+    let b = locked().await;
+    let topic = unique_topic("amqp-pack");
+    let sent: Vec<Message> = (0..5).map(|i| message(&topic, &format!("run-{i}"), &format!("p{i}"), json!(i))).collect();
+
+    // A queue of our own, without a consumer, counts what arrives.
+    let (_, channel) = b.broker.inner.link().await?;
+    let probe = format!("capstan-test.probe.{topic}");
+    channel.queue_declare(probe.as_str().into(), QueueDeclareOptions::default(), FieldTable::default()).await?;
+    let bind = QueueBindOptions::default();
+    channel
+        .queue_bind(probe.as_str().into(), "capstan-test".into(), topic.as_str().into(), bind, FieldTable::default())
+        .await?;
+    b.publish_packed(sent.clone()).await?;
+    let passive = QueueDeclareOptions { passive: true, ..Default::default() };
+    let counted = channel.queue_declare(probe.as_str().into(), passive, FieldTable::default()).await?;
+    assert_eq!(counted.message_count(), 1, "five messages, one AMQP message");
+    channel.queue_delete(probe.as_str().into(), QueueDeleteOptions::default()).await?;
+
+    let mut first = b.subscribe(&topic, group("g")).await?;
+    b.publish_packed(sent[..3].to_vec()).await?;
+    let mut held = Vec::new();
+    for expected in &sent[..3] {
+        let d = recv(&mut first, PATIENCE, "a part of the pack").await;
+        assert_eq!(*d.message, *expected);
+        held.push(d);
+    }
+    let reason = "conformance: part 1 is unusable";
+    held[1].dead_letter(reason).await?;
+    held[0].ack().await?;
+    held[2].ack().await?;
+    let kept = take_dead_letter(&b.broker, &topic).await?.expect("a dead letter");
+    assert_eq!(header(&kept, "cloudEvents:id").as_deref(), Some("p1"), "the dead letter is the part alone");
+    assert_eq!(header(&kept, DEAD_REASON_HEADER).as_deref(), Some(reason));
+    // Closing the first member's channel would hand an unacked pack to the next member.
+    let mut second = b.subscribe(&topic, group("g")).await?;
+    drop(held);
+    drop(first);
+    expect_quiet(&mut second, Duration::from_secs(1), "a settled pack").await;
     Ok(())
 }

@@ -169,7 +169,6 @@ impl NatsSubscription {
 }
 
 /// A message as it arrived, and where its dead letter goes.
-#[derive(Clone)]
 pub(super) struct Original {
     pub(super) js: jetstream::Context,
     pub(super) dead_subject: Arc<str>,
@@ -215,7 +214,7 @@ impl Subscription for NatsSubscription {
             let empty = HeaderMap::new();
             let headers = msg.headers.as_ref().unwrap_or(&empty);
             if pack::is_pack(headers) {
-                let messages = match pack::decode_pack(headers, &msg.payload, &topic) {
+                let messages = match pack::decode(headers, &msg.payload, &topic) {
                     Ok(messages) => messages,
                     Err(e) => {
                         self.dead_letter(&msg, &e.to_string()).await;
@@ -228,8 +227,10 @@ impl Subscription for NatsSubscription {
                     continue;
                 };
                 let pending = self.track(reply);
-                let original = self.original(msg);
-                self.parts = pack::deliveries(messages, redeliveries, pending, original).into();
+                let whole = Box::new(NatsAcker { pending, original: self.original(msg) });
+                let dead =
+                    Arc::new(pack::DeadParts { js: self.js.clone(), dead_subject: Arc::clone(&self.dead_subject) });
+                self.parts = crate::pack::deliveries(messages, redeliveries, whole, dead).into();
                 match self.parts.pop_front() {
                     Some(first) => return Ok(first),
                     None => continue,
@@ -400,8 +401,8 @@ async fn pull(
 }
 
 /// The reply subject of one delivery (or pack), taken by whichever settles it first.
-pub(super) struct Pending {
-    pub(super) client: async_nats::Client,
+struct Pending {
+    client: async_nats::Client,
     reply: Mutex<Option<Subject>>,
 }
 
@@ -410,16 +411,16 @@ impl Pending {
         self.reply.lock().unwrap_or_else(|p| p.into_inner())
     }
 
-    pub(super) fn take(&self) -> Option<Subject> {
+    fn take(&self) -> Option<Subject> {
         self.lock().take()
     }
 
-    pub(super) fn is_settled(&self) -> bool {
+    fn is_settled(&self) -> bool {
         self.lock().is_none()
     }
 }
 
-pub(super) async fn settle(client: &async_nats::Client, reply: Subject, kind: AckKind) -> Result<()> {
+async fn settle(client: &async_nats::Client, reply: Subject, kind: AckKind) -> Result<()> {
     client.publish(reply, Bytes::from(kind)).await.map_err(|e| Error::Unavailable(format!("settle: {e}")))
 }
 
