@@ -113,12 +113,17 @@ pub async fn connect_broker_in(
     }
 }
 
+/// The JetStream stream of a broker namespace (its subject prefix is the same in lower case).
+pub fn nats_stream_of(namespace: &str) -> String {
+    namespace.to_uppercase().replace(['.', ' ', '-'], "_")
+}
+
 #[cfg(feature = "nats")]
 async fn connect_nats(url: &str, namespace: Option<&str>) -> Result<Arc<dyn Broker>, BackendError> {
     use capstan_brokers::nats::{NatsBroker, NatsConfig};
     let mut config = NatsConfig::default();
     if let Some(ns) = namespace {
-        config.stream = ns.to_uppercase().replace(['.', ' ', '-'], "_");
+        config.stream = nats_stream_of(ns);
         config.subject_prefix = ns.to_lowercase().replace(['.', ' ', '-'], "_");
     }
     Ok(Arc::new(NatsBroker::connect(url, config).await?))

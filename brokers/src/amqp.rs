@@ -30,7 +30,8 @@ use std::time::Duration;
 
 use async_trait::async_trait;
 use lapin::options::{
-    BasicPublishOptions, ConfirmSelectOptions, ExchangeDeclareOptions, QueueBindOptions, QueueDeclareOptions,
+    BasicPublishOptions, ConfirmSelectOptions, ExchangeDeclareOptions, ExchangeDeleteOptions, QueueBindOptions,
+    QueueDeclareOptions, QueueDeleteOptions,
 };
 use lapin::types::{AMQPValue, FieldTable, LongString, ShortString};
 use lapin::{BasicProperties, Channel, Connection, ConnectionProperties, ExchangeKind};
@@ -89,6 +90,8 @@ pub(crate) struct Inner {
     url: String,
     config: AmqpConfig,
     link: Mutex<Option<(Arc<Connection>, Channel)>>,
+    /// The group queues this process declared, for `remove_namespace`.
+    declared: std::sync::Mutex<std::collections::BTreeSet<String>>,
 }
 
 impl Inner {
@@ -171,7 +174,8 @@ impl AmqpBroker {
         if config.exchange.is_empty() {
             return Err(Error::Invalid("exchange name is empty".into()));
         }
-        let inner = Arc::new(Inner { url: url.to_string(), config, link: Mutex::new(None) });
+        let inner =
+            Arc::new(Inner { url: url.to_string(), config, link: Mutex::new(None), declared: Default::default() });
         inner.link().await?;
         Ok(AmqpBroker { inner })
     }
@@ -205,6 +209,21 @@ impl Broker for AmqpBroker {
 
     fn packs(&self) -> bool {
         true
+    }
+
+    async fn remove_namespace(&self) -> Result<()> {
+        let inner = &self.inner;
+        let (_, channel) = inner.link().await?;
+        let queues: Vec<String> = inner.declared.lock().unwrap_or_else(|p| p.into_inner()).iter().cloned().collect();
+        for queue in queues.iter().chain([&self.dead_letter_queue()]) {
+            channel.queue_delete(queue.as_str().into(), QueueDeleteOptions::default()).await.map_err(unavailable)?;
+        }
+        for exchange in [inner.config.exchange.clone(), inner.dlx()] {
+            let options = ExchangeDeleteOptions::default();
+            channel.exchange_delete(exchange.as_str().into(), options).await.map_err(unavailable)?;
+        }
+        tracing::info!(exchange = inner.config.exchange, queues = queues.len() + 1, "namespace removed");
+        Ok(())
     }
 
     /// The messages of each topic go in packs (see `crate::pack`), the topics in the order they

@@ -132,6 +132,14 @@ pub trait Broker: Send + Sync + 'static {
     async fn publish_packed(&self, messages: Vec<Message>) -> Result<()> {
         self.publish(messages).await
     }
+
+    /// Deletes what this broker keeps on the server for its namespace, with every message in
+    /// it: NATS its stream and dead-letter stream, RabbitMQ its exchanges, its dead-letter queue
+    /// and the group queues this process declared. For a namespace that is done with (a bench
+    /// run's); drop its subscriptions first. The default (in-memory, Kafka) deletes nothing.
+    async fn remove_namespace(&self) -> Result<()> {
+        Ok(())
+    }
 }
 
 /// A shared broker is a broker, so wrappers (e.g. [`namespace::Namespaced`]) take either.
@@ -160,6 +168,10 @@ impl<B: Broker + ?Sized> Broker for std::sync::Arc<B> {
 
     async fn publish_packed(&self, messages: Vec<Message>) -> Result<()> {
         (**self).publish_packed(messages).await
+    }
+
+    async fn remove_namespace(&self) -> Result<()> {
+        (**self).remove_namespace().await
     }
 }
 

@@ -229,6 +229,20 @@ impl Broker for NatsBroker {
         true
     }
 
+    async fn remove_namespace(&self) -> Result<()> {
+        for stream in [self.config.stream.clone(), self.dead_letter_stream()] {
+            match self.js.delete_stream(&stream).await {
+                Ok(_) => tracing::info!(stream, "stream deleted"),
+                Err(e) => match e.kind() {
+                    jetstream::context::DeleteStreamErrorKind::JetStream(j)
+                        if j.error_code() == jetstream::ErrorCode::STREAM_NOT_FOUND => {}
+                    _ => return Err(Error::Unavailable(format!("delete stream {stream}: {e}"))),
+                },
+            }
+        }
+        Ok(())
+    }
+
     /// The messages of each topic go in packs (see `pack`), the topics in the order they first
     /// come.
     async fn publish_packed(&self, messages: Vec<Message>) -> Result<()> {

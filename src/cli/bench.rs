@@ -97,7 +97,8 @@ pub struct BenchArgs {
     /// The broker namespace (NATS stream and subject prefix, RabbitMQ exchange and queues, Kafka
     /// topic prefix). Default: a fresh `bench-<8 hex>` per run, so that what an interrupted run
     /// left in the broker (queued offers, inputs) never reaches the next one, nor a deployment
-    /// sharing the broker.
+    /// sharing the broker; it is deleted at the end (NATS, RabbitMQ). A namespace given here is
+    /// kept.
     #[arg(long)]
     pub namespace: Option<String>,
     /// Print one JSON object as the last line.
@@ -182,6 +183,7 @@ pub async fn run(args: BenchArgs) -> anyhow::Result<ExitCode> {
         };
         let report = soak::run(&runtime, &plan, config_json).await;
         runtime.shutdown().await;
+        remove_own_namespace(&args, &*broker).await;
         let report = report?;
         print_soak(&report);
         if args.json {
@@ -219,6 +221,7 @@ pub async fn run(args: BenchArgs) -> anyhow::Result<ExitCode> {
         let _ = tokio::time::timeout(Duration::from_secs(2), w).await;
     }
     runtime.shutdown().await;
+    remove_own_namespace(&args, &*broker).await;
     let driven = driven?;
     if driven.triggered_ms.is_empty() {
         bail!("no run was driven; give --runs or a longer --duration");
@@ -231,6 +234,17 @@ pub async fn run(args: BenchArgs) -> anyhow::Result<ExitCode> {
         println!("{report}");
     }
     Ok(if driven.not_passed == 0 { ExitCode::SUCCESS } else { ExitCode::from(1) })
+}
+
+/// Deletes the broker namespace the run made for itself (not one given with `--namespace`),
+/// so that bench runs leave no streams, exchanges or queues behind (Kafka keeps its topics).
+async fn remove_own_namespace(args: &BenchArgs, broker: &dyn capstan_brokers::Broker) {
+    if args.namespace.is_some() || args.broker == "memory" {
+        return;
+    }
+    if let Err(e) = broker.remove_namespace().await {
+        tracing::warn!(error = %e, "the bench's broker namespace was not removed");
+    }
 }
 
 /// Reads the followed runs' events back from the log. The log may hold other runs (a shared

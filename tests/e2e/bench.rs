@@ -130,6 +130,19 @@ fn bench_over_nats_runs_in_a_namespace_of_its_own() {
     };
     let (first, second) = (run(), run());
     assert_ne!(first, second, "two runs shared a namespace");
+    // A namespace of the run's own is deleted at its end; one given with --namespace is kept.
+    for ns in [&first, &second] {
+        assert!(!stream_exists(&capstan::backends::nats_stream_of(ns)), "the stream of {ns} was left behind");
+    }
     let chosen = bench(&["--broker", "nats", "--runs", "2", "--tasks", "2", "--namespace", "bench-chosen"]);
     assert_eq!(chosen["config"]["namespace"], "bench-chosen", "{chosen}");
+    assert!(stream_exists(&capstan::backends::nats_stream_of("bench-chosen")), "a chosen namespace is kept");
+}
+
+fn stream_exists(name: &str) -> bool {
+    let runtime = tokio::runtime::Builder::new_current_thread().enable_all().build().expect("runtime");
+    runtime.block_on(async {
+        let client = async_nats::connect("nats://127.0.0.1:4222").await.expect("NATS at 127.0.0.1:4222");
+        async_nats::jetstream::new(client).get_stream(name).await.is_ok()
+    })
 }

@@ -44,7 +44,10 @@ async fn open(inner: &Inner, topic: &str, spec: &QueueSpec) -> Result<Opened> {
     let mut args = FieldTable::default();
     args.insert("x-dead-letter-exchange".into(), AMQPValue::LongString(inner.dlx().into()));
     let (name, options) = match spec {
-        QueueSpec::Durable(name) => (name.clone(), QueueDeclareOptions::durable()),
+        QueueSpec::Durable(name) => {
+            inner.declared.lock().unwrap_or_else(|p| p.into_inner()).insert(name.clone());
+            (name.clone(), QueueDeclareOptions::durable())
+        }
         QueueSpec::Exclusive => {
             (String::new(), QueueDeclareOptions { exclusive: true, auto_delete: true, ..Default::default() })
         }

@@ -269,3 +269,33 @@ async fn packed_messages_travel_as_one_and_settle_together() -> anyhow::Result<(
     expect_quiet(&mut second, Duration::from_secs(1), "a settled pack").await;
     Ok(())
 }
+
+/// `remove_namespace` deletes the exchanges, the dead-letter queue and the group queues the
+/// broker declared.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn remove_namespace_deletes_exchanges_and_queues() -> anyhow::Result<()> {
+    use lapin::options::{ExchangeDeclareOptions, QueueDeclareOptions};
+
+    let _lock = broker_lock(false);
+    let exchange = format!("capstan-test-rm-{}", uuid::Uuid::new_v4().simple());
+    let b = AmqpBroker::connect(URL, AmqpConfig { exchange: exchange.clone(), ..AmqpConfig::default() }).await?;
+    let topic = unique_topic("amqp-remove");
+    drop(b.subscribe(&topic, group("g")).await?);
+    b.remove_namespace().await?;
+    let (conn, _) = b.inner.link().await?;
+    let queues = [format!("{exchange}.g.{topic}"), b.dead_letter_queue()];
+    for queue in &queues {
+        let channel = conn.create_channel().await?;
+        let passive = QueueDeclareOptions { passive: true, ..Default::default() };
+        let found = channel.queue_declare(queue.as_str().into(), passive, FieldTable::default()).await;
+        assert!(found.is_err(), "queue {queue} is still there");
+    }
+    for name in [exchange.clone(), format!("{exchange}.dlx")] {
+        let channel = conn.create_channel().await?;
+        let passive = ExchangeDeclareOptions { passive: true, ..Default::default() };
+        let kind = lapin::ExchangeKind::Topic;
+        let found = channel.exchange_declare(name.as_str().into(), kind, passive, FieldTable::default()).await;
+        assert!(found.is_err(), "exchange {name} is still there");
+    }
+    Ok(())
+}

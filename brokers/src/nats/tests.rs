@@ -351,3 +351,20 @@ fn names_are_valid_and_stable() {
         assert!(matches!(check_topic(bad), Err(Error::Invalid(_))), "{bad:?}");
     }
 }
+
+/// `remove_namespace` deletes the stream and the dead-letter stream.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn remove_namespace_deletes_the_streams() -> anyhow::Result<()> {
+    let _lock = server_lock(false);
+    let name = format!("CAPSTAN_TEST_RM_{}", uuid::Uuid::new_v4().simple());
+    let config = NatsConfig { stream: name.clone(), subject_prefix: name.to_lowercase(), ..config() };
+    let b = NatsBroker::connect(URL, config).await?;
+    let js = async_nats::jetstream::new(b.client().clone());
+    let dead = b.dead_letter_stream();
+    assert!(js.get_stream(&name).await.is_ok() && js.get_stream(&dead).await.is_ok());
+    b.remove_namespace().await?;
+    assert!(js.get_stream(&name).await.is_err(), "the stream is still there");
+    assert!(js.get_stream(&dead).await.is_err(), "the dead-letter stream is still there");
+    b.remove_namespace().await?;
+    Ok(())
+}
