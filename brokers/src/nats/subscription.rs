@@ -213,38 +213,20 @@ impl Subscription for NatsSubscription {
             };
             let empty = HeaderMap::new();
             let headers = msg.headers.as_ref().unwrap_or(&empty);
-            if pack::is_pack(headers) {
-                let messages = match pack::decode(headers, &msg.payload, &topic) {
-                    Ok(messages) => messages,
-                    Err(e) => {
-                        self.dead_letter(&msg, &e.to_string()).await;
-                        self.unused();
-                        continue;
-                    }
-                };
-                let Some(reply) = msg.reply.clone() else {
-                    self.unused();
-                    continue;
-                };
-                let pending = self.track(reply);
-                let whole = Box::new(NatsAcker { pending, original: self.original(msg) });
-                let dead =
-                    Arc::new(pack::DeadParts { js: self.js.clone(), dead_subject: Arc::clone(&self.dead_subject) });
-                self.parts = crate::pack::deliveries(messages, redeliveries, whole, dead).into();
-                match self.parts.pop_front() {
-                    Some(first) => return Ok(first),
-                    None => continue,
-                }
-            }
-            let key = headers.get(KEY_HEADER).map(|v| v.as_str().to_string()).unwrap_or_default();
-            let pairs: Vec<(String, &str)> = headers
-                .iter()
-                .flat_map(|(name, values)| values.iter().map(move |v| (name.to_string(), v.as_str())))
-                .collect();
-            let decoded =
-                binding::decode(pairs.iter().map(|(k, v)| (k.as_str(), *v)), None, &msg.payload, HeaderPrefix::HTTP);
-            let event = match decoded {
-                Ok(event) => event,
+            let decoded = if pack::is_pack(headers) {
+                pack::decode(headers, &msg.payload, &topic).map(Decoded::Pack)
+            } else {
+                let key = headers.get(KEY_HEADER).map(|v| v.as_str().to_string()).unwrap_or_default();
+                let pairs: Vec<(String, &str)> = headers
+                    .iter()
+                    .flat_map(|(name, values)| values.iter().map(move |v| (name.to_string(), v.as_str())))
+                    .collect();
+                let headers = pairs.iter().map(|(k, v)| (k.as_str(), *v));
+                binding::decode(headers, None, &msg.payload, HeaderPrefix::HTTP)
+                    .map(|event| Decoded::One(Box::new(Message { topic, key, event })))
+            };
+            let decoded = match decoded {
+                Ok(decoded) => decoded,
                 Err(e) => {
                     self.dead_letter(&msg, &e.to_string()).await;
                     self.unused();
@@ -256,14 +238,29 @@ impl Subscription for NatsSubscription {
                 continue;
             };
             let pending = self.track(reply);
-            let original = self.original(msg);
-            return Ok(Delivery {
-                message: Arc::new(Message { topic, key, event }),
-                redeliveries,
-                acker: Box::new(NatsAcker { pending, original }),
-            });
+            let acker = NatsAcker { pending, original: self.original(msg) };
+            match decoded {
+                Decoded::One(message) => {
+                    return Ok(Delivery { message: Arc::new(*message), redeliveries, acker: Box::new(acker) });
+                }
+                Decoded::Pack(messages) => {
+                    let dead =
+                        Arc::new(pack::DeadParts { js: self.js.clone(), dead_subject: Arc::clone(&self.dead_subject) });
+                    let parts = crate::pack::deliveries(messages, redeliveries, Box::new(acker), dead);
+                    self.parts = parts.into();
+                    if let Some(first) = self.parts.pop_front() {
+                        return Ok(first);
+                    }
+                }
+            }
         }
     }
+}
+
+/// What a NATS message carried.
+enum Decoded {
+    One(Box<Message>),
+    Pack(Vec<Message>),
 }
 
 impl NatsSubscription {
