@@ -228,7 +228,7 @@ impl Broker for AmqpBroker {
 
     /// The messages of each topic go in packs (see `crate::pack`), the topics in the order they
     /// first come.
-    async fn publish_packed(&self, messages: Vec<Message>) -> Result<()> {
+    async fn publish_packed(&self, messages: &[Message]) -> Result<()> {
         let limit = self.inner.config.max_payload;
         let mut items = Vec::new();
         for (topic, messages) in &crate::pack::by_topic(messages) {
@@ -253,7 +253,7 @@ impl Broker for AmqpBroker {
                         (pack.body, props)
                     }
                 };
-                items.push((self.inner.config.exchange.clone(), topic.clone(), body, props));
+                items.push((self.inner.config.exchange.clone(), topic.to_string(), body, props));
             }
         }
         self.inner.publish_confirmed(items).await

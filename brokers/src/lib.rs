@@ -128,9 +128,10 @@ pub trait Broker: Send + Sync + 'static {
     /// message may as well get the next: broadcast topics and groups that take everything (the
     /// engine's inputs). Never for a queue whose members share the work by their free slots: a
     /// pack goes to one member whole, and credit counts broker messages, not what they carry.
-    /// The default publishes each message alone.
-    async fn publish_packed(&self, messages: Vec<Message>) -> Result<()> {
-        self.publish(messages).await
+    /// The messages are lent, so that a publisher can send again, alone, those of a refused
+    /// call. The default publishes a copy of each message alone.
+    async fn publish_packed(&self, messages: &[Message]) -> Result<()> {
+        self.publish(messages.to_vec()).await
     }
 
     /// Deletes what this broker keeps on the server for its namespace, with every message in
@@ -166,7 +167,7 @@ impl<B: Broker + ?Sized> Broker for std::sync::Arc<B> {
         (**self).packs()
     }
 
-    async fn publish_packed(&self, messages: Vec<Message>) -> Result<()> {
+    async fn publish_packed(&self, messages: &[Message]) -> Result<()> {
         (**self).publish_packed(messages).await
     }
 

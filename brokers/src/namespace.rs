@@ -32,8 +32,8 @@ impl<B: Broker> Broker for Namespaced<B> {
         self.inner.packs()
     }
 
-    async fn publish_packed(&self, messages: Vec<Message>) -> Result<()> {
-        self.inner.publish_packed(self.prefixed(messages)).await
+    async fn publish_packed(&self, messages: &[Message]) -> Result<()> {
+        self.inner.publish_packed(&self.prefixed(messages.to_vec())).await
     }
 
     async fn subscribe(&self, topic: &str, mode: SubscriptionMode) -> Result<Box<dyn Subscription>> {

@@ -35,7 +35,6 @@ use subscription::{ConsumerSpec, NatsSubscription};
 pub const KEY_HEADER: &str = "capstan-key";
 /// The header a dead-lettered message carries: why it could not be decoded.
 pub const DEAD_REASON_HEADER: &str = "capstan-dead-reason";
-pub use crate::pack::KEYS_HEADER;
 /// JetStream's deduplication header.
 const MSG_ID_HEADER: &str = "Nats-Msg-Id";
 
@@ -245,7 +244,7 @@ impl Broker for NatsBroker {
 
     /// The messages of each topic go in packs (see `pack`), the topics in the order they first
     /// come.
-    async fn publish_packed(&self, messages: Vec<Message>) -> Result<()> {
+    async fn publish_packed(&self, messages: &[Message]) -> Result<()> {
         let mut prepared = Vec::new();
         for (topic, messages) in &crate::pack::by_topic(messages) {
             let subject = self.subject(topic)?;

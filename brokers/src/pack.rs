@@ -61,12 +61,12 @@ impl Pack<'_> {
 
 /// The messages grouped by topic, the topics in the order they first come, each topic's
 /// messages in order.
-pub(crate) fn by_topic(messages: Vec<Message>) -> Vec<(String, Vec<Message>)> {
-    let mut topics: Vec<(String, Vec<Message>)> = Vec::new();
+pub(crate) fn by_topic(messages: &[Message]) -> Vec<(&str, Vec<&Message>)> {
+    let mut topics: Vec<(&str, Vec<&Message>)> = Vec::new();
     for m in messages {
         match topics.iter_mut().find(|(t, _)| *t == m.topic) {
             Some((_, same)) => same.push(m),
-            None => topics.push((m.topic.clone(), vec![m])),
+            None => topics.push((&m.topic, vec![m])),
         }
     }
     topics
@@ -76,13 +76,17 @@ pub(crate) fn by_topic(messages: Vec<Message>) -> Vec<(String, Vec<Message>)> {
 /// body, keys and `overhead` (the broker's other bytes per message, such as fixed headers) stay
 /// within `limit`, and a message that would be alone in its pack as [`Piece::Alone`], for the
 /// broker to encode and check. A message over the limit by itself fails the whole call.
-pub(crate) fn pieces(messages: &[Message], overhead: usize, limit: usize) -> Result<Vec<Piece<'_>>> {
+pub(crate) fn pieces<'m>(messages: &[&'m Message], overhead: usize, limit: usize) -> Result<Vec<Piece<'m>>> {
+    if let [only] = messages {
+        // Alone whatever its size: the broker encodes and checks it in its own binding.
+        return Ok(vec![Piece::Alone(only)]);
+    }
     let mut out = Vec::new();
-    let mut pack: Vec<(&Message, Vec<u8>, String)> = Vec::new();
+    let mut pack: Vec<(&'m Message, Vec<u8>, String)> = Vec::new();
     // Each part costs its event and key plus a separator each; the brackets come once.
     let base = overhead + KEYS_HEADER.len() + 2 + 2;
     let mut size = base;
-    for m in messages {
+    for &m in messages {
         let event = m.event.to_json();
         let key = serde_json::to_string(&m.key).expect("a string always serializes");
         let part = event.len() + key.len() + 2;
@@ -253,6 +257,10 @@ mod tests {
         Message { topic: "capstan.inputs".into(), key: format!("run \"{i}\""), event }
     }
 
+    fn refs(messages: &[Message]) -> Vec<&Message> {
+        messages.iter().collect()
+    }
+
     fn packed(pieces: &[Piece<'_>]) -> Vec<Message> {
         let mut out = Vec::new();
         for piece in pieces {
@@ -267,7 +275,7 @@ mod tests {
     #[test]
     fn a_pack_decodes_to_its_messages_and_keys_in_order() {
         let messages: Vec<Message> = (0..5).map(|i| message(i, 10)).collect();
-        let pieces = pieces(&messages, 100, 1 << 20).unwrap();
+        let pieces = pieces(&refs(&messages), 100, 1 << 20).unwrap();
         assert!(matches!(pieces.as_slice(), [Piece::Pack(p)] if p.messages.len() == 5), "{pieces:?}");
         assert_eq!(packed(&pieces), messages);
     }
@@ -276,7 +284,7 @@ mod tests {
     fn packs_are_cut_to_the_size_limit_and_a_lone_part_goes_alone() {
         let messages: Vec<Message> = (0..7).map(|i| message(i, 300)).collect();
         let (overhead, limit) = (100, 1_300);
-        let pieces = pieces(&messages, overhead, limit).unwrap();
+        let pieces = pieces(&refs(&messages), overhead, limit).unwrap();
         assert!(pieces.len() > 1, "seven messages of ~400 bytes do not fit 1,300 bytes");
         for piece in &pieces {
             if let Piece::Pack(p) = piece {
@@ -290,13 +298,13 @@ mod tests {
     #[test]
     fn a_message_over_the_limit_by_itself_is_too_large() {
         let messages = vec![message(0, 10), message(1, 5_000)];
-        assert!(matches!(pieces(&messages, 100, 2_000), Err(Error::TooLarge { .. })));
+        assert!(matches!(pieces(&refs(&messages), 100, 2_000), Err(Error::TooLarge { .. })));
     }
 
     #[test]
     fn a_malformed_pack_is_refused() {
         let messages: Vec<Message> = (0..2).map(|i| message(i, 1)).collect();
-        let pieces = pieces(&messages, 0, 1 << 20).unwrap();
+        let pieces = pieces(&refs(&messages), 0, 1 << 20).unwrap();
         let [Piece::Pack(p)] = pieces.as_slice() else { panic!("one pack: {pieces:?}") };
         assert!(decode(br#"[{"id": 1}]"#, Some(&p.keys), "t").is_err());
         assert!(decode(&p.body, Some(r#"["only one"]"#), "t").is_err());

@@ -386,7 +386,7 @@ pub async fn packed_messages_come_one_by_one(broker: &impl Broker, o: &Options) 
         (0..4).map(|i| message(&queue, &format!("run-{i}"), &format!("a{i}"), json!({"i": i}))).collect();
     let b: Vec<Message> = (0..2).map(|i| message(&fanned, "run-b", &format!("b{i}"), json!(i))).collect();
     let mixed = vec![a[0].clone(), b[0].clone(), a[1].clone(), a[2].clone(), b[1].clone(), a[3].clone()];
-    if let Err(e) = broker.publish_packed(mixed).await {
+    if let Err(e) = broker.publish_packed(&mixed).await {
         panic!("publish_packed failed: {e}");
     }
     for expected in &b {

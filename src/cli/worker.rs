@@ -360,8 +360,8 @@ impl capstan_brokers::Broker for AnswerTwice {
         self.inner.packs()
     }
 
-    async fn publish_packed(&self, messages: Vec<capstan_brokers::Message>) -> capstan_brokers::Result<()> {
-        self.inner.publish_packed(self.doubled(messages)).await
+    async fn publish_packed(&self, messages: &[capstan_brokers::Message]) -> capstan_brokers::Result<()> {
+        self.inner.publish_packed(&self.doubled(messages.to_vec())).await
     }
 
     async fn subscribe(

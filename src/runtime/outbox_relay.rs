@@ -205,7 +205,7 @@ async fn publish(shared: &Shared, messages: Vec<Message>) -> bool {
         let packed = async {
             match packable.is_empty() {
                 true => Ok(()),
-                false => shared.broker.publish_packed(packable).await,
+                false => shared.broker.publish_packed(&packable).await,
             }
         };
         let (queued, packed) = tokio::join!(queued, packed);

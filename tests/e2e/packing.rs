@@ -62,9 +62,9 @@ impl Broker for Recorder {
         true
     }
 
-    async fn publish_packed(&self, messages: Vec<Message>) -> capstan_brokers::Result<()> {
-        self.note(&messages, true);
-        self.inner.publish(messages).await
+    async fn publish_packed(&self, messages: &[Message]) -> capstan_brokers::Result<()> {
+        self.note(messages, true);
+        self.inner.publish(messages.to_vec()).await
     }
 }
 

@@ -46,18 +46,17 @@ async fn publish_gathered(broker: Arc<dyn Broker>, mut rx: mpsc::UnboundedReceiv
         if messages.len() == 1
             && let Some(reply) = replies.pop()
         {
-            let _ = reply.send(broker.publish_packed(messages).await);
+            let _ = reply.send(broker.publish_packed(&messages).await);
             continue;
         }
         tracing::trace!(messages = messages.len(), "publishing gathered messages");
-        // Kept for a failure, which a pack answers as a whole: each is then sent alone, so that
-        // one over the broker's limit fails alone (its sender reports that instead).
-        let again = messages.clone();
-        match broker.publish_packed(messages).await {
+        match broker.publish_packed(&messages).await {
             Ok(()) => replies.into_iter().for_each(|r| _ = r.send(Ok(()))),
+            // A pack answers as a whole: each is sent again alone, so that one over the
+            // broker's limit fails alone (its sender reports that instead).
             Err(e) => {
-                tracing::debug!(error = %e, messages = again.len(), "a pack failed; sending each alone");
-                for (message, reply) in again.into_iter().zip(replies) {
+                tracing::debug!(error = %e, messages = messages.len(), "a pack failed; sending each alone");
+                for (message, reply) in messages.into_iter().zip(replies) {
                     let _ = reply.send(broker.publish(vec![message]).await);
                 }
             }
@@ -112,8 +111,8 @@ mod tests {
             true
         }
 
-        async fn publish_packed(&self, messages: Vec<Message>) -> capstan_brokers::Result<()> {
-            self.record("packed", &messages)
+        async fn publish_packed(&self, messages: &[Message]) -> capstan_brokers::Result<()> {
+            self.record("packed", messages)
         }
     }
 

@@ -63,7 +63,7 @@ impl Broker for Locked {
         self.broker.packs()
     }
 
-    async fn publish_packed(&self, messages: Vec<Message>) -> Result<()> {
+    async fn publish_packed(&self, messages: &[Message]) -> Result<()> {
         self.broker.publish_packed(messages).await
     }
 }
@@ -241,14 +241,14 @@ async fn packed_messages_travel_as_one_and_settle_together() -> anyhow::Result<(
     channel
         .queue_bind(probe.as_str().into(), "capstan-test".into(), topic.as_str().into(), bind, FieldTable::default())
         .await?;
-    b.publish_packed(sent.clone()).await?;
+    b.publish_packed(&sent).await?;
     let passive = QueueDeclareOptions { passive: true, ..Default::default() };
     let counted = channel.queue_declare(probe.as_str().into(), passive, FieldTable::default()).await?;
     assert_eq!(counted.message_count(), 1, "five messages, one AMQP message");
     channel.queue_delete(probe.as_str().into(), QueueDeleteOptions::default()).await?;
 
     let mut first = b.subscribe(&topic, group("g")).await?;
-    b.publish_packed(sent[..3].to_vec()).await?;
+    b.publish_packed(&sent[..3]).await?;
     let mut held = Vec::new();
     for expected in &sent[..3] {
         let d = recv(&mut first, PATIENCE, "a part of the pack").await;

@@ -14,7 +14,7 @@ use crate::{Error, Message, Result};
 
 /// Encodes the messages of one topic as NATS messages (headers, payload): packs, and a lone
 /// message in binary mode. A message over the limit by itself fails the whole call.
-pub(super) fn encode_packed(messages: &[Message], limit: usize) -> Result<Vec<(HeaderMap, Vec<u8>)>> {
+pub(super) fn encode_packed(messages: &[&Message], limit: usize) -> Result<Vec<(HeaderMap, Vec<u8>)>> {
     let (topic, id) = messages.iter().fold((0, 0), |(t, i), m| (t.max(m.topic.len()), i.max(m.event.id.len())));
     // Every header line is `name: value\r\n`; the id is `<topic>:pack:<event id>:<count>`.
     let overhead = 12

@@ -79,7 +79,7 @@ impl Broker for Locked {
         self.broker.packs()
     }
 
-    async fn publish_packed(&self, messages: Vec<Message>) -> Result<()> {
+    async fn publish_packed(&self, messages: &[Message]) -> Result<()> {
         self.broker.publish_packed(messages).await
     }
 }
@@ -198,7 +198,7 @@ async fn packed_messages_travel_as_one_and_settle_together() -> anyhow::Result<(
     let mut s = b.subscribe(&topic, group("g")).await?;
     let sent: Vec<Message> = (0..5).map(|i| message(&topic, &format!("run-{i}"), &format!("p{i}"), json!(i))).collect();
     b.broker.client().flush().await?;
-    b.publish_packed(sent.clone()).await?;
+    b.publish_packed(&sent).await?;
 
     let wire = timeout(PATIENCE, raw.next()).await?.expect("the raw subscription sees the pack");
     let ct = wire.headers.as_ref().and_then(|h| h.get("content-type")).map(|v| v.as_str().to_string());

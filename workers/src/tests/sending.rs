@@ -160,8 +160,8 @@ impl Broker for Packing {
         true
     }
 
-    async fn publish_packed(&self, messages: Vec<Message>) -> capstan_brokers::Result<()> {
-        self.record("packed", messages).await
+    async fn publish_packed(&self, messages: &[Message]) -> capstan_brokers::Result<()> {
+        self.record("packed", messages.to_vec()).await
     }
 }
 
