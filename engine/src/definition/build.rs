@@ -3,6 +3,7 @@
 //! elements (duplicates, unknown names, cycles) are left to `validate`.
 
 use std::collections::BTreeMap;
+use std::sync::Arc;
 
 use serde_json::Map;
 use serde_yaml::{Mapping, Value};
@@ -66,11 +67,11 @@ impl Builder<'_> {
             .into_iter()
             .filter_map(|trigger| self.trigger(&place, trigger))
             .collect();
-        let mut tasks: Vec<Task> = Vec::new();
+        let mut tasks: Vec<Arc<Task>> = Vec::new();
         for raw_task in raw.tasks.unwrap_or_default() {
             let previous = tasks.last().map(|t| t.name.clone());
             let task = self.task(stage, &raw.name, raw_task, previous);
-            tasks.push(task);
+            tasks.push(Arc::new(task));
         }
         let runbook = raw.runbook.and_then(|r| self.runbook(stage, &raw.name, r));
         Sequence { name: raw.name, triggered_on, tasks, runbook }

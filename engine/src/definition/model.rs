@@ -7,6 +7,7 @@
 //! `triggeredOn` naming existing stages and sequences.
 
 use std::collections::BTreeMap;
+use std::sync::Arc;
 
 pub use capstan_proto::{DispatchMode, TaskResult};
 use serde::{Deserialize, Serialize};
@@ -45,7 +46,7 @@ pub struct Sequence {
     pub name: String,
     pub triggered_on: Vec<Trigger>,
     /// In file order; `Task::depends_on` gives the DAG edges.
-    pub tasks: Vec<Task>,
+    pub tasks: Vec<Arc<Task>>,
     /// A native remediation runbook: the run's tasks are made from it and the problem the run
     /// was triggered with (see `run::runbook`); `tasks` is then empty.
     #[serde(default, skip_serializing_if = "Option::is_none")]
@@ -231,7 +232,7 @@ impl Definition {
 impl Sequence {
     /// The task of that name.
     pub fn task(&self, name: &str) -> Option<&Task> {
-        self.tasks.iter().find(|t| t.name == name)
+        self.tasks.iter().find(|t| t.name == name).map(|t| &**t)
     }
 
     /// The position of the task of that name in `tasks`.

@@ -72,7 +72,7 @@ impl Step<'_, '_> {
             at: self.now(),
         });
         if let Some(at) = retry_at {
-            self.set_timer(TimerKind::Retry { task: spec.name, attempt }, at);
+            self.set_timer(TimerKind::Retry { task: spec.name.clone(), attempt }, at);
             return;
         }
         let status = match (verdict.timed_out, may_repeat) {

@@ -96,7 +96,7 @@ impl Step<'_, '_> {
         if let Some(delay) = spec.triggered_after {
             let until = self.now().plus(delay);
             self.emit(Event::TaskDelayed { task: spec.name.clone(), until, at: self.now() });
-            self.set_timer(TimerKind::Delay { task: spec.name }, until);
+            self.set_timer(TimerKind::Delay { task: spec.name.clone() }, until);
         } else {
             self.begin(i);
         }
@@ -202,7 +202,7 @@ impl Step<'_, '_> {
             }
             self.cancel_timer(TimerKind::Reoffer { task: spec.name.clone(), attempt, offer });
             if let Some(limit) = spec.timeouts.start_to_close {
-                self.set_timer(TimerKind::StartToClose { task: spec.name, attempt }, self.now().plus(limit));
+                self.set_timer(TimerKind::StartToClose { task: spec.name.clone(), attempt }, self.now().plus(limit));
             }
         }
     }
@@ -225,7 +225,7 @@ impl Step<'_, '_> {
             self.emit(Event::ApprovalRequested { task: spec.name.clone(), at: self.now() });
             let timeout = spec.properties.get("timeout").and_then(Value::as_str);
             if let Some(limit) = timeout.and_then(|t| parse_duration(t).ok()) {
-                self.set_timer(TimerKind::ApprovalTimeout { task: spec.name }, self.now().plus(limit));
+                self.set_timer(TimerKind::ApprovalTimeout { task: spec.name.clone() }, self.now().plus(limit));
             }
         } else {
             self.end_task(i, TaskStatus::Finished, before, Value::Null);

@@ -156,7 +156,7 @@ impl Step<'_, '_> {
             free_slots: bid.free_slots,
         };
         let closed = t.bid_deadline.is_some_and(|deadline| self.now() >= deadline);
-        self.emit(Event::BidRecorded { task: spec.name, attempt: t.attempt, bid: recorded, at: self.now() });
+        self.emit(Event::BidRecorded { task: spec.name.clone(), attempt: t.attempt, bid: recorded, at: self.now() });
         if closed {
             // The window is over (a worker that was full kept the offer and bid once a slot
             // freed): no better bid is coming before the re-offer, so the best kept one wins now.
@@ -261,7 +261,7 @@ impl Step<'_, '_> {
             self.cancel_timer(TimerKind::ScheduleToStart { task: spec.name.clone(), attempt });
         }
         if let Some(limit) = spec.timeouts.heartbeat {
-            self.set_timer(TimerKind::Heartbeat { task: spec.name, attempt }, self.now().plus(limit));
+            self.set_timer(TimerKind::Heartbeat { task: spec.name.clone(), attempt }, self.now().plus(limit));
         }
     }
 
@@ -279,7 +279,7 @@ impl Step<'_, '_> {
         let started = self.task(i).open_holder(&p.worker_id, p.token).is_some_and(|h| h.started);
         if let (Some(limit), true) = (spec.timeouts.heartbeat, started) {
             let attempt = self.task(i).attempt;
-            self.set_timer(TimerKind::Heartbeat { task: spec.name, attempt }, self.now().plus(limit));
+            self.set_timer(TimerKind::Heartbeat { task: spec.name.clone(), attempt }, self.now().plus(limit));
         }
     }
 
@@ -351,6 +351,6 @@ impl Step<'_, '_> {
         }
         let spec = self.spec(i);
         let wait = super::attempt::backoff(&spec.retry, offer, self.ctx.random);
-        self.set_timer(TimerKind::Reoffer { task: spec.name, attempt, offer }, self.now().plus(wait));
+        self.set_timer(TimerKind::Reoffer { task: spec.name.clone(), attempt, offer }, self.now().plus(wait));
     }
 }

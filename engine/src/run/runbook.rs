@@ -14,6 +14,8 @@
 //! The expansion depends only on the definition and the trigger data, so folding a run's events
 //! rebuilds exactly the tasks its decisions used.
 
+use std::sync::Arc;
+
 use serde_json::{Map, Value, json};
 
 use crate::definition::model::{Runbook, Sequence, Task, TaskResult};
@@ -63,6 +65,7 @@ pub(super) fn expand(sequence: &Sequence, runbook: &Runbook, data: &Value) -> Se
         e.continue_on_failure = true;
         tasks.push(e);
     }
+    let tasks = tasks.into_iter().map(Arc::new).collect();
     Sequence { name: sequence.name.clone(), triggered_on: Vec::new(), tasks, runbook: Some(runbook.clone()) }
 }
 

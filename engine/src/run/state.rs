@@ -240,7 +240,7 @@ impl RunState {
     }
 
     /// The task of the run's sequence at position `i`.
-    pub(super) fn spec(&self, i: usize) -> Option<&Task> {
+    pub(super) fn spec(&self, i: usize) -> Option<&Arc<Task>> {
         self.sequence()?.tasks.get(i)
     }
 
@@ -455,7 +455,7 @@ fn map_bytes(map: &serde_json::Map<String, Value>) -> usize {
 /// A sequence made for one run (a runbook's expansion): its own struct and its tasks.
 fn sequence_bytes(s: &Sequence) -> usize {
     let task = |t: &Task| {
-        size_of::<Task>()
+        alloc(size_of::<Task>() + 2 * size_of::<usize>())
             + alloc(t.name.capacity())
             + alloc(t.task_type.capacity())
             + map_bytes(&t.properties)
@@ -464,8 +464,8 @@ fn sequence_bytes(s: &Sequence) -> usize {
     };
     alloc(size_of::<Sequence>())
         + alloc(s.name.capacity())
-        + alloc(s.tasks.capacity() * size_of::<Task>())
-        + s.tasks.iter().map(task).sum::<usize>()
+        + alloc(s.tasks.capacity() * size_of::<Arc<Task>>())
+        + s.tasks.iter().map(|t| task(t)).sum::<usize>()
 }
 
 /// Skipped tasks never produced a result; every other end carries one (fail when unknown).

@@ -7,6 +7,8 @@ use capstan_proto::{AttemptRef, Rejection, TaskCancel};
 
 use super::state::{RunState, TaskState};
 use super::types::{Ctx, Decision, Effect, Event, RunMeta, TimerKind, WorkerMessage};
+use std::sync::Arc;
+
 use crate::definition::model::Task;
 use crate::duration::Timestamp;
 
@@ -110,10 +112,10 @@ impl<'s, 'c> Step<'s, 'c> {
         &self.st.tasks[i]
     }
 
-    /// The definition of task `i` (a cheap clone of the shared definition handle keeps the
-    /// borrow off `self`, so callers may emit while holding it).
-    pub fn spec(&self, i: usize) -> Task {
-        self.st.spec(i).cloned().unwrap_or_else(|| placeholder_task(&self.name(i)))
+    /// The definition of task `i` (a clone of its shared handle keeps the borrow off `self`, so
+    /// callers may emit while holding it).
+    pub fn spec(&self, i: usize) -> Arc<Task> {
+        self.st.spec(i).cloned().unwrap_or_else(|| Arc::new(placeholder_task(&self.name(i))))
     }
 
     /// The name of task `i`.

@@ -39,7 +39,12 @@ fn task(name: &str, deps: &[&str]) -> Task {
 }
 
 fn sequence(name: &str, triggered_on: Vec<Trigger>, tasks: Vec<Task>) -> Sequence {
-    Sequence { name: name.into(), triggered_on, tasks, runbook: None }
+    Sequence {
+        name: name.into(),
+        triggered_on,
+        tasks: tasks.into_iter().map(std::sync::Arc::new).collect(),
+        runbook: None,
+    }
 }
 
 fn definition(stages: Vec<(&str, Vec<Sequence>)>) -> Arc<Definition> {
