@@ -194,9 +194,13 @@ impl AmqpBroker {
 #[async_trait]
 impl Broker for AmqpBroker {
     async fn publish(&self, messages: Vec<Message>) -> Result<()> {
+        self.publish_lent(&messages).await
+    }
+
+    async fn publish_lent(&self, messages: &[Message]) -> Result<()> {
         let limit = self.inner.config.max_payload;
         let mut items = Vec::with_capacity(messages.len());
-        for m in &messages {
+        for m in messages {
             check_topic(&m.topic)?;
             let (body, props, size) = encode(m)?;
             if size > limit {

@@ -134,6 +134,12 @@ pub trait Broker: Send + Sync + 'static {
         self.publish(messages.to_vec()).await
     }
 
+    /// Publishes like [`Broker::publish`], from lent messages, so that a publisher can send them
+    /// again after a refusal without keeping a copy of each. The default publishes a copy.
+    async fn publish_lent(&self, messages: &[Message]) -> Result<()> {
+        self.publish(messages.to_vec()).await
+    }
+
     /// Deletes what this broker keeps on the server for its namespace, with every message in
     /// it: NATS its stream and dead-letter stream, RabbitMQ its exchanges, its dead-letter queue
     /// and the group queues this process declared. For a namespace that is done with (a bench
@@ -169,6 +175,10 @@ impl<B: Broker + ?Sized> Broker for std::sync::Arc<B> {
 
     async fn publish_packed(&self, messages: &[Message]) -> Result<()> {
         (**self).publish_packed(messages).await
+    }
+
+    async fn publish_lent(&self, messages: &[Message]) -> Result<()> {
+        (**self).publish_lent(messages).await
     }
 
     async fn remove_namespace(&self) -> Result<()> {

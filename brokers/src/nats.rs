@@ -213,10 +213,14 @@ impl NatsBroker {
 #[async_trait]
 impl Broker for NatsBroker {
     async fn publish(&self, messages: Vec<Message>) -> Result<()> {
+        self.publish_lent(&messages).await
+    }
+
+    async fn publish_lent(&self, messages: &[Message]) -> Result<()> {
         // Everything is encoded and checked before the first message leaves, so that a bad
         // batch is refused whole.
         let mut prepared = Vec::with_capacity(messages.len());
-        for m in &messages {
+        for m in messages {
             let subject = self.subject(&m.topic)?;
             let (headers, payload) = pack::plain(m, self.limit)?;
             prepared.push((subject, headers, payload));
@@ -290,9 +294,17 @@ fn encode(m: &Message) -> Result<(HeaderMap, Vec<u8>)> {
 fn header_bytes(headers: &HeaderMap) -> usize {
     let lines: usize = headers
         .iter()
-        .map(|(name, values)| values.iter().map(|v| name.to_string().len() + v.as_str().len() + 4).sum::<usize>())
+        .map(|(name, values)| {
+            let name: &[u8] = name.as_ref();
+            values.iter().map(|v| name.len() + v.as_str().len() + 4).sum::<usize>()
+        })
         .sum();
     10 + lines + 2
+}
+
+/// A header's name as text, without the copy `to_string` makes (names are ASCII).
+fn header_name(name: &async_nats::HeaderName) -> &str {
+    std::str::from_utf8(name.as_ref()).unwrap_or_default()
 }
 
 /// Topics are subject tokens joined by dots: no empty token, no wildcard, no whitespace.

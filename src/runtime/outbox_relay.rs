@@ -84,33 +84,21 @@ pub async fn run(
                 // Only stored messages leave rows for the sweep to delete.
                 let ids: Vec<String> = msgs.iter().map(|m| m.event.id.clone()).collect();
                 msgs.append(&mut advisory);
-                if derived.is_empty() {
-                    if msgs.is_empty() || publish(&shared, msgs).await {
-                        published.extend(ids);
-                    }
-                    release(&shared, holds);
-                    continue;
-                }
-                // Derived messages have no row to fall back on: retry until the broker takes
-                // them (or shutdown, after which a restart derives them again). Later commits
-                // wait meanwhile, so each partition's messages are released in order.
-                // (Only they are kept for a retry: stored ones fall back on the sweep as above.)
-                let again = derived.clone();
+                let first_derived = msgs.len();
                 msgs.append(&mut derived);
-                if publish(&shared, msgs).await {
-                    published.extend(ids);
-                } else {
-                    let mut backoff = RETRY_FIRST;
-                    loop {
-                        tokio::select! {
-                            _ = tokio::time::sleep(backoff) => {}
-                            _ = shutdown.changed() => return,
-                        }
-                        if publish(&shared, again.clone()).await {
-                            break;
-                        }
-                        backoff = (backoff * 2).min(RETRY_MAX);
-                    }
+                // Derived messages have no row to fall back on: retry them until the broker
+                // takes them (or shutdown, after which a restart derives them again). Later
+                // commits wait meanwhile, so each partition's messages are released in order.
+                // Only they are sent again: stored ones fall back on the sweep, and advisory
+                // ones are sent once.
+                let sent = match shared.broker.packs() {
+                    true => publish_lent(&shared, msgs, first_derived, &mut shutdown).await,
+                    false => publish_owned(&shared, msgs, first_derived, &mut shutdown).await,
+                };
+                match sent {
+                    Sent::First => published.extend(ids),
+                    Sent::Retried => {}
+                    Sent::ShutDown => return,
                 }
                 release(&shared, holds);
             }
@@ -156,7 +144,7 @@ async fn sweep_table(shared: &Shared, batch: usize, published: &mut HashSet<Stri
         }
         if !late.is_empty() {
             let seqs: HashMap<String, i64> = late.iter().map(|r| (r.message.id.clone(), r.seq)).collect();
-            if publish(shared, decode(late.into_iter().map(|r| r.message))).await {
+            if publish_once(shared, decode(late.into_iter().map(|r| r.message))).await {
                 done.extend(seqs.into_values());
             }
         }
@@ -188,31 +176,119 @@ fn decode(rows: impl Iterator<Item = OutboxMessage>) -> Vec<Message> {
     messages
 }
 
-/// Publishes messages; `false` when the broker refused (the sweep publishes them later).
-/// Over a broker that packs, everything but queue offers goes in packs (see
-/// `Broker::publish_packed`): a worker's awards and rejections, the offers every worker reads.
-async fn publish(shared: &Shared, messages: Vec<Message>) -> bool {
+/// What became of a relay round's messages.
+enum Sent {
+    /// The broker took them all at once.
+    First,
+    /// It refused them, then took the derived ones when they were sent again (if any).
+    Retried,
+    /// Shut down while sending derived messages again.
+    ShutDown,
+}
+
+/// Sends a round over a broker that packs: everything but queue offers in packs (see
+/// `Broker::publish_packed`), all of it lent, so that the derived messages (those from
+/// `first_derived` on) can be sent again without a copy.
+async fn publish_lent(
+    shared: &Shared,
+    messages: Vec<Message>,
+    first_derived: usize,
+    shutdown: &mut watch::Receiver<bool>,
+) -> Sent {
     let count = messages.len();
-    let published = if shared.broker.packs() {
-        let (queued, packable): (Vec<Message>, Vec<Message>) =
-            messages.into_iter().partition(|m| topics::is_queue(&m.topic));
-        let queued = async {
-            match queued.is_empty() {
-                true => Ok(()),
-                false => shared.broker.publish(queued).await,
-            }
-        };
-        let packed = async {
-            match packable.is_empty() {
-                true => Ok(()),
-                false => shared.broker.publish_packed(&packable).await,
-            }
-        };
-        let (queued, packed) = tokio::join!(queued, packed);
-        queued.and(packed)
-    } else {
-        shared.broker.publish(messages).await
+    let (mut queued, mut packable) = (Vec::new(), Vec::new());
+    // Both keep the order of `messages`, so the derived ones come last in each.
+    let (mut queued_derived, mut packable_derived) = (0, 0);
+    for (i, m) in messages.into_iter().enumerate() {
+        let derived = i >= first_derived;
+        if topics::is_queue(&m.topic) {
+            queued_derived += usize::from(derived);
+            queued.push(m);
+        } else {
+            packable_derived += usize::from(derived);
+            packable.push(m);
+        }
+    }
+    if published(shared, send_lent(shared, &queued, &packable).await, count).await {
+        return Sent::First;
+    }
+    let queued = &queued[queued.len() - queued_derived..];
+    let packable = &packable[packable.len() - packable_derived..];
+    let mut backoff = RETRY_FIRST;
+    while !queued.is_empty() || !packable.is_empty() {
+        tokio::select! {
+            _ = tokio::time::sleep(backoff) => {}
+            _ = shutdown.changed() => return Sent::ShutDown,
+        }
+        if published(shared, send_lent(shared, queued, packable).await, queued.len() + packable.len()).await {
+            break;
+        }
+        backoff = (backoff * 2).min(RETRY_MAX);
+    }
+    Sent::Retried
+}
+
+/// Sends stored messages once (the sweep's): `false` when the broker refused them.
+async fn publish_once(shared: &Shared, messages: Vec<Message>) -> bool {
+    let count = messages.len();
+    let sent = match shared.broker.packs() {
+        true => {
+            let (queued, packable): (Vec<Message>, Vec<Message>) =
+                messages.into_iter().partition(|m| topics::is_queue(&m.topic));
+            send_lent(shared, &queued, &packable).await
+        }
+        false => shared.broker.publish(messages).await,
     };
+    published(shared, sent, count).await
+}
+
+/// Queue offers alone, the rest in packs, at the same time.
+async fn send_lent(shared: &Shared, queued: &[Message], packable: &[Message]) -> capstan_brokers::Result<()> {
+    let queued = async {
+        match queued.is_empty() {
+            true => Ok(()),
+            false => shared.broker.publish_lent(queued).await,
+        }
+    };
+    let packed = async {
+        match packable.is_empty() {
+            true => Ok(()),
+            false => shared.broker.publish_packed(packable).await,
+        }
+    };
+    let (queued, packed) = tokio::join!(queued, packed);
+    queued.and(packed)
+}
+
+/// Sends a round over a broker that does not pack. The broker takes the messages, so the
+/// derived ones (from `first_derived` on) are copied first, for a retry.
+async fn publish_owned(
+    shared: &Shared,
+    messages: Vec<Message>,
+    first_derived: usize,
+    shutdown: &mut watch::Receiver<bool>,
+) -> Sent {
+    let again = messages[first_derived..].to_vec();
+    let count = messages.len();
+    if published(shared, shared.broker.publish(messages).await, count).await {
+        return Sent::First;
+    }
+    let mut backoff = RETRY_FIRST;
+    while !again.is_empty() {
+        tokio::select! {
+            _ = tokio::time::sleep(backoff) => {}
+            _ = shutdown.changed() => return Sent::ShutDown,
+        }
+        if published(shared, shared.broker.publish(again.clone()).await, again.len()).await {
+            break;
+        }
+        backoff = (backoff * 2).min(RETRY_MAX);
+    }
+    Sent::Retried
+}
+
+/// Counts a publish that succeeded; logs one that failed.
+async fn published(shared: &Shared, published: capstan_brokers::Result<()>, count: usize) -> bool {
     if let Err(e) = published {
         warn!(error = %e, "publishing the outbox failed; the sweep will retry");
         return false;

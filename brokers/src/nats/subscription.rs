@@ -217,11 +217,9 @@ impl Subscription for NatsSubscription {
                 pack::decode(headers, &msg.payload, &topic).map(Decoded::Pack)
             } else {
                 let key = headers.get(KEY_HEADER).map(|v| v.as_str().to_string()).unwrap_or_default();
-                let pairs: Vec<(String, &str)> = headers
+                let headers = headers
                     .iter()
-                    .flat_map(|(name, values)| values.iter().map(move |v| (name.to_string(), v.as_str())))
-                    .collect();
-                let headers = pairs.iter().map(|(k, v)| (k.as_str(), *v));
+                    .flat_map(|(name, values)| values.iter().map(move |v| (super::header_name(name), v.as_str())));
                 binding::decode(headers, None, &msg.payload, HeaderPrefix::HTTP)
                     .map(|event| Decoded::One(Box::new(Message { topic, key, event })))
             };
