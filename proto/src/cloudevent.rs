@@ -1,6 +1,7 @@
 //! The CloudEvents 1.0 envelope in JSON structured mode. Protocol bindings (binary mode over
 //! NATS, Kafka, AMQP, HTTP) live in the brokers and the binary and map onto this type.
 
+use std::borrow::Cow;
 use std::collections::BTreeMap;
 
 use serde::{Deserialize, Deserializer, Serialize, Serializer};
@@ -29,8 +30,9 @@ pub struct CloudEvent {
     pub dataschema: Option<String>,
     pub data: Option<EventData>,
     pub data_base64: Option<String>,
-    /// Extension attributes; values are carried as strings, as binary-mode bindings do.
-    pub extensions: BTreeMap<String, String>,
+    /// Extension attributes; values are carried as strings, as binary-mode bindings do. The
+    /// protocol's own names (`crate::ext`) are lent rather than copied into every event.
+    pub extensions: BTreeMap<Cow<'static, str>, String>,
 }
 
 /// Why a CloudEvent could not be decoded.
@@ -87,8 +89,8 @@ impl CloudEvent {
     }
 
     /// Sets an extension attribute.
-    pub fn with_ext(mut self, name: &str, value: impl ToString) -> Self {
-        self.extensions.insert(name.to_string(), value.to_string());
+    pub fn with_ext(mut self, name: &'static str, value: impl ToString) -> Self {
+        self.extensions.insert(Cow::Borrowed(name), value.to_string());
         self
     }
 
@@ -140,7 +142,7 @@ impl CloudEvent {
                 Value::Null => continue,
                 _ => return Err(DecodeError::ExtensionValue(name)),
             };
-            extensions.insert(name, text);
+            extensions.insert(crate::ext::name(&name), text);
         }
         Ok(CloudEvent { id, source, ty, subject, time, datacontenttype, dataschema, data, data_base64, extensions })
     }
@@ -172,7 +174,7 @@ impl CloudEvent {
             map.insert("data".into(), data.to_value());
         }
         for (name, value) in &self.extensions {
-            map.insert(name.clone(), value.clone().into());
+            map.insert(name.to_string(), value.clone().into());
         }
         Value::Object(map)
     }
@@ -255,10 +257,106 @@ impl Serialize for CloudEvent {
     }
 }
 
+/// Reads the structured encoding straight into the event, with the checks of
+/// [`CloudEvent::from_value`] (and its messages): `data` is kept as the text it came as, and no
+/// JSON tree is built on the way, which a batch of many events would pay for each of them.
 impl<'de> Deserialize<'de> for CloudEvent {
     fn deserialize<D: Deserializer<'de>>(deserializer: D) -> Result<Self, D::Error> {
-        let value = Value::deserialize(deserializer)?;
-        CloudEvent::from_value(value).map_err(serde::de::Error::custom)
+        deserializer.deserialize_map(EventVisitor)
+    }
+}
+
+/// The string attributes of the spec besides `data`, in the order of [`Attributes`].
+const STRING_ATTRIBUTES: [&str; 9] =
+    ["specversion", "id", "source", "type", "subject", "time", "datacontenttype", "dataschema", "data_base64"];
+
+struct EventVisitor;
+
+/// A member name, lent by the text when it has no escapes (serde's `Cow` always copies).
+struct Key<'de>(Cow<'de, str>);
+
+impl<'de> Deserialize<'de> for Key<'de> {
+    fn deserialize<D: Deserializer<'de>>(deserializer: D) -> Result<Self, D::Error> {
+        struct KeyVisitor;
+        impl<'de> serde::de::Visitor<'de> for KeyVisitor {
+            type Value = Key<'de>;
+
+            fn expecting(&self, f: &mut std::fmt::Formatter) -> std::fmt::Result {
+                f.write_str("an attribute name")
+            }
+
+            fn visit_borrowed_str<E>(self, v: &'de str) -> Result<Key<'de>, E> {
+                Ok(Key(Cow::Borrowed(v)))
+            }
+
+            fn visit_str<E>(self, v: &str) -> Result<Key<'de>, E> {
+                Ok(Key(Cow::Owned(v.to_string())))
+            }
+
+            fn visit_string<E>(self, v: String) -> Result<Key<'de>, E> {
+                Ok(Key(Cow::Owned(v)))
+            }
+        }
+        deserializer.deserialize_str(KeyVisitor)
+    }
+}
+
+impl<'de> serde::de::Visitor<'de> for EventVisitor {
+    type Value = CloudEvent;
+
+    fn expecting(&self, f: &mut std::fmt::Formatter) -> std::fmt::Result {
+        f.write_str("a CloudEvent (a JSON object)")
+    }
+
+    fn visit_map<A: serde::de::MapAccess<'de>>(self, mut map: A) -> Result<CloudEvent, A::Error> {
+        use serde::de::Error;
+        let fail = |e: DecodeError| A::Error::custom(e);
+        let mut attrs: [Option<String>; 9] = Default::default();
+        let mut data = None;
+        let mut extensions = BTreeMap::new();
+        while let Some(Key(name)) = map.next_key()? {
+            if name == "data" {
+                data = Some(EventData::from_raw(map.next_value()?));
+                continue;
+            }
+            let value: Value = map.next_value()?;
+            if let Some(i) = STRING_ATTRIBUTES.iter().position(|a| *a == name) {
+                attrs[i] = match value {
+                    Value::Null => None,
+                    Value::String(s) => Some(s),
+                    _ => return Err(fail(DecodeError::NotAString(name.into_owned()))),
+                };
+                continue;
+            }
+            if !valid_extension_name(&name) {
+                return Err(fail(DecodeError::ExtensionName(name.into_owned())));
+            }
+            let text = match value {
+                Value::String(s) => s,
+                Value::Number(n) => n.to_string(),
+                Value::Bool(b) => b.to_string(),
+                Value::Null => {
+                    extensions.remove(name.as_ref());
+                    continue;
+                }
+                _ => return Err(fail(DecodeError::ExtensionValue(name.into_owned()))),
+            };
+            extensions.insert(crate::ext::name(&name), text);
+        }
+        let [specversion, id, source, ty, subject, time, datacontenttype, dataschema, data_base64] = attrs;
+        match specversion.as_deref() {
+            None | Some("") => return Err(fail(DecodeError::Missing("specversion"))),
+            Some(SPEC_VERSION) => {}
+            Some(other) => return Err(fail(DecodeError::SpecVersion(other.to_string()))),
+        }
+        let required = |value: Option<String>, name: &'static str| match value {
+            Some(s) if !s.is_empty() => Ok(s),
+            _ => Err(fail(DecodeError::Missing(name))),
+        };
+        let id = required(id, "id")?;
+        let source = required(source, "source")?;
+        let ty = required(ty, "type")?;
+        Ok(CloudEvent { id, source, ty, subject, time, datacontenttype, dataschema, data, data_base64, extensions })
     }
 }
 
@@ -333,6 +431,43 @@ mod tests {
             assert_eq!(CloudEvent::from_value(input.clone()).unwrap_err(), expected, "{input}");
         }
         assert!(matches!(CloudEvent::from_json(b"{nope"), Err(DecodeError::Json(_))));
+    }
+
+    /// The direct reader (`Deserialize`, which batches use) accepts and refuses what
+    /// `from_value` does, with the same message, and lends the protocol's extension names.
+    #[test]
+    fn reading_straight_from_text_checks_as_from_value_does() {
+        let texts = [
+            r#"{"specversion":"1.0","id":"1","source":"s","type":"t","data":{"a":[1,{"b":null}]},"capstanrun":"r"}"#,
+            r#"{"specversion":"1.0","id":"1","source":"s","type":"t","data":null,"subject":null}"#,
+            r#"{"specversion":"1.0","id":"1","source":"s","type":"t","capstan\u0072un":"escaped","x1":true,"x2":2.5}"#,
+            r#"{"specversion":"1.0","id":"1","source":"s","type":"t","x":"a","x":null}"#,
+            r#"{"specversion":"1.0","id":"1","source":"s","type":"t","x":null,"x":"b"}"#,
+            r#"{"id":"1","source":"s","type":"t"}"#,
+            r#"{"specversion":"0.3","id":"1","source":"s","type":"t"}"#,
+            r#"{"specversion":"1.0","id":"","source":"s","type":"t"}"#,
+            r#"{"specversion":"1.0","id":"1","source":"s","type":"t","subject":3}"#,
+            r#"{"specversion":"1.0","id":"1","source":"s","type":"t","Bad":"x"}"#,
+            r#"{"specversion":"1.0","id":"1","source":"s","type":"t","x":{"nested":1}}"#,
+            r#"[1]"#,
+        ];
+        for text in texts {
+            let direct = serde_json::from_str::<CloudEvent>(text);
+            match CloudEvent::from_json(text.as_bytes()) {
+                Ok(expected) => assert_eq!(direct.expect(text), expected, "{text}"),
+                Err(DecodeError::NotAnObject) => assert!(direct.is_err(), "{text}"),
+                Err(e) => {
+                    let message = direct.expect_err(text).to_string();
+                    assert!(message.starts_with(&e.to_string()), "{text}: {message} / {e}");
+                }
+            }
+        }
+        let ev: CloudEvent = serde_json::from_str(texts[2]).unwrap();
+        assert_eq!(ev.ext(crate::ext::RUN), Some("escaped"));
+        let lent =
+            |ev: &CloudEvent, name: &str| ev.extensions.keys().any(|k| k == name && matches!(k, Cow::Borrowed(_)));
+        assert!(lent(&ev, crate::ext::RUN), "a protocol name is lent, not copied");
+        assert!(!lent(&ev, "x1"));
     }
 
     #[test]

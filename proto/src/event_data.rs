@@ -34,6 +34,11 @@ impl EventData {
         Ok(EventData(raw.to_owned()))
     }
 
+    /// JSON text already checked by the parser that read it.
+    pub(crate) fn from_raw(raw: Box<RawValue>) -> Self {
+        EventData(raw)
+    }
+
     /// The JSON text.
     pub fn as_str(&self) -> &str {
         self.0.get()

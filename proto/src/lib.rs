@@ -64,6 +64,17 @@ pub mod ext {
     pub const KEPTN_CONTEXT: &str = "shkeptncontext";
     /// Keptn's link from `.started` / `.finished` back to the `.triggered` event.
     pub const KEPTN_TRIGGERED_ID: &str = "triggeredid";
+
+    const KNOWN: [&str; 9] = [PROJECT, CONTEXT, RUN, TASK, ATTEMPT, TOKEN, WORKER, KEPTN_CONTEXT, KEPTN_TRIGGERED_ID];
+
+    /// An extension name as a map key: one of the names above is lent, not copied, since every
+    /// message of the protocol carries several of them.
+    pub fn name(name: &str) -> std::borrow::Cow<'static, str> {
+        match KNOWN.iter().find(|k| **k == name) {
+            Some(known) => std::borrow::Cow::Borrowed(known),
+            None => std::borrow::Cow::Owned(name.to_string()),
+        }
+    }
 }
 
 /// Broker topic names used by the engine and the worker SDK.
