@@ -92,6 +92,7 @@ pub async fn run(
                 // Only they are sent again: stored ones fall back on the sweep, and advisory
                 // ones are sent once.
                 let sent = match shared.broker.packs() {
+                    _ if msgs.is_empty() => Sent::First,
                     true => publish_lent(&shared, msgs, first_derived, &mut shutdown).await,
                     false => publish_owned(&shared, msgs, first_derived, &mut shutdown).await,
                 };
