@@ -44,7 +44,7 @@ mod pipeline;
 
 pub(super) use load::fold;
 
-use deferred::{DEFER_MIN_MS, Deferred, Undo};
+use deferred::{DEFER_MIN_MS, Deferred, Setting, Undo};
 
 /// What happened to one input.
 #[derive(Debug)]
@@ -312,7 +312,7 @@ impl Partition {
         let mut outgoing = Outgoing::default();
         // Last write wins per timer key, in effect order; None means "delete". A set carries
         // whether it may be kept in memory (see `deferred.rs`).
-        let mut timers: BTreeMap<(String, String), Option<(TimerRow, bool)>> = BTreeMap::new();
+        let mut timers: BTreeMap<(String, String), Option<Setting>> = BTreeMap::new();
         let mut guarded: Vec<TimerCancel> = Vec::new();
         let mut lane_notes: Vec<LaneNote> = Vec::new();
 
@@ -395,8 +395,11 @@ impl Partition {
                         let keep = !decision.events.is_empty()
                             && w.state.derives(kind)
                             && at.0 as i64 >= now_ms + DEFER_MIN_MS;
-                        let row = codec::engine_timer_row(&env.run_id, kind, *at);
-                        timers.insert((env.run_id.clone(), kind.key()), Some((row, keep)));
+                        let setting = match keep {
+                            true => Setting::Keep { kind: kind.clone(), fire_at_ms: at.0 as i64 },
+                            false => Setting::Write(codec::engine_timer_row(&env.run_id, kind, *at)),
+                        };
+                        timers.insert((env.run_id.clone(), kind.key()), Some(setting));
                     }
                     Effect::CancelTimer { kind } => {
                         timers.insert((env.run_id.clone(), kind.key()), None);
@@ -414,7 +417,7 @@ impl Partition {
                             triggered_by: Some(triggered_by.clone()),
                         };
                         let row = codec::start_run_row(&env.run_id, &child, data, now_ms);
-                        timers.insert((row.run_id.clone(), row.key.clone()), Some((row, false)));
+                        timers.insert((row.run_id.clone(), row.key.clone()), Some(Setting::Write(row)));
                     }
                     other => {
                         let gate;
@@ -452,14 +455,14 @@ impl Partition {
         let mut timers_kept = 0;
         for (key, row) in timers {
             match row {
-                Some((row, true)) => {
+                Some(Setting::Keep { kind, fire_at_ms }) => {
                     // The fired row this may replace is deleted by its guard, kept below.
-                    match self.deferred.keep(key, row, now_ms, &mut undo) {
+                    match self.deferred.keep(key, kind, fire_at_ms, now_ms, &mut undo) {
                         Some(row) => written.push(row),
                         None => timers_kept += 1,
                     }
                 }
-                Some((row, false)) => {
+                Some(Setting::Write(row)) => {
                     self.deferred.write_through(&key, &mut undo);
                     written.push(row);
                 }

@@ -21,7 +21,11 @@
 use foldhash::{HashMap, HashMapExt};
 use std::collections::VecDeque;
 
+use capstan_engine::Timestamp;
+use capstan_engine::run::TimerKind;
 use capstan_store::{Committed, Position, TimerRow};
+
+use crate::runtime::codec;
 
 /// A timer goes to the store this long before it is due, so that the timer service fires it
 /// on time from there.
@@ -36,9 +40,18 @@ pub const CHECKPOINT_EVERY_MS: i64 = 1_000;
 /// A timer's identity: its run and key.
 pub type TimerKey = (String, String);
 
+/// A timer a batch sets: kept here (its row is built only if it is ever written), or a row to
+/// write at once.
+#[derive(Debug)]
+pub enum Setting {
+    Keep { kind: TimerKind, fire_at_ms: i64 },
+    Write(TimerRow),
+}
+
 #[derive(Debug, Clone)]
 struct Entry {
-    row: TimerRow,
+    kind: TimerKind,
+    fire_at_ms: i64,
     /// When it goes to the store.
     flush_at: i64,
     /// The position before the events of the commit that set it; `None` while that commit is
@@ -46,6 +59,11 @@ struct Entry {
     before: Option<Position>,
     /// Written by a batch whose commit is under way: a later cancel must then reach the store.
     flushing: bool,
+}
+
+/// The store's row of a kept timer.
+fn row(key: &TimerKey, kind: &TimerKind, fire_at_ms: i64) -> TimerRow {
+    codec::engine_timer_row(&key.0, kind, Timestamp(fire_at_ms.max(0) as u64))
 }
 
 /// What one batch changed, to undo it if its commit fails or settle it once it succeeds.
@@ -103,22 +121,29 @@ impl Deferred {
         self.entries.len()
     }
 
-    /// Keeps a timer in memory. Returns it back when it must be written instead: the store is
+    /// Keeps a timer in memory. Returns its row when it must be written instead: the store is
     /// about to get an earlier value of it from a batch under way, which this one must follow.
-    pub fn keep(&mut self, key: TimerKey, row: TimerRow, now_ms: i64, undo: &mut Undo) -> Option<TimerRow> {
-        let previous = self.entries.get(&key).cloned();
+    pub fn keep(
+        &mut self,
+        key: TimerKey,
+        kind: TimerKind,
+        fire_at_ms: i64,
+        now_ms: i64,
+        undo: &mut Undo,
+    ) -> Option<TimerRow> {
+        let previous = self.entries.remove(&key);
         if previous.as_ref().is_some_and(|e| e.flushing) {
-            undo.record(&key, self.entries.remove(&key));
-            return Some(row);
+            undo.record(&key, previous);
+            return Some(row(&key, &kind, fire_at_ms));
         }
         // Set again while kept (a resume re-arming a delay): it keeps its first position, the
         // one recovery must read from.
         let before = previous.as_ref().and_then(|e| e.before);
-        let flush_at = (now_ms + KEEP_MS).min(row.fire_at_ms - FLUSH_LEAD_MS);
+        let flush_at = (now_ms + KEEP_MS).min(fire_at_ms - FLUSH_LEAD_MS);
         let flush_at = previous.as_ref().map_or(flush_at, |e| e.flush_at.min(flush_at));
         self.next_flush_at = self.next_flush_at.min(flush_at);
         undo.record(&key, previous);
-        self.entries.insert(key, Entry { row, flush_at, before, flushing: false });
+        self.entries.insert(key, Entry { kind, fire_at_ms, flush_at, before, flushing: false });
         None
     }
 
@@ -153,7 +178,7 @@ impl Deferred {
                 undo.log.push((key.clone(), Some(e.clone())));
                 undo.flushed.push(key.clone());
                 e.flushing = true;
-                out.push(e.row.clone());
+                out.push(row(key, &e.kind, e.fire_at_ms));
             } else {
                 next = next.min(e.flush_at);
             }
@@ -265,10 +290,14 @@ impl Deferred {
 #[cfg(test)]
 mod tests {
     use super::*;
-    use serde_json::json;
 
-    fn row(run: &str, key: &str, at: i64) -> TimerRow {
-        TimerRow { run_id: run.into(), key: key.into(), fire_at_ms: at, payload: json!({}) }
+    fn kind(task: &str) -> TimerKind {
+        TimerKind::Delay { task: task.into() }
+    }
+
+    /// The row a kept timer `k` of run `run` is written as.
+    fn row(run: &str, k: &str, at: i64) -> TimerRow {
+        super::row(&key(run, k), &kind(k), at)
     }
 
     fn key(run: &str, k: &str) -> TimerKey {
@@ -284,7 +313,7 @@ mod tests {
     fn kept_a(start: Position, last: Position) -> Deferred {
         let mut d = Deferred::new(start);
         let mut u = Undo::default();
-        d.keep(key("r", "a"), row("r", "a", 60_000), 0, &mut u);
+        d.keep(key("r", "a"), kind("a"), 60_000, 0, &mut u);
         d.settled(u, committed(last, 2));
         d
     }
@@ -293,7 +322,7 @@ mod tests {
     fn a_timer_cancelled_in_time_never_reaches_the_store() {
         let mut d = Deferred::new(10);
         let mut u = Undo::default();
-        assert!(d.keep(key("r", "a"), row("r", "a", 60_000), 1_000, &mut u).is_none());
+        assert!(d.keep(key("r", "a"), kind("a"), 60_000, 1_000, &mut u).is_none());
         d.settled(u, committed(13, 3));
         assert_eq!(d.checkpoint(), 10, "the timer holds the checkpoint before its commit's events");
         let mut u = Undo::default();
@@ -306,8 +335,8 @@ mod tests {
     fn timers_are_written_after_a_while_or_before_they_are_due() {
         let mut d = Deferred::new(0);
         let mut u = Undo::default();
-        d.keep(key("r", "long"), row("r", "long", 3_600_000), 1_000, &mut u);
-        d.keep(key("r", "soon"), row("r", "soon", 1_600), 1_000, &mut u);
+        d.keep(key("r", "long"), kind("long"), 3_600_000, 1_000, &mut u);
+        d.keep(key("r", "soon"), kind("soon"), 1_600, 1_000, &mut u);
         d.settled(u, committed(2, 2));
         let mut out = Vec::new();
         d.flush_due(1_349, &mut Undo::default(), &mut out);
@@ -316,6 +345,11 @@ mod tests {
         let mut u = Undo::default();
         d.flush_due(1_350, &mut u, &mut out);
         assert_eq!(out, vec![row("r", "soon", 1_600)], "250 ms before it is due");
+        // The row is built only now, from the kept kind, and fires as that timer.
+        let fired = codec::decode_timer(&out[0]).expect("an engine timer row");
+        assert_eq!(fired.target_run, "r");
+        assert_eq!(fired.input, capstan_engine::run::Input::Timer(kind("soon")));
+        assert_eq!(out[0].key, kind("soon").key());
         d.settled(u, committed(3, 1));
         let mut u = Undo::default();
         out.clear();
@@ -329,7 +363,7 @@ mod tests {
         let mut d = kept_a(5, 7);
         let mut u = Undo::default();
         d.cancel(&key("r", "a"), &mut u);
-        d.keep(key("r", "b"), row("r", "b", 60_000), 0, &mut u);
+        d.keep(key("r", "b"), kind("b"), 60_000, 0, &mut u);
         let mut out = Vec::new();
         d.flush_due(5_000, &mut u, &mut out);
         assert_eq!(out, vec![row("r", "b", 60_000)]);
