@@ -2,18 +2,18 @@
 
 use std::sync::Arc;
 
-use async_nats::HeaderMap;
 use async_nats::jetstream;
+use async_nats::{HeaderMap, HeaderName};
 use async_trait::async_trait;
 
 use super::subscription::Original;
-use super::{MSG_ID_HEADER, encode, header_bytes};
+use super::{KEY_HEADER, MSG_ID_HEADER, encode, header_bytes};
 use crate::binding::{self, BATCH_CONTENT_TYPE};
 use crate::pack::{self as packs, DeadLetterPart, KEYS_HEADER, Piece};
 use crate::{Error, Message, Result};
 
 /// Encodes the messages of one topic as NATS messages (headers, payload): packs, and a lone
-/// message in binary mode. A message over the limit by itself fails the whole call.
+/// message in structured mode. A message over the limit by itself fails the whole call.
 pub(super) fn encode_packed(messages: &[&Message], limit: usize) -> Result<Vec<(HeaderMap, Vec<u8>)>> {
     let (topic, id) = messages.iter().fold((0, 0), |(t, i), m| (t.max(m.topic.len()), i.max(m.event.id.len())));
     // Every header line is `name: value\r\n`; the id is `<topic>:pack:<event id>:<count>`.
@@ -37,10 +37,17 @@ pub(super) fn encode_packed(messages: &[&Message], limit: usize) -> Result<Vec<(
     Ok(out)
 }
 
-/// A message alone, in binary mode.
+/// A message alone, in structured mode: three headers, where binary mode has one per
+/// attribute, and the client parses (and allocates) every header of every delivery.
 pub(super) fn plain(m: &Message, limit: usize) -> Result<(HeaderMap, Vec<u8>)> {
-    let (headers, payload) = encode(m)?;
-    checked(headers, payload, limit)
+    const CONTENT_TYPE: HeaderName = HeaderName::from_static(binding::CONTENT_TYPE);
+    const KEY: HeaderName = HeaderName::from_static(KEY_HEADER);
+    const MSG_ID: HeaderName = HeaderName::from_static(MSG_ID_HEADER);
+    let mut headers = HeaderMap::new();
+    headers.insert(CONTENT_TYPE, binding::STRUCTURED_CONTENT_TYPE);
+    headers.insert(KEY, m.key.as_str());
+    headers.insert(MSG_ID, format!("{}:{}", m.topic, m.event.id));
+    checked(headers, m.event.to_json(), limit)
 }
 
 fn checked(headers: HeaderMap, payload: Vec<u8>, limit: usize) -> Result<(HeaderMap, Vec<u8>)> {
