@@ -386,10 +386,15 @@ async fn malformed_worker_messages_on_the_broker_change_nothing_and_block_nothin
         };
         let letter = letter.expect("subscription open");
         let header = |name: &str| letter.headers.as_ref().and_then(|h| h.get(name)).map(|v| v.as_str().to_string());
-        let id = header("ce-id").unwrap_or_else(|| {
-            assert_eq!(letter.payload.as_ref(), b"\xff not a CloudEvent", "kept as it came");
-            "raw".into()
-        });
+        // A dead letter is kept as it came: a CloudEvent published alone in structured mode, or
+        // the raw bytes.
+        let id = match CloudEvent::from_json(&letter.payload) {
+            Ok(event) => event.id,
+            Err(_) => {
+                assert_eq!(letter.payload.as_ref(), b"\xff not a CloudEvent", "kept as it came");
+                "raw".into()
+            }
+        };
         let reason = header(capstan_brokers::nats::DEAD_REASON_HEADER);
         let reason = reason.unwrap_or_else(|| panic!("a dead letter without its reason: {:?}", letter.headers));
         letters.insert(id, reason);
