@@ -197,36 +197,50 @@ async fn publish_lent(
     shutdown: &mut watch::Receiver<bool>,
 ) -> Sent {
     let count = messages.len();
-    let (mut queued, mut packable) = (Vec::new(), Vec::new());
-    // Both keep the order of `messages`, so the derived ones come last in each.
-    let (mut queued_derived, mut packable_derived) = (0, 0);
-    for (i, m) in messages.into_iter().enumerate() {
-        let derived = i >= first_derived;
-        if topics::is_queue(&m.topic) {
-            queued_derived += usize::from(derived);
-            queued.push(m);
-        } else {
-            packable_derived += usize::from(derived);
-            packable.push(m);
-        }
-    }
-    if published(shared, send_lent(shared, &queued, &packable).await, count).await {
+    let split = Split::new(messages, first_derived);
+    if published(shared, send_lent(shared, &split.queued, &split.packable).await, count).await {
         return Sent::First;
     }
-    let queued = &queued[queued.len() - queued_derived..];
-    let packable = &packable[packable.len() - packable_derived..];
-    let mut backoff = RETRY_FIRST;
-    while !queued.is_empty() || !packable.is_empty() {
-        tokio::select! {
-            _ = tokio::time::sleep(backoff) => {}
-            _ = shutdown.changed() => return Sent::ShutDown,
-        }
-        if published(shared, send_lent(shared, queued, packable).await, queued.len() + packable.len()).await {
-            break;
-        }
-        backoff = (backoff * 2).min(RETRY_MAX);
+    let (queued, packable) = split.derived();
+    if queued.is_empty() && packable.is_empty() {
+        return Sent::Retried;
     }
-    Sent::Retried
+    let again = queued.len() + packable.len();
+    retry(shutdown, || async move { published(shared, send_lent(shared, queued, packable).await, again).await }).await
+}
+
+/// A round split for a broker that packs: its queue offers and the rest, each in the round's
+/// order, so that the derived messages come last in both.
+struct Split {
+    queued: Vec<Message>,
+    packable: Vec<Message>,
+    queued_derived: usize,
+    packable_derived: usize,
+}
+
+impl Split {
+    fn new(messages: Vec<Message>, first_derived: usize) -> Self {
+        let mut split = Split { queued: Vec::new(), packable: Vec::new(), queued_derived: 0, packable_derived: 0 };
+        for (i, m) in messages.into_iter().enumerate() {
+            let derived = usize::from(i >= first_derived);
+            if topics::is_queue(&m.topic) {
+                split.queued_derived += derived;
+                split.queued.push(m);
+            } else {
+                split.packable_derived += derived;
+                split.packable.push(m);
+            }
+        }
+        split
+    }
+
+    /// The derived messages: the queued ones, and the ones for packs.
+    fn derived(&self) -> (&[Message], &[Message]) {
+        (
+            &self.queued[self.queued.len() - self.queued_derived..],
+            &self.packable[self.packable.len() - self.packable_derived..],
+        )
+    }
 }
 
 /// Sends stored messages once (the sweep's): `false` when the broker refused them.
@@ -234,9 +248,8 @@ async fn publish_once(shared: &Shared, messages: Vec<Message>) -> bool {
     let count = messages.len();
     let sent = match shared.broker.packs() {
         true => {
-            let (queued, packable): (Vec<Message>, Vec<Message>) =
-                messages.into_iter().partition(|m| topics::is_queue(&m.topic));
-            send_lent(shared, &queued, &packable).await
+            let split = Split::new(messages, count);
+            send_lent(shared, &split.queued, &split.packable).await
         }
         false => shared.broker.publish(messages).await,
     };
@@ -274,18 +287,28 @@ async fn publish_owned(
     if published(shared, shared.broker.publish(messages).await, count).await {
         return Sent::First;
     }
+    if again.is_empty() {
+        return Sent::Retried;
+    }
+    let again = &again;
+    retry(shutdown, || async move { published(shared, shared.broker.publish(again.clone()).await, again.len()).await })
+        .await
+}
+
+/// Calls `send` after a wait that doubles each time, until it succeeds (`Sent::Retried`) or the
+/// relay shuts down.
+async fn retry<F: Future<Output = bool>>(shutdown: &mut watch::Receiver<bool>, mut send: impl FnMut() -> F) -> Sent {
     let mut backoff = RETRY_FIRST;
-    while !again.is_empty() {
+    loop {
         tokio::select! {
             _ = tokio::time::sleep(backoff) => {}
             _ = shutdown.changed() => return Sent::ShutDown,
         }
-        if published(shared, shared.broker.publish(again.clone()).await, again.len()).await {
-            break;
+        if send().await {
+            return Sent::Retried;
         }
         backoff = (backoff * 2).min(RETRY_MAX);
     }
-    Sent::Retried
 }
 
 /// Counts a publish that succeeded; logs one that failed.
