@@ -120,15 +120,10 @@ impl CloudEvent {
         let Value::Object(mut map) = value else {
             return Err(DecodeError::NotAnObject);
         };
-        let specversion = take_string(&mut map, "specversion")?;
-        match specversion.as_deref() {
-            None | Some("") => return Err(DecodeError::Missing("specversion")),
-            Some(SPEC_VERSION) => {}
-            Some(other) => return Err(DecodeError::SpecVersion(other.to_string())),
-        }
-        let id = required(&mut map, "id")?;
-        let source = required(&mut map, "source")?;
-        let ty = required(&mut map, "type")?;
+        check_spec_version(take_string(&mut map, "specversion")?.as_deref())?;
+        let id = required(take_string(&mut map, "id")?, "id")?;
+        let source = required(take_string(&mut map, "source")?, "source")?;
+        let ty = required(take_string(&mut map, "type")?, "type")?;
         let subject = take_string(&mut map, "subject")?;
         let time = take_string(&mut map, "time")?;
         let datacontenttype = take_string(&mut map, "datacontenttype")?;
@@ -137,17 +132,9 @@ impl CloudEvent {
         let data = map.remove("data").map(EventData::from);
         let mut extensions = BTreeMap::new();
         for (name, value) in map {
-            if !valid_extension_name(&name) {
-                return Err(DecodeError::ExtensionName(name));
+            if let Some(text) = extension_text(&name, value)? {
+                extensions.insert(crate::ext::name(&name), text);
             }
-            let text = match value {
-                Value::String(s) => s,
-                Value::Number(n) => n.to_string(),
-                Value::Bool(b) => b.to_string(),
-                Value::Null => continue,
-                _ => return Err(DecodeError::ExtensionValue(name)),
-            };
-            extensions.insert(crate::ext::name(&name), text);
         }
         Ok(CloudEvent { id, source, ty, subject, time, datacontenttype, dataschema, data, data_base64, extensions })
     }
@@ -209,10 +196,34 @@ fn take_string(map: &mut Map<String, Value>, name: &str) -> Result<Option<String
     }
 }
 
-fn required(map: &mut Map<String, Value>, name: &'static str) -> Result<String, DecodeError> {
-    match take_string(map, name)? {
+/// A required attribute's value: present and not empty.
+fn required(value: Option<String>, name: &'static str) -> Result<String, DecodeError> {
+    match value {
         Some(s) if !s.is_empty() => Ok(s),
         _ => Err(DecodeError::Missing(name)),
+    }
+}
+
+fn check_spec_version(specversion: Option<&str>) -> Result<(), DecodeError> {
+    match specversion {
+        None | Some("") => Err(DecodeError::Missing("specversion")),
+        Some(SPEC_VERSION) => Ok(()),
+        Some(other) => Err(DecodeError::SpecVersion(other.to_string())),
+    }
+}
+
+/// An extension's value as text (`None` for `null`, which is as good as absent), after checking
+/// its name.
+fn extension_text(name: &str, value: Value) -> Result<Option<String>, DecodeError> {
+    if !valid_extension_name(name) {
+        return Err(DecodeError::ExtensionName(name.to_string()));
+    }
+    match value {
+        Value::String(s) => Ok(Some(s)),
+        Value::Number(n) => Ok(Some(n.to_string())),
+        Value::Bool(b) => Ok(Some(b.to_string())),
+        Value::Null => Ok(None),
+        _ => Err(DecodeError::ExtensionValue(name.to_string())),
     }
 }
 
@@ -271,7 +282,7 @@ impl<'de> Deserialize<'de> for CloudEvent {
     }
 }
 
-/// The string attributes of the spec besides `data`, in the order of [`Attributes`].
+/// The string attributes of the spec besides `data`, in the order the reader destructures them.
 const STRING_ATTRIBUTES: [&str; 9] =
     ["specversion", "id", "source", "type", "subject", "time", "datacontenttype", "dataschema", "data_base64"];
 
@@ -333,34 +344,16 @@ impl<'de> serde::de::Visitor<'de> for EventVisitor {
                 };
                 continue;
             }
-            if !valid_extension_name(&name) {
-                return Err(fail(DecodeError::ExtensionName(name.into_owned())));
+            match extension_text(&name, value).map_err(fail)? {
+                Some(text) => _ = extensions.insert(crate::ext::name(&name), text),
+                None => _ = extensions.remove(name.as_ref()),
             }
-            let text = match value {
-                Value::String(s) => s,
-                Value::Number(n) => n.to_string(),
-                Value::Bool(b) => b.to_string(),
-                Value::Null => {
-                    extensions.remove(name.as_ref());
-                    continue;
-                }
-                _ => return Err(fail(DecodeError::ExtensionValue(name.into_owned()))),
-            };
-            extensions.insert(crate::ext::name(&name), text);
         }
         let [specversion, id, source, ty, subject, time, datacontenttype, dataschema, data_base64] = attrs;
-        match specversion.as_deref() {
-            None | Some("") => return Err(fail(DecodeError::Missing("specversion"))),
-            Some(SPEC_VERSION) => {}
-            Some(other) => return Err(fail(DecodeError::SpecVersion(other.to_string()))),
-        }
-        let required = |value: Option<String>, name: &'static str| match value {
-            Some(s) if !s.is_empty() => Ok(s),
-            _ => Err(fail(DecodeError::Missing(name))),
-        };
-        let id = required(id, "id")?;
-        let source = required(source, "source")?;
-        let ty = required(ty, "type")?;
+        check_spec_version(specversion.as_deref()).map_err(fail)?;
+        let id = required(id, "id").map_err(fail)?;
+        let source = required(source, "source").map_err(fail)?;
+        let ty = required(ty, "type").map_err(fail)?;
         Ok(CloudEvent { id, source, ty, subject, time, datacontenttype, dataschema, data, data_base64, extensions })
     }
 }
