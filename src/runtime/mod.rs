@@ -117,9 +117,9 @@ pub struct Envelope {
 }
 
 impl Envelope {
-    /// The id to record against a second application of this input: none for a worker's claim,
-    /// bid, `started` or heartbeat, which its run's state recognises when it comes again
-    /// (`Input::idempotent_by_state`), so that most worker messages cost no row.
+    /// The id to record against a second application of this input: none for a worker's
+    /// message (claim, bid, `started`, heartbeat, `finished`), which its run's state recognises
+    /// when it comes again (`Input::idempotent_by_state`), so that worker messages cost no row.
     pub fn recorded_id(&self) -> Option<&String> {
         self.input_id.as_ref().filter(|_| !self.input.idempotent_by_state())
     }

@@ -1,9 +1,10 @@
-//! The input retention end to end: a worker's messages are recorded as processed with the time
-//! of their commit, kept while the retention lasts and pruned by the runtime once it has passed.
+//! The input retention end to end: recorded input ids are kept while the retention lasts and
+//! pruned by the runtime once it has passed; a worker's messages that come again are recognised
+//! by their run's state and record no id.
 
 use std::collections::BTreeMap;
+use std::sync::Arc;
 use std::sync::atomic::{AtomicI64, Ordering};
-use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
 use capstan::runtime::{Clock, Runtime, RuntimeConfig, SystemClock, TriggerRequest};
@@ -12,11 +13,11 @@ use capstan_brokers::{Broker, Message, SubscriptionMode};
 use capstan_proto::{
     AttemptRef, Award, Claim, CloudEvent, Finished, Progress, TaskResult, WorkerInfo, ext, topics, types,
 };
-use capstan_store::Store;
 use capstan_store::memory::MemoryStore;
+use capstan_store::{Batch, Store};
 use serde_json::{Value, json};
 
-use crate::support::{Behaviour, Script, WorkerLog, scripted_worker, wait_run_over};
+use crate::support::wait_run_over;
 
 /// One task that workers claim (queue dispatch).
 const ONE_TASK: &str = r#"
@@ -44,8 +45,11 @@ impl Clock for Shifted {
     }
 }
 
+/// Recorded input ids are kept while the retention lasts and pruned by the runtime once it has
+/// passed. No input the runtime applies records one today (every worker message is recognised
+/// by its run's state, see the test below), so the ids are committed to the store directly.
 #[tokio::test]
-async fn worker_inputs_are_kept_for_the_retention_then_pruned() {
+async fn recorded_inputs_are_kept_for_the_retention_then_pruned() {
     let store: Arc<dyn Store> = Arc::new(MemoryStore::new());
     let broker: Arc<dyn Broker> = Arc::new(MemoryBroker::new());
     let clock = Arc::new(Shifted::default());
@@ -55,35 +59,23 @@ async fn worker_inputs_are_kept_for_the_retention_then_pruned() {
         ..RuntimeConfig::default()
     };
     let rt = Runtime::start(config, store.clone(), broker.clone(), clock.clone()).await.expect("runtime starts");
-    let script: Script = Arc::new(|_, _| Behaviour::Complete {
-        after: Duration::from_millis(10),
-        result: TaskResult::Pass,
-        error: None,
-    });
-    let log = Arc::new(Mutex::new(WorkerLog::default()));
-    let workers = scripted_worker(broker, "w1", BTreeMap::new(), &["work"], script, log).await;
-    rt.apply_definition("p", ONE_TASK).await.expect("definition applies");
-    let trigger =
-        TriggerRequest { project: "p".into(), stage: "dev".into(), sequence: "run".into(), ..Default::default() };
-    let run_id = rt.trigger(trigger).await.expect("trigger");
-    wait_run_over(&*store, &run_id, Duration::from_secs(20)).await;
+    let ids = ["input-1", "input-2"].map(String::from);
+    let batch = Batch { inputs: ids.to_vec(), inputs_at_ms: clock.now_ms(), ..Batch::default() };
+    store.commit(batch).await.expect("ids recorded");
 
-    // Five pruning intervals with the worker's `finished` recorded (its claim and `started`
-    // need no row, see the test below): it is inside the retention, so it may not go.
+    // Five pruning intervals inside the retention: nothing may go.
     tokio::time::sleep(Duration::from_millis(100)).await;
     assert_eq!(rt.metrics().inputs_pruned.load(Ordering::Relaxed), 0, "pruned inside the retention");
+    assert_eq!(store.inputs_seen(&ids).await.expect("seen"), ids);
 
     clock.offset_ms.store(2 * 3_600_000, Ordering::SeqCst);
     let deadline = tokio::time::Instant::now() + Duration::from_secs(10);
-    while rt.metrics().inputs_pruned.load(Ordering::Relaxed) < 1 {
-        assert!(tokio::time::Instant::now() < deadline, "the worker's inputs were not pruned");
+    while rt.metrics().inputs_pruned.load(Ordering::Relaxed) < 2 {
+        assert!(tokio::time::Instant::now() < deadline, "the recorded inputs were not pruned");
         tokio::time::sleep(Duration::from_millis(10)).await;
     }
     rt.shutdown().await;
-    for w in workers {
-        w.abort();
-    }
-    assert_eq!(store.prune_processed_inputs(i64::MAX, 1_000).await.expect("prune"), 0, "the runtime pruned them all");
+    assert!(store.inputs_seen(&ids).await.expect("seen").is_empty(), "the runtime pruned them all");
 }
 
 /// A worker's message to the engine about `attempt`, with the protocol's extensions, under the
@@ -102,12 +94,12 @@ fn report(id: &str, ty: &str, attempt: &AttemptRef, token: Option<u64>, data: Va
     Message { topic: topics::ENGINE_INPUTS.into(), key: attempt.run_id.clone(), event }
 }
 
-/// A worker's claim and `started` are recognised by their run when they come again (the broker
-/// redelivers one, or the worker sends it again under a new id), so the runtime records no id
-/// for them: each is applied once, and the worker hears no rejection, which would cancel its
-/// work. Its `finished` is recorded as before.
+/// A worker's claim, `started` and `finished` are recognised by their run when they come again
+/// (the broker redelivers one, or the worker sends it again under a new id), so the runtime
+/// records no id for them: each is applied once, and the worker hears no rejection, which would
+/// cancel its work.
 #[tokio::test]
-async fn claims_and_started_that_come_again_are_recognised_without_rows() {
+async fn worker_messages_that_come_again_are_recognised_without_rows() {
     let store: Arc<dyn Store> = Arc::new(MemoryStore::new());
     let broker: Arc<dyn Broker> = Arc::new(MemoryBroker::new());
     let rt = Runtime::start(RuntimeConfig::default(), store.clone(), broker.clone(), Arc::new(SystemClock))
@@ -150,15 +142,19 @@ async fn claims_and_started_that_come_again_are_recognised_without_rows() {
         output: Value::Null,
         error: None,
     };
-    let finished = report("finished-1", types::TASK_FINISHED, &attempt, Some(token), json!(done));
-    broker.publish(vec![finished]).await.expect("finished");
+    let finished = ["finished-1", "finished-1", "finished-2"]
+        .map(|id| report(id, types::TASK_FINISHED, &attempt, Some(token), json!(done)));
+    broker.publish(finished.to_vec()).await.expect("finished");
     wait_run_over(&*store, &run_id, Duration::from_secs(10)).await;
+    // The copies were published in one call, so they are past the engine once the run is over
+    // and the worker's inbox is quiet below.
 
     let kinds: Vec<String> = store.read_stream(&run_id, 1).await.expect("stream").into_iter().map(|e| e.kind).collect();
     let count = |kind: &str| kinds.iter().filter(|k| *k == kind).count();
-    assert_eq!((count("task-awarded"), count("task-started"), count("input-rejected")), (1, 1, 0), "{kinds:?}");
-    let ids = ["claim-1", "claim-2", "started-1", "started-2", "finished-1"].map(String::from);
-    assert_eq!(store.inputs_seen(&ids).await.expect("seen"), ["finished-1"]);
+    let counts = (count("task-awarded"), count("task-started"), count("task-ended"), count("input-rejected"));
+    assert_eq!(counts, (1, 1, 1, 0), "{kinds:?}");
+    let ids = ["claim-1", "claim-2", "started-1", "started-2", "finished-1", "finished-2"].map(String::from);
+    assert!(store.inputs_seen(&ids).await.expect("seen").is_empty(), "no row for a worker's message");
     // Nothing else reached the worker: no rejection of the claims or reports that came again.
     let more = tokio::time::timeout(Duration::from_millis(300), inbox.next()).await;
     assert!(more.is_err(), "the worker heard more: {:?}", more.map(|d| d.map(|d| d.message.event.ty.clone())));

@@ -29,6 +29,7 @@
 //! | running | Heartbeat, holder's token | running | - (SetTimer Heartbeat) |
 //! | running | timer Heartbeat | backoff or ended(timed-out / outcome-unknown) | AttemptEnded (+ TaskEnded) |
 //! | any | Started / Heartbeat / Finished, not a current token | unchanged | InputRejected |
+//! | any | Finished again, from the holder whose part it ended | unchanged | - |
 //! | backoff | timer Retry | offered (attempt + 1) | TaskOffered |
 //! | awaiting-approval | Approve | ended(finished) | TaskEnded |
 //! | awaiting-approval | timer ApprovalTimeout | ended(timed-out) | TaskEnded |
@@ -89,6 +90,10 @@ impl Step<'_, '_> {
             Input::Claim(claim) => self.with_task(&claim.attempt, &claim.worker.id, |s, i| s.on_claim(i, claim)),
             Input::Started(p) => self.with_task(&p.attempt, &p.worker_id, |s, i| s.on_started(i, p)),
             Input::Heartbeat(p) => self.with_task(&p.attempt, &p.worker_id, |s, i| s.on_heartbeat(i, p)),
+            // A result that comes again (the broker redelivers it, or the worker sends it again)
+            // while its attempt's holders are kept: nothing to record, not even on a run that
+            // is over, so the runtime need not keep its id (`Input::idempotent_by_state`).
+            Input::Finished(f) if self.st.result_recorded(f) => Ok(()),
             Input::Finished(f) => self.with_task(&f.attempt, &f.worker_id, |s, i| s.on_finished(i, f)),
             Input::Timer(kind) => self.on_timer(kind),
         }

@@ -249,6 +249,21 @@ impl RunState {
         self.sequence()?.task_index(name)
     }
 
+    /// Whether `f` is a result this run already took: the holder it names, under its token,
+    /// ended its part of the current attempt with a result. A late result (its part timed out
+    /// or was cancelled) or one of a replaced attempt is not.
+    pub(super) fn result_recorded(&self, f: &capstan_proto::Finished) -> bool {
+        let Some(t) = self.index(&f.attempt.task).and_then(|i| self.tasks.get(i)) else {
+            return false;
+        };
+        t.attempt == f.attempt.attempt
+            && t.holders.iter().any(|h| {
+                h.token == f.token
+                    && h.worker_id == f.worker_id
+                    && matches!(h.outcome, Some(AttemptOutcome::Finished { .. }))
+            })
+    }
+
     /// The name of task `i` (empty for an index outside the sequence).
     pub(super) fn task_name(&self, i: usize) -> String {
         self.sequence().and_then(|s| s.tasks.get(i)).map(|t| t.name.clone()).unwrap_or_default()

@@ -60,13 +60,14 @@ pub enum Input {
 
 impl Input {
     /// Whether the run's state alone recognises this input when it comes again, so that the
-    /// runtime need not record its id: a worker's claim, bid, `started` or heartbeat names its
+    /// runtime need not record its id: a worker's claim, bid, report or heartbeat names its
     /// attempt (a report also its fencing token), and applying one a second time right after
-    /// the first decides nothing new (no event, no rejection to the worker). `finished` is not
-    /// among them: once its attempt is replaced by a retry, a redelivered result could no
-    /// longer be told from a late one, so its id is recorded like any other input's.
+    /// the first decides nothing new (no event, no rejection to the worker). A `finished` is
+    /// recognised as long as its attempt's holders are kept, that is until a retry replaces the
+    /// attempt; a result that comes again after that is refused for the record
+    /// (`InputRejected`), as a late one is, and never taken twice.
     pub fn idempotent_by_state(&self) -> bool {
-        matches!(self, Input::Claim(_) | Input::Bid(_) | Input::Started(_) | Input::Heartbeat(_))
+        matches!(self, Input::Claim(_) | Input::Bid(_) | Input::Started(_) | Input::Heartbeat(_) | Input::Finished(_))
     }
 }
 

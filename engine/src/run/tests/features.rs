@@ -157,6 +157,41 @@ fn reports_that_come_again_after_the_holders_part_ended_decide_nothing() {
 }
 
 #[test]
+fn a_result_that_comes_again_is_taken_once() {
+    // Fanout: w1's result again, while w2 still works, changes nothing and rejects nothing.
+    let (mut run, _) = Run::start(with(|a| a.dispatch = DispatchMode::Fanout), json!({}));
+    run.apply(claim("a", 1, "w1"));
+    run.apply(claim("a", 1, "w2"));
+    run.apply(finished("a", 1, "w1", 1, TaskResult::Pass));
+    let again = run.apply(finished("a", 1, "w1", 1, TaskResult::Fail));
+    assert!(again.events.is_empty() && again.effects.is_empty(), "{again:?}");
+    assert_eq!(run.phase("a"), TaskPhase::Awarded);
+    // The same result under another holder's token is not the one taken: refused.
+    let forged = run.apply(finished("a", 1, "w1", 2, TaskResult::Pass));
+    assert_eq!(kinds(&forged), ["input-rejected"]);
+
+    // A failure with retries left: again during the backoff, nothing; again once the retry
+    // replaced the attempt, refused for the record, and the new attempt goes on untouched.
+    let (mut run, _) = Run::start(single(vec![task("a", &[])]), json!({}));
+    let token = run.award("a", 1, "w1");
+    run.apply(failed("a", 1, "w1", token, "exit-code"));
+    let again = run.apply(failed("a", 1, "w1", token, "exit-code"));
+    assert!(again.events.is_empty() && again.effects.is_empty(), "{again:?}");
+    assert_eq!(run.phase("a"), TaskPhase::Backoff);
+    run.apply(timer(TimerKind::Retry { task: "a".into(), attempt: 1 }));
+    let late = run.apply(failed("a", 1, "w1", token, "exit-code"));
+    assert_eq!(kinds(&late), ["input-rejected"]);
+    assert_eq!(run.phase("a"), TaskPhase::Offered);
+
+    // A holder whose part timed out: its result is late, not one taken before.
+    let (mut run, _) = Run::start(single(vec![task("a", &[])]), json!({}));
+    let token = run.award("a", 1, "w1");
+    run.apply(timer(TimerKind::StartToClose { task: "a".into(), attempt: 1 }));
+    let late = run.apply(finished("a", 1, "w1", token, TaskResult::Pass));
+    assert_eq!(kinds(&late), ["input-rejected"]);
+}
+
+#[test]
 fn fanout_waits_for_every_holder_and_the_worst_result_wins() {
     for (second, expected) in [(TaskResult::Pass, TaskResult::Warning), (TaskResult::Fail, TaskResult::Fail)] {
         let (mut run, _) = Run::start(with(|a| a.dispatch = DispatchMode::Fanout), json!({}));
@@ -204,18 +239,22 @@ fn stale_tokens_and_duplicate_finished_are_refused_for_the_record() {
     let d = run.apply(started("a", 2, "w1", t2));
     assert_eq!(effects(&d), ["reject w1: stale or unknown fencing token"]);
     run.apply(finished("a", 2, "w2", t2, TaskResult::Pass));
+    // The result taken, again: nothing, not even a rejection.
     let dup = run.apply(finished("a", 2, "w2", t2, TaskResult::Fail));
-    assert!(dup.events.is_empty(), "nothing is recorded once the run is over");
-    assert_eq!(effects(&dup), ["reject w2: the run is over"]);
+    assert!(dup.events.is_empty() && dup.effects.is_empty(), "{dup:?}");
+    // Another worker under that token: nothing is recorded once the run is over.
+    let forged = run.apply(finished("a", 2, "w1", t2, TaskResult::Fail));
+    assert!(forged.events.is_empty(), "nothing is recorded once the run is over");
+    assert_eq!(effects(&forged), ["reject w1: the run is over"]);
     assert_eq!(run.state.result(), Some(TaskResult::Pass));
 }
 
 #[test]
-fn duplicate_finished_on_a_live_run_is_recorded_as_rejected() {
+fn duplicate_finished_on_a_live_run_decides_nothing() {
     let (mut run, _) = Run::start(single(vec![task("a", &[]), task("b", &["a"])]), json!({}));
     run.complete("a", 1, "w1", TaskResult::Pass);
     let dup = run.apply(finished("a", 1, "w1", 1, TaskResult::Fail));
-    assert_eq!(kinds(&dup), ["input-rejected"]);
+    assert!(dup.events.is_empty() && dup.effects.is_empty(), "{dup:?}");
     assert_eq!(run.state.task("a").unwrap().result, Some(TaskResult::Pass));
 }
 

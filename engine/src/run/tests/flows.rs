@@ -239,7 +239,7 @@ fn history_renders_one_line_per_event() {
     run.at(600).apply(timer(TimerKind::Retry { task: "a".into(), attempt: 1 }));
     run.at(700).complete("a", 2, "w2", TaskResult::Pass);
     run.apply(Input::Pause);
-    run.apply(finished("a", 2, "w2", 2, TaskResult::Pass));
+    run.apply(finished("a", 1, "w1", t, TaskResult::Pass));
     run.apply(Input::Cancel { reason: "done".into() });
     expect![[r#"
         1 @0 run-started r1 dev.delivery
@@ -253,7 +253,7 @@ fn history_renders_one_line_per_event() {
         9 @700 task-ended a finished pass
         10 @700 task-offered b#1 offer=1
         11 @700 run-paused
-        12 @700 input-rejected finished task=a worker=w2: the attempt is no longer open
+        12 @700 input-rejected finished task=a worker=w1: the attempt is no longer open
         13 @700 task-ended b cancelled fail
         14 @700 run-finished cancelled fail
     "#]]

@@ -145,6 +145,7 @@ impl Sim {
             Input::Claim(c) => (&c.worker.id, &c.attempt),
             Input::Bid(b) => (&b.worker.id, &b.attempt),
             Input::Started(p) | Input::Heartbeat(p) => (&p.worker_id, &p.attempt),
+            Input::Finished(f) => (&f.worker_id, &f.attempt),
             _ => unreachable!("not idempotent by state"),
         };
         for effect in &again.effects {

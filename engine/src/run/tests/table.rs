@@ -322,6 +322,19 @@ fn rows() -> Vec<Row> {
             events: &["input-rejected"],
         },
         Row {
+            row: "any | Finished again, from the holder whose part it ended | unchanged",
+            def: one,
+            setup: |run| {
+                running(run);
+                let result = finish_a(run);
+                run.apply(result);
+            },
+            input: finish_a,
+            task: "a",
+            phase: Ended(TaskStatus::Finished),
+            events: &[],
+        },
+        Row {
             row: "backoff | timer Retry | offered (attempt + 1)",
             def: one,
             setup: |run| {
