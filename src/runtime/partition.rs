@@ -581,7 +581,7 @@ async fn answer(faults: &Faults, reply: Reply, outcome: Outcome) {
             }
             faults.point(FaultPoint::BeforeAck).await;
             if let Err(e) = delivery.ack().await {
-                warn!(error = %e, "ack failed; the broker will redeliver and dedup will drop it");
+                warn!(error = %e, "ack failed; the broker will redeliver it and the run's state will recognise it");
             }
         }
         Reply::Api(tx) => {
