@@ -146,8 +146,8 @@ async fn worker_messages_that_come_again_are_recognised_without_rows() {
         .map(|id| report(id, types::TASK_FINISHED, &attempt, Some(token), json!(done)));
     broker.publish(finished.to_vec()).await.expect("finished");
     wait_run_over(&*store, &run_id, Duration::from_secs(10)).await;
-    // The copies were published in one call, so they are past the engine once the run is over
-    // and the worker's inbox is quiet below.
+    // A copy still on its way when the run ended would show below, as a rejection to the worker
+    // within the quiet window.
 
     let kinds: Vec<String> = store.read_stream(&run_id, 1).await.expect("stream").into_iter().map(|e| e.kind).collect();
     let count = |kind: &str| kinds.iter().filter(|k| *k == kind).count();

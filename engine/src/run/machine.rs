@@ -234,11 +234,8 @@ impl Step<'_, '_> {
     }
 
     fn on_started(&mut self, i: usize, p: &Progress) {
-        let t = self.task(i);
-        let ended_after_start = t.attempt == p.attempt.attempt
-            && t.holders
-                .iter()
-                .any(|h| h.token == p.token && h.worker_id == p.worker_id && h.started && h.outcome.is_some());
+        let ended_after_start =
+            self.task(i).ended_holder(p.attempt.attempt, &p.worker_id, p.token).is_some_and(|h| h.started);
         if ended_after_start {
             // A redelivered `started` of a holder whose part already ended: nothing to record.
             return;

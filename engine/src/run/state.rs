@@ -133,6 +133,15 @@ impl TaskState {
     pub fn open_holder(&self, worker_id: &str, token: u64) -> Option<&Holder> {
         self.holders.iter().find(|h| h.token == token && h.worker_id == worker_id && h.outcome.is_none())
     }
+
+    /// The holder with that worker id and token whose part of attempt `attempt` (the current
+    /// one) already ended: what a report that comes again is recognised by.
+    pub fn ended_holder(&self, attempt: u32, worker_id: &str, token: u64) -> Option<&Holder> {
+        if self.attempt != attempt {
+            return None;
+        }
+        self.holders.iter().find(|h| h.token == token && h.worker_id == worker_id && h.outcome.is_some())
+    }
 }
 
 /// The state of one run: a fold over its events.
@@ -253,15 +262,9 @@ impl RunState {
     /// ended its part of the current attempt with a result. A late result (its part timed out
     /// or was cancelled) or one of a replaced attempt is not.
     pub(super) fn result_recorded(&self, f: &capstan_proto::Finished) -> bool {
-        let Some(t) = self.index(&f.attempt.task).and_then(|i| self.tasks.get(i)) else {
-            return false;
-        };
-        t.attempt == f.attempt.attempt
-            && t.holders.iter().any(|h| {
-                h.token == f.token
-                    && h.worker_id == f.worker_id
-                    && matches!(h.outcome, Some(AttemptOutcome::Finished { .. }))
-            })
+        let task = self.index(&f.attempt.task).and_then(|i| self.tasks.get(i));
+        task.and_then(|t| t.ended_holder(f.attempt.attempt, &f.worker_id, f.token))
+            .is_some_and(|h| matches!(h.outcome, Some(AttemptOutcome::Finished { .. })))
     }
 
     /// The name of task `i` (empty for an index outside the sequence).
