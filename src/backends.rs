@@ -122,11 +122,27 @@ pub fn nats_stream_of(namespace: &str) -> String {
 async fn connect_nats(url: &str, namespace: Option<&str>) -> Result<Arc<dyn Broker>, BackendError> {
     use capstan_brokers::nats::{NatsBroker, NatsConfig};
     let mut config = NatsConfig::default();
+    if let Some(storage) = nats_storage()? {
+        config.storage = storage;
+    }
     if let Some(ns) = namespace {
         config.stream = nats_stream_of(ns);
         config.subject_prefix = ns.to_lowercase().replace(['.', ' ', '-'], "_");
     }
     Ok(Arc::new(NatsBroker::connect(url, config).await?))
+}
+
+/// The variable that sets the NATS stream's storage, `file` (the default) or `memory`: a
+/// deployment choice, the same for the server and its workers (see docs/brokers.md).
+pub const NATS_STORAGE_ENV: &str = "CAPSTAN_NATS_STORAGE";
+
+/// The storage `NATS_STORAGE_ENV` sets, if it is set.
+#[cfg(feature = "nats")]
+fn nats_storage() -> Result<Option<capstan_brokers::nats::NatsStorage>, BackendError> {
+    match std::env::var(NATS_STORAGE_ENV) {
+        Ok(text) if !text.trim().is_empty() => Ok(Some(text.trim().parse().map_err(BackendError::Broker)?)),
+        _ => Ok(None),
+    }
 }
 
 #[cfg(not(feature = "nats"))]

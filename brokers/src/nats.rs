@@ -2,8 +2,9 @@
 //! later: only the 2.9 JetStream API is used (one filter subject per consumer, no metadata).
 //!
 //! Topology, created idempotently by [`NatsBroker::connect`]:
-//! - one stream (`NatsConfig::stream`, file storage, interest retention) holding the subjects
-//!   `<subject_prefix>.>`; a topic `a.b` is the subject `<subject_prefix>.a.b`;
+//! - one stream (`NatsConfig::stream`, interest retention, file storage unless
+//!   [`NatsConfig::storage`] says memory) holding the subjects `<subject_prefix>.>`; a topic
+//!   `a.b` is the subject `<subject_prefix>.a.b`;
 //! - one dead-letter stream (`<stream>_DEAD`, limits retention) holding
 //!   `<subject_prefix>-dead.>` for messages that arrive but cannot be decoded.
 //!
@@ -38,11 +39,50 @@ pub const DEAD_REASON_HEADER: &str = "capstan-dead-reason";
 /// JetStream's deduplication header.
 const MSG_ID_HEADER: &str = "Nats-Msg-Id";
 
+/// Where the stream keeps its messages.
+///
+/// `File` (the default) keeps a confirmed message across a restart of the server. `Memory`
+/// spends less of the server's CPU per message (no writes to its files), and a restart of the
+/// server loses what was in the stream. For Capstan's own traffic that costs time, not facts,
+/// since the store is the truth: lost offers and awards are offered again by the engine's
+/// durable timers, and a worker's lost result ends its attempt by timeout, so the task runs
+/// again (a task marked `idempotent: false` ends `outcome-unknown` instead).
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Default)]
+pub enum NatsStorage {
+    #[default]
+    File,
+    Memory,
+}
+
+impl NatsStorage {
+    fn of_stream(self) -> stream::StorageType {
+        match self {
+            NatsStorage::File => stream::StorageType::File,
+            NatsStorage::Memory => stream::StorageType::Memory,
+        }
+    }
+}
+
+impl std::str::FromStr for NatsStorage {
+    type Err = Error;
+
+    fn from_str(s: &str) -> Result<Self> {
+        match s {
+            "file" => Ok(NatsStorage::File),
+            "memory" => Ok(NatsStorage::Memory),
+            other => Err(Error::Invalid(format!("NATS storage `{other}` (expected file or memory)"))),
+        }
+    }
+}
+
 /// Settings of a [`NatsBroker`].
 #[derive(Debug, Clone)]
 pub struct NatsConfig {
     /// The JetStream stream's name (no dots or spaces).
     pub stream: String,
+    /// The main stream's storage, used when the stream is created; an existing stream with
+    /// other storage is refused, since JetStream cannot change it.
+    pub storage: NatsStorage,
     /// The first subject token: topics live under `<subject_prefix>.`.
     pub subject_prefix: String,
     /// How long a delivery may stay unsettled before JetStream redelivers it.
@@ -68,6 +108,7 @@ impl Default for NatsConfig {
     fn default() -> Self {
         NatsConfig {
             stream: "CAPSTAN".into(),
+            storage: NatsStorage::File,
             subject_prefix: "capstan".into(),
             ack_wait: Duration::from_secs(30),
             max_payload: 1024 * 1024,
@@ -159,7 +200,7 @@ impl NatsBroker {
         let main = stream::Config {
             name: c.stream.clone(),
             subjects: vec![format!("{}.>", c.subject_prefix)],
-            storage: stream::StorageType::File,
+            storage: c.storage.of_stream(),
             retention: stream::RetentionPolicy::Interest,
             max_age: c.max_age,
             duplicate_window: c.duplicate_window,
@@ -176,12 +217,25 @@ impl NatsBroker {
             num_replicas: c.replicas,
             ..Default::default()
         };
+        // Dead letters stay on file whatever the main stream's storage: they wait for a person.
         for config in [main, dead] {
             let name = config.name.clone();
-            self.js
+            let wanted = config.storage;
+            let stream = self
+                .js
                 .get_or_create_stream(config)
                 .await
                 .map_err(|e| Error::Unavailable(format!("stream {name}: {e}")))?;
+            let found = stream.cached_info().config.storage;
+            if found != wanted {
+                return Err(Error::Invalid(format!(
+                    "stream {name} exists with {} storage, not {} as configured; JetStream cannot change a \
+                     stream's storage: configure {} or delete the stream",
+                    storage_name(found),
+                    storage_name(wanted),
+                    storage_name(found),
+                )));
+            }
         }
         Ok(())
     }
@@ -305,6 +359,13 @@ fn header_bytes(headers: &HeaderMap) -> usize {
 /// A header's name as text, without the copy `to_string` makes (names are ASCII).
 fn header_name(name: &async_nats::HeaderName) -> &str {
     std::str::from_utf8(name.as_ref()).unwrap_or_default()
+}
+
+fn storage_name(storage: stream::StorageType) -> &'static str {
+    match storage {
+        stream::StorageType::File => "file",
+        stream::StorageType::Memory => "memory",
+    }
 }
 
 /// Topics are subject tokens joined by dots: no empty token, no wildcard, no whitespace.

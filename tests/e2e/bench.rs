@@ -7,10 +7,16 @@ use serde_json::Value;
 
 /// Runs the bench with `args` and returns its last stdout line as JSON.
 fn bench(args: &[&str]) -> Value {
+    bench_with(&[], args)
+}
+
+/// [`bench`] with environment variables set for the bench.
+fn bench_with(env: &[(&str, &str)], args: &[&str]) -> Value {
     let out = Command::new(env!("CARGO_BIN_EXE_capstan"))
         .arg("bench")
         .args(args)
         .arg("--json")
+        .envs(env.iter().copied())
         .output()
         .expect("capstan runs");
     let stdout = String::from_utf8_lossy(&out.stdout);
@@ -139,10 +145,48 @@ fn bench_over_nats_runs_in_a_namespace_of_its_own() {
     assert!(stream_exists(&capstan::backends::nats_stream_of("bench-chosen")), "a chosen namespace is kept");
 }
 
+/// `CAPSTAN_NATS_STORAGE=memory` puts the stream in memory (the dead letters stay on file) and
+/// the report says so; a storage with another name is refused before anything runs.
+#[test]
+fn bench_over_nats_with_the_stream_in_memory() {
+    let ns = format!("bench-mem-{}", &uuid::Uuid::new_v4().simple().to_string()[..8]);
+    let storage = [("CAPSTAN_NATS_STORAGE", "memory")];
+    let report = bench_with(&storage, &["--broker", "nats", "--runs", "4", "--tasks", "2", "--namespace", &ns]);
+    assert_complete(&report, 4, 2);
+    assert_eq!(report["config"]["nats_storage"], "memory", "{report}");
+    let stream = capstan::backends::nats_stream_of(&ns);
+    let dead = format!("{stream}_DEAD");
+    let kept = jetstream(|js| async move {
+        let mut kept = Vec::new();
+        for name in [stream, dead] {
+            let mut s = js.get_stream(&name).await.unwrap_or_else(|e| panic!("stream {name}: {e}"));
+            kept.push(s.info().await.expect("stream info").config.storage);
+            js.delete_stream(&name).await.expect("delete the stream");
+        }
+        kept
+    });
+    use async_nats::jetstream::stream::StorageType;
+    assert_eq!(kept, [StorageType::Memory, StorageType::File]);
+
+    let out = Command::new(env!("CARGO_BIN_EXE_capstan"))
+        .args(["bench", "--broker", "nats", "--runs", "1"])
+        .env("CAPSTAN_NATS_STORAGE", "disk")
+        .output()
+        .expect("capstan runs");
+    let stderr = String::from_utf8_lossy(&out.stderr);
+    assert!(!out.status.success() && stderr.contains("NATS storage `disk`"), "{stderr}");
+}
+
 fn stream_exists(name: &str) -> bool {
+    let name = name.to_string();
+    jetstream(|js| async move { js.get_stream(name).await.is_ok() })
+}
+
+/// Runs `f` with a JetStream context on the shared NATS server.
+fn jetstream<T, F: Future<Output = T>>(f: impl FnOnce(async_nats::jetstream::Context) -> F) -> T {
     let runtime = tokio::runtime::Builder::new_current_thread().enable_all().build().expect("runtime");
     runtime.block_on(async {
         let client = async_nats::connect("nats://127.0.0.1:4222").await.expect("NATS at 127.0.0.1:4222");
-        async_nats::jetstream::new(client).get_stream(name).await.is_ok()
+        f(async_nats::jetstream::new(client)).await
     })
 }

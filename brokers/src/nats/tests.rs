@@ -15,7 +15,7 @@ use futures::StreamExt;
 use serde_json::json;
 use tokio::time::{Instant, timeout};
 
-use super::{DEAD_REASON_HEADER, NatsBroker, NatsConfig, check_name, check_topic, durable_name};
+use super::{DEAD_REASON_HEADER, NatsBroker, NatsConfig, NatsStorage, check_name, check_topic, durable_name};
 use crate::Error;
 use crate::testing::{Options, expect_quiet, message, recv, unique_topic};
 use crate::{Broker, Credit, Message, Result, Subscription, SubscriptionMode};
@@ -378,4 +378,45 @@ async fn remove_namespace_deletes_the_streams() -> anyhow::Result<()> {
     assert!(js.get_stream(&dead).await.is_err(), "the dead-letter stream is still there");
     b.remove_namespace().await?;
     Ok(())
+}
+
+/// A stream in memory storage carries messages like one on file; connecting to it with file
+/// storage configured is refused with both storages named, and nothing in it is touched.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn memory_storage_is_used_and_a_mismatch_is_refused() -> anyhow::Result<()> {
+    let _lock = server_lock(false);
+    let name = format!("CAPSTAN_TEST_MEM_{}", uuid::Uuid::new_v4().simple());
+    let in_memory = NatsConfig {
+        stream: name.clone(),
+        subject_prefix: name.to_lowercase(),
+        storage: NatsStorage::Memory,
+        ..config()
+    };
+    let b = NatsBroker::connect(URL, in_memory.clone()).await?;
+    let js = async_nats::jetstream::new(b.client().clone());
+    let mut stream = js.get_stream(&name).await?;
+    assert_eq!(stream.info().await?.config.storage, async_nats::jetstream::stream::StorageType::Memory);
+    let mut dead = js.get_stream(b.dead_letter_stream()).await?;
+    assert_eq!(dead.info().await?.config.storage, async_nats::jetstream::stream::StorageType::File);
+    crate::testing::publish_subscribe(&b, &options()).await;
+
+    let on_file = NatsConfig { storage: NatsStorage::File, ..in_memory.clone() };
+    match NatsBroker::connect(URL, on_file).await {
+        Err(Error::Invalid(why)) => {
+            assert!(why.contains(&name) && why.contains("memory storage, not file"), "{why}");
+        }
+        other => panic!("a file-storage broker on a memory stream: {other:?}"),
+    }
+    assert_eq!(stream.info().await?.config.storage, async_nats::jetstream::stream::StorageType::Memory);
+    // The same configuration connects again.
+    NatsBroker::connect(URL, in_memory).await?;
+    b.remove_namespace().await?;
+    Ok(())
+}
+
+#[test]
+fn storage_is_parsed_by_name() {
+    assert_eq!("file".parse::<NatsStorage>().unwrap(), NatsStorage::File);
+    assert_eq!("memory".parse::<NatsStorage>().unwrap(), NatsStorage::Memory);
+    assert!(matches!("disk".parse::<NatsStorage>(), Err(Error::Invalid(why)) if why.contains("disk")));
 }
