@@ -26,6 +26,19 @@ pub enum BackendError {
     Broker(#[from] capstan_brokers::Error),
 }
 
+impl BackendError {
+    /// Whether trying again cannot help: the configuration (or the build) has to change.
+    pub fn is_permanent(&self) -> bool {
+        matches!(
+            self,
+            BackendError::UnknownStore(_)
+                | BackendError::UnknownBroker(_)
+                | BackendError::NotBuilt(..)
+                | BackendError::Broker(capstan_brokers::Error::Invalid(_))
+        )
+    }
+}
+
 /// A parsed store URL.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub enum StoreUrl {
@@ -203,7 +216,11 @@ mod tests {
 
     #[tokio::test]
     async fn unknown_brokers_are_refused_by_name() {
-        assert!(matches!(connect_broker("pigeon", "").await, Err(BackendError::UnknownBroker(_))));
+        let refused = connect_broker("pigeon", "").await.err();
+        assert!(matches!(refused, Some(BackendError::UnknownBroker(_))));
+        assert!(refused.is_some_and(|e| e.is_permanent()), "no retry makes a pigeon a broker");
+        let unreachable = BackendError::Broker(capstan_brokers::Error::Unavailable("connection refused".into()));
+        assert!(!unreachable.is_permanent(), "a broker that is away may come back");
         assert!(connect_broker("memory", "").await.is_ok());
     }
 }

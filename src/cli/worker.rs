@@ -96,7 +96,8 @@ pub struct WorkerArgs {
 }
 
 /// Runs until SIGTERM / Ctrl-C. A broker failure does not end it: the worker connects again,
-/// as a supervised worker process would be restarted.
+/// as a supervised worker process would be restarted. A configuration the broker refuses (an
+/// unknown kind, a NATS stream of the other storage) ends it at once with the reason.
 pub async fn run(args: WorkerArgs) -> anyhow::Result<ExitCode> {
     let delivery = if args.kind == "echo" { None } else { Some(delivery_config(&args)?) };
     let ledger = match &args.ledger {
@@ -121,6 +122,7 @@ pub async fn run(args: WorkerArgs) -> anyhow::Result<ExitCode> {
         let broker = match backends::connect_broker_in(&args.broker, &args.broker_url, args.namespace.as_deref()).await
         {
             Ok(b) => b,
+            Err(e) if e.is_permanent() => return Err(e).context("cannot use the broker"),
             Err(e) => {
                 warn!(error = %e, "cannot reach the broker; trying again");
                 tokio::select! {

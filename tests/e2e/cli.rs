@@ -1,8 +1,9 @@
 //! The offline commands as a user runs them: `capstan validate` and `capstan evaluate`, their
-//! output and exit codes.
+//! output and exit codes; and `capstan worker` refusing a broker configuration it cannot use.
 
 use std::path::PathBuf;
-use std::process::{Command, Output};
+use std::process::{Command, Output, Stdio};
+use std::time::{Duration, Instant};
 
 fn capstan(args: &[&str]) -> Output {
     Command::new(env!("CARGO_BIN_EXE_capstan")).args(args).output().expect("capstan runs")
@@ -105,4 +106,34 @@ fn evaluate_compares_with_previous_results_it_printed() {
         &previous.display().to_string(),
     ]);
     assert_ne!(out.status.code(), Some(0), "{}", stdout(&out));
+}
+
+/// `capstan worker` keeps trying a broker that is away, but a configuration the broker refuses
+/// ends it at once, with the reason (within 30 s: before, it tried again forever).
+#[test]
+fn worker_stops_on_a_broker_configuration_it_cannot_use() {
+    let worker = |broker: &str, env: &[(&str, &str)]| {
+        let mut child = Command::new(env!("CARGO_BIN_EXE_capstan"))
+            .args(["worker", "--broker", broker, "--id", "w-refused", "--types", "work"])
+            .envs(env.iter().copied())
+            .stdout(Stdio::piped())
+            .stderr(Stdio::piped())
+            .spawn()
+            .expect("capstan runs");
+        let deadline = Instant::now() + Duration::from_secs(30);
+        while child.try_wait().expect("wait").is_none() {
+            if Instant::now() > deadline {
+                let _ = child.kill();
+                break;
+            }
+            std::thread::sleep(Duration::from_millis(50));
+        }
+        let out = child.wait_with_output().expect("output");
+        (out.status.success(), out.status.code(), String::from_utf8_lossy(&out.stderr).into_owned())
+    };
+    let (ok, code, stderr) = worker("nats", &[("CAPSTAN_NATS_STORAGE", "disk")]);
+    assert!(!ok && code.is_some(), "it should have ended by itself ({code:?}): {stderr}");
+    assert!(stderr.contains("cannot use the broker") && stderr.contains("NATS storage `disk`"), "{stderr}");
+    let (ok, code, stderr) = worker("pigeon", &[]);
+    assert!(!ok && code.is_some() && stderr.contains("unknown broker `pigeon`"), "{code:?}: {stderr}");
 }
