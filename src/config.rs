@@ -32,6 +32,8 @@
 //! ```toml
 //! [workers]
 //! slots = 8                      # attempts each delivery worker runs at once
+//! bids_per_slot = 4              # auction bids each keeps open per slot
+//! started_after = "0s"           # report `started` only for attempts running longer than this
 //! id_prefix = "capstan-a-"       # worker ids <prefix><kind>, unique per process (default: host name)
 //! journal_dir = "/var/lib/capstan/journal"  # award journals: a restart never starts an award twice
 //! [workers.evaluation]           # quality gate, task type `evaluation`
@@ -317,7 +319,7 @@ impl Config {
 
     /// Checks what serde cannot: durations parse, token hashes are 64 hex digits and name some
     /// project.
-    fn check(&self) -> Result<(), ConfigError> {
+    pub(crate) fn check(&self) -> Result<(), ConfigError> {
         self.store.input_retention().map_err(ConfigError::Store)?;
         for (index, t) in self.tokens.iter().enumerate() {
             let problem = |message: &str| ConfigError::Token { index, name: t.name.clone(), message: message.into() };

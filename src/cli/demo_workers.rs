@@ -100,10 +100,14 @@ pub fn delivery_workers(
     kind: Option<&str>,
 ) -> anyhow::Result<Vec<Worker>> {
     let wanted = |k: &str| kind.is_none_or(|w| w == k);
+    let started_after = config.started_after().map_err(anyhow::Error::msg)?;
     let make = |k: &str, types: &[String]| {
         let id = id(k);
         let journal = config.journal_dir.as_ref().map(|d| d.join(format!("{id}.journal")));
-        let worker = WorkerConfig::new(id, types.to_vec()).slots(config.slots);
+        let worker = WorkerConfig::new(id, types.to_vec())
+            .slots(config.slots)
+            .bids_per_slot(config.bids_per_slot)
+            .started_after(started_after);
         match journal {
             Some(path) => worker.journal(path),
             None => worker,

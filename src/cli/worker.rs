@@ -77,6 +77,15 @@ pub struct WorkerArgs {
     /// How many attempts it runs at once.
     #[arg(long, default_value_t = 4)]
     pub slots: u32,
+    /// Auction bids it keeps open per slot (default 4; a delivery worker: its configuration's
+    /// `bids_per_slot`).
+    #[arg(long)]
+    pub bids_per_slot: Option<u32>,
+    /// Report `started` only for attempts still running after this many ms, saving a message
+    /// per quick task (default 0: every start; a delivery worker: its configuration's
+    /// `started_after`).
+    #[arg(long, value_name = "MS")]
+    pub started_after_ms: Option<u64>,
     /// How long each attempt takes unless the task's `sleepMs` says otherwise.
     #[arg(long, default_value_t = 50)]
     pub delay_ms: u64,
@@ -105,8 +114,7 @@ pub async fn run(args: WorkerArgs) -> anyhow::Result<ExitCode> {
         None => None,
     };
     let handler = LedgerEcho { ledger: ledger.map(Arc::new), default_delay: Duration::from_millis(args.delay_ms) };
-    let mut config = WorkerConfig::new(args.id.clone(), args.types.clone()).slots(args.slots);
-    config.journal = args.journal.clone();
+    let config = echo_config(&args);
     let types = match &delivery {
         // Built once here so that a bad configuration stops the process before it connects.
         Some(d) => one_delivery_worker(d, &args)?.config().task_types.join(","),
@@ -159,6 +167,19 @@ pub async fn run(args: WorkerArgs) -> anyhow::Result<ExitCode> {
     }
 }
 
+/// The echo worker's configuration from the flags.
+fn echo_config(args: &WorkerArgs) -> WorkerConfig {
+    let mut config = WorkerConfig::new(args.id.clone(), args.types.clone()).slots(args.slots);
+    config.journal = args.journal.clone();
+    if let Some(bids) = args.bids_per_slot {
+        config.bids_per_slot = bids;
+    }
+    if let Some(ms) = args.started_after_ms {
+        config.started_after = Duration::from_millis(ms);
+    }
+    config
+}
+
 /// The `[workers]` configuration of a delivery worker: the file's section, then the flags.
 fn delivery_config(args: &WorkerArgs) -> anyhow::Result<WorkersConfig> {
     anyhow::ensure!(
@@ -172,6 +193,12 @@ fn delivery_config(args: &WorkerArgs) -> anyhow::Result<WorkersConfig> {
     let mut config = Config::load(args.config.as_deref(), &env)?;
     let w = &mut config.workers;
     w.slots = args.slots;
+    if let Some(bids) = args.bids_per_slot {
+        w.bids_per_slot = bids;
+    }
+    if let Some(ms) = args.started_after_ms {
+        w.started_after = format!("{ms}ms");
+    }
     let mut files = crate::config::ScopedPaths::new();
     for f in &args.files {
         let (key, path) = f.split_once('=').with_context(|| format!("--file {f}: expected KEY=PATH"))?;
@@ -212,6 +239,8 @@ fn delivery_config(args: &WorkerArgs) -> anyhow::Result<WorkersConfig> {
             types(&mut g.types);
         }
     }
+    // Checked again: the flags may have changed what the file said.
+    config.check()?;
     Ok(config.workers)
 }
 
@@ -381,5 +410,43 @@ impl capstan_brokers::Broker for AnswerTwice {
         credit: capstan_brokers::Credit,
     ) -> capstan_brokers::Result<Box<dyn capstan_brokers::Subscription>> {
         self.inner.subscribe_with_credit(topic, mode, credit).await
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use clap::Parser;
+
+    use super::*;
+
+    #[derive(Parser)]
+    struct Cli {
+        #[command(flatten)]
+        args: WorkerArgs,
+    }
+
+    fn args(flags: &[&str]) -> WorkerArgs {
+        Cli::parse_from(std::iter::once("worker").chain(flags.iter().copied())).args
+    }
+
+    /// `--bids-per-slot` and `--started-after-ms` reach the echo worker and a delivery worker;
+    /// without them each keeps its default (the SDK's, or the `[workers]` section's).
+    #[test]
+    fn bids_and_started_after_reach_every_kind_of_worker() {
+        let echo =
+            echo_config(&args(&["--id", "w", "--types", "t", "--bids-per-slot", "2", "--started-after-ms", "20"]));
+        assert_eq!((echo.bids_per_slot, echo.started_after), (2, Duration::from_millis(20)));
+        let plain = echo_config(&args(&["--id", "w", "--types", "t"]));
+        let defaults = WorkerConfig::new("w", ["t"]);
+        assert_eq!((plain.bids_per_slot, plain.started_after), (defaults.bids_per_slot, defaults.started_after));
+
+        let flags = ["--id", "w", "--kind", "static-sli", "--bids-per-slot", "3", "--started-after-ms", "25"];
+        let delivery = args(&flags);
+        let worker = one_delivery_worker(&delivery_config(&delivery).unwrap(), &delivery).unwrap();
+        assert_eq!((worker.config().bids_per_slot, worker.config().started_after), (3, Duration::from_millis(25)));
+
+        let zero = args(&["--id", "w", "--kind", "static-sli", "--bids-per-slot", "0"]);
+        let err = delivery_config(&zero).unwrap_err().to_string();
+        assert!(err.contains("bids_per_slot: must be at least 1"), "{err}");
     }
 }

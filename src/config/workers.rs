@@ -13,6 +13,12 @@ use serde::Deserialize;
 pub struct WorkersConfig {
     /// Attempts each delivery worker runs at once.
     pub slots: u32,
+    /// Auction bids each delivery worker keeps open per slot (the worker SDK's
+    /// `WorkerConfig::bids_per_slot`).
+    pub bids_per_slot: u32,
+    /// Report `started` only for attempts still running after this long, e.g. `20ms` (the
+    /// worker SDK's `WorkerConfig::started_after`); `0s` reports every start at once.
+    pub started_after: String,
     /// Worker ids are `<prefix><kind>`; unique per process (default: the host name and `-`).
     pub id_prefix: Option<String>,
     /// A directory for the workers' award journals (`<id>.journal`), so that a restarted server
@@ -35,6 +41,8 @@ impl Default for WorkersConfig {
     fn default() -> Self {
         WorkersConfig {
             slots: 8,
+            bids_per_slot: 4,
+            started_after: "0s".into(),
             id_prefix: None,
             journal_dir: None,
             evaluation: None,
@@ -195,12 +203,25 @@ impl WorkersConfig {
         }
     }
 
+    /// `started_after` as a duration.
+    pub fn started_after(&self) -> Result<std::time::Duration, String> {
+        capstan_engine::parse_duration(&self.started_after)
+            .map(std::time::Duration::from_millis)
+            .map_err(|e| format!("started_after: {e}"))
+    }
+
     /// Every problem: a Prometheus without a URL, an unknown provider, bad durations, two
     /// sections answering the same task type.
     pub(super) fn check(&self) -> Result<(), String> {
         let mut problems = Vec::new();
         if self.slots == 0 {
             problems.push("slots: must be at least 1".to_string());
+        }
+        if self.bids_per_slot == 0 {
+            problems.push("bids_per_slot: must be at least 1".to_string());
+        }
+        if let Err(e) = self.started_after() {
+            problems.push(e);
         }
         match self.sli_provider() {
             "prometheus" if self.prometheus.is_none() => {
@@ -271,6 +292,8 @@ mod tests {
         let text = r#"
             [workers]
             slots = 2
+            bids_per_slot = 2
+            started_after = "20ms"
             journal_dir = "journal"
             [workers.evaluation]
             slo = { sockshop = "slo.yaml", "sockshop/production" = "/etc/capstan/prod-slo.yaml" }
@@ -292,6 +315,10 @@ mod tests {
         let config = Config::load(Some(&path), &env).unwrap();
         let w = &config.workers;
         assert_eq!(w.slots, 2);
+        assert_eq!(w.bids_per_slot, 2);
+        assert_eq!(w.started_after(), Ok(std::time::Duration::from_millis(20)));
+        let defaults = WorkersConfig::default();
+        assert_eq!((defaults.bids_per_slot, defaults.started_after()), (4, Ok(std::time::Duration::ZERO)));
         assert_eq!(w.journal_dir.as_deref(), Some(dir.path().join("journal").as_path()));
         let evaluation = w.evaluation.as_ref().unwrap();
         assert_eq!(evaluation.types, ["evaluation"]);
@@ -316,6 +343,8 @@ mod tests {
         let text = r#"
             [workers]
             slots = 0
+            bids_per_slot = 0
+            started_after = "later"
             [workers.evaluation]
             sli_provider = "prometheus"
             [workers.static_sli]
@@ -326,6 +355,8 @@ mod tests {
         let err = Config::parse(text, "c.toml").unwrap().check().unwrap_err().to_string();
         for part in [
             "slots: must be at least 1",
+            "bids_per_slot: must be at least 1",
+            "started_after: ",
             "needs a [workers.prometheus] section",
             "webhook.default_timeout",
             "task type `evaluation` is answered by both [workers.evaluation] and [workers.static_sli]",
