@@ -154,9 +154,16 @@ impl NatsBroker {
             }
         };
         let dead_subject = format!("{}-dead.{topic}", self.config.subject_prefix);
-        let sub =
-            NatsSubscription::start(self.js.clone(), Arc::clone(&self.config), subject, dead_subject, spec, credit)
-                .await?;
+        let sub = NatsSubscription::start(
+            self.js.clone(),
+            Arc::clone(&self.config),
+            subject,
+            dead_subject,
+            spec,
+            credit,
+            self.limit,
+        )
+        .await?;
         Ok(Box::new(sub))
     }
 
@@ -187,7 +194,7 @@ impl NatsBroker {
 
     /// The dead-letter stream's name.
     pub fn dead_letter_stream(&self) -> String {
-        format!("{}_DEAD", self.config.stream)
+        dead_letter_stream(&self.config)
     }
 
     /// The NATS client, for operations beyond the trait (health checks, tests).
@@ -196,48 +203,7 @@ impl NatsBroker {
     }
 
     async fn ensure_streams(&self) -> Result<()> {
-        let c = &self.config;
-        let main = stream::Config {
-            name: c.stream.clone(),
-            subjects: vec![format!("{}.>", c.subject_prefix)],
-            storage: c.storage.of_stream(),
-            retention: stream::RetentionPolicy::Interest,
-            max_age: c.max_age,
-            duplicate_window: c.duplicate_window,
-            num_replicas: c.replicas,
-            max_message_size: i32::try_from(self.limit).unwrap_or(i32::MAX),
-            ..Default::default()
-        };
-        let dead = stream::Config {
-            name: self.dead_letter_stream(),
-            subjects: vec![format!("{}-dead.>", c.subject_prefix)],
-            storage: stream::StorageType::File,
-            retention: stream::RetentionPolicy::Limits,
-            max_age: c.max_age,
-            num_replicas: c.replicas,
-            ..Default::default()
-        };
-        // Dead letters stay on file whatever the main stream's storage: they wait for a person.
-        for config in [main, dead] {
-            let name = config.name.clone();
-            let wanted = config.storage;
-            let stream = self
-                .js
-                .get_or_create_stream(config)
-                .await
-                .map_err(|e| Error::Unavailable(format!("stream {name}: {e}")))?;
-            let found = stream.cached_info().config.storage;
-            if found != wanted {
-                return Err(Error::Invalid(format!(
-                    "stream {name} exists with {} storage, not {} as configured; JetStream cannot change a \
-                     stream's storage: configure {} or delete the stream",
-                    storage_name(found),
-                    storage_name(wanted),
-                    storage_name(found),
-                )));
-            }
-        }
-        Ok(())
+        ensure_streams(&self.js, &self.config, self.limit).await
     }
 
     /// Sends encoded messages pipelined: all of them, then waits for every PubAck.
@@ -245,17 +211,30 @@ impl NatsBroker {
         let mut acks = Vec::with_capacity(prepared.len());
         for (subject, headers, payload) in prepared {
             let publish = PublishMessage::build().payload(payload.into()).headers(headers);
-            let ack = self
-                .js
-                .send_publish(subject, publish)
-                .await
-                .map_err(|e| Error::Unavailable(format!("publish: {e}")))?;
+            let ack = match self.js.send_publish(subject, publish).await {
+                Ok(ack) => ack,
+                Err(e) => return Err(self.publish_failed("publish", e).await),
+            };
             acks.push(ack);
         }
         for ack in acks {
-            ack.await.map_err(|e| Error::Unavailable(format!("publish not confirmed: {e}")))?;
+            if let Err(e) = ack.await {
+                return Err(self.publish_failed("publish not confirmed", e).await);
+            }
         }
         Ok(())
+    }
+
+    /// The error of a failed publish. A stream the server no longer has (one in memory storage
+    /// after a restart) is created again first, so that the caller's retry finds it.
+    async fn publish_failed(&self, what: &str, e: jetstream::context::PublishError) -> Error {
+        if e.kind() == jetstream::context::PublishErrorKind::StreamNotFound {
+            match self.ensure_streams().await {
+                Ok(()) => tracing::warn!(stream = %self.config.stream, "the stream was gone: created it again"),
+                Err(again) => return again,
+            }
+        }
+        Error::Unavailable(format!("{what}: {e}"))
     }
 
     fn subject(&self, topic: &str) -> Result<String> {
@@ -359,6 +338,53 @@ fn header_bytes(headers: &HeaderMap) -> usize {
 /// A header's name as text, without the copy `to_string` makes (names are ASCII).
 fn header_name(name: &async_nats::HeaderName) -> &str {
     std::str::from_utf8(name.as_ref()).unwrap_or_default()
+}
+
+/// Creates the stream and the dead-letter stream if they are missing, and checks that an
+/// existing one has the configured storage.
+async fn ensure_streams(js: &jetstream::Context, c: &NatsConfig, limit: usize) -> Result<()> {
+    let main = stream::Config {
+        name: c.stream.clone(),
+        subjects: vec![format!("{}.>", c.subject_prefix)],
+        storage: c.storage.of_stream(),
+        retention: stream::RetentionPolicy::Interest,
+        max_age: c.max_age,
+        duplicate_window: c.duplicate_window,
+        num_replicas: c.replicas,
+        max_message_size: i32::try_from(limit).unwrap_or(i32::MAX),
+        ..Default::default()
+    };
+    let dead = stream::Config {
+        name: dead_letter_stream(c),
+        subjects: vec![format!("{}-dead.>", c.subject_prefix)],
+        storage: stream::StorageType::File,
+        retention: stream::RetentionPolicy::Limits,
+        max_age: c.max_age,
+        num_replicas: c.replicas,
+        ..Default::default()
+    };
+    // Dead letters stay on file whatever the main stream's storage: they wait for a person.
+    for config in [main, dead] {
+        let name = config.name.clone();
+        let wanted = config.storage;
+        let stream =
+            js.get_or_create_stream(config).await.map_err(|e| Error::Unavailable(format!("stream {name}: {e}")))?;
+        let found = stream.cached_info().config.storage;
+        if found != wanted {
+            return Err(Error::Invalid(format!(
+                "stream {name} exists with {} storage, not {} as configured; JetStream cannot change a \
+                 stream's storage: configure {} or delete the stream",
+                storage_name(found),
+                storage_name(wanted),
+                storage_name(found),
+            )));
+        }
+    }
+    Ok(())
+}
+
+fn dead_letter_stream(c: &NatsConfig) -> String {
+    format!("{}_DEAD", c.stream)
 }
 
 fn storage_name(storage: stream::StorageType) -> &'static str {

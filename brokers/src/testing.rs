@@ -141,6 +141,33 @@ pub async fn expect_quiet(sub: &mut Box<dyn Subscription>, quiet: Duration, what
     }
 }
 
+/// The start of a broker-restart test: a fresh topic, a member of group `g` and a broadcast
+/// subscriber, each having read and acked `n` messages (`before-<i>`).
+pub async fn worker_and_watcher(
+    broker: &impl Broker,
+    case: &str,
+    n: usize,
+    patience: Duration,
+) -> (String, Box<dyn Subscription>, Box<dyn Subscription>) {
+    let topic = unique_topic(case);
+    let group = SubscriptionMode::Competing { group: "g".into() };
+    let subscribe = |mode| broker.subscribe(&topic, mode);
+    let (mut worker, mut watcher) = match (subscribe(group).await, subscribe(SubscriptionMode::Broadcast).await) {
+        (Ok(w), Ok(b)) => (w, b),
+        (Err(e), _) | (_, Err(e)) => panic!("subscribe to {topic}: {e}"),
+    };
+    let before = (0..n).map(|i| message(&topic, "k", &format!("before-{i}"), json!(i))).collect();
+    if let Err(e) = broker.publish(before).await {
+        panic!("publish failed: {e}");
+    }
+    for s in [&mut worker, &mut watcher] {
+        for _ in 0..n {
+            ack(&recv(s, patience, "before the restart").await).await;
+        }
+    }
+    (topic, worker, watcher)
+}
+
 async fn ack(d: &Delivery) {
     if let Err(e) = d.ack().await {
         panic!("ack of {} failed: {e}", d.message.event.id);

@@ -17,7 +17,7 @@ use lapin::options::{BasicAckOptions, BasicGetOptions};
 use lapin::types::FieldTable;
 
 use super::{AmqpBroker, AmqpConfig, DEAD_REASON_HEADER};
-use crate::testing::{Options, expect_quiet, message, recv, unique_topic};
+use crate::testing::{Options, expect_quiet, message, recv, unique_topic, worker_and_watcher};
 use crate::{Broker, Message, Result, Subscription, SubscriptionMode};
 
 const URL: &str = "amqp://guest:guest@127.0.0.1:5672/%2f";
@@ -184,16 +184,7 @@ fn rabbitmqctl(command: &str) {
 async fn subscriptions_survive_a_broker_restart() -> anyhow::Result<()> {
     let _lock = broker_lock(true);
     let b = connect().await;
-    let topic = unique_topic("amqp-restart");
-    let mut worker = b.subscribe(&topic, group("g")).await?;
-    let mut watcher = b.subscribe(&topic, SubscriptionMode::Broadcast).await?;
-    let before: Vec<Message> = (0..3).map(|i| message(&topic, "k", &format!("before-{i}"), json!(i))).collect();
-    b.publish(before).await?;
-    for s in [&mut worker, &mut watcher] {
-        for _ in 0..3 {
-            recv(s, PATIENCE, "before the restart").await.ack().await?;
-        }
-    }
+    let (topic, mut worker, _watcher) = worker_and_watcher(&b, "amqp-restart", 3, PATIENCE).await;
     {
         let _restarter = Restarter;
         rabbitmqctl("stop_app");

@@ -48,8 +48,12 @@ struct Source {
     config: Arc<NatsConfig>,
     subject: String,
     spec: ConsumerSpec,
-    /// The last stream sequence seen: a recreated broadcast consumer resumes after it.
+    /// The last stream sequence seen: a recreated broadcast consumer resumes after it (in a
+    /// stream created again since, whose sequence counts from 1 again, the server starts a
+    /// start sequence past the stream's end at its end).
     last_seq: u64,
+    /// The publish limit, for a stream created again.
+    limit: usize,
 }
 
 impl Source {
@@ -81,8 +85,30 @@ impl Source {
         config
     }
 
-    /// Creates the consumer, or binds to it when it exists (a durable of the group).
+    /// Creates the consumer, or binds to it when it exists (a durable of the group). When that
+    /// fails because the server lost the stream (one in memory storage, after a restart), the
+    /// stream is created again first.
     async fn ensure(&self) -> Result<PullConsumer> {
+        match self.create_or_bind().await {
+            Ok(c) => Ok(c),
+            Err(first) => {
+                let stream = &self.config.stream;
+                let lost = match self.js.get_stream(stream).await {
+                    Err(e) => matches!(e.kind(), jetstream::context::GetStreamErrorKind::JetStream(j)
+                        if j.error_code() == jetstream::ErrorCode::STREAM_NOT_FOUND),
+                    Ok(_) => false,
+                };
+                if !lost {
+                    return Err(first);
+                }
+                super::ensure_streams(&self.js, &self.config, self.limit).await?;
+                tracing::warn!(stream = %stream, "the stream was gone: created it again");
+                self.create_or_bind().await
+            }
+        }
+    }
+
+    async fn create_or_bind(&self) -> Result<PullConsumer> {
         let stream = &self.config.stream;
         let created = self.js.create_consumer_on_stream(self.consumer_config(), stream).await;
         match created {
@@ -123,8 +149,10 @@ impl NatsSubscription {
         dead_subject: String,
         spec: ConsumerSpec,
         credit: Option<Credit>,
+        limit: usize,
     ) -> Result<Self> {
-        let source = Source { js: js.clone(), config: Arc::clone(&config), subject, spec: spec.clone(), last_seq: 0 };
+        let source =
+            Source { js: js.clone(), config: Arc::clone(&config), subject, spec: spec.clone(), last_seq: 0, limit };
         let consumer = source.ensure().await?;
         let (tx, rx) = mpsc::channel(config.prefetch.max(1));
         tokio::spawn(pull(source, consumer, tx, credit.clone()));

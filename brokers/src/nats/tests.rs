@@ -17,7 +17,7 @@ use tokio::time::{Instant, timeout};
 
 use super::{DEAD_REASON_HEADER, NatsBroker, NatsConfig, NatsStorage, check_name, check_topic, durable_name};
 use crate::Error;
-use crate::testing::{Options, expect_quiet, message, recv, unique_topic};
+use crate::testing::{Options, expect_quiet, message, recv, unique_topic, worker_and_watcher};
 use crate::{Broker, Credit, Message, Result, Subscription, SubscriptionMode};
 
 const URL: &str = "nats://127.0.0.1:4222";
@@ -312,16 +312,7 @@ fn run(program: &str, args: &[&str]) {
 async fn subscriptions_survive_a_server_restart() -> anyhow::Result<()> {
     let _lock = server_lock(true);
     let b = connect().await;
-    let topic = unique_topic("nats-restart");
-    let mut worker = b.subscribe(&topic, group("g")).await?;
-    let mut watcher = b.subscribe(&topic, SubscriptionMode::Broadcast).await?;
-    let before: Vec<Message> = (0..3).map(|i| message(&topic, "k", &format!("before-{i}"), json!(i))).collect();
-    b.publish(before).await?;
-    for s in [&mut worker, &mut watcher] {
-        for _ in 0..3 {
-            recv(s, PATIENCE, "before the restart").await.ack().await?;
-        }
-    }
+    let (topic, mut worker, mut watcher) = worker_and_watcher(&b, "nats-restart", 3, PATIENCE).await;
 
     {
         let restarter = Restarter;
@@ -380,18 +371,24 @@ async fn remove_namespace_deletes_the_streams() -> anyhow::Result<()> {
     Ok(())
 }
 
-/// A stream in memory storage carries messages like one on file; connecting to it with file
-/// storage configured is refused with both storages named, and nothing in it is touched.
-#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-async fn memory_storage_is_used_and_a_mismatch_is_refused() -> anyhow::Result<()> {
-    let _lock = server_lock(false);
-    let name = format!("CAPSTAN_TEST_MEM_{}", uuid::Uuid::new_v4().simple());
-    let in_memory = NatsConfig {
+/// A stream of its own (`CAPSTAN_TEST_<case>_<uuid>`) in memory storage.
+fn in_memory(case: &str) -> (String, NatsConfig) {
+    let name = format!("CAPSTAN_TEST_{case}_{}", uuid::Uuid::new_v4().simple());
+    let config = NatsConfig {
         stream: name.clone(),
         subject_prefix: name.to_lowercase(),
         storage: NatsStorage::Memory,
         ..config()
     };
+    (name, config)
+}
+
+/// A stream in memory storage carries messages like one on file; connecting to it with file
+/// storage configured is refused with both storages named, and nothing in it is touched.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn memory_storage_is_used_and_a_mismatch_is_refused() -> anyhow::Result<()> {
+    let _lock = server_lock(false);
+    let (name, in_memory) = in_memory("MEM");
     let b = NatsBroker::connect(URL, in_memory.clone()).await?;
     let js = async_nats::jetstream::new(b.client().clone());
     let mut stream = js.get_stream(&name).await?;
@@ -410,6 +407,48 @@ async fn memory_storage_is_used_and_a_mismatch_is_refused() -> anyhow::Result<()
     assert_eq!(stream.info().await?.config.storage, async_nats::jetstream::stream::StorageType::Memory);
     // The same configuration connects again.
     NatsBroker::connect(URL, in_memory).await?;
+    b.remove_namespace().await?;
+    Ok(())
+}
+
+/// A server restart empties a stream in memory storage, the stream itself included. The next
+/// publish and the subscriptions' next pulls create it again (in memory), and both kinds of
+/// subscription read the new stream, a broadcast one although the new stream's sequence counts
+/// from 1 again. What was published while the stream was gone is lost, as documented.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_memory_stream_lost_in_a_restart_is_created_again() -> anyhow::Result<()> {
+    let _lock = server_lock(true);
+    let (name, in_memory) = in_memory("MEMRS");
+    let b = NatsBroker::connect(URL, in_memory).await?;
+    // 300: were the server not to start a start sequence past the new stream's end at its end,
+    // the broadcast consumer resuming after sequence 300 would miss the deadline.
+    let (topic, mut worker, mut watcher) = worker_and_watcher(&b, "nats-mem-restart", 300, PATIENCE).await;
+
+    {
+        let restarter = Restarter;
+        restarter.stop();
+    }
+
+    // Publish until both subscriptions have read something of the new stream: a message sent
+    // before the consumers are back finds no interest and is dropped.
+    let deadline = Instant::now() + PATIENCE;
+    let (mut worker_got, mut watcher_got) = (false, false);
+    let mut n = 0;
+    while !(worker_got && watcher_got) {
+        assert!(Instant::now() < deadline, "after the restart: worker read {worker_got}, watcher read {watcher_got}");
+        n += 1;
+        let _ = b.publish(vec![message(&topic, "k", &format!("after-{n}"), json!(n))]).await;
+        for (got, s) in [(&mut worker_got, &mut worker), (&mut watcher_got, &mut watcher)] {
+            while let Ok(Ok(d)) = timeout(Duration::from_millis(200), s.next()).await {
+                assert!(d.message.event.id.starts_with("after-"), "{}", d.message.event.id);
+                d.ack().await?;
+                *got = true;
+            }
+        }
+    }
+    let js = async_nats::jetstream::new(b.client().clone());
+    let mut stream = js.get_stream(&name).await?;
+    assert_eq!(stream.info().await?.config.storage, async_nats::jetstream::stream::StorageType::Memory);
     b.remove_namespace().await?;
     Ok(())
 }

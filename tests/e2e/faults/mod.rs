@@ -6,7 +6,8 @@
 //! heartbeat lease and continues it, crashes the broker, restarts PostgreSQL with `-m immediate`
 //! and cuts the database connections. The checker then compares the store with the ledgers (see
 //! `checker`). One harness, run over each broker: the full short suite over NATS (500 runs), a
-//! smaller one over RabbitMQ and over Kafka (Tansu), each broker a private instance.
+//! smaller one over NATS with the stream in memory, over RabbitMQ and over Kafka (Tansu), each
+//! broker a private instance.
 //!
 //! Short mode by default; `CAPSTAN_FAULTS_LONG=1` is the long mode (10,000 runs over an hour over
 //! NATS; run it with `cargo test`, see docs/guarantees.md).
@@ -61,6 +62,13 @@ async fn recorded_exactly_once_under_faults() {
     suite(BrokerKind::Nats).await;
 }
 
+/// The smaller suite over NATS with the stream in memory storage: the broker's crash empties
+/// the stream (docs/brokers.md, "Storage").
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn recorded_exactly_once_under_faults_over_nats_with_the_stream_in_memory() {
+    suite(BrokerKind::NatsInMemory).await;
+}
+
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn recorded_exactly_once_under_faults_over_rabbitmq() {
     suite(BrokerKind::RabbitMq).await;
@@ -85,11 +93,13 @@ async fn suite(kind: BrokerKind) {
         kind.config_name(),
         broker.url()
     );
-    let mut server = Server::new(dir.path(), &config);
+    let mut server = Server::new(dir.path(), &config, kind.env());
     server.start_until_up();
+    let broker_url = broker.url();
     let workers: Vec<WorkerProc> = (1..=WORKERS)
         .map(|i| {
-            WorkerProc::start(dir.path(), &format!("fw-{i}"), kind.config_name(), &broker.url(), "fw-work,fw-action")
+            let broker = (kind.config_name(), broker_url.as_str(), kind.env());
+            WorkerProc::start(dir.path(), &format!("fw-{i}"), broker, "fw-work,fw-action")
         })
         .collect();
     let ledgers: Vec<_> = workers.iter().map(|w| w.ledger.clone()).collect();
@@ -205,6 +215,13 @@ async fn suite(kind: BrokerKind) {
     if open != 0 {
         describe_open(&*store, &cluster.pg, schema, &run_ids, dir.path()).await;
         eprintln!("violations:\n{}", report.problems.join("\n"));
+    }
+    if let Some(wanted) = kind.nats_storage() {
+        // The stream the suite ran on (created again after the crash when in memory).
+        let client = async_nats::connect(cluster.broker.url()).await.expect("connect to the private NATS");
+        let mut stream = async_nats::jetstream::new(client).get_stream("CAPSTAN").await.expect("Capstan's stream");
+        let storage = stream.info().await.expect("stream info").config.storage;
+        assert_eq!(storage, wanted, "the suite ran on a stream of the wrong storage");
     }
     let keep = std::env::var("CAPSTAN_FAULTS_KEEP").is_ok_and(|v| v == "1");
     if !keep && (open != 0 || !report.problems.is_empty()) {

@@ -47,10 +47,11 @@ pub struct Server {
     pub starts: u32,
     /// How each start that did not come up ended, for the failure message.
     failed_starts: Vec<String>,
+    env: &'static [(&'static str, &'static str)],
 }
 
 impl Server {
-    pub fn new(dir: &Path, config_text: &str) -> Server {
+    pub fn new(dir: &Path, config_text: &str, env: &'static [(&'static str, &'static str)]) -> Server {
         let config = dir.join("capstan.toml");
         std::fs::write(&config, config_text).expect("write the server config");
         Server {
@@ -60,6 +61,7 @@ impl Server {
             grpc: String::new(),
             starts: 0,
             failed_starts: Vec::new(),
+            env,
         }
     }
 
@@ -71,6 +73,7 @@ impl Server {
             .arg("--config")
             .arg(&self.config)
             .envs(KAFKA_GROUP_TIMINGS)
+            .envs(self.env.iter().copied())
             .env_remove("CAPSTAN_STORE")
             .env_remove("CAPSTAN_GRPC_ADDR")
             .env_remove("CAPSTAN_HTTP_ADDR")
@@ -158,10 +161,16 @@ pub struct WorkerProc {
     args: Vec<String>,
     log: PathBuf,
     pub ledger: PathBuf,
+    env: &'static [(&'static str, &'static str)],
 }
 
 impl WorkerProc {
-    pub fn start(dir: &Path, id: &str, broker: &str, broker_url: &str, types: &str) -> WorkerProc {
+    pub fn start(
+        dir: &Path,
+        id: &str,
+        (broker, broker_url, env): (&str, &str, &'static [(&'static str, &'static str)]),
+        types: &str,
+    ) -> WorkerProc {
         let ledger = dir.join(format!("{id}.jsonl"));
         let journal = dir.join(format!("{id}.journal"));
         let args = [
@@ -185,7 +194,7 @@ impl WorkerProc {
         // A worker that answers twice, every 25th result.
         .chain(["--answer-twice-every".into(), "25".into()])
         .collect();
-        let mut w = WorkerProc { id: id.into(), child: None, args, log: dir.join(format!("{id}.log")), ledger };
+        let mut w = WorkerProc { id: id.into(), child: None, args, log: dir.join(format!("{id}.log")), ledger, env };
         w.spawn();
         w
     }
@@ -194,6 +203,7 @@ impl WorkerProc {
         let child = Command::new(env!("CARGO_BIN_EXE_capstan"))
             .args(&self.args)
             .envs(KAFKA_GROUP_TIMINGS)
+            .envs(self.env.iter().copied())
             .stdout(Stdio::null())
             .stderr(log_file(&self.log))
             .spawn()

@@ -144,6 +144,9 @@ impl Drop for PrivatePostgres {
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub enum BrokerKind {
     Nats,
+    /// NATS with Capstan's stream in memory storage (`CAPSTAN_NATS_STORAGE=memory`): a crash of
+    /// the broker loses the stream, which must cost time and repeated attempts, never a record.
+    NatsInMemory,
     RabbitMq,
     Kafka,
 }
@@ -152,7 +155,7 @@ impl BrokerKind {
     /// The name `[broker] kind` and `capstan worker --broker` take.
     pub fn config_name(self) -> &'static str {
         match self {
-            BrokerKind::Nats => "nats",
+            BrokerKind::Nats | BrokerKind::NatsInMemory => "nats",
             BrokerKind::RabbitMq => "rabbitmq",
             BrokerKind::Kafka => "kafka",
         }
@@ -161,8 +164,27 @@ impl BrokerKind {
     pub fn label(self) -> &'static str {
         match self {
             BrokerKind::Nats => "NATS",
+            BrokerKind::NatsInMemory => "NATS, stream in memory",
             BrokerKind::RabbitMq => "RabbitMQ",
             BrokerKind::Kafka => "Kafka (Tansu)",
+        }
+    }
+
+    /// The storage Capstan's NATS stream must have (NATS only).
+    pub fn nats_storage(self) -> Option<async_nats::jetstream::stream::StorageType> {
+        use async_nats::jetstream::stream::StorageType;
+        match self {
+            BrokerKind::Nats => Some(StorageType::File),
+            BrokerKind::NatsInMemory => Some(StorageType::Memory),
+            _ => None,
+        }
+    }
+
+    /// What the server and the workers get in their environment for this kind.
+    pub fn env(self) -> &'static [(&'static str, &'static str)] {
+        match self {
+            BrokerKind::NatsInMemory => &[("CAPSTAN_NATS_STORAGE", "memory")],
+            _ => &[],
         }
     }
 }
@@ -189,7 +211,7 @@ impl PrivateBroker {
 
     pub fn url(&self) -> String {
         match self.kind {
-            BrokerKind::Nats => format!("nats://127.0.0.1:{}", self.port),
+            BrokerKind::Nats | BrokerKind::NatsInMemory => format!("nats://127.0.0.1:{}", self.port),
             BrokerKind::RabbitMq => format!("amqp://guest:guest@127.0.0.1:{}/%2f", self.port),
             BrokerKind::Kafka => format!("127.0.0.1:{}", self.port),
         }
@@ -225,7 +247,7 @@ impl PrivateBroker {
     fn spawn_once(&mut self) {
         let log = log_file(&self.dir.join("broker.log"));
         let mut cmd = match self.kind {
-            BrokerKind::Nats => {
+            BrokerKind::Nats | BrokerKind::NatsInMemory => {
                 let bin = ["/usr/sbin/nats-server", "/usr/bin/nats-server"]
                     .into_iter()
                     .find(|p| Path::new(p).exists())
