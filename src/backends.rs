@@ -134,10 +134,7 @@ pub fn nats_stream_of(namespace: &str) -> String {
 #[cfg(feature = "nats")]
 async fn connect_nats(url: &str, namespace: Option<&str>) -> Result<Arc<dyn Broker>, BackendError> {
     use capstan_brokers::nats::{NatsBroker, NatsConfig};
-    let mut config = NatsConfig::default();
-    if let Some(storage) = nats_storage()? {
-        config.storage = storage;
-    }
+    let mut config = NatsConfig { storage: nats_storage()?, ..NatsConfig::default() };
     if let Some(ns) = namespace {
         config.stream = nats_stream_of(ns);
         config.subject_prefix = ns.to_lowercase().replace(['.', ' ', '-'], "_");
@@ -147,15 +144,20 @@ async fn connect_nats(url: &str, namespace: Option<&str>) -> Result<Arc<dyn Brok
 
 /// The variable that sets the NATS stream's storage, `file` (the default) or `memory`: a
 /// deployment choice, the same for the server and its workers (see docs/brokers.md).
-pub const NATS_STORAGE_ENV: &str = "CAPSTAN_NATS_STORAGE";
+const NATS_STORAGE_ENV: &str = "CAPSTAN_NATS_STORAGE";
 
-/// The storage `NATS_STORAGE_ENV` sets, if it is set.
-#[cfg(feature = "nats")]
-fn nats_storage() -> Result<Option<capstan_brokers::nats::NatsStorage>, BackendError> {
+/// The storage `NATS_STORAGE_ENV` names, `file` when it is unset or empty.
+pub fn nats_storage_name() -> String {
     match std::env::var(NATS_STORAGE_ENV) {
-        Ok(text) if !text.trim().is_empty() => Ok(Some(text.trim().parse().map_err(BackendError::Broker)?)),
-        _ => Ok(None),
+        Ok(text) if !text.trim().is_empty() => text.trim().to_string(),
+        _ => "file".into(),
     }
+}
+
+/// The storage `NATS_STORAGE_ENV` sets.
+#[cfg(feature = "nats")]
+fn nats_storage() -> Result<capstan_brokers::nats::NatsStorage, BackendError> {
+    nats_storage_name().parse().map_err(BackendError::Broker)
 }
 
 #[cfg(not(feature = "nats"))]

@@ -167,8 +167,7 @@ pub async fn run(args: BenchArgs) -> anyhow::Result<ExitCode> {
         "started_after_ms": args.started_after_ms,
         "partitions": config.partitions, "max_batch": config.max_batch, "commit_slots": config.commit_slots,
         "cache_bytes": config.cache_bytes, "namespace": namespace,
-        "nats_storage": (args.broker == "nats")
-            .then(|| std::env::var(backends::NATS_STORAGE_ENV).unwrap_or_else(|_| "file".into())),
+        "nats_storage": (args.broker == "nats").then(backends::nats_storage_name),
     });
     eprintln!("capstan bench: {config_json}");
 
